@@ -1,0 +1,350 @@
+"""Adaptive Stochastic Quantization (ASQ) solvers.
+
+Given values ``x`` (any shape, flattened), optional non-negative weights and a
+budget of ``s`` levels, find a sorted level set ``q_1 < ... < q_k`` (``k <= s``)
+that contains ``min(x)`` and ``max(x)`` and minimises, with ``a_i <= x_i <= b_i``
+the neighbouring levels of ``x_i``,
+
+* ``objective="sum"`` (weighted ASQ): ``sum_i w_i (b_i - x_i)(x_i - a_i)``, the
+  expected squared error of unbiased stochastic rounding;
+* ``objective="max"`` (minimax / worst case): ``max_i w_i (b_i - x_i)(x_i - a_i)``.
+
+Methods
+-------
+``method="exact"`` (sum): the optimum.  Input is sorted (skipped when already
+sorted), equal values are collapsed into weights, and a layered dynamic
+program runs over the distinct values, each layer solved as a row-minima
+search in a totally monotone matrix (SMAWK, O(n) per layer, O(s n) total).
+
+``method="approx"`` (sum): no sort.  One pass builds a histogram over a uniform
+grid of ``grid`` cells (default :func:`default_grid`), the same DP runs over
+the grid edges, and the levels are grid edges plus ``min(x)`` and ``max(x)``:
+O(n + s m).  Its cost is the exact cost of the returned levels and obeys
+
+    OPT(s) <= cost <= OPT(floor(s / 2) + 1) + W_cells * width**2 / 4
+
+where ``width = (max - min) / grid`` and ``W_cells`` is the total weight of the
+points in the (at most ``s - 2``) cells that contain an interior level of the
+``floor(s/2)+1``-level optimum (at most the total weight).  Each such level is
+replaced by the two grid edges around it (QUIVER's Lemma 6.1).  When every
+non-empty cell holds one distinct value the grid problem is exact.
+
+``objective="max"``: greedy feasibility walks (each next level placed as far
+right as a threshold allows) inside a safeguarded false-position search on
+the threshold; levels may lie between input values.  The returned cost is
+within ``tol`` (relative, default 1e-9) of the optimum.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ._kernels import asq_dp as _dp
+from ._kernels import rounding as _rk
+from ._numba import threads
+
+__all__ = [
+    "solve",
+    "solve_all",
+    "solve_columns",
+    "cost",
+    "round_unbiased",
+    "round_nearest",
+    "default_grid",
+    "CostCurve",
+]
+
+OBJECTIVES = ("sum", "max")
+METHODS = ("exact", "approx")
+MINIMAX_TOL = 1e-9
+
+
+class CostCurve(NamedTuple):
+    """Optimal cost for every budget ``2..s_max`` and levels for chosen budgets."""
+
+    budgets: np.ndarray  #: int64, 2..s_max
+    costs: np.ndarray  #: float64, cost with at most ``budgets[i]`` levels
+    levels: dict  #: {budget: sorted float64 levels}
+
+
+def default_grid(n: int) -> int:
+    """Default number of grid cells for ``method="approx"`` on ``n`` values.
+
+    ``clip(8 * sqrt(n), 1024, 16384)``: 8192 cells at n = 2^20.  The
+    additive loss bound shrinks as 1/grid^2 while the DP costs O(s * grid).
+    """
+    return int(min(16384, max(1024, 8 * np.sqrt(max(n, 1)))))
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+
+
+def _values(x, name="x") -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: need at least one value")
+    if not np.isfinite(arr).all():
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+    return arr
+
+
+def _weights(weights, n: int) -> np.ndarray:
+    if weights is None:
+        return np.empty(0, np.float64)
+    w = np.asarray(weights)
+    if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
+        raise ValueError(f"weights must hold real numbers, got dtype {w.dtype}")
+    w = np.ascontiguousarray(w, dtype=np.float64).reshape(-1)
+    if w.size != n:
+        raise ValueError(f"weights has {w.size} entries but x has {n}")
+    if not np.isfinite(w).all():
+        raise ValueError("weights contain NaN or infinite values")
+    if (w < 0).any():
+        raise ValueError("weights must be non-negative")
+    return w
+
+
+def _budget(s, name="s") -> int:
+    if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer number of levels, got {s!r}")
+    if s < 2:
+        raise ValueError(f"{name} must be >= 2 (min and max are always levels), got {s}")
+    return int(s)
+
+
+def _choice(value, allowed, name):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _grid(grid, n):
+    if grid is None:
+        return default_grid(n)
+    if isinstance(grid, (bool, np.bool_)) or not isinstance(grid, (int, np.integer)) or grid < 2:
+        raise ValueError(f"grid must be an integer >= 2, got {grid!r}")
+    return int(grid)
+
+
+def _sorted_distinct(x, w, use_max):
+    """Sorted distinct values with collapsed weights (sum, or max)."""
+    if w.size == 0:
+        xs = x if _dp.is_sorted(x) else np.sort(x)
+        return _dp.collapse_sorted(xs, w, use_max)
+    if _dp.is_sorted(x):
+        return _dp.collapse_sorted(x, w, use_max)
+    order = np.argsort(x, kind="stable")
+    return _dp.collapse_sorted(x[order], w[order], use_max)
+
+
+def _unit(w, n):
+    return w if w.size else np.ones(n, np.float64)
+
+
+# ---------------------------------------------------------------------------
+# public solvers
+# ---------------------------------------------------------------------------
+
+
+def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol=MINIMAX_TOL):
+    """Levels minimising the (weighted) ASQ objective with at most ``s`` levels.
+
+    Parameters
+    ----------
+    x : array_like of real numbers (any shape; flattened), finite, non-empty.
+    s : int >= 2, the level budget.
+    weights : optional non-negative array, one weight per value.
+    objective : ``"sum"`` (expected squared error) or ``"max"`` (worst case).
+    method : ``"exact"`` or ``"approx"`` (``"approx"`` only for ``"sum"``).
+    grid : number of grid cells for ``"approx"`` (default :func:`default_grid`).
+    tol : relative tolerance on the optimal threshold for ``objective="max"``.
+
+    Returns
+    -------
+    levels : sorted float64 array, ``2 <= len <= s`` (1 if x is constant),
+        starting with ``min(x)`` and ending with ``max(x)``.  When ``s`` is at
+        least the number of distinct values, the distinct values (cost 0).
+    """
+    x = _values(x)
+    s = _budget(s)
+    w = _weights(weights, x.size)
+    _choice(objective, OBJECTIVES, "objective")
+    _choice(method, METHODS, "method")
+    if objective == "max" and method == "approx":
+        raise ValueError('method="approx" is only available for objective="sum"')
+    if method == "approx":
+        m = _grid(grid, x.size)
+        if x.size > m:
+            return _dp.approx_sum_levels(x, w, s, m)
+    v, wv = _sorted_distinct(x, w, objective == "max")
+    if v.size <= s:
+        return v
+    if objective == "max":
+        if not (0 < tol < 1):
+            raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+        return _dp.minimax_levels(v, wv, s, float(tol))
+    return _dp.exact_sum_levels(v, wv, s)
+
+
+def solve_all(x, s_max, *, weights=None, objective="sum", method="exact", grid=None,
+              budgets=None, tol=MINIMAX_TOL) -> CostCurve:
+    """Optimal cost for every budget ``2..s_max`` from one run, and levels.
+
+    For ``objective="sum"`` one layered DP with ``s_max`` levels yields the
+    whole curve (layer t's last column is the t-level optimum) at the cost
+    of a single ``s_max`` solve.  ``budgets`` lists the budgets whose levels
+    are returned (default: all).  For ``objective="max"`` each budget is a
+    separate threshold search.
+    """
+    x = _values(x)
+    s_max = _budget(s_max, "s_max")
+    w = _weights(weights, x.size)
+    _choice(objective, OBJECTIVES, "objective")
+    _choice(method, METHODS, "method")
+    if objective == "max" and method == "approx":
+        raise ValueError('method="approx" is only available for objective="sum"')
+    all_budgets = np.arange(2, s_max + 1, dtype=np.int64)
+    wanted = all_budgets if budgets is None else [_budget(b, "budgets entry") for b in budgets]
+    for b in wanted:
+        if b > s_max:
+            raise ValueError(f"budget {b} exceeds s_max={s_max}")
+    costs = np.zeros(all_budgets.size)
+    levels = {}
+    if objective == "max":
+        for i, b in enumerate(all_budgets):
+            lv = solve(x, int(b), weights=weights, objective="max", tol=tol)
+            costs[i] = cost(x, lv, weights=weights, objective="max")
+            if int(b) in set(int(q) for q in wanted):
+                levels[int(b)] = lv
+        return CostCurve(all_budgets, costs, levels)
+
+    if method == "approx" and x.size > _grid(grid, x.size):
+        lo, hi, center = _dp.moments(x, w)
+        if hi == lo:
+            return CostCurve(all_budgets, costs, {int(b): np.array([lo]) for b in wanted})
+        P, pos, _exact = _dp.grid_table(x, w, lo, hi, center, _grid(grid, x.size))
+    else:
+        v, wv = _sorted_distinct(x, w, False)
+        pos = v
+        P = _dp.prefix_table(v, _unit(wv, v.size), _dp.weighted_mean(v, _unit(wv, v.size)))
+    n = P.shape[0]
+    top = min(s_max, n - 1)  # budgets >= n use every candidate
+    if top >= 2:
+        dp_costs, arg, arg_last = _dp.dp_layers(P, top)
+    every = cost(x, pos, weights=weights) if n > 1 else 0.0  # 0 unless grid cells are coarse
+    for i, b in enumerate(all_budgets):
+        costs[i] = max(dp_costs[b], 0.0) if b <= top else every
+    for b in wanted:
+        b = int(b)
+        levels[b] = pos[_dp.backtrack(arg, arg_last, top, b, n)] if b <= top else pos.copy()
+    return CostCurve(all_budgets, costs, levels)
+
+
+def solve_columns(X, s, *, weights=None, objective="sum", method="exact", grid=None,
+                  tol=MINIMAX_TOL, num_threads=-1, block=16):
+    """One solve per column of an (N, d) matrix, in parallel over columns.
+
+    ``s`` is one budget for every column or an array of d budgets;
+    ``weights`` (optional, length N) weighs the rows (shared by every
+    column).  Returns a list of d sorted level arrays.
+    """
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be a 2-D (N, d) matrix, got shape {X.shape}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X is empty: shape {X.shape}")
+    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+        raise ValueError(f"X must hold real numbers, got dtype {X.dtype}")
+    if not np.isfinite(X).all():
+        raise ValueError("X contains NaN or infinite values")
+    X = np.ascontiguousarray(X)
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float64)
+    N, d = X.shape
+    if np.ndim(s) == 0:
+        budgets = np.full(d, _budget(s), np.int64)
+    else:
+        budgets = np.asarray(s)
+        if budgets.shape != (d,):
+            raise ValueError(f"s must be an int or an array of {d} budgets, got shape {budgets.shape}")
+        budgets = np.array([_budget(b, "s entry") for b in budgets], np.int64)
+    w = _weights(weights, N)
+    _choice(objective, OBJECTIVES, "objective")
+    _choice(method, METHODS, "method")
+    if objective == "max" and method == "approx":
+        raise ValueError('method="approx" is only available for objective="sum"')
+    if not (0 < tol < 1):
+        raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+    m = _grid(grid, N)
+    with threads(num_threads):
+        levels, counts = _dp.solve_columns_kernel(
+            X, w, budgets, objective == "max", method == "approx", m, float(tol), int(block)
+        )
+    return [levels[j, : counts[j]].copy() for j in range(d)]
+
+
+def cost(x, levels, *, weights=None, objective="sum") -> float:
+    """Objective value of ``levels`` on ``x`` (sum or max of w (b - x)(x - a))."""
+    x = _values(x)
+    w = _weights(weights, x.size)
+    _choice(objective, OBJECTIVES, "objective")
+    lv = _check_levels(levels, x)
+    return float(_rk.rounding_cost(x, w, lv, objective == "max"))
+
+
+def _check_levels(levels, x=None) -> np.ndarray:
+    lv = _values(levels, "levels")
+    if lv.size > 1 and np.any(np.diff(lv) < 0):
+        raise ValueError("levels must be sorted ascending")
+    if x is not None and (x.min() < lv[0] or x.max() > lv[-1]):
+        raise ValueError(
+            f"levels [{lv[0]!r}, {lv[-1]!r}] do not cover the values "
+            f"[{x.min()!r}, {x.max()!r}]: unbiased rounding is impossible outside them"
+        )
+    return lv
+
+
+def _rounding_input(x, levels, clip):
+    arr = np.asarray(x)
+    xf = _values(arr)
+    lv = _check_levels(levels, None if clip else xf)
+    dtype = np.uint8 if lv.size <= 256 else (np.uint16 if lv.size <= 65536 else np.int64)
+    return arr.shape, xf, lv, dtype
+
+
+def round_unbiased(x, levels, rng=None, *, return_codes=False, clip=False):
+    """Stochastic rounding of ``x`` to ``levels``: E[result] = x.
+
+    Each value between adjacent levels a <= x <= b goes to b with probability
+    (x - a)/(b - a), else to a.  ``rng`` is a ``numpy.random.Generator`` or a
+    seed (default seed 0, so results reproduce).  Values outside the level
+    range raise ``ValueError`` unless ``clip=True`` (then they are clipped,
+    which is biased).  Returns the rounded values (shape of ``x``) or, with
+    ``return_codes=True``, the level indices.
+    """
+    shape, xf, lv, dtype = _rounding_input(x, levels, clip)
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
+    u = gen.random(xf.size)
+    codes = np.empty(xf.size, dtype)
+    _rk.round_unbiased_codes(xf, lv, u, codes)
+    codes = codes.reshape(shape)
+    return codes if return_codes else lv[codes]
+
+
+def round_nearest(x, levels, *, return_codes=False, clip=False):
+    """Nearest rounding of ``x`` to ``levels`` (biased, lower squared error)."""
+    shape, xf, lv, dtype = _rounding_input(x, levels, clip)
+    codes = np.empty(xf.size, dtype)
+    _rk.round_nearest_codes(xf, lv, codes)
+    codes = codes.reshape(shape)
+    return codes if return_codes else lv[codes]
