@@ -13,6 +13,8 @@ KERNEL_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")
 PARALLEL_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", parallel=True)
 
 kernel = numba.njit(**KERNEL_OPTIONS)
+#: Small helpers inlined into their callers at the numba IR level.
+inline_kernel = numba.njit(inline="always", **KERNEL_OPTIONS)
 parallel_kernel = numba.njit(**PARALLEL_OPTIONS)
 
 

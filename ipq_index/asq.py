@@ -12,9 +12,13 @@ the neighbouring levels of ``x_i``,
 Methods
 -------
 ``method="exact"`` (sum): the optimum.  Input is sorted (skipped when already
-sorted), equal values are collapsed into weights, and a layered dynamic
-program runs over the distinct values, each layer solved as a row-minima
-search in a totally monotone matrix (SMAWK, O(n) per layer, O(s n) total).
+sorted) and equal values are collapsed into weights.  Budgets s <= 6 run the
+layered dynamic program over the distinct values: each layer is a row-minima
+search in a Monge matrix, done with a queue of candidate rows (O(n) probes
+in practice).  Larger budgets search a price per level (Lagrangian
+relaxation): each price is one O(n) online pass of the same queue, a few
+passes suffice (independent of s), and a solution with exactly s levels is
+provably optimal; when ties prevent hitting s exactly the layered DP runs.
 
 ``method="approx"`` (sum): no sort.  One pass builds a histogram over a uniform
 grid of ``grid`` cells (default :func:`default_grid`), the same DP runs over
@@ -37,6 +41,7 @@ within ``tol`` (relative, default 1e-9) of the optimum.
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -53,10 +58,13 @@ __all__ = [
     "round_unbiased",
     "round_nearest",
     "default_grid",
+    "release_workspace",
     "CostCurve",
 ]
 
 OBJECTIVES = ("sum", "max")
+#: scratch buffers larger than this (bytes) are not kept between calls
+WORKSPACE_KEEP_BYTES = 256 << 20
 METHODS = ("exact", "approx")
 MINIMAX_TOL = 1e-9
 
@@ -136,19 +144,75 @@ def _grid(grid, n):
     return int(grid)
 
 
+class _Workspace(threading.local):
+    """Per-thread scratch arrays reused across calls.
+
+    Fresh large arrays cost a page fault per 4 KiB on first touch, which on
+    virtualised machines rivals the solve itself; buffers up to
+    ``WORKSPACE_KEEP_BYTES`` are kept and reused (views, never returned).
+    """
+
+    def __init__(self):
+        self.bufs = {}
+
+    def get(self, name, shape, dtype):
+        size = int(np.prod(shape))
+        buf = self.bufs.get(name)
+        if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
+            buf = np.empty(max(size, 1), dtype)
+            if buf.nbytes <= WORKSPACE_KEEP_BYTES:
+                self.bufs[name] = buf
+        return buf[:size].reshape(shape)
+
+
+_ws = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the scratch buffers kept by the solvers of the calling thread."""
+    _ws.bufs.clear()
+
+
 def _sorted_distinct(x, w, use_max):
-    """Sorted distinct values with collapsed weights (sum, or max)."""
+    """Sorted distinct values with collapsed weights (sum, or max): workspace views."""
+    vals = _ws.get("vals", x.size, np.float64)
+    wts = _ws.get("wts", x.size, np.float64)
     if w.size == 0:
         xs = x if _dp.is_sorted(x) else np.sort(x)
-        return _dp.collapse_sorted(xs, w, use_max)
-    if _dp.is_sorted(x):
-        return _dp.collapse_sorted(x, w, use_max)
-    order = np.argsort(x, kind="stable")
-    return _dp.collapse_sorted(x[order], w[order], use_max)
+        u = _dp.collapse_sorted(xs, w, use_max, vals, wts)
+    elif _dp.is_sorted(x):
+        u = _dp.collapse_sorted(x, w, use_max, vals, wts)
+    else:
+        order = np.argsort(x, kind="stable")
+        u = _dp.collapse_sorted(x[order], w[order], use_max, vals, wts)
+    return vals[:u], wts[:u]
 
 
-def _unit(w, n):
-    return w if w.size else np.ones(n, np.float64)
+def _exact_scratch(n, s):
+    return (
+        _ws.get("T", (n, _dp.PLANE_COLS), np.float64),
+        _ws.get("D", n, np.float64),
+        _ws.get("arg", (max(s - 3, 0), n), np.int32),
+        _ws.get("q", n, np.int32),
+        _ws.get("qs", n, np.int32),
+    )
+
+
+def _exact_sum(v, wv, s):
+    """Optimal levels of sorted distinct v (n > s); layered scratch only if needed."""
+    n = v.size
+    cnt = _ws.get("cnt", n, np.int32)
+    arg1 = _ws.get("arg1", n, np.int32)
+    T = _ws.get("T", (n, _dp.PLANE_COLS), np.float64)
+    D = _ws.get("D", n, np.float64)
+    q = _ws.get("q", n, np.int32)
+    qs = _ws.get("qs", n, np.int32)
+    if s > _dp.LAYERED_MAX_S:
+        lv = _dp.exact_sum_levels(v, wv, s, T, D, np.empty((0, n), np.int32), q, qs, cnt, arg1)
+        if lv.size:
+            return lv
+    arg = _ws.get("arg", (max(s - 3, 0), n), np.int32)
+    return _dp.exact_sum_levels(v, wv, s, T, D, arg, q, qs, cnt[:0], arg1[:0])
 
 
 # ---------------------------------------------------------------------------
@@ -188,12 +252,12 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
             return _dp.approx_sum_levels(x, w, s, m)
     v, wv = _sorted_distinct(x, w, objective == "max")
     if v.size <= s:
-        return v
+        return v.copy()
     if objective == "max":
         if not (0 < tol < 1):
             raise ValueError(f"tol must be in (0, 1), got {tol!r}")
         return _dp.minimax_levels(v, wv, s, float(tol))
-    return _dp.exact_sum_levels(v, wv, s)
+    return _exact_sum(v, wv, s)
 
 
 def solve_all(x, s_max, *, weights=None, objective="sum", method="exact", grid=None,
@@ -233,14 +297,18 @@ def solve_all(x, s_max, *, weights=None, objective="sum", method="exact", grid=N
         if hi == lo:
             return CostCurve(all_budgets, costs, {int(b): np.array([lo]) for b in wanted})
         P, pos, _exact = _dp.grid_table(x, w, lo, hi, center, _grid(grid, x.size))
+        n = P.shape[0]
+        T, D, arg, q, qs = _exact_scratch(n, s_max)
+        _dp.fill_plane_prefix(P, T)
     else:
         v, wv = _sorted_distinct(x, w, False)
-        pos = v
-        P = _dp.prefix_table(v, _unit(wv, v.size), _dp.weighted_mean(v, _unit(wv, v.size)))
-    n = P.shape[0]
+        pos = v.copy()
+        n = pos.size
+        T, D, arg, q, qs = _exact_scratch(n, s_max)
+        _dp.fill_plane_points(v, wv, _dp.weighted_mean(v, wv), T)
     top = min(s_max, n - 1)  # budgets >= n use every candidate
     if top >= 2:
-        dp_costs, arg, arg_last = _dp.dp_layers(P, top)
+        dp_costs, arg_last = _dp.dp_layers(T, n, top, D, arg, q, qs)
     every = cost(x, pos, weights=weights) if n > 1 else 0.0  # 0 unless grid cells are coarse
     for i, b in enumerate(all_budgets):
         costs[i] = max(dp_costs[b], 0.0) if b <= top else every

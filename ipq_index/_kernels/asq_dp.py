@@ -3,34 +3,37 @@
 Everything here works on contiguous float64 arrays and scalars only; the
 validated public API lives in :mod:`ipq_index.asq`.
 
-Notation: ``v`` sorted distinct values (centred), ``w`` their weights.
-A *prefix table* ``P`` (n x 4, float64) holds per candidate level ``l``:
-``(position, W, S1, S2)`` where W/S1/S2 are the weighted count, sum and sum
-of squares of the (centred) points lying at or before that candidate.  The
-variance of all points strictly after candidate ``k`` and up to candidate
-``j`` when ``k`` and ``j`` are adjacent levels is then
+Notation: candidates l = 0..n-1 (the sorted distinct values, or grid edges)
+at centred positions p_l, with W_l, S1_l, S2_l the weighted count, sum and
+sum of squares of the (centred) points at or before candidate l.  With k < j
+adjacent levels, the points in (k, j] cost
 
     C(k, j) = -p_j p_k (W_j - W_k) + (p_j + p_k)(S1_j - S1_k) - (S2_j - S2_k)
 
-in O(1).  The same table describes an exact problem (candidates = the input
-points) and the histogram-grid approximation (candidates = grid edges, with
-bin statistics), so one DP serves both.
+and a DP entry D(k) + C(k, j) takes the *plane form*
+
+    a_j + p_j alpha_k + c_j p_k + gamma_k,
+    a_j = p_j S1_j - S2_j,  c_j = S1_j - p_j W_j,
+    alpha_k = p_k W_k - S1_k,  gamma_k = D(k) + delta_k,  delta_k = S2_k - p_k S1_k
+
+so one entry costs two multiply-adds.  The *plane table* T (n x 8 float64,
+one 64-byte line per candidate) holds, per candidate:
+T[:, 0] = p, 1 = alpha, 2 = c, 3 = gamma (set per layer), 4 = delta, 5 = a.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
 from numba import prange
 
-from .._numba import kernel, parallel_kernel
+from .._numba import inline_kernel, kernel, parallel_kernel
 
 INF = np.inf
-
-
-# --------------------------------------------------------------------------
-# input preparation
-# --------------------------------------------------------------------------
+PLANE_COLS = 8
+#: budgets up to this use the layered DP; larger ones the Lagrangian search
+LAYERED_MAX_S = 6
+#: penalised passes before the Lagrangian search falls back to layers
+LAGRANGE_MAX_ITER = 40
 
 
 @kernel
@@ -42,15 +45,13 @@ def is_sorted(x):
 
 
 @kernel
-def collapse_sorted(xs, ws, use_max):
-    """Run-length encode sorted ``xs``: distinct values and their weights.
+def collapse_sorted(xs, ws, use_max, vals, wts):
+    """Run-length encode sorted ``xs`` into ``vals``/``wts``; returns the count.
 
     ``ws`` may be empty (unit weights).  ``use_max`` combines the weights of
     equal values with ``max`` (minimax objective) instead of ``sum``.
     """
     n = xs.shape[0]
-    vals = np.empty(n, np.float64)
-    wts = np.empty(n, np.float64)
     has_w = ws.shape[0] > 0
     u = 0
     for i in range(n):
@@ -65,7 +66,7 @@ def collapse_sorted(xs, ws, use_max):
             vals[u] = xs[i]
             wts[u] = wi
             u += 1
-    return vals[:u].copy(), wts[:u].copy()
+    return u
 
 
 @kernel
@@ -81,16 +82,23 @@ def weighted_mean(v, w):
 
 
 @kernel
-def prefix_table(v, w, center):
-    """Prefix table for candidates = the points themselves (compensated sums)."""
-    n = v.shape[0]
-    P = np.empty((n, 4), np.float64)
+def _plane_row(T, l, p, W, S1, S2):
+    T[l, 0] = p
+    T[l, 1] = p * W - S1
+    T[l, 2] = S1 - p * W
+    T[l, 4] = S2 - p * S1
+    T[l, 5] = p * S1 - S2
+
+
+@kernel
+def fill_plane_points(v, w, center, T):
+    """Plane table for candidates = the points themselves (compensated sums)."""
     W = 0.0
     S1 = 0.0
     S2 = 0.0
-    c1 = 0.0  # Kahan compensation terms for S1 and S2
+    c1 = 0.0
     c2 = 0.0
-    for i in range(n):
+    for i in range(v.shape[0]):
         y = v[i] - center
         W += w[i]
         t1 = w[i] * y - c1
@@ -101,188 +109,205 @@ def prefix_table(v, w, center):
         s2n = S2 + t2
         c2 = (s2n - S2) - t2
         S2 = s2n
-        P[i, 0] = y
-        P[i, 1] = W
-        P[i, 2] = S1
-        P[i, 3] = S2
-    return P
+        _plane_row(T, i, y, W, S1, S2)
+
+
+@kernel
+def fill_plane_prefix(P, T):
+    """Plane table from a prefix table P (n x 4: position, W, S1, S2)."""
+    for l in range(P.shape[0]):
+        _plane_row(T, l, P[l, 0], P[l, 1], P[l, 2], P[l, 3])
 
 
 # --------------------------------------------------------------------------
-# the layered DP with an iterative SMAWK per layer
+# the layered DP; each layer is a row-minima search in a Monge matrix
 # --------------------------------------------------------------------------
 
 
-@kernel
-def gap_cost(P, k, j):
-    """Cost of the points in (k, j] when candidates k < j are adjacent levels."""
-    pj = P[j, 0]
-    pk = P[k, 0]
-    return -pj * pk * (P[j, 1] - P[k, 1]) + (pj + pk) * (P[j, 2] - P[k, 2]) - (P[j, 3] - P[k, 3])
+@inline_kernel
+def _queue_insert(T, n, k, j, q, qs, h, tl):
+    """Insert row k (valid from column j) into the queue q[h..tl]; new tl.
 
-
-@kernel
-def _entry(P, Dprev, k, j):
-    if k >= j:
-        return INF
-    pj = P[j, 0]
-    pk = P[k, 0]
-    return Dprev[k] + (
-        -pj * pk * (P[j, 1] - P[k, 1]) + (pj + pk) * (P[j, 2] - P[k, 2]) - (P[j, 3] - P[k, 3])
-    )
-
-
-@kernel
-def smawk_layer(P, Dprev, Dcur, argcur, rows_buf, vals_buf, ans_buf, ansv_buf):
-    """One DP layer: Dcur[j] = min_{k<j} Dprev[k] + C(k, j) for j = 1..n-1.
-
-    Row-minima search in a totally monotone matrix (the cost is Monge and
-    the k >= j entries are +inf in the lower-left corner) by an iterative
-    SMAWK.  Ties go to the smallest k.  Buffers must hold >= 2n entries.
+    Because C is Monge, a later row that is strictly better than an earlier
+    one at some column stays strictly better at every later column, so the
+    rows that win the remaining columns form a queue ordered both by row and
+    by the column ``qs`` where each takes over.  Rows at the back are
+    dropped when k beats them from their take-over column on; otherwise k's
+    take-over column is found by galloping + bisection (or k never wins).
+    Ties go to the smaller row.  Row values use the plane form with
+    gamma = T[:, 3].
     """
-    n = P.shape[0]
-    ncols0 = n - 1
-    # level geometry: columns of level L are 1 + (2^L - 1) + i 2^L
-    nlev = 1
-    nc = ncols0
-    while nc > 2:
-        nc >>= 1
-        nlev += 1
-    ncols = np.empty(nlev, np.int64)
-    offs = np.empty(nlev + 1, np.int64)
-    msz = np.empty(nlev, np.int64)
-    nc = ncols0
-    offs[0] = 0
-    for L in range(nlev):
-        ncols[L] = nc
-        offs[L + 1] = offs[L] + nc
-        nc >>= 1
+    while True:
+        if tl < h:
+            tl += 1
+            q[tl] = k
+            qs[tl] = j
+            return tl
+        b = q[tl]
+        # k beats b at column c iff da p_c + db c_c + dg < 0
+        da = T[k, 1] - T[b, 1]
+        db = T[k, 0] - T[b, 0]
+        dg = T[k, 3] - T[b, 3]
+        sb = qs[tl] if qs[tl] > j else j
+        if da * T[sb, 0] + db * T[sb, 2] + dg < 0.0:
+            tl -= 1  # k wins every column b would have won
+            continue
+        lo = sb
+        step = 1
+        hi = lo + 1
+        found = False
+        while hi < n:
+            if da * T[hi, 0] + db * T[hi, 2] + dg < 0.0:
+                found = True
+                break
+            lo = hi
+            step <<= 1
+            hi = lo + step
+        if not found:
+            if lo >= n - 1:
+                return tl  # k never wins
+            hi = n - 1
+            if not (da * T[hi, 0] + db * T[hi, 2] + dg < 0.0):
+                return tl
+        while hi - lo > 1:
+            mid = (lo + hi) >> 1
+            if da * T[mid, 0] + db * T[mid, 2] + dg < 0.0:
+                hi = mid
+            else:
+                lo = mid
+        tl += 1
+        q[tl] = k
+        qs[tl] = hi
+        return tl
 
-    # ---- down pass: REDUCE at every level ----
-    for L in range(nlev):
-        step = 1 << L
-        c0 = step  # 1 + (step - 1)
-        nc = ncols[L]
-        out = offs[L]
-        top = -1
-        if L == 0:
-            m_in = n - 1
-        else:
-            m_in = msz[L - 1]
-        src = offs[L - 1] if L > 0 else 0
-        for idx in range(m_in):
-            r = idx if L == 0 else rows_buf[src + idx]
-            while top >= 0:
-                c = c0 + top * step
-                if vals_buf[out + top] <= _entry(P, Dprev, r, c):
-                    break
-                top -= 1
-            if top + 1 < nc:
-                top += 1
-                rows_buf[out + top] = r
-                vals_buf[out + top] = _entry(P, Dprev, r, c0 + top * step)
-        msz[L] = top + 1
 
-    # ---- base level: brute force ----
-    L = nlev - 1
-    step = 1 << L
-    c0 = step
-    base = offs[L]
-    for i in range(ncols[L]):
-        c = c0 + i * step
-        best = INF
-        bestk = rows_buf[base]
-        for q in range(msz[L]):
-            k = rows_buf[base + q]
-            val = _entry(P, Dprev, k, c)
-            if val < best:
-                best = val
-                bestk = k
-        ans_buf[base + i] = bestk
-        ansv_buf[base + i] = best
+@kernel
+def envelope_layer(T, n, D, argcur, q, qs):
+    """One DP layer in place: D[j] <- min_{k<j} D[k] + C(k, j), j = 1..n-1.
 
-    # ---- up pass: fill the even columns of each level ----
-    for L in range(nlev - 2, -1, -1):
-        step = 1 << L
-        c0 = step
-        nc = ncols[L]
-        o = offs[L]
-        od = offs[L + 1]
-        for ii in range(ncols[L + 1]):
-            ans_buf[o + 2 * ii + 1] = ans_buf[od + ii]
-            ansv_buf[o + 2 * ii + 1] = ansv_buf[od + ii]
-        m = msz[L]
-        p = 0
-        for i in range(0, nc, 2):
-            lo_row = ans_buf[o + i - 1] if i > 0 else rows_buf[o]
-            hi_row = ans_buf[o + i + 1] if i + 1 < nc else rows_buf[o + m - 1]
-            while rows_buf[o + p] < lo_row:
-                p += 1
-            c = c0 + i * step
-            best = INF
-            bestk = rows_buf[o + p]
-            q = p
-            while q < m and rows_buf[o + q] <= hi_row:
-                k = rows_buf[o + q]
-                val = _entry(P, Dprev, k, c)
-                if val < best:
-                    best = val
-                    bestk = k
-                q += 1
-            ans_buf[o + i] = bestk
-            ansv_buf[o + i] = best
-
-    Dcur[0] = INF
+    Row-minima search in a Monge matrix with a queue of candidate rows (see
+    ``_queue_insert``): O(n) probes when take-over distances are short (the
+    usual case on sorted data), O(n log n) worst case.  Writes T[:, 3].
+    """
+    h = 0
+    tl = -1
+    T[0, 3] = D[0] + T[0, 4]
+    D[0] = INF
     argcur[0] = 0
-    for i in range(ncols0):
-        argcur[i + 1] = ans_buf[i]
-        Dcur[i + 1] = ansv_buf[i]
+    for j in range(1, n):
+        # row j's gamma uses the previous layer's D[j], overwritten below
+        T[j, 3] = D[j] + T[j, 4]
+        tl = _queue_insert(T, n, j - 1, j, q, qs, h, tl)
+        while tl > h and qs[h + 1] <= j:
+            h += 1
+        kb = q[h]
+        argcur[j] = kb
+        D[j] = T[j, 5] + T[j, 0] * T[kb, 1] + T[j, 2] * T[kb, 0] + T[kb, 3]
 
 
 @kernel
-def dp_layers(P, s_max):
-    """Layered ASQ DP over the candidates of ``P`` for budgets 2..s_max.
+def penalized_levels(T, n, lam, E, arg, cnt, q, qs):
+    """Unconstrained ASQ with a price ``lam`` per level (concave LWS, online).
 
-    Requires n = P.shape[0] > s_max >= 2 (the caller handles the small cases).
-    Returns ``(costs, arg, arg_last)``: ``costs[t]`` is the optimal cost with
-    t levels (t = 2..s_max; entries 0 and 1 are +inf), ``arg[t-3, j]`` the
-    previous level of the best t-level solution ending at j (t = 3..s_max-1)
-    and ``arg_last`` the previous level of the best s_max-level solution.
+    E[j] = min_{k<j} E[k] + C(k, j) + lam with E[0] = 0; ``arg`` the chosen
+    previous level, ``cnt[j]`` the number of levels of that solution.
+    Returns the level count of the solution ending at n - 1.  A solution with
+    exactly s levels is an optimal s-level solution (Lagrangian duality).
     """
-    n = P.shape[0]
-    costs = np.full(s_max + 1, INF)
-    Dprev = np.empty(n, np.float64)
-    Dprev[0] = INF
+    h = 0
+    tl = -1
+    E[0] = 0.0
+    cnt[0] = 1
+    arg[0] = 0
     for j in range(1, n):
-        Dprev[j] = gap_cost(P, 0, j)
-    costs[2] = Dprev[n - 1]
-    nfull = max(s_max - 3, 0)  # layers 3..s_max-1 need every column
-    arg = np.empty((nfull, n), np.int32)
+        k = j - 1
+        T[k, 3] = E[k] + T[k, 4] + lam
+        tl = _queue_insert(T, n, k, j, q, qs, h, tl)
+        while tl > h and qs[h + 1] <= j:
+            h += 1
+        kb = q[h]
+        arg[j] = kb
+        cnt[j] = cnt[kb] + 1
+        E[j] = T[j, 5] + T[j, 0] * T[kb, 1] + T[j, 2] * T[kb, 0] + T[kb, 3]
+    return cnt[n - 1]
+
+
+@kernel
+def lagrangian_levels(T, n, s, lam0, max_iter, E, arg, cnt, q, qs):
+    """Exact s-level solution by searching the level price lam.
+
+    Starts at ``lam0`` (an estimate of the marginal cost of the s-th level),
+    moves geometrically until the count brackets s, then interpolates in
+    log(lam).  Returns the candidate indices (length s) or an empty array
+    when ties kept every price from giving exactly s levels (the caller then
+    runs the layered DP).
+    """
+    lam = lam0 if lam0 > 0.0 else 1.0
+    lo = 0.0  # price giving more than s levels
+    k_lo = n
+    hi = INF  # price giving fewer than s levels
+    k_hi = 2
+    for it in range(max_iter):
+        k = penalized_levels(T, n, lam, E, arg, cnt, q, qs)
+        if k == s:
+            idx = np.empty(s, np.int64)
+            j = n - 1
+            for i in range(s - 1, -1, -1):
+                idx[i] = j
+                j = arg[j]
+            return idx
+        if k > s:
+            lo = lam
+            k_lo = k
+        else:
+            hi = lam
+            k_hi = k
+        if hi < INF and lo > 0.0:
+            if hi / lo - 1.0 < 1e-13:
+                break
+            # k ~ lam^(-1/3) for smooth data: interpolate in log space
+            f = (np.log(k_lo) - np.log(s)) / (np.log(k_lo) - np.log(k_hi))
+            f = min(max(f, 0.05), 0.95)
+            lam = np.exp(np.log(lo) + f * (np.log(hi) - np.log(lo)))
+        elif hi == INF:
+            lam = lam * max((k / s) ** 3, 1.5)
+        else:
+            lam = lam * min((k / s) ** 3, 1.0 / 1.5)
+    return np.empty(0, np.int64)
+
+
+@kernel
+def dp_layers(T, n, s_max, D, arg, q, qs):
+    """Layered ASQ DP over the first n candidates of plane table T.
+
+    Requires n > s_max >= 2.  Returns ``(costs, arg_last)``: ``costs[t]`` is
+    the optimal cost with t levels (t = 2..s_max; entries 0, 1 are +inf);
+    on return ``arg[t-3, j]`` is the previous level of the best t-level
+    solution ending at j (t = 3..s_max-1) and ``arg_last`` the previous level
+    of the best s_max-level solution.  ``D``, ``q``, ``qs`` are scratch (>= n).
+    """
+    costs = np.full(s_max + 1, INF)
+    # two levels: 0 and j
+    g0 = T[0, 4]
+    for j in range(1, n):
+        D[j] = T[j, 5] + T[j, 0] * T[0, 1] + T[j, 2] * T[0, 0] + g0
+    D[0] = INF
+    costs[2] = D[n - 1]
     arg_last = 0
     if s_max >= 3:
-        Dcur = np.empty(n, np.float64)
-        rows_buf = np.empty(2 * n + 8, np.int32)
-        vals_buf = np.empty(2 * n + 8, np.float64)
-        ans_buf = np.empty(2 * n + 8, np.int32)
-        ansv_buf = np.empty(2 * n + 8, np.float64)
         for t in range(3, s_max):
-            smawk_layer(P, Dprev, Dcur, arg[t - 3], rows_buf, vals_buf, ans_buf, ansv_buf)
-            costs[t] = Dcur[n - 1]
-            tmp = Dprev
-            Dprev = Dcur
-            Dcur = tmp
+            envelope_layer(T, n, D, arg[t - 3], q, qs)
+            costs[t] = D[n - 1]
         # last layer: only the final column is needed
-        best = INF
-        bestk = 0
         j = n - 1
+        best = INF
         for k in range(1, j):
-            val = Dprev[k] + gap_cost(P, k, j)
+            val = T[j, 5] + T[j, 0] * T[k, 1] + T[j, 2] * T[k, 0] + D[k] + T[k, 4]
             if val < best:
                 best = val
-                bestk = k
+                arg_last = k
         costs[s_max] = best
-        arg_last = bestk
-    return costs, arg, arg_last
+    return costs, arg_last
 
 
 @kernel
@@ -552,15 +577,58 @@ def minimax_levels(v, w, s, rtol):
 
 
 @kernel
-def exact_sum_levels(v, w, s):
-    """Optimal (weighted) ASQ levels of sorted distinct values v (n > s)."""
-    center = weighted_mean(v, w)
-    P = prefix_table(v, w, center)
-    costs, arg, arg_last = dp_layers(P, s)
-    idx = backtrack(arg, arg_last, s, s, v.shape[0])
-    out = np.empty(s, np.float64)
-    for q in range(s):
-        out[q] = v[idx[q]]
+def price_estimate(T, n, s, m_c):
+    """Estimate the marginal cost of the s-th level, (OPT(s-1) - OPT(s+1)) / 2,
+    from the layered DP on ``m_c`` evenly spread candidates (row terms of a
+    candidate do not depend on the others, so a subset is a valid instance)."""
+    m_c = min(m_c, n)
+    sel = np.empty(m_c, np.int64)
+    for i in range(m_c):
+        sel[i] = (i * (n - 1)) // (m_c - 1)
+    Tc = np.empty((m_c, PLANE_COLS), np.float64)
+    for i in range(m_c):
+        for c in range(PLANE_COLS):
+            Tc[i, c] = T[sel[i], c]
+    D = np.empty(m_c, np.float64)
+    arg = np.empty((s + 1 - 3, m_c), np.int32)
+    q = np.empty(m_c, np.int32)
+    qs = np.empty(m_c, np.int32)
+    costs, _ = dp_layers(Tc, m_c, s + 1, D, arg, q, qs)
+    return 0.5 * (costs[s - 1] - costs[s + 1])
+
+
+@kernel
+def table_levels(T, n, s, D, arg, q, qs, cnt, arg1):
+    """Indices of the optimal s levels among the n candidates of T (n > s).
+
+    Small budgets (s <= LAYERED_MAX_S): the layered DP, s - 3 queue layers.
+    Larger budgets: the Lagrangian search (a few O(n) online passes,
+    independent of s) started from a coarse-instance price estimate, with
+    the layered DP as the fallback when ties block an exact hit.  ``arg``
+    (>= (s-3) x n) is only touched by the layered DP; ``cnt``/``arg1`` (>= n)
+    only by the Lagrangian search.
+    """
+    if s > LAYERED_MAX_S and n > 4 * (s + 1) and cnt.shape[0] >= n and arg1.shape[0] >= n:
+        lam0 = price_estimate(T, n, s, min(n, max(1024, 8 * (s + 1))))
+        idx = lagrangian_levels(T, n, s, lam0, LAGRANGE_MAX_ITER, D, arg1, cnt, q, qs)
+        if idx.shape[0] == s:
+            return idx
+    if arg.shape[0] < s - 3:
+        return np.empty(0, np.int64)  # the caller must provide the layered scratch
+    costs, arg_last = dp_layers(T, n, s, D, arg, q, qs)
+    return backtrack(arg, arg_last, s, s, n)
+
+
+@kernel
+def exact_sum_levels(v, w, s, T, D, arg, q, qs, cnt, arg1):
+    """Optimal (weighted) ASQ levels of sorted distinct values v (n > s);
+    empty when the layered fallback is needed but ``arg`` is too small."""
+    n = v.shape[0]
+    fill_plane_points(v, w, weighted_mean(v, w), T)
+    idx = table_levels(T, n, s, D, arg, q, qs, cnt, arg1)
+    out = np.empty(idx.shape[0], np.float64)
+    for i in range(idx.shape[0]):
+        out[i] = v[idx[i]]
     return out
 
 
@@ -576,29 +644,38 @@ def approx_sum_levels(x, w, s, m):
     nc = P.shape[0]
     if nc <= s:
         return pos
-    costs, arg, arg_last = dp_layers(P, s)
-    idx = backtrack(arg, arg_last, s, s, nc)
+    T = np.empty((nc, PLANE_COLS), np.float64)
+    fill_plane_prefix(P, T)
+    D = np.empty(nc, np.float64)
+    q = np.empty(nc, np.int32)
+    qs = np.empty(nc, np.int32)
+    cnt = np.empty(nc, np.int32)
+    arg1 = np.empty(nc, np.int32)
+    idx = table_levels(T, nc, s, D, np.empty((0, nc), np.int32), q, qs, cnt, arg1)
+    if idx.shape[0] == 0:
+        idx = table_levels(T, nc, s, D, np.empty((max(s - 3, 0), nc), np.int32), q, qs, cnt[:0], arg1)
     return pos[idx]
 
 
 @kernel
-def solve_one(x, w, s, objective_max, approx, m, rtol):
-    """Full solve of one unsorted array (x float64, w float64 or empty)."""
+def solve_one(x, w, s, objective_max, approx, m, rtol, T, D, arg, q, qs, cnt, arg1, vals, wts):
+    """Full solve of one unsorted array (x float64, w float64 or empty).
+
+    Scratch: T (>= n x 8), D, q, qs, cnt, arg1, vals, wts (>= n) and
+    arg (>= (s-3) x n).
+    """
     if approx and not objective_max and x.shape[0] > m:
         return approx_sum_levels(x, w, s, m)
-    order = np.argsort(x, kind="mergesort") if w.shape[0] > 0 else np.empty(0, np.int64)
     if w.shape[0] > 0:
-        xs = x[order]
-        ws = w[order]
+        order = np.argsort(x, kind="mergesort")
+        u = collapse_sorted(x[order], w[order], objective_max, vals, wts)
     else:
-        xs = np.sort(x)
-        ws = w
-    v, wv = collapse_sorted(xs, ws, objective_max)
-    if v.shape[0] <= s:
-        return v
+        u = collapse_sorted(np.sort(x), w, objective_max, vals, wts)
+    if u <= s:
+        return vals[:u].copy()
     if objective_max:
-        return minimax_levels(v, wv, s, rtol)
-    return exact_sum_levels(v, wv, s)
+        return minimax_levels(vals[:u], wts[:u], s, rtol)
+    return exact_sum_levels(vals[:u], wts[:u], s, T, D, arg, q, qs, cnt, arg1)
 
 
 @parallel_kernel
@@ -606,10 +683,9 @@ def solve_columns_kernel(X, W, budgets, objective_max, approx, m, rtol, block):
     """Per-column solves of X (N x d), parallel over blocks of columns.
 
     ``W`` holds per-row weights (N,) shared by every column, or is empty.
-
     Columns are copied block-wise into contiguous buffers so each cache line
-    of X is read once.  Returns (levels padded with NaN (d x max budget),
-    counts (d,)).
+    of X is read once; each block reuses one set of scratch arrays.  Returns
+    (levels padded with NaN (d x max budget), counts (d,)).
     """
     N, d = X.shape
     smax = 0
@@ -619,6 +695,8 @@ def solve_columns_kernel(X, W, budgets, objective_max, approx, m, rtol, block):
     levels = np.full((d, smax), np.nan)
     counts = np.zeros(d, np.int64)
     nblocks = (d + block - 1) // block
+    exact_path = objective_max or not approx or N <= m
+    ns = N if exact_path else 1
     for bi in prange(nblocks):
         j0 = bi * block
         j1 = min(d, j0 + block)
@@ -626,10 +704,19 @@ def solve_columns_kernel(X, W, budgets, objective_max, approx, m, rtol, block):
         for i in range(N):
             for j in range(j0, j1):
                 buf[j - j0, i] = X[i, j]
+        T = np.empty((ns, PLANE_COLS), np.float64)
+        D = np.empty(ns, np.float64)
+        q = np.empty(ns, np.int32)
+        qs = np.empty(ns, np.int32)
+        vals = np.empty(ns, np.float64)
+        wts = np.empty(ns, np.float64)
+        cnt = np.empty(ns, np.int32)
+        arg1 = np.empty(ns, np.int32)
+        arg = np.empty((max(smax - 3, 0) if exact_path else 0, ns), np.int32)
         for j in range(j0, j1):
-            lv = solve_one(buf[j - j0], W, budgets[j], objective_max, approx, m, rtol)
+            lv = solve_one(buf[j - j0], W, budgets[j], objective_max, approx, m, rtol,
+                           T, D, arg, q, qs, cnt, arg1, vals, wts)
             counts[j] = lv.shape[0]
-            for q in range(lv.shape[0]):
-                levels[j, q] = lv[q]
+            for i in range(lv.shape[0]):
+                levels[j, i] = lv[i]
     return levels, counts
-
