@@ -1,8 +1,19 @@
 """ipq_index: maximum inner product search on inner-product-aware adaptive
-stochastic quantization (ASQ) codes."""
+stochastic quantization (ASQ) codes.
+
+    import ipq_index
+    index = ipq_index.index_factory(d, "PCA,ASQ4,Rerank4")
+    index.train(X)            # optionally: index.train(X, queries=sample_queries)
+    index.add(X)
+    scores, ids = index.search(Q, k=10)   # raw inner products, descending
+"""
 
 from . import asq
 from ._numba import set_num_threads
+from .encoder import ASQEncoder, EncoderConfig
+from .index import FlatIndex, index_factory, load, parse_spec
+from .storage import FormatError
 
 __version__ = "0.1.0"
-__all__ = ["asq", "set_num_threads", "__version__"]
+__all__ = ["asq", "set_num_threads", "ASQEncoder", "EncoderConfig", "FlatIndex", "index_factory",
+           "load", "parse_spec", "FormatError", "__version__"]

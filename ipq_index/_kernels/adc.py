@@ -1,0 +1,202 @@
+"""Encoding, lookup-table construction and asymmetric distance computation.
+
+Code layout: every vector's code is ``nbytes`` bytes; dimension j with
+``bits[j] > 0`` occupies ``bits[j]`` bits of byte ``byte_of[j]`` starting at
+bit ``shift_of[j]`` (fields never straddle bytes).  Levels of dimension j are
+``levels[level_off[j]:level_off[j+1]]`` (sorted).  A query gets one
+256-entry table per code byte: T[g, c] = sum over dims j packed in byte g of
+y_j * L_j[(c >> shift_j) & mask_j], so a vector's score is a sum of nbytes
+table lookups.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from .._numba import inline_kernel, kernel, parallel_kernel
+
+
+@inline_kernel
+def _uniform(seed, i, j):
+    """Counter-based uniform in [0, 1) from (seed, i, j): splitmix64 finaliser."""
+    z = np.uint64(seed) + np.uint64(i) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(j) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@parallel_kernel
+def encode(Z, levels, level_off, bits, byte_of, shift_of, nbytes, unbiased, seed, row0):
+    """Codes (n, nbytes) uint8 of the rows of Z (already transformed).
+
+    ``unbiased``: stochastic rounding with counter-based uniforms keyed by
+    (seed, row0 + i, j), so results do not depend on threads or batching.
+    Values outside a dimension's level range are clipped to its end levels.
+    """
+    n, d = Z.shape
+    codes = np.zeros((n, nbytes), np.uint8)
+    for i in prange(n):
+        for j in range(d):
+            b = bits[j]
+            if b == 0:
+                continue
+            lo = level_off[j]
+            L = level_off[j + 1] - lo
+            z = Z[i, j]
+            if z <= levels[lo]:
+                c = 0
+            elif z >= levels[lo + L - 1]:
+                c = L - 1
+            else:
+                a = 0
+                h = L - 1
+                while h - a > 1:
+                    mid = (a + h) >> 1
+                    if levels[lo + mid] <= z:
+                        a = mid
+                    else:
+                        h = mid
+                la = levels[lo + a]
+                lb = levels[lo + a + 1]
+                if unbiased:
+                    c = a + 1 if _uniform(seed, row0 + i, j) * (lb - la) < z - la else a
+                else:
+                    c = a + 1 if lb - z < z - la else a
+            codes[i, byte_of[j]] |= np.uint8(c << shift_of[j])
+    return codes
+
+
+@parallel_kernel
+def decode(codes, levels, level_off, bits, byte_of, shift_of, d):
+    """Reconstruct (n, d) float32 values (0 for dimensions with 0 bits)."""
+    n = codes.shape[0]
+    out = np.zeros((n, d), np.float32)
+    for i in prange(n):
+        for j in range(d):
+            b = bits[j]
+            if b == 0:
+                continue
+            c = (codes[i, byte_of[j]] >> shift_of[j]) & ((1 << b) - 1)
+            out[i, j] = levels[level_off[j] + c]
+    return out
+
+
+@parallel_kernel
+def build_tables(Y, levels, level_off, bits, byte_of, shift_of, nbytes):
+    """Per-query lookup tables (nq, nbytes, 256) float32 for transformed queries Y."""
+    nq, d = Y.shape
+    tables = np.zeros((nq, nbytes, 256), np.float32)
+    for qi in prange(nq):
+        acc = np.zeros((nbytes, 256), np.float64)
+        for j in range(d):
+            b = bits[j]
+            if b == 0:
+                continue
+            y = Y[qi, j]
+            g = byte_of[j]
+            sh = shift_of[j]
+            mask = (1 << b) - 1
+            lo = level_off[j]
+            for c in range(256):
+                acc[g, c] += y * levels[lo + ((c >> sh) & mask)]
+        for g in range(nbytes):
+            for c in range(256):
+                tables[qi, g, c] = acc[g, c]
+    return tables
+
+
+@inline_kernel
+def _heap_sift_down(vals, ids, pos, k):
+    """Restore the min-heap property of (vals, ids)[:k] below ``pos``."""
+    while True:
+        left = 2 * pos + 1
+        if left >= k:
+            return
+        small = left
+        right = left + 1
+        if right < k and vals[right] < vals[left]:
+            small = right
+        if vals[small] < vals[pos]:
+            tv = vals[pos]
+            vals[pos] = vals[small]
+            vals[small] = tv
+            ti = ids[pos]
+            ids[pos] = ids[small]
+            ids[small] = ti
+            pos = small
+        else:
+            return
+
+
+@kernel
+def heap_to_sorted(vals, ids):
+    """Sort a filled min-heap in place into descending order of vals."""
+    k = vals.shape[0]
+    for end in range(k - 1, 0, -1):
+        tv = vals[0]
+        vals[0] = vals[end]
+        vals[end] = tv
+        ti = ids[0]
+        ids[0] = ids[end]
+        ids[end] = ti
+        _heap_sift_down(vals, ids, 0, end)
+
+
+@inline_kernel
+def _scan_rows(tables_q, codes, scales, r0, r1, heap_v, heap_i):
+    """Score rows r0..r1 with one query's tables and keep the best in the heap."""
+    nbytes = codes.shape[1]
+    k = heap_v.shape[0]
+    has_scale = scales.shape[0] > 0
+    for i in range(r0, r1):
+        s = 0.0
+        for g in range(nbytes):
+            s += tables_q[g, codes[i, g]]
+        if has_scale:
+            s *= scales[i]
+        if s > heap_v[0]:
+            heap_v[0] = s
+            heap_i[0] = i
+            _heap_sift_down(heap_v, heap_i, 0, k)
+
+
+@parallel_kernel
+def scan_topk_batch(tables, codes, scales, kk):
+    """Top-kk rows per query (queries in parallel): (nq, kk) scores and rows,
+    descending; unfilled slots have row -1 and score -inf."""
+    nq = tables.shape[0]
+    out_v = np.empty((nq, kk), np.float32)
+    out_i = np.empty((nq, kk), np.int64)
+    n = codes.shape[0]
+    for qi in prange(nq):
+        hv = np.full(kk, -np.inf, np.float32)
+        hi = np.full(kk, -1, np.int64)
+        _scan_rows(tables[qi], codes, scales, 0, n, hv, hi)
+        heap_to_sorted(hv, hi)
+        out_v[qi] = hv
+        out_i[qi] = hi
+    return out_v, out_i
+
+
+@parallel_kernel
+def scan_topk_split(tables_q, codes, scales, kk, nparts):
+    """Top-kk rows for ONE query, rows split across ``nparts`` threads.
+
+    Returns per-part candidates (nparts * kk) to be merged by the caller.
+    """
+    n = codes.shape[0]
+    cand_v = np.full(nparts * kk, -np.inf, np.float32)
+    cand_i = np.full(nparts * kk, -1, np.int64)
+    chunk = (n + nparts - 1) // nparts
+    for p in prange(nparts):
+        r0 = p * chunk
+        r1 = min(n, r0 + chunk)
+        hv = np.full(kk, -np.inf, np.float32)
+        hi = np.full(kk, -1, np.int64)
+        if r0 < r1:
+            _scan_rows(tables_q, codes, scales, r0, r1, hv, hi)
+        cand_v[p * kk:(p + 1) * kk] = hv
+        cand_i[p * kk:(p + 1) * kk] = hi
+    return cand_v, cand_i

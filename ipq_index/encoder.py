@@ -1,0 +1,340 @@
+"""Inner-product-aware encoder: transform, per-dimension ASQ levels, bit allocation.
+
+Training (``ASQEncoder.train``):
+
+1. centre the corpus (inner products shift by the per-query constant <y, mean>,
+   which is added back to every score, so rankings are unchanged);
+2. optional orthogonal transform R (``"pca"``: eigenvectors of the covariance,
+   ``"random"``: a seeded random rotation); queries are mapped by R^T, so
+   <R^T y, R^T (x - mean)> = <y, x - mean>;
+3. optional per-vector scale: each transformed vector is divided by its norm
+   (stored as float32) and the directions are quantized; scores are
+   ``norm * ADC``.  The ASQ objective then weighs each vector by norm^2, its
+   share of the score variance;
+4. for every dimension and every width b = 1..max_bits, ASQ levels
+   (``asq.solve_columns``, objective ``sum`` or ``max``) and their cost F_j(b);
+5. bit allocation: widths b_j in 0..max_bits with sum b_j <= round(bits * d),
+   minimising sum_j E[y_j^2] F_j(b_j) (E[y_j^2] from sample queries when
+   given, else from the corpus; F_j the error of the configured rounding:
+   variance for unbiased, squared error for nearest; unbiased needs >= 1 bit
+   per dimension) by a price per bit (see ``allocate_bits``).  Widths are
+   powers of two (0, 1, 2, 4, 8), so fields pack into whole bytes without
+   straddling and codes take exactly ceil(sum of widths / 8) bytes.
+
+Encoding is ``"nearest"`` (default: lower error, measured higher recall) or
+``"unbiased"`` (stochastic rounding keyed by a seed and the row number, so
+E[score] = exact score and results reproduce).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import asq
+from ._kernels import adc as _adc
+from ._kernels import rounding as _rk
+
+TRANSFORMS = ("none", "pca", "random")
+ROUNDINGS = ("nearest", "unbiased")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Settings of :class:`ASQEncoder` (validated on construction)."""
+
+    bits: float = 4.0  #: average bits per dimension (fractional allowed)
+    transform: str = "pca"
+    objective: str = "sum"  #: ASQ objective within a dimension: "sum" or "max"
+    rounding: str = "nearest"
+    scale: bool = False  #: store a per-vector norm (4 bytes) and quantize directions
+    max_bits: int = 8
+    sample_size: int = 100_000  #: training rows used (seeded sample)
+    method: str = "approx"  #: ASQ method for the level sets
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.bits, (int, float)) and 0 < self.bits <= 8):
+            raise ValueError(f"bits per dimension must be in (0, 8], got {self.bits!r}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.objective not in asq.OBJECTIVES:
+            raise ValueError(f"objective must be one of {asq.OBJECTIVES}, got {self.objective!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.method not in asq.METHODS:
+            raise ValueError(f"method must be one of {asq.METHODS}, got {self.method!r}")
+        if not (isinstance(self.max_bits, int) and 1 <= self.max_bits <= 8):
+            raise ValueError(f"max_bits must be an int in 1..8, got {self.max_bits!r}")
+        if not (isinstance(self.sample_size, int) and self.sample_size >= 2):
+            raise ValueError(f"sample_size must be an int >= 2, got {self.sample_size!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown encoder settings: {sorted(unknown)}")
+        return cls(**d)
+
+
+def check_matrix(X, d: int | None, name: str) -> np.ndarray:
+    """Validate a (n, d) real matrix and return it as C-contiguous float32."""
+    arr = np.asarray(X)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    if d is not None and arr.shape[1] != d:
+        raise ValueError(f"{name} has dimension {arr.shape[1]}, expected {d}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 rows)")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+@dataclass
+class ASQEncoder:
+    """Trained state: mean, rotation, per-dimension widths, levels and packing."""
+
+    d: int
+    config: EncoderConfig = field(default_factory=EncoderConfig)
+    mean: np.ndarray | None = None  # (d,) float64
+    rotation: np.ndarray | None = None  # (d, d) float32 or None (identity)
+    bits: np.ndarray | None = None  # (d,) int32
+    byte_of: np.ndarray | None = None  # (d,) int32
+    shift_of: np.ndarray | None = None  # (d,) int32
+    levels: np.ndarray | None = None  # flat float64
+    level_off: np.ndarray | None = None  # (d+1,) int64
+    nbytes: int = 0
+    energy: np.ndarray | None = None  # (d,) E[y_j^2] used for the allocation
+
+    @property
+    def is_trained(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per vector: packed codes plus the float32 scale if any."""
+        return self.nbytes + (4 if self.config.scale else 0)
+
+    # -- training ---------------------------------------------------------
+    def train(self, X, queries=None, *, weights=None, num_threads=-1):
+        X = check_matrix(X, self.d, "training data")
+        cfg = self.config
+        rng = np.random.default_rng(cfg.seed)
+        if X.shape[0] > cfg.sample_size:
+            X = X[np.sort(rng.choice(X.shape[0], cfg.sample_size, replace=False))]
+        if X.shape[0] < 2:
+            raise ValueError("training needs at least 2 vectors")
+        Xd = X.astype(np.float64)
+        self.mean = Xd.mean(axis=0)
+        Xc = Xd - self.mean
+        if cfg.transform == "pca":
+            cov = Xc.T @ Xc / Xc.shape[0]
+            evals, evecs = np.linalg.eigh(cov)
+            self.rotation = np.ascontiguousarray(evecs[:, ::-1], dtype=np.float32)
+        elif cfg.transform == "random":
+            g = rng.standard_normal((self.d, self.d))
+            qm, r = np.linalg.qr(g)
+            self.rotation = np.ascontiguousarray(qm * np.sign(np.diag(r)), dtype=np.float32)
+        else:
+            self.rotation = None
+        Z = self._rotate(Xc)
+        w = None
+        if cfg.scale:
+            norms = np.linalg.norm(Z, axis=1)
+            Z = Z / np.where(norms > 0, norms, 1.0)[:, None]
+            w = norms**2
+        if weights is not None:
+            extra = np.asarray(weights, np.float64)
+            if extra.shape != (X.shape[0],):
+                raise ValueError(f"weights must have one entry per training row ({X.shape[0]})")
+            w = extra if w is None else w * extra
+        if queries is not None:
+            Qr = self._rotate(check_matrix(queries, self.d, "sample queries").astype(np.float64))
+            energy = np.mean(Qr**2, axis=0)
+        else:
+            energy = np.mean(self._rotate(Xd) ** 2, axis=0)
+        self.energy = energy
+        Z = np.ascontiguousarray(Z, dtype=np.float32)
+
+        # level sets and costs for every width
+        nb = cfg.max_bits
+        costs = np.empty((self.d, nb + 1))
+        wz = np.ones(Z.shape[0]) if w is None else w
+        if cfg.objective == "sum":
+            costs[:, 0] = (wz[:, None] * Z.astype(np.float64) ** 2).sum(axis=0)
+        else:
+            costs[:, 0] = (wz[:, None] * Z.astype(np.float64) ** 2).max(axis=0)
+        per_width = {}
+        zw = np.empty(0) if w is None else np.ascontiguousarray(w, np.float64)
+        costs[:, 1:] = np.inf
+        for b in (b for b in WIDTHS if 0 < b <= nb):
+            lv = asq.solve_columns(Z, 1 << b, weights=w, objective=cfg.objective,
+                                   method=cfg.method, num_threads=num_threads)
+            per_width[b] = lv
+            for j in range(self.d):
+                costs[j, b] = _rk.rounding_error(np.ascontiguousarray(Z[:, j], np.float64), zw, lv[j],
+                                                 cfg.objective == "max", cfg.rounding == "nearest")
+        # unbiased scores need every dimension coded (a dropped one is biased)
+        min_bits = 1 if cfg.rounding == "unbiased" and cfg.bits >= 1 else 0
+        self.bits, self.byte_of, self.shift_of, self.nbytes = allocate_bits(
+            energy, costs, int(round(cfg.bits * self.d)), min_bits)
+        levels, off = [], [0]
+        for j in range(self.d):
+            b = int(self.bits[j])
+            lv = per_width[b][j] if b > 0 else np.zeros(0)
+            if b > 0 and lv.size < (1 << b):  # fewer distinct values than codes: pad
+                lv = np.concatenate([lv, np.full((1 << b) - lv.size, lv[-1])])
+            levels.append(lv)
+            off.append(off[-1] + lv.size)
+        self.levels = np.concatenate(levels).astype(np.float64)
+        self.level_off = np.asarray(off, np.int64)
+        return self
+
+    def _rotate(self, A):
+        return A if self.rotation is None else A @ self.rotation.astype(A.dtype, copy=False)
+
+    # -- encoding ---------------------------------------------------------
+    def _require_trained(self):
+        if not self.is_trained:
+            raise RuntimeError("the encoder is not trained: call train() first")
+
+    def transform(self, X) -> tuple[np.ndarray, np.ndarray | None]:
+        """Centred, rotated (and, with scale, normalised) rows + their norms."""
+        Z = self._rotate(X.astype(np.float64) - self.mean)
+        norms = None
+        if self.config.scale:
+            norms = np.linalg.norm(Z, axis=1)
+            Z = Z / np.where(norms > 0, norms, 1.0)[:, None]
+        return np.ascontiguousarray(Z, dtype=np.float32), norms
+
+    def encode(self, X, *, row0: int = 0):
+        """(codes uint8 (n, nbytes), scales float32 (n,) or None)."""
+        self._require_trained()
+        X = check_matrix(X, self.d, "vectors")
+        Z, norms = self.transform(X)
+        codes = _adc.encode(Z, self.levels, self.level_off, self.bits, self.byte_of, self.shift_of,
+                            self.nbytes, self.config.rounding == "unbiased", int(self.config.seed), int(row0))
+        return codes, (None if norms is None else norms.astype(np.float32))
+
+    def decode(self, codes, scales=None) -> np.ndarray:
+        """Reconstructed vectors in the original space (float32)."""
+        self._require_trained()
+        Z = _adc.decode(codes, self.levels, self.level_off, self.bits, self.byte_of, self.shift_of, self.d)
+        Z = Z.astype(np.float64)
+        if scales is not None:
+            Z *= scales[:, None]
+        if self.rotation is not None:
+            Z = Z @ self.rotation.T.astype(np.float64)
+        return (Z + self.mean).astype(np.float32)
+
+    def query_tables(self, Q):
+        """(tables (nq, nbytes, 256) float32, offsets (nq,) float64 = <q, mean>)."""
+        self._require_trained()
+        Y = self._rotate(Q.astype(np.float64))
+        tables = _adc.build_tables(np.ascontiguousarray(Y, np.float32), self.levels, self.level_off,
+                                   self.bits, self.byte_of, self.shift_of, self.nbytes)
+        return tables, Q.astype(np.float64) @ self.mean
+
+    # -- persistence ------------------------------------------------------
+    def state(self) -> tuple[dict, dict]:
+        meta = {"d": self.d, "config": asdict(self.config), "nbytes": self.nbytes}
+        arrays = {"enc.mean": self.mean, "enc.bits": self.bits, "enc.byte_of": self.byte_of,
+                  "enc.shift_of": self.shift_of, "enc.levels": self.levels,
+                  "enc.level_off": self.level_off, "enc.energy": self.energy}
+        if self.rotation is not None:
+            arrays["enc.rotation"] = self.rotation
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict) -> "ASQEncoder":
+        enc = cls(int(meta["d"]), EncoderConfig.from_dict(meta["config"]))
+        enc.nbytes = int(meta["nbytes"])
+        enc.mean = np.asarray(arrays["enc.mean"])
+        enc.rotation = np.asarray(arrays["enc.rotation"]) if "enc.rotation" in arrays else None
+        for name in ("bits", "byte_of", "shift_of", "levels", "level_off", "energy"):
+            setattr(enc, name, np.ascontiguousarray(arrays[f"enc.{name}"]))
+        return enc
+
+
+#: allowed field widths: powers of two always pack whole bytes exactly
+WIDTHS = (0, 1, 2, 4, 8)
+
+
+def allocate_bits(energy, costs, budget, min_bits=0):
+    """Widths b_j in WIDTHS minimising sum_j energy_j * costs[j, b_j] with
+    sum b_j <= budget, packed into whole bytes.
+
+    ``costs[j, b]`` is only read for b in WIDTHS.  Cost curves need not be
+    convex (0 bits, which drops a dimension, can beat 1 bit of unbiased
+    rounding), so widths come from a price per bit: each dimension takes
+    argmin_b energy_j costs[j, b] + mu b, with mu the smallest price whose
+    total fits the budget (bisection); leftover bits then go to the best
+    gain per bit among moves to the next allowed width.  Power-of-two
+    widths pack first-fit decreasing into exactly ceil(sum / 8) bytes.
+    Returns (bits, byte_of, shift_of, nbytes).
+    """
+    d, nb1 = costs.shape
+    allowed = np.array([b for b in WIDTHS if b < nb1 and b >= min_bits])
+    if budget < allowed[0] * d:
+        raise ValueError(f"a budget of {budget} bits cannot give every dimension {allowed[0]} bit(s)")
+    Wc = np.maximum(np.asarray(energy, np.float64), 0.0)[:, None] * np.asarray(costs, np.float64)[:, allowed]
+
+    def pick(mu):
+        return np.argmin(Wc + mu * allowed, axis=1)
+
+    lo, hi = 0.0, 1.0
+    while allowed[pick(hi)].sum() > budget and hi < 1e300:
+        hi *= 4.0
+    if allowed[pick(lo)].sum() <= budget:
+        hi = lo
+    for _ in range(200):
+        if hi - lo <= 1e-12 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        if allowed[pick(mid)].sum() > budget:
+            lo = mid
+        else:
+            hi = mid
+    sel = pick(hi)
+    rows = np.arange(d)
+    while True:
+        left = budget - allowed[sel].sum()
+        nxt = np.minimum(sel + 1, allowed.size - 1)
+        step = allowed[nxt] - allowed[sel]
+        gain = (Wc[rows, sel] - Wc[rows, nxt]) / np.maximum(step, 1)
+        gain[(step == 0) | (step > left)] = -np.inf
+        j = int(np.argmax(gain))
+        if not gain[j] > 0:
+            break
+        sel[j] = nxt[j]
+    bits = allowed[sel].astype(np.int32)
+    return (bits, *pack_fields(bits))
+
+
+def pack_fields(bits):
+    """First-fit decreasing packing of bit fields into bytes: (byte_of, shift_of, nbytes)."""
+    d = bits.size
+    byte_of = np.zeros(d, np.int32)
+    shift_of = np.zeros(d, np.int32)
+    free = []  # free bits per byte
+    for j in sorted(range(d), key=lambda j: -int(bits[j])):
+        b = int(bits[j])
+        if b == 0:
+            continue
+        for g, f in enumerate(free):
+            if f >= b:
+                byte_of[j] = g
+                shift_of[j] = 8 - f
+                free[g] = f - b
+                break
+        else:
+            byte_of[j] = len(free)
+            shift_of[j] = 0
+            free.append(8 - b)
+    return byte_of, shift_of, max(1, len(free))

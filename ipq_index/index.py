@@ -1,0 +1,295 @@
+"""User API: a flat MIPS index over ASQ codes, the factory and persistence.
+
+Scores are raw inner products (float32, descending), not ``1 - ip``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+
+import numpy as np
+
+from . import storage
+from ._kernels import adc as _adc
+from ._numba import resolve_threads, threads
+from .encoder import ASQEncoder, EncoderConfig, check_matrix
+
+__all__ = ["FlatIndex", "index_factory", "load", "parse_spec"]
+
+_CODEC = re.compile(r"^ASQ(?P<bits>\d+(?:\.\d+)?)(?P<flags>[a-z]*)$")
+_RERANK = re.compile(r"^Rerank(?P<factor>\d+)?(?P<dtype>F16|F32)?$")
+_TRANSFORMS = {"PCA": "pca", "ROT": "random", "RR": "random"}
+
+
+def parse_spec(spec: str) -> dict:
+    """Parse a factory string ``[transform,] ASQ<bits>[flags] [,Rerank[<k>][F16|F32]]``.
+
+    transform: ``PCA`` or ``ROT`` (random rotation); none when absent.
+    flags on the codec: ``u`` unbiased rounding (default nearest), ``s``
+    per-vector scale, ``m`` minimax (worst-case) objective.
+    ``Rerank4`` keeps a float16 copy (``F32``: float32) and re-ranks 4 x k
+    ADC candidates exactly by default.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"index spec must be a non-empty string, got {spec!r}")
+    tokens = [t.strip() for t in spec.split(",")]
+    out = {"transform": "none", "rerank": 0, "rerank_dtype": "float16"}
+    codec = None
+    for pos, tok in enumerate(tokens):
+        if tok in _TRANSFORMS and pos == 0:
+            out["transform"] = _TRANSFORMS[tok]
+        elif (m := _CODEC.match(tok)) and codec is None:
+            codec = m
+        elif (m := _RERANK.match(tok)) and codec is not None and pos == len(tokens) - 1:
+            out["rerank"] = int(m.group("factor") or 4)
+            if out["rerank"] < 1:
+                raise ValueError(f"bad index spec {spec!r}: rerank factor must be >= 1")
+            out["rerank_dtype"] = "float32" if m.group("dtype") == "F32" else "float16"
+        else:
+            raise ValueError(
+                f"bad index spec {spec!r}: cannot parse {tok!r} (expected "
+                "'[PCA|ROT,]ASQ<bits>[u][s][m][,Rerank[<factor>][F16|F32]]')")
+    if codec is None:
+        raise ValueError(f"bad index spec {spec!r}: no ASQ<bits> codec")
+    flags = codec.group("flags")
+    if set(flags) - set("usm") or len(set(flags)) != len(flags):
+        raise ValueError(f"bad index spec {spec!r}: unknown codec flags {flags!r} (u, s, m)")
+    out["bits"] = float(codec.group("bits"))
+    out["rounding"] = "unbiased" if "u" in flags else "nearest"
+    out["scale"] = "s" in flags
+    out["objective"] = "max" if "m" in flags else "sum"
+    return out
+
+
+def index_factory(d: int, spec: str, **encoder_overrides) -> "FlatIndex":
+    """Build an untrained index from a factory string (see :func:`parse_spec`).
+
+    ``encoder_overrides`` set :class:`EncoderConfig` fields (e.g. ``seed``,
+    ``sample_size``, ``method``).
+    """
+    if not isinstance(d, (int, np.integer)) or d < 1:
+        raise ValueError(f"dimension d must be a positive int, got {d!r}")
+    p = parse_spec(spec)
+    cfg = EncoderConfig.from_dict({"bits": p["bits"], "transform": p["transform"],
+                                   "rounding": p["rounding"], "scale": p["scale"],
+                                   "objective": p["objective"], **encoder_overrides})
+    return FlatIndex(int(d), cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
+
+
+class FlatIndex:
+    """Exhaustive ADC scan over ASQ codes, with optional exact re-rank."""
+
+    kind = "flat"
+
+    def __init__(self, d: int, config: EncoderConfig | None = None, *, rerank: int = 0,
+                 rerank_dtype: str = "float16", spec: str | None = None):
+        self.d = int(d)
+        self.encoder = ASQEncoder(self.d, config or EncoderConfig())
+        if rerank_dtype not in ("float16", "float32"):
+            raise ValueError(f"rerank_dtype must be float16 or float32, got {rerank_dtype!r}")
+        self.rerank = int(rerank)
+        self.rerank_dtype = rerank_dtype
+        self.spec = spec or self._default_spec()
+        self.codes = np.zeros((0, 0), np.uint8)
+        self.scales = np.zeros(0, np.float32)
+        self.ids = np.zeros(0, np.int64)
+        self.vectors = None  # re-rank copy
+
+    def _default_spec(self):
+        c = self.encoder.config
+        t = {"none": "", "pca": "PCA,", "random": "ROT,"}[c.transform]
+        flags = ("u" if c.rounding == "unbiased" else "") + ("s" if c.scale else "") + \
+            ("m" if c.objective == "max" else "")
+        bits = f"{c.bits:g}"
+        rr = f",Rerank{self.rerank}{'F32' if self.rerank_dtype == 'float32' else ''}" if self.rerank else ""
+        return f"{t}ASQ{bits}{flags}{rr}"
+
+    # -- properties ---------------------------------------------------------
+    @property
+    def is_trained(self) -> bool:
+        return self.encoder.is_trained
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held per the data: codes, scales, ids and the re-rank copy."""
+        total = self.codes.nbytes + self.ids.nbytes + (self.scales.nbytes if self.encoder.config.scale else 0)
+        if self.vectors is not None:
+            total += self.vectors.nbytes
+        return int(total)
+
+    @property
+    def code_size(self) -> int:
+        """Compressed bytes per vector (codes + scale), excluding id and re-rank copy."""
+        return self.encoder.code_size
+
+    def __repr__(self):
+        return f"FlatIndex(d={self.d}, spec={self.spec!r}, ntotal={self.ntotal}, trained={self.is_trained})"
+
+    # -- build ----------------------------------------------------------------
+    def train(self, X, queries=None, *, weights=None, num_threads=-1):
+        """Learn mean, transform, bit allocation and level sets from ``X``.
+
+        ``queries`` (optional sample queries) set the per-dimension query
+        energy used by the bit allocation; otherwise the corpus is used.
+        """
+        with threads(num_threads):
+            self.encoder.train(X, queries, weights=weights, num_threads=num_threads)
+        self.codes = np.zeros((0, self.encoder.nbytes), np.uint8)
+        return self
+
+    def add(self, X, ids=None, *, num_threads=-1):
+        """Encode and append vectors; ``ids`` default to 0..n-1 continuing."""
+        if not self.is_trained:
+            raise RuntimeError("the index is not trained: call train() before add()")
+        X = check_matrix(X, self.d, "vectors")
+        n = X.shape[0]
+        if ids is None:
+            start = int(self.ids.max()) + 1 if self.ntotal else 0
+            new_ids = np.arange(start, start + n, dtype=np.int64)
+        else:
+            new_ids = np.asarray(ids)
+            if new_ids.shape != (n,) or not np.issubdtype(new_ids.dtype, np.integer):
+                raise ValueError(f"ids must be {n} integers, got shape {new_ids.shape} dtype {new_ids.dtype}")
+            new_ids = new_ids.astype(np.int64)
+            if (new_ids < 0).any():
+                raise ValueError("ids must be non-negative (-1 marks an empty result slot)")
+        with threads(num_threads):
+            codes, scales = self.encoder.encode(X, row0=self.ntotal)
+        # everything computed: now commit (nothing changes if encoding failed)
+        self.codes = np.concatenate([np.asarray(self.codes), codes]) if self.ntotal else codes
+        if scales is not None:
+            self.scales = np.concatenate([np.asarray(self.scales), scales]) if self.ntotal else scales
+        if self.rerank:
+            vec = X.astype(self.rerank_dtype)
+            self.vectors = np.concatenate([np.asarray(self.vectors), vec]) if self.vectors is not None else vec
+        self.ids = np.concatenate([np.asarray(self.ids), new_ids]) if self.ntotal else new_ids
+        return self
+
+    # -- search ---------------------------------------------------------------
+    def search(self, Q, k: int, *, rerank: int | None = None, num_threads: int | None = -1):
+        """Top-k inner products: (scores float32 (nq, k) descending, ids int64 (nq, k)).
+
+        ``rerank``: re-rank ``rerank * k`` ADC candidates exactly with the stored
+        copy (default: the spec's factor; 0 disables).  Slots beyond the index
+        size hold id -1 and score -inf.
+        """
+        if not self.is_trained:
+            raise RuntimeError("the index is not trained: call train() and add() first")
+        if self.ntotal == 0:
+            raise RuntimeError("the index is empty: call add() before search()")
+        Q = check_matrix(Q, self.d, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if k > self.ntotal:
+            raise ValueError(f"k={k} exceeds the number of indexed vectors ({self.ntotal})")
+        rr = self.rerank if rerank is None else int(rerank)
+        if rr < 0:
+            raise ValueError(f"rerank must be >= 0, got {rerank!r}")
+        if rr and self.vectors is None:
+            raise ValueError("this index keeps no vectors for re-rank (build it with ',Rerank')")
+        kk = min(self.ntotal, k * rr) if rr else k
+        nthreads = resolve_threads(num_threads)
+        with threads(num_threads):
+            tables, offsets = self.encoder.query_tables(Q)
+            codes = np.asarray(self.codes)
+            scales = np.asarray(self.scales) if self.encoder.config.scale else np.zeros(0, np.float32)
+            if Q.shape[0] >= nthreads or nthreads == 1:
+                cand_v, cand_r = _adc.scan_topk_batch(tables, codes, scales, kk)
+            else:  # few queries, several threads: split the rows
+                cand_v = np.empty((Q.shape[0], kk), np.float32)
+                cand_r = np.empty((Q.shape[0], kk), np.int64)
+                for qi in range(Q.shape[0]):
+                    pv, pr = _adc.scan_topk_split(tables[qi], codes, scales, kk, nthreads)
+                    order = np.argsort(-pv, kind="stable")[:kk]
+                    cand_v[qi], cand_r[qi] = pv[order], pr[order]
+            if rr:
+                scores, rows = _rerank_exact(Q, np.asarray(self.vectors), cand_r, k)
+            else:
+                scores = (cand_v.astype(np.float64) + offsets[:, None]).astype(np.float32)
+                rows = cand_r
+        ids = np.where(rows >= 0, np.asarray(self.ids)[np.maximum(rows, 0)], -1)
+        scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+        return scores, ids.astype(np.int64)
+
+    def reconstruct(self, rows=None) -> np.ndarray:
+        """Decoded vectors (float32, original space) of the given row positions."""
+        sel = slice(None) if rows is None else np.asarray(rows)
+        scales = np.asarray(self.scales)[sel] if self.encoder.config.scale else None
+        return self.encoder.decode(np.ascontiguousarray(np.asarray(self.codes)[sel]), scales)
+
+    def warmup(self):
+        """Compile every kernel on a tiny slice (keeps JIT time out of timed search)."""
+        if self.ntotal:
+            self.search(self.reconstruct([0]), 1, num_threads=1)
+        return self
+
+    # -- persistence ----------------------------------------------------------
+    def save(self, path) -> None:
+        """Write one versioned file (atomic: temp file + rename)."""
+        if not self.is_trained:
+            raise RuntimeError("cannot save an untrained index")
+        enc_meta, arrays = self.encoder.state()
+        meta = {"kind": self.kind, "spec": self.spec, "d": self.d, "ntotal": self.ntotal,
+                "encoder": enc_meta, "rerank": self.rerank, "rerank_dtype": self.rerank_dtype,
+                "search_defaults": {"rerank": self.rerank}, "library": "ipq_index"}
+        arrays.update({"codes": np.asarray(self.codes), "ids": np.asarray(self.ids)})
+        if self.encoder.config.scale:
+            arrays["scales"] = np.asarray(self.scales)
+        if self.vectors is not None:
+            arrays["vectors"] = np.asarray(self.vectors)
+        storage.save_arrays(path, meta, arrays)
+
+    @classmethod
+    def _from_state(cls, meta, arrays):
+        enc = ASQEncoder.from_state(meta["encoder"], arrays)
+        idx = cls(int(meta["d"]), enc.config, rerank=int(meta["rerank"]),
+                  rerank_dtype=meta["rerank_dtype"], spec=meta["spec"])
+        idx.encoder = enc
+        idx.codes = arrays["codes"]
+        idx.ids = arrays["ids"]
+        if enc.config.scale:
+            idx.scales = arrays["scales"]
+        idx.vectors = arrays.get("vectors")
+        if idx.codes.shape != (int(meta["ntotal"]), enc.nbytes) or idx.ids.shape != (int(meta["ntotal"]),):
+            raise storage.FormatError("index file is inconsistent: array shapes do not match the header")
+        return idx
+
+    def config_dict(self) -> dict:
+        return {"spec": self.spec, "encoder": asdict(self.encoder.config), "rerank": self.rerank}
+
+
+def _rerank_exact(Q, vectors, cand, k, chunk=256):
+    """Exact inner products of each query with its candidate rows (-1 = none),
+    accumulated in float64; top-k (scores float32 descending, rows -1 padded)."""
+    nq = Q.shape[0]
+    out_v = np.full((nq, k), -np.inf, np.float32)
+    out_r = np.full((nq, k), -1, np.int64)
+    for q0 in range(0, nq, chunk):
+        c = cand[q0:q0 + chunk]
+        V = vectors[np.maximum(c, 0)].astype(np.float64)  # (b, nc, d)
+        s = np.einsum("bcd,bd->bc", V, Q[q0:q0 + chunk].astype(np.float64))
+        s[c < 0] = -np.inf
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        out_v[q0:q0 + chunk] = np.take_along_axis(s, order, 1)
+        out_r[q0:q0 + chunk] = np.where(np.take_along_axis(c, order, 1) >= 0,
+                                        np.take_along_axis(c, order, 1), -1)
+    return out_v, out_r
+
+
+_KINDS = {"flat": FlatIndex}
+
+
+def load(path, mmap: bool = True) -> FlatIndex:
+    """Load an index saved by ``save``; ``mmap=True`` maps the large arrays read-only."""
+    meta, arrays = storage.load_arrays(path, mmap=mmap)
+    if meta.get("library") != "ipq_index" or meta.get("kind") not in _KINDS:
+        raise storage.FormatError(f"{path} does not hold an ipq_index index")
+    return _KINDS[meta["kind"]]._from_state(meta, arrays)
