@@ -8,18 +8,23 @@ Training (``ASQEncoder.train``):
    ``"random"``: a seeded random rotation); queries are mapped by R^T, so
    <R^T y, R^T (x - mean)> = <y, x - mean>;
 3. optional per-vector scale: each transformed vector is divided by its norm
-   (stored as float32) and the directions are quantized; scores are
-   ``norm * ADC``.  The ASQ objective then weighs each vector by norm^2, its
-   share of the score variance;
+   and the directions are quantized; scores are ``scale * ADC`` with a
+   float32 scale per vector: the norm for unbiased rounding (keeps scores
+   unbiased), the least-squares scale <z, z_hat> / <z_hat, z_hat> for nearest
+   rounding.  The ASQ objective weighs each vector by norm^2, its share of
+   the score variance;
 4. for every dimension and every width b = 1..max_bits, ASQ levels
    (``asq.solve_columns``, objective ``sum`` or ``max``) and their cost F_j(b);
 5. bit allocation: widths b_j in 0..max_bits with sum b_j <= round(bits * d),
    minimising sum_j E[y_j^2] F_j(b_j) (E[y_j^2] from sample queries when
    given, else from the corpus; F_j the error of the configured rounding:
    variance for unbiased, squared error for nearest; unbiased needs >= 1 bit
-   per dimension) by a price per bit (see ``allocate_bits``).  Widths are
-   powers of two (0, 1, 2, 4, 8), so fields pack into whole bytes without
-   straddling and codes take exactly ceil(sum of widths / 8) bytes.
+   per dimension) by a price per bit (see ``allocate_bits``).  Fields pack
+   into whole bytes without straddling, ceil(budget / 8) bytes per vector.
+
+With nearest rounding the ASQ levels are refined by exact Lloyd iterations
+(1-D k-means on the sorted column, ``lloyd_iters``): ASQ levels are optimal
+for unbiased rounding, which must keep min and max as levels.
 
 Encoding is ``"nearest"`` (default: lower error, measured higher recall) or
 ``"unbiased"`` (stochastic rounding keyed by a seed and the row number, so
@@ -53,6 +58,7 @@ class EncoderConfig:
     max_bits: int = 8
     sample_size: int = 100_000  #: training rows used (seeded sample)
     method: str = "approx"  #: ASQ method for the level sets
+    lloyd_iters: int = 25  #: nearest rounding: Lloyd refinement of the ASQ levels (0 = off)
     seed: int = 0
 
     def __post_init__(self):
@@ -173,9 +179,11 @@ class ASQEncoder:
         per_width = {}
         zw = np.empty(0) if w is None else np.ascontiguousarray(w, np.float64)
         costs[:, 1:] = np.inf
-        for b in (b for b in WIDTHS if 0 < b <= nb):
+        for b in range(1, nb + 1):
             lv = asq.solve_columns(Z, 1 << b, weights=w, objective=cfg.objective,
                                    method=cfg.method, num_threads=num_threads)
+            if cfg.rounding == "nearest" and cfg.objective == "sum" and cfg.lloyd_iters > 0:
+                lv = _refine_for_nearest(Z, zw, lv, cfg.lloyd_iters)
             per_width[b] = lv
             for j in range(self.d):
                 costs[j, b] = _rk.rounding_error(np.ascontiguousarray(Z[:, j], np.float64), zw, lv[j],
@@ -220,7 +228,16 @@ class ASQEncoder:
         Z, norms = self.transform(X)
         codes = _adc.encode(Z, self.levels, self.level_off, self.bits, self.byte_of, self.shift_of,
                             self.nbytes, self.config.rounding == "unbiased", int(self.config.seed), int(row0))
-        return codes, (None if norms is None else norms.astype(np.float32))
+        if norms is None:
+            return codes, None
+        if self.config.rounding == "nearest":
+            # least-squares scale: s * decode(u) is the best multiple of the
+            # quantized direction for the vector (corrects its length)
+            Zh = _adc.decode(codes, self.levels, self.level_off, self.bits, self.byte_of, self.shift_of, self.d)
+            num = np.einsum("ij,ij->i", Z.astype(np.float64), Zh.astype(np.float64)) * norms
+            den = np.einsum("ij,ij->i", Zh.astype(np.float64), Zh.astype(np.float64))
+            norms = np.where(den > 0, num / np.where(den > 0, den, 1.0), norms)
+        return codes, norms.astype(np.float32)
 
     def decode(self, codes, scales=None) -> np.ndarray:
         """Reconstructed vectors in the original space (float32)."""
@@ -262,79 +279,147 @@ class ASQEncoder:
         return enc
 
 
-#: allowed field widths: powers of two always pack whole bytes exactly
-WIDTHS = (0, 1, 2, 4, 8)
+def _refine_for_nearest(Z, w, level_list, iters):
+    """Lloyd-refine per-column ASQ levels for nearest rounding (MSE-optimal
+    locally; ASQ levels are optimal for unbiased rounding and keep min/max)."""
+    off = np.zeros(len(level_list) + 1, np.int64)
+    off[1:] = np.cumsum([lv.size for lv in level_list])
+    flat = np.concatenate(level_list).astype(np.float64)
+    _rk.lloyd_columns(Z, w, flat, off, int(iters))
+    return [flat[off[j]:off[j + 1]].copy() for j in range(len(level_list))]
+
+
+#: field widths that always pack whole bytes exactly (first-fit decreasing)
+POW2_WIDTHS = (0, 1, 2, 4, 8)
 
 
 def allocate_bits(energy, costs, budget, min_bits=0):
-    """Widths b_j in WIDTHS minimising sum_j energy_j * costs[j, b_j] with
-    sum b_j <= budget, packed into whole bytes.
+    """Widths b_j in min_bits..max_bits minimising sum_j energy_j * costs[j, b_j]
+    with the fields packed into ceil(budget / 8) bytes (no field straddles a
+    byte).  ``costs`` is (d, max_bits + 1) with +inf for unavailable widths.
 
-    ``costs[j, b]`` is only read for b in WIDTHS.  Cost curves need not be
-    convex (0 bits, which drops a dimension, can beat 1 bit of unbiased
-    rounding), so widths come from a price per bit: each dimension takes
-    argmin_b energy_j costs[j, b] + mu b, with mu the smallest price whose
-    total fits the budget (bisection); leftover bits then go to the best
-    gain per bit among moves to the next allowed width.  Power-of-two
-    widths pack first-fit decreasing into exactly ceil(sum / 8) bytes.
+    Cost curves need not be convex (0 bits, which drops a dimension, can
+    beat 1 bit of unbiased rounding), so widths come from a price per bit:
+    each dimension takes argmin_b energy_j costs[j, b] + mu b, with mu the
+    smallest price whose total fits the budget (bisection); leftover bits
+    then go to the best gain per bit.  If first-fit-decreasing packing needs
+    more bytes than allowed, the field whose demotion (to the next smaller
+    width) loses least per bit is demoted until it fits; widths that are
+    powers of two always pack exactly, so this ends.
     Returns (bits, byte_of, shift_of, nbytes).
     """
     d, nb1 = costs.shape
-    allowed = np.array([b for b in WIDTHS if b < nb1 and b >= min_bits])
-    if budget < allowed[0] * d:
-        raise ValueError(f"a budget of {budget} bits cannot give every dimension {allowed[0]} bit(s)")
-    Wc = np.maximum(np.asarray(energy, np.float64), 0.0)[:, None] * np.asarray(costs, np.float64)[:, allowed]
+    Wc = np.maximum(np.asarray(energy, np.float64), 0.0)[:, None] * np.asarray(costs, np.float64)
+    Wc[:, :min_bits] = np.inf
+    Wc[~np.isfinite(Wc)] = np.inf
+    if budget < min_bits * d:
+        raise ValueError(f"a budget of {budget} bits cannot give every dimension {min_bits} bit(s)")
+    widths = np.arange(nb1)
+    rows = np.arange(d)
+    target = max(1, -(-budget // 8))
 
     def pick(mu):
-        return np.argmin(Wc + mu * allowed, axis=1)
+        return np.argmin(Wc + mu * widths, axis=1)
 
     lo, hi = 0.0, 1.0
-    while allowed[pick(hi)].sum() > budget and hi < 1e300:
+    while pick(hi).sum() > budget and hi < 1e300:
         hi *= 4.0
-    if allowed[pick(lo)].sum() <= budget:
+    if pick(lo).sum() <= budget:
         hi = lo
     for _ in range(200):
         if hi - lo <= 1e-12 * hi:
             break
         mid = 0.5 * (lo + hi)
-        if allowed[pick(mid)].sum() > budget:
+        if pick(mid).sum() > budget:
             lo = mid
         else:
             hi = mid
-    sel = pick(hi)
-    rows = np.arange(d)
-    while True:
-        left = budget - allowed[sel].sum()
-        nxt = np.minimum(sel + 1, allowed.size - 1)
-        step = allowed[nxt] - allowed[sel]
-        gain = (Wc[rows, sel] - Wc[rows, nxt]) / np.maximum(step, 1)
-        gain[(step == 0) | (step > left)] = -np.inf
+    bits = pick(hi)
+
+    def next_up(b):
+        """Next width above b with a finite cost for each row (b if none)."""
+        up = b.copy()
+        for j in range(d):
+            for c in range(b[j] + 1, nb1):
+                if np.isfinite(Wc[j, c]):
+                    up[j] = c
+                    break
+        return up
+
+    while True:  # top up with the best gain per bit
+        left = budget - bits.sum()
+        up = next_up(bits)
+        step = up - bits
+        gain = np.where(step > 0, (Wc[rows, bits] - Wc[rows, up]) / np.maximum(step, 1), -np.inf)
+        gain[step > left] = -np.inf
         j = int(np.argmax(gain))
         if not gain[j] > 0:
             break
-        sel[j] = nxt[j]
-    bits = allowed[sel].astype(np.int32)
-    return (bits, *pack_fields(bits))
+        bits[j] = up[j]
+    while True:  # repair the packing
+        byte_of, shift_of, nbytes = pack_fields(bits)
+        if nbytes <= target:
+            break
+        best, best_loss = -1, np.inf
+        for j in range(d):
+            if bits[j] in POW2_WIDTHS:
+                continue
+            for c in range(bits[j] - 1, min_bits - 1, -1):
+                if np.isfinite(Wc[j, c]):
+                    loss = (Wc[j, c] - Wc[j, bits[j]]) / (bits[j] - c)
+                    if loss < best_loss:
+                        best, best_loss, best_c = j, loss, c
+                    break
+        if best < 0:  # only powers of two left: they pack exactly
+            raise AssertionError("packing failed with power-of-two widths")
+        bits[best] = best_c
+    while True:  # packing-aware top-up: spend bits the repair freed
+        left = budget - bits.sum()
+        gains = []
+        for j in range(d):
+            for c in range(bits[j] + 1, min(nb1, bits[j] + left + 1)):
+                if np.isfinite(Wc[j, c]) and Wc[j, c] < Wc[j, bits[j]]:
+                    gains.append(((Wc[j, bits[j]] - Wc[j, c]) / (c - bits[j]), j, c))
+        gains.sort(reverse=True)
+        for _, j, c in gains:
+            old = bits[j]
+            bits[j] = c
+            packed = pack_fields(bits)
+            if packed[2] <= target:
+                byte_of, shift_of, nbytes = packed
+                break
+            bits[j] = old
+        else:
+            return bits.astype(np.int32), byte_of, shift_of, nbytes
 
 
 def pack_fields(bits):
-    """First-fit decreasing packing of bit fields into bytes: (byte_of, shift_of, nbytes)."""
+    """First-fit decreasing packing of bit fields into bytes: (byte_of, shift_of, nbytes).
+
+    O(d log d): for each free amount a min-heap of byte indices gives the
+    first byte with enough room.
+    """
+    bits = np.asarray(bits)
     d = bits.size
     byte_of = np.zeros(d, np.int32)
     shift_of = np.zeros(d, np.int32)
-    free = []  # free bits per byte
+    free_heaps = [[] for _ in range(9)]  # free bits -> heap of byte indices
+    nbytes = 0
     for j in sorted(range(d), key=lambda j: -int(bits[j])):
         b = int(bits[j])
         if b == 0:
             continue
-        for g, f in enumerate(free):
-            if f >= b:
-                byte_of[j] = g
-                shift_of[j] = 8 - f
-                free[g] = f - b
-                break
+        best_g, best_f = None, None
+        for f in range(b, 9):
+            if free_heaps[f] and (best_g is None or free_heaps[f][0] < best_g):
+                best_g, best_f = free_heaps[f][0], f
+        if best_g is None:
+            g, f = nbytes, 8
+            nbytes += 1
         else:
-            byte_of[j] = len(free)
-            shift_of[j] = 0
-            free.append(8 - b)
-    return byte_of, shift_of, max(1, len(free))
+            g, f = heapq.heappop(free_heaps[best_f]), best_f
+        byte_of[j] = g
+        shift_of[j] = 8 - f
+        if f - b > 0:
+            heapq.heappush(free_heaps[f - b], g)
+    return byte_of, shift_of, max(1, nbytes)

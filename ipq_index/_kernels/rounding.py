@@ -113,3 +113,67 @@ def rounding_error(x, w, levels, objective_max, nearest):
         if v > worst:
             worst = v
     return worst if objective_max else total
+
+
+@kernel
+def _lloyd_sorted(xs, W, S1, levels, iters):
+    """Lloyd iterations for nearest rounding on sorted values with prefix sums
+    W (weights) and S1 (weighted values), both of length n + 1.  Points at
+    a midpoint go to the lower level, as in nearest encoding."""
+    n = xs.shape[0]
+    L = levels.shape[0]
+    pos = np.empty(L + 1, np.int64)
+    pos[0] = 0
+    pos[L] = n
+    for it in range(iters):
+        for i in range(L - 1):
+            t = 0.5 * (levels[i] + levels[i + 1])
+            lo = pos[i]
+            hi = n
+            while lo < hi:  # first index with xs > t
+                mid = (lo + hi) >> 1
+                if xs[mid] <= t:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            pos[i + 1] = lo
+        moved = 0.0
+        for i in range(L):
+            wsum = W[pos[i + 1]] - W[pos[i]]
+            if wsum > 0.0:
+                new = (S1[pos[i + 1]] - S1[pos[i]]) / wsum
+                moved = max(moved, abs(new - levels[i]))
+                levels[i] = new
+        # keep strictly sorted (empty cells keep their level)
+        for i in range(1, L):
+            if levels[i] < levels[i - 1]:
+                levels[i] = levels[i - 1]
+        if moved == 0.0:
+            break
+
+
+@parallel_kernel
+def lloyd_columns(Z, w, levels, level_off, iters):
+    """Refine each column's levels (flat ``levels`` with offsets) in place for
+    nearest rounding: exact weighted Lloyd (1-D k-means) from the given start."""
+    n, d = Z.shape
+    has_w = w.shape[0] > 0
+    for j in prange(d):
+        L = level_off[j + 1] - level_off[j]
+        if L < 2:
+            continue
+        col = np.empty(n, np.float64)
+        for i in range(n):
+            col[i] = Z[i, j]
+        order = np.argsort(col)
+        xs = col[order]
+        W = np.zeros(n + 1, np.float64)
+        S1 = np.zeros(n + 1, np.float64)
+        for i in range(n):
+            wi = w[order[i]] if has_w else 1.0
+            W[i + 1] = W[i] + wi
+            S1[i + 1] = S1[i] + wi * xs[i]
+        lv = levels[level_off[j]:level_off[j + 1]].copy()
+        _lloyd_sorted(xs, W, S1, lv, iters)
+        for i in range(L):
+            levels[level_off[j] + i] = lv[i]
