@@ -117,6 +117,7 @@ class ASQEncoder:
     level_off: np.ndarray | None = None  # (d+1,) int64
     nbytes: int = 0
     energy: np.ndarray | None = None  # (d,) E[y_j^2] used for the allocation
+    _fields: tuple | None = field(default=None, repr=False)  # per-byte field lists (derived)
 
     @property
     def is_trained(self) -> bool:
@@ -149,7 +150,9 @@ class ASQEncoder:
             self.rotation = np.ascontiguousarray(qm * np.sign(np.diag(r)), dtype=np.float32)
         else:
             self.rotation = None
-        Z = self._rotate(Xc)
+        Z = self._rotate(Xc.astype(np.float32))
+        # E[(R^T x)_j^2] = E[z_j^2] + (R^T mean)_j^2 since the z_j are centred
+        corpus_energy = np.mean(Z.astype(np.float64) ** 2, axis=0) + self._rotate(self.mean[None, :])[0] ** 2
         w = None
         if cfg.scale:
             norms = np.linalg.norm(Z, axis=1)
@@ -164,7 +167,7 @@ class ASQEncoder:
             Qr = self._rotate(check_matrix(queries, self.d, "sample queries").astype(np.float64))
             energy = np.mean(Qr**2, axis=0)
         else:
-            energy = np.mean(self._rotate(Xd) ** 2, axis=0)
+            energy = corpus_energy
         self.energy = energy
         Z = np.ascontiguousarray(Z, dtype=np.float32)
 
@@ -176,20 +179,28 @@ class ASQEncoder:
             costs[:, 0] = (wz[:, None] * Z.astype(np.float64) ** 2).sum(axis=0)
         else:
             costs[:, 0] = (wz[:, None] * Z.astype(np.float64) ** 2).max(axis=0)
-        per_width = {}
+        widths = list(range(1, nb + 1))
+        per_width = {b: asq.solve_columns(Z, 1 << b, weights=w, objective=cfg.objective,
+                                          method=cfg.method, num_threads=num_threads) for b in widths}
+        # one pass per column: sort once, Lloyd-refine for nearest rounding,
+        # and measure the error of every width's level set
+        flat = [per_width[b][j] for j in range(self.d) for b in widths]
+        off = np.zeros(len(flat) + 1, np.int64)
+        off[1:] = np.cumsum([lv.size for lv in flat])
+        levels_flat = np.concatenate(flat).astype(np.float64)
+        refine = cfg.lloyd_iters if (cfg.rounding == "nearest" and cfg.objective == "sum") else 0
+        set_ptr = np.arange(0, len(flat) + 1, len(widths), dtype=np.int64)
         zw = np.empty(0) if w is None else np.ascontiguousarray(w, np.float64)
-        costs[:, 1:] = np.inf
-        for b in range(1, nb + 1):
-            lv = asq.solve_columns(Z, 1 << b, weights=w, objective=cfg.objective,
-                                   method=cfg.method, num_threads=num_threads)
-            if cfg.rounding == "nearest" and cfg.objective == "sum" and cfg.lloyd_iters > 0:
-                lv = _refine_for_nearest(Z, zw, lv, cfg.lloyd_iters)
-            per_width[b] = lv
-            for j in range(self.d):
-                costs[j, b] = _rk.rounding_error(np.ascontiguousarray(Z[:, j], np.float64), zw, lv[j],
-                                                 cfg.objective == "max", cfg.rounding == "nearest")
+        errs = _rk.column_costs(Z, zw, levels_flat, off, set_ptr, int(refine),
+                                cfg.rounding == "nearest", cfg.objective == "max")
+        for j in range(self.d):
+            for t, b in enumerate(widths):
+                si = j * len(widths) + t
+                per_width[b][j] = levels_flat[off[si]:off[si + 1]].copy()
+                costs[j, b] = errs[si]
         # unbiased scores need every dimension coded (a dropped one is biased)
         min_bits = 1 if cfg.rounding == "unbiased" and cfg.bits >= 1 else 0
+        self._fields = None
         self.bits, self.byte_of, self.shift_of, self.nbytes = allocate_bits(
             energy, costs, int(round(cfg.bits * self.d)), min_bits)
         levels, off = [], [0]
@@ -205,6 +216,7 @@ class ASQEncoder:
         return self
 
     def _rotate(self, A):
+        """A @ R in A's precision (float32 for bulk data, float64 for small inputs)."""
         return A if self.rotation is None else A @ self.rotation.astype(A.dtype, copy=False)
 
     # -- encoding ---------------------------------------------------------
@@ -214,7 +226,7 @@ class ASQEncoder:
 
     def transform(self, X) -> tuple[np.ndarray, np.ndarray | None]:
         """Centred, rotated (and, with scale, normalised) rows + their norms."""
-        Z = self._rotate(X.astype(np.float64) - self.mean)
+        Z = self._rotate((X.astype(np.float64) - self.mean).astype(np.float32)).astype(np.float64)
         norms = None
         if self.config.scale:
             norms = np.linalg.norm(Z, axis=1)
@@ -250,12 +262,25 @@ class ASQEncoder:
             Z = Z @ self.rotation.T.astype(np.float64)
         return (Z + self.mean).astype(np.float32)
 
-    def query_tables(self, Q):
-        """(tables (nq, nbytes, 256) float32, offsets (nq,) float64 = <q, mean>)."""
+    def rotate_queries(self, Q) -> np.ndarray:
+        """Queries in the transformed space (float32): R^T q."""
         self._require_trained()
-        Y = self._rotate(Q.astype(np.float64))
-        tables = _adc.build_tables(np.ascontiguousarray(Y, np.float32), self.levels, self.level_off,
-                                   self.bits, self.byte_of, self.shift_of, self.nbytes)
+        Q = np.asarray(Q, np.float32)
+        return np.ascontiguousarray(Q if self.rotation is None else Q @ self.rotation)
+
+    def query_tables(self, Q, Y=None):
+        """(tables (nq, nbytes, 256) float32, offsets (nq,) float64 = <q, mean>).
+
+        ``Y``: the already rotated queries, if at hand.
+        """
+        Y = self.rotate_queries(Q) if Y is None else Y
+        if self._fields is None:
+            order = np.lexsort((self.shift_of, self.byte_of))
+            order = order[self.bits[order] > 0]
+            ptr = np.searchsorted(self.byte_of[order], np.arange(self.nbytes + 1))
+            self._fields = (ptr.astype(np.int64), order.astype(np.int64))
+        build = _adc.build_tables if Y.shape[0] >= 8 else _adc.build_tables_serial
+        tables = build(Y, self.levels, self.level_off, self.bits, self._fields[0], self._fields[1], self.nbytes)
         return tables, Q.astype(np.float64) @ self.mean
 
     # -- persistence ------------------------------------------------------
@@ -277,16 +302,6 @@ class ASQEncoder:
         for name in ("bits", "byte_of", "shift_of", "levels", "level_off", "energy"):
             setattr(enc, name, np.ascontiguousarray(arrays[f"enc.{name}"]))
         return enc
-
-
-def _refine_for_nearest(Z, w, level_list, iters):
-    """Lloyd-refine per-column ASQ levels for nearest rounding (MSE-optimal
-    locally; ASQ levels are optimal for unbiased rounding and keep min/max)."""
-    off = np.zeros(len(level_list) + 1, np.int64)
-    off[1:] = np.cumsum([lv.size for lv in level_list])
-    flat = np.concatenate(level_list).astype(np.float64)
-    _rk.lloyd_columns(Z, w, flat, off, int(iters))
-    return [flat[off[j]:off[j + 1]].copy() for j in range(len(level_list))]
 
 
 #: field widths that always pack whole bytes exactly (first-fit decreasing)

@@ -14,8 +14,16 @@ from . import storage
 from ._kernels import adc as _adc
 from ._numba import resolve_threads, threads
 from .encoder import ASQEncoder, EncoderConfig, check_matrix
+from .fastscan import FastScanner
 
 __all__ = ["FlatIndex", "index_factory", "load", "parse_spec"]
+
+#: default candidate factor of the fast-scan stage (search parameter ``fs``)
+FASTSCAN_FACTOR = 10
+#: below this many vectors the exhaustive full-precision ADC scan is used
+FASTSCAN_MIN_ROWS = 4096
+#: queries processed together (bounds the lookup-table memory)
+QUERY_CHUNK = 128
 
 _CODEC = re.compile(r"^ASQ(?P<bits>\d+(?:\.\d+)?)(?P<flags>[a-z]*)$")
 _RERANK = re.compile(r"^Rerank(?P<factor>\d+)?(?P<dtype>F16|F32)?$")
@@ -95,6 +103,8 @@ class FlatIndex:
         self.scales = np.zeros(0, np.float32)
         self.ids = np.zeros(0, np.int64)
         self.vectors = None  # re-rank copy
+        self._scanner = None  # fast-scan candidate generator (derived, rebuilt lazily)
+        self._scanner_rows = -1
 
     def _default_spec(self):
         c = self.encoder.config
@@ -174,12 +184,17 @@ class FlatIndex:
         return self
 
     # -- search ---------------------------------------------------------------
-    def search(self, Q, k: int, *, rerank: int | None = None, num_threads: int | None = -1):
+    def search(self, Q, k: int, *, rerank: int | None = None, fs: int | None = None,
+               num_threads: int | None = -1):
         """Top-k inner products: (scores float32 (nq, k) descending, ids int64 (nq, k)).
 
         ``rerank``: re-rank ``rerank * k`` ADC candidates exactly with the stored
-        copy (default: the spec's factor; 0 disables).  Slots beyond the index
-        size hold id -1 and score -inf.
+        copy (default: the spec's factor; 0 disables).  ``fs``: candidate
+        factor of the SIMD fast-scan stage (the best ``fs * max(k, rerank * k)``
+        coarse scores per scale bucket are rescored with the full ADC; 0 scans
+        every code with the full ADC; default ``FASTSCAN_FACTOR``, used when
+        the index holds at least ``FASTSCAN_MIN_ROWS`` vectors).  Slots beyond
+        the index size hold id -1 and score -inf.
         """
         if not self.is_trained:
             raise RuntimeError("the index is not trained: call train() and add() first")
@@ -195,29 +210,52 @@ class FlatIndex:
             raise ValueError(f"rerank must be >= 0, got {rerank!r}")
         if rr and self.vectors is None:
             raise ValueError("this index keeps no vectors for re-rank (build it with ',Rerank')")
+        fsf = FASTSCAN_FACTOR if fs is None else int(fs)
+        if fsf < 0:
+            raise ValueError(f"fs must be >= 0, got {fs!r}")
         kk = min(self.ntotal, k * rr) if rr else k
+        use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
         nthreads = resolve_threads(num_threads)
+        codes = np.asarray(self.codes)
+        scales = np.asarray(self.scales) if self.encoder.config.scale else np.zeros(0, np.float32)
+        out_s = np.empty((Q.shape[0], k), np.float32)
+        out_r = np.empty((Q.shape[0], k), np.int64)
         with threads(num_threads):
-            tables, offsets = self.encoder.query_tables(Q)
-            codes = np.asarray(self.codes)
-            scales = np.asarray(self.scales) if self.encoder.config.scale else np.zeros(0, np.float32)
-            if Q.shape[0] >= nthreads or nthreads == 1:
-                cand_v, cand_r = _adc.scan_topk_batch(tables, codes, scales, kk)
-            else:  # few queries, several threads: split the rows
-                cand_v = np.empty((Q.shape[0], kk), np.float32)
-                cand_r = np.empty((Q.shape[0], kk), np.int64)
-                for qi in range(Q.shape[0]):
-                    pv, pr = _adc.scan_topk_split(tables[qi], codes, scales, kk, nthreads)
-                    order = np.argsort(-pv, kind="stable")[:kk]
-                    cand_v[qi], cand_r[qi] = pv[order], pr[order]
-            if rr:
-                scores, rows = _rerank_exact(Q, np.asarray(self.vectors), cand_r, k)
-            else:
-                scores = (cand_v.astype(np.float64) + offsets[:, None]).astype(np.float32)
-                rows = cand_r
-        ids = np.where(rows >= 0, np.asarray(self.ids)[np.maximum(rows, 0)], -1)
-        scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+            scanner = self._fast_scanner() if use_fs else None
+            for q0 in range(0, Q.shape[0], QUERY_CHUNK):
+                Qc = Q[q0:q0 + QUERY_CHUNK]
+                Y = self.encoder.rotate_queries(Qc)
+                tables, offsets = self.encoder.query_tables(Qc, Y)
+                if scanner is not None:
+                    cand = scanner.candidates(Y, min(self.ntotal, fsf * kk), nthreads)
+                    rescore = _adc.rescore_topk if Qc.shape[0] >= 8 else _adc.rescore_topk_serial
+                    cand_v, cand_r = rescore(tables, codes, scales, cand, kk)
+                elif Qc.shape[0] >= nthreads or nthreads == 1:
+                    cand_v, cand_r = _adc.scan_topk_batch(tables, codes, scales, kk)
+                else:  # few queries, several threads: split the rows
+                    cand_v = np.empty((Qc.shape[0], kk), np.float32)
+                    cand_r = np.empty((Qc.shape[0], kk), np.int64)
+                    for qi in range(Qc.shape[0]):
+                        pv, pr = _adc.scan_topk_split(tables[qi], codes, scales, kk, nthreads)
+                        order = np.argsort(-pv, kind="stable")[:kk]
+                        cand_v[qi], cand_r[qi] = pv[order], pr[order]
+                if rr:
+                    sc, rows = _rerank_exact(Qc, np.asarray(self.vectors), cand_r, k)
+                else:
+                    sc = (cand_v.astype(np.float64) + offsets[:, None]).astype(np.float32)
+                    rows = cand_r
+                out_s[q0:q0 + QUERY_CHUNK] = sc
+                out_r[q0:q0 + QUERY_CHUNK] = rows
+        ids = np.where(out_r >= 0, np.asarray(self.ids)[np.maximum(out_r, 0)], -1)
+        scores = np.where(out_r >= 0, out_s, -np.inf).astype(np.float32)
         return scores, ids.astype(np.int64)
+
+    def _fast_scanner(self):
+        if self._scanner is None or self._scanner_rows != self.ntotal:
+            scales = np.asarray(self.scales) if self.encoder.config.scale else None
+            self._scanner = FastScanner(self.encoder, np.asarray(self.codes), scales)
+            self._scanner_rows = self.ntotal
+        return self._scanner
 
     def reconstruct(self, rows=None) -> np.ndarray:
         """Decoded vectors (float32, original space) of the given row positions."""
@@ -226,9 +264,12 @@ class FlatIndex:
         return self.encoder.decode(np.ascontiguousarray(np.asarray(self.codes)[sel]), scales)
 
     def warmup(self):
-        """Compile every kernel on a tiny slice (keeps JIT time out of timed search)."""
+        """Compile every kernel and build derived structures (keeps JIT and
+        set-up time out of timed searches)."""
         if self.ntotal:
-            self.search(self.reconstruct([0]), 1, num_threads=1)
+            q = self.reconstruct([0])
+            self.search(q, 1, num_threads=1)
+            self.search(q, 1, num_threads=1, fs=0)
         return self
 
     # -- persistence ----------------------------------------------------------

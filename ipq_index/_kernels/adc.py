@@ -83,27 +83,50 @@ def decode(codes, levels, level_off, bits, byte_of, shift_of, d):
     return out
 
 
-@parallel_kernel
-def build_tables(Y, levels, level_off, bits, byte_of, shift_of, nbytes):
-    """Per-query lookup tables (nq, nbytes, 256) float32 for transformed queries Y."""
-    nq, d = Y.shape
-    tables = np.zeros((nq, nbytes, 256), np.float32)
-    for qi in prange(nq):
-        acc = np.zeros((nbytes, 256), np.float64)
-        for j in range(d):
+@inline_kernel
+def _build_table(Y, qi, T2, levels, level_off, bits, field_ptr, field_dim, nbytes):
+    for g in range(nbytes):
+        T = T2[g]
+        size = 1
+        T[0] = 0.0
+        for f in range(field_ptr[g], field_ptr[g + 1]):
+            j = field_dim[f]
             b = bits[j]
-            if b == 0:
-                continue
             y = Y[qi, j]
-            g = byte_of[j]
-            sh = shift_of[j]
-            mask = (1 << b) - 1
             lo = level_off[j]
-            for c in range(256):
-                acc[g, c] += y * levels[lo + ((c >> sh) & mask)]
-        for g in range(nbytes):
-            for c in range(256):
-                tables[qi, g, c] = acc[g, c]
+            for c_hi in range((1 << b) - 1, -1, -1):
+                add = y * levels[lo + c_hi]
+                base = c_hi * size
+                for c_lo in range(size):
+                    T[base + c_lo] = T[c_lo] + add
+            size <<= b
+        for c in range(size, 256):
+            T[c] = T[c - size]
+
+
+@kernel
+def build_tables_serial(Y, levels, level_off, bits, field_ptr, field_dim, nbytes):
+    """``build_tables`` without a parallel region (cheaper for a few queries)."""
+    tables = np.empty((Y.shape[0], nbytes, 256), np.float32)
+    for qi in range(Y.shape[0]):
+        _build_table(Y, qi, tables[qi], levels, level_off, bits, field_ptr, field_dim, nbytes)
+    return tables
+
+
+@parallel_kernel
+def build_tables(Y, levels, level_off, bits, field_ptr, field_dim, nbytes):
+    """Per-query lookup tables (nq, nbytes, 256) float32 for transformed queries Y.
+
+    ``field_ptr``/``field_dim`` (CSR) list each byte's fields in increasing
+    shift order; a byte's table is built by expansion: after the fields with
+    shifts below s the table holds 2^s entries, and a field of b bits at
+    shift s extends it to 2^(s+b) entries as T[c_hi << s | c_lo] =
+    T[c_lo] + y_j L_j[c_hi].  Entries above the byte's used bits repeat (the
+    unused bits are always 0 in codes).
+    """
+    tables = np.empty((Y.shape[0], nbytes, 256), np.float32)
+    for qi in prange(Y.shape[0]):
+        _build_table(Y, qi, tables[qi], levels, level_off, bits, field_ptr, field_dim, nbytes)
     return tables
 
 
@@ -200,3 +223,67 @@ def scan_topk_split(tables_q, codes, scales, kk, nparts):
         cand_v[p * kk:(p + 1) * kk] = hv
         cand_i[p * kk:(p + 1) * kk] = hi
     return cand_v, cand_i
+
+
+@parallel_kernel
+def coarse_nibbles(codes, bits, byte_of, shift_of, rshift, nib_of, nib_shift, M):
+    """Coarse 4-bit codes packed two per byte (faiss PQ layout, nibble m in
+    byte m // 2, low half for even m): field j contributes its code's top
+    bits ``code >> rshift[j]`` at bit ``nib_shift[j]`` of nibble ``nib_of[j]``."""
+    n = codes.shape[0]
+    d = bits.shape[0]
+    out = np.zeros((n, M // 2), np.uint8)
+    for i in prange(n):
+        for j in range(d):
+            b = bits[j]
+            if b == 0:
+                continue
+            c = (codes[i, byte_of[j]] >> shift_of[j]) & ((1 << b) - 1)
+            v = (c >> rshift[j]) << nib_shift[j]
+            m = nib_of[j]
+            out[i, m >> 1] |= np.uint8(v << (4 * (m & 1)))
+    return out
+
+
+@inline_kernel
+def _rescore_one(tables, codes, scales, cand, qi, hv, hi):
+    nbytes = codes.shape[1]
+    kk = hv.shape[0]
+    has_scale = scales.shape[0] > 0
+    for c in range(cand.shape[1]):
+        r = cand[qi, c]
+        if r < 0:
+            continue
+        s = 0.0
+        for g in range(nbytes):
+            s += tables[qi, g, codes[r, g]]
+        if has_scale:
+            s *= scales[r]
+        if s > hv[0]:
+            hv[0] = s
+            hi[0] = r
+            _heap_sift_down(hv, hi, 0, kk)
+    heap_to_sorted(hv, hi)
+
+
+@kernel
+def rescore_topk_serial(tables, codes, scales, cand, kk):
+    """``rescore_topk`` without a parallel region (cheaper for a few queries)."""
+    nq = cand.shape[0]
+    out_v = np.full((nq, kk), -np.inf, np.float32)
+    out_i = np.full((nq, kk), -1, np.int64)
+    for qi in range(nq):
+        _rescore_one(tables, codes, scales, cand, qi, out_v[qi], out_i[qi])
+    return out_v, out_i
+
+
+@parallel_kernel
+def rescore_topk(tables, codes, scales, cand, kk):
+    """Full-precision ADC of each query's candidate rows (-1 = none); top-kk
+    (scores descending, rows, -1 padded)."""
+    nq = cand.shape[0]
+    out_v = np.full((nq, kk), -np.inf, np.float32)
+    out_i = np.full((nq, kk), -1, np.int64)
+    for qi in prange(nq):
+        _rescore_one(tables, codes, scales, cand, qi, out_v[qi], out_i[qi])
+    return out_v, out_i

@@ -577,11 +577,27 @@ def minimax_levels(v, w, s, rtol):
 
 
 @kernel
+def _price_from_small_solve(T, n, s):
+    s0 = min(8, n - 1)
+    D = np.empty(n, np.float64)
+    arg = np.empty((max(s0 - 3, 0), n), np.int32)
+    q = np.empty(n, np.int32)
+    qs = np.empty(n, np.int32)
+    Tc = T[:n].copy()
+    costs, _ = dp_layers(Tc, n, s0, D, arg, q, qs)
+    return 2.0 * costs[s0] * (s0 * s0) / (s * s * s)
+
+
+@kernel
 def price_estimate(T, n, s, m_c):
     """Estimate the marginal cost of the s-th level, (OPT(s-1) - OPT(s+1)) / 2,
     from the layered DP on ``m_c`` evenly spread candidates (row terms of a
     candidate do not depend on the others, so a subset is a valid instance)."""
     m_c = min(m_c, n)
+    if m_c < 4 * (s + 1):
+        # instance too small for a coarse copy: OPT(s) ~ C / s^2 (smooth data),
+        # so the marginal cost ~ 2 OPT(s) / s; C from a cheap 8-level solve
+        return _price_from_small_solve(T, n, s)
     sel = np.empty(m_c, np.int64)
     for i in range(m_c):
         sel[i] = (i * (n - 1)) // (m_c - 1)
@@ -609,7 +625,7 @@ def table_levels(T, n, s, D, arg, q, qs, cnt, arg1):
     only by the Lagrangian search.
     """
     if s > LAYERED_MAX_S and n > 4 * (s + 1) and cnt.shape[0] >= n and arg1.shape[0] >= n:
-        lam0 = price_estimate(T, n, s, min(n, max(1024, 8 * (s + 1))))
+        lam0 = price_estimate(T, n, s, min(n // 4, max(1024, 8 * (s + 1))))
         idx = lagrangian_levels(T, n, s, lam0, LAGRANGE_MAX_ITER, D, arg1, cnt, q, qs)
         if idx.shape[0] == s:
             return idx

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._numba import kernel, parallel_kernel
+from .._numba import inline_kernel, kernel, parallel_kernel
 from numba import prange
 
 
@@ -152,16 +152,43 @@ def _lloyd_sorted(xs, W, S1, levels, iters):
             break
 
 
+@inline_kernel
+def _cell_bounds(xs, levels, pos, nearest):
+    """pos[i]..pos[i+1]: sorted positions served by cell i.  Nearest: cells
+    between level midpoints (a point at a midpoint goes down); unbiased:
+    the points in [levels[i], levels[i+1]) (the last cell includes the max)."""
+    n = xs.shape[0]
+    L = levels.shape[0]
+    pos[0] = 0
+    ncell = L if nearest else L - 1
+    for i in range(ncell - 1):
+        t = 0.5 * (levels[i] + levels[i + 1]) if nearest else levels[i + 1]
+        lo = pos[i]
+        hi = n
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if (xs[mid] <= t) if nearest else (xs[mid] < t):
+                lo = mid + 1
+            else:
+                hi = mid
+        pos[i + 1] = lo
+    pos[ncell] = n
+    return ncell
+
+
 @parallel_kernel
-def lloyd_columns(Z, w, levels, level_off, iters):
-    """Refine each column's levels (flat ``levels`` with offsets) in place for
-    nearest rounding: exact weighted Lloyd (1-D k-means) from the given start."""
+def column_costs(Z, w, levels, level_off, set_ptr, refine_iters, nearest, objective_max):
+    """For every column j and each of its level sets (``set_ptr[j]`` ..
+    ``set_ptr[j+1]`` index into ``level_off``): optionally Lloyd-refine the
+    set in place (``refine_iters`` > 0, nearest rounding), then return its
+    rounding error: sum (or max) of w * squared error for nearest rounding,
+    of w * (b - x)(x - a) for unbiased.  Each column is sorted once; sums use
+    prefix sums of w, w x, w x^2 over the sorted column (O(L log n) per set).
+    Returns costs (n_sets,)."""
     n, d = Z.shape
     has_w = w.shape[0] > 0
+    costs = np.zeros(level_off.shape[0] - 1, np.float64)
     for j in prange(d):
-        L = level_off[j + 1] - level_off[j]
-        if L < 2:
-            continue
         col = np.empty(n, np.float64)
         for i in range(n):
             col[i] = Z[i, j]
@@ -169,11 +196,51 @@ def lloyd_columns(Z, w, levels, level_off, iters):
         xs = col[order]
         W = np.zeros(n + 1, np.float64)
         S1 = np.zeros(n + 1, np.float64)
+        S2 = np.zeros(n + 1, np.float64)
+        ws = np.ones(n, np.float64)
         for i in range(n):
             wi = w[order[i]] if has_w else 1.0
+            ws[i] = wi
             W[i + 1] = W[i] + wi
             S1[i + 1] = S1[i] + wi * xs[i]
-        lv = levels[level_off[j]:level_off[j + 1]].copy()
-        _lloyd_sorted(xs, W, S1, lv, iters)
-        for i in range(L):
-            levels[level_off[j] + i] = lv[i]
+            S2[i + 1] = S2[i] + wi * xs[i] * xs[i]
+        for si in range(set_ptr[j], set_ptr[j + 1]):
+            a0 = level_off[si]
+            L = level_off[si + 1] - a0
+            if L == 0:
+                continue
+            lv = levels[a0:a0 + L]
+            if refine_iters > 0 and nearest and L >= 2:
+                _lloyd_sorted(xs, W, S1, lv, refine_iters)
+            pos = np.empty(L + 1, np.int64)
+            if L == 1:
+                pos[0] = 0
+                pos[1] = n
+                ncell = 1
+            else:
+                ncell = _cell_bounds(xs, lv, pos, nearest)
+            total = 0.0
+            worst = 0.0
+            for c in range(ncell):
+                p0 = pos[c]
+                p1 = pos[c + 1]
+                if p1 <= p0:
+                    continue
+                if nearest or L == 1:
+                    q = lv[c]
+                    if objective_max:
+                        for i in range(p0, p1):
+                            e = ws[i] * (xs[i] - q) * (xs[i] - q)
+                            worst = max(worst, e)
+                    else:
+                        total += (S2[p1] - S2[p0]) - 2.0 * q * (S1[p1] - S1[p0]) + q * q * (W[p1] - W[p0])
+                else:
+                    a = lv[c]
+                    b = lv[c + 1]
+                    if objective_max:
+                        for i in range(p0, p1):
+                            worst = max(worst, ws[i] * (b - xs[i]) * (xs[i] - a))
+                    else:
+                        total += -a * b * (W[p1] - W[p0]) + (a + b) * (S1[p1] - S1[p0]) - (S2[p1] - S2[p0])
+            costs[si] = worst if objective_max else max(total, 0.0)
+    return costs

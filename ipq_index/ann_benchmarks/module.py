@@ -1,0 +1,256 @@
+"""ann-benchmarks wrapper for ipq_index (also used by ``ipq bench`` for ipq methods).
+
+The ann-benchmarks runner imports ``<module>.module`` and calls, in order::
+
+    algo = IpqIndex(metric, spec)            # constructor: stores parameters only
+    algo.fit(X_train)                        # timed build
+    for group in query_args:                 # same index, several search settings
+        algo.set_query_arguments(*group)
+        algo.query(q, n) for q in X_test     # single mode, one CPU
+        # or: algo.batch_query(X_test, n); algo.get_batch_results()
+    algo.done()
+
+Contract details honoured here:
+
+* ``metric``: ``"angular"`` (or ``"cosine"``) L2-normalises the data in ``fit``
+  and every query; ``"dot"`` / ``"ip"`` / ``"inner_product"`` / ``"mips"``
+  use raw inner products (ann-benchmarks itself has no ``dot`` metric; our
+  own runner ``ipq bench`` has).  ``"euclidean"`` is rejected.
+* ``fit`` trains and adds (ids = row numbers of ``X``), calls
+  ``index.warmup()`` so numba compilation / cache loading stays out of the
+  timed queries, then forces one thread (``ipq_index.set_num_threads(1)``) for
+  single-query mode.  ``done()`` restores the previous thread count.
+* ``query`` returns at most ``n`` unique row ids, ``-1`` (empty slots) dropped.
+* ``batch_query`` uses ``threads`` threads (default: all cores);
+  ``get_batch_results`` returns one id array per query, ``-1`` dropped.
+* ``get_memory_usage`` is ``index.nbytes`` in kB (not the process RSS).
+* ``set_query_arguments`` accepts a dict (``{"rerank": 4}``), ``"name=value"``
+  strings, or bare positional values mapped to ``query_arg_names`` (default
+  :data:`QUERY_ARG_NAMES`: ``rerank``, then ``nprobe``, then ``ef``; ``None``
+  leaves a setting at the index default).  The values are passed as keyword
+  arguments to ``index.search``; names the index does not accept raise
+  ``ValueError``.
+* ``str(algo)`` (the run's name in ann-benchmarks) encodes the spec and the
+  current query arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+try:  # inside an ann-benchmarks checkout: subclass its BaseANN (duck typing works too)
+    from ann_benchmarks.algorithms.base.module import BaseANN as _Base
+except Exception:  # noqa: BLE001 - ann-benchmarks is optional and not pip-installable
+    _Base = object
+
+__all__ = ["IpqIndex", "QUERY_ARG_NAMES", "check_search_params", "normalize_metric"]
+
+#: Names given, in order, to bare positional query arguments.
+QUERY_ARG_NAMES = ("rerank", "nprobe", "ef")
+
+_ANGULAR = ("angular", "cosine")
+_DOT = ("dot", "ip", "inner_product", "innerproduct", "mips")
+
+
+def normalize_metric(metric) -> str:
+    """``"angular"`` or ``"dot"``; ``ValueError`` for anything else."""
+    m = str(metric).strip().lower()
+    if m in _ANGULAR:
+        return "angular"
+    if m in _DOT:
+        return "dot"
+    raise ValueError(f"metric {metric!r} is not supported by ipq_index (maximum inner product "
+                     f"search): use 'angular' (normalised) or 'dot'")
+
+
+def check_search_params(index, params: dict) -> None:
+    """Raise ``ValueError`` if ``index.search`` does not accept the keyword
+    arguments ``params`` (checked on the signature, nothing is searched)."""
+    if not params:
+        return
+    try:
+        sig = inspect.signature(index.search)
+    except (TypeError, ValueError):  # builtins without a signature: let search decide
+        return
+    try:
+        sig.bind(np.zeros((1, 1), np.float32), 1, **params)
+    except TypeError as e:
+        accepted = [p.name for p in sig.parameters.values()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        names = ", ".join(sorted(params))
+        raise ValueError(f"search parameter(s) {names} not accepted by this index "
+                         f"({getattr(index, 'spec', type(index).__name__)}); it accepts "
+                         f"{accepted} ({e})") from None
+
+
+def _unit(A: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(A, axis=1, keepdims=True)
+    n[n == 0] = 1.0
+    return np.ascontiguousarray(A / n, dtype=np.float32)
+
+
+class IpqIndex(_Base):
+    """ann-benchmarks style wrapper around ``ipq_index.index_factory(d, spec)``.
+
+    Parameters
+    ----------
+    metric : str
+        ``"angular"`` or ``"dot"`` (see the module docstring).
+    spec : str
+        ipq_index factory string, e.g. ``"PCA,ASQ4,Rerank4"``.
+    build_args : dict, optional
+        Extra keyword arguments for ``index_factory`` (encoder overrides such as
+        ``seed`` or ``sample_size``).
+    query_arg_names : sequence of str or comma-separated str, optional
+        Names given to bare positional query arguments (default
+        :data:`QUERY_ARG_NAMES`).
+    threads : int, optional
+        Threads for ``fit`` and ``batch_query`` (-1 or None: all cores).
+        ``query`` always uses one.
+    """
+
+    def __init__(self, metric, spec, build_args=None, query_arg_names=None, threads=-1):
+        self.metric = normalize_metric(metric)
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"spec must be a non-empty ipq_index factory string, got {spec!r}")
+        self.spec = spec.strip()
+        self.build_args = dict(build_args or {})
+        if isinstance(query_arg_names, str):
+            query_arg_names = [n.strip() for n in query_arg_names.split(",") if n.strip()]
+        self.query_arg_names = tuple(query_arg_names or QUERY_ARG_NAMES)
+        self.threads = -1 if threads is None else int(threads)
+        self.index = None
+        self._query_params: dict = {}
+        self._saved_threads = None
+        self._batch = None
+        self.name = self._make_name()
+
+    # -- naming ---------------------------------------------------------------
+    def _make_name(self) -> str:
+        q = self.query_params_str()
+        return f"IpqIndex({self.spec}{', ' + q if q else ''})"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<{self.name} metric={self.metric}>"
+
+    @property
+    def query_params(self) -> dict:
+        """Keyword arguments currently passed to ``index.search``."""
+        return dict(self._query_params)
+
+    def query_params_str(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self._query_params.items())
+
+    # -- build ----------------------------------------------------------------
+    def _prep(self, X) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim == 1:
+            X = X[None, :]
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        return _unit(X) if self.metric == "angular" else X
+
+    def fit(self, X, queries=None):
+        """Train on ``X``, add ``X`` (ids = row numbers), warm up, then pin one thread.
+
+        ``queries`` (our extension, not part of ann-benchmarks): sample queries
+        for the bit allocation, passed to ``index.train(X, queries=...)``.
+        """
+        import numba
+
+        import ipq_index
+
+        X = self._prep(X)
+        if queries is not None:
+            queries = self._prep(queries)
+        index = ipq_index.index_factory(X.shape[1], self.spec, **self.build_args)
+        check_search_params(index, self._query_params)
+        index.train(X, queries=queries, num_threads=self.threads)
+        index.add(X, num_threads=self.threads)
+        index.warmup()
+        self.index = index
+        if self._saved_threads is None:
+            self._saved_threads = numba.get_num_threads()
+        ipq_index.set_num_threads(1)
+        return self
+
+    # -- query settings -------------------------------------------------------
+    def set_query_arguments(self, *args):
+        """Set the search keyword arguments for the following queries (see class doc)."""
+        from ipq_index.config import parse_params
+
+        params: dict = {}
+        bare = []
+        for a in args:
+            if isinstance(a, dict):
+                params.update(a)
+            elif isinstance(a, str) and "=" in a:
+                params.update(parse_params([a], "query argument"))
+            else:
+                bare.append(a)
+        if len(bare) > len(self.query_arg_names):
+            raise ValueError(f"{len(bare)} positional query arguments {bare!r} but only "
+                             f"{len(self.query_arg_names)} names {list(self.query_arg_names)}; "
+                             f"pass a dict instead")
+        for name, value in zip(self.query_arg_names, bare):
+            params[name] = value
+        params = {k: v for k, v in params.items() if v is not None}
+        if self.index is not None:
+            check_search_params(self.index, params)
+        self._query_params = params
+        self._batch = None
+        self.name = self._make_name()
+
+    # -- search ---------------------------------------------------------------
+    def _k(self, n: int) -> int:
+        return max(1, min(int(n), len(self.index)))
+
+    def query(self, v, n):
+        """Ids (int64) of the top ``n`` inner products of one vector, -1 dropped."""
+        _, ids = self.index.search(self._prep(v), self._k(n), num_threads=1, **self._query_params)
+        row = ids[0]
+        return row[row >= 0]
+
+    def batch_query(self, X, n):
+        """Search all rows of ``X`` at once with ``threads`` threads."""
+        self._batch = self.index.search(self._prep(X), self._k(n), num_threads=self.threads,
+                                        **self._query_params)
+
+    def get_batch_results(self):
+        """One id array per query of the last ``batch_query``, -1 dropped."""
+        if self._batch is None:
+            raise RuntimeError("get_batch_results() called before batch_query()")
+        ids = self._batch[1]
+        return [row[row >= 0] for row in ids]
+
+    def get_batch_arrays(self):
+        """(scores float32 (nq, k), ids int64 (nq, k), -1 padded) of the last batch
+        (our extension, used by ``ipq bench`` for the score error)."""
+        if self._batch is None:
+            raise RuntimeError("get_batch_arrays() called before batch_query()")
+        return self._batch
+
+    # -- accounting -----------------------------------------------------------
+    def get_memory_usage(self):
+        """Index size in kB (``index.nbytes / 1024``; 0 before ``fit``)."""
+        return 0.0 if self.index is None else self.index.nbytes / 1024.0
+
+    def bytes_per_vector(self) -> float:
+        return float(self.index.nbytes) / max(1, len(self.index))
+
+    def get_additional(self):
+        return {}
+
+    def done(self):
+        """Release the index and restore the numba thread count changed by ``fit``."""
+        if self._saved_threads is not None:
+            import numba
+
+            numba.set_num_threads(self._saved_threads)
+            self._saved_threads = None
+        self.index = None
+        self._batch = None

@@ -1,0 +1,271 @@
+"""FAISS and hnswlib baselines behind the same wrapper contract as
+:class:`ipq_index.ann_benchmarks.module.IpqIndex` (``fit``,
+``set_query_arguments``, ``query``, ``batch_query``, ``get_batch_results``,
+``get_memory_usage``, ``done``, ``__str__``), so ``ipq bench`` times every
+library the same way.  Both search by raw inner product; ``"angular"``
+normalises data and queries first.
+
+* :class:`FaissIndex`: ``faiss.index_factory(d, spec, METRIC_INNER_PRODUCT)``;
+  query arguments are ``faiss.ParameterSpace`` settings (``"k_factor_rf=4"``,
+  ``"nprobe=16"`` or a dict).  Refine indexes (``RFlat``) default to
+  ``k_factor_rf=4`` (faiss' own default of 1 gives no gain).
+* :class:`HnswlibIndex`: ``hnswlib.Index(space="ip")`` with ``M`` and
+  ``ef_construction``; query argument ``ef``.  hnswlib reports ``1 - ip``; it is
+  converted back to inner products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .ann_benchmarks.module import _unit, normalize_metric
+
+__all__ = ["FaissIndex", "HnswlibIndex", "DEFAULT_K_FACTOR_RF"]
+
+#: k_factor_rf given to FAISS refine indexes when the config sets none.
+DEFAULT_K_FACTOR_RF = 4
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+class _Wrapper:
+    """Shared plumbing: metric handling, -1 dropping, batch bookkeeping."""
+
+    def __init__(self, metric, threads=None):
+        self.metric = normalize_metric(metric)
+        self.threads = threads if threads not in (None, -1) else None
+        self._batch = None
+        self._query_params: dict = {}
+        self.name = str(self)
+
+    def _prep(self, X) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim == 1:
+            X = X[None, :]
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        return _unit(X) if self.metric == "angular" else X
+
+    @property
+    def query_params(self) -> dict:
+        return dict(self._query_params)
+
+    def query_params_str(self) -> str:
+        return ",".join(f"{k}={_fmt(v)}" for k, v in self._query_params.items())
+
+    def get_batch_results(self):
+        if self._batch is None:
+            raise RuntimeError("get_batch_results() called before batch_query()")
+        return [row[row >= 0] for row in self._batch[1]]
+
+    def get_batch_arrays(self):
+        if self._batch is None:
+            raise RuntimeError("get_batch_arrays() called before batch_query()")
+        return self._batch
+
+    def get_memory_usage(self):
+        n = self._ntotal()
+        return 0.0 if n == 0 else self.bytes_per_vector() * n / 1024.0
+
+    def get_additional(self):
+        return {}
+
+
+class FaissIndex(_Wrapper):
+    """A FAISS index from a factory string, inner-product metric."""
+
+    def __init__(self, metric, spec, build_params=None, threads=None):
+        self.spec = spec
+        self.build_params = dict(build_params or {})
+        self.index = None
+        self._prev_threads = None
+        super().__init__(metric, threads)
+
+    def __str__(self):
+        q = self.query_params_str()
+        return f"FaissIndex({self.spec}{', ' + q if q else ''})"
+
+    def _ntotal(self) -> int:
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    def _is_refine(self) -> bool:
+        import faiss
+
+        return isinstance(faiss.downcast_index(self.index), faiss.IndexRefine)
+
+    def _apply(self, params: dict) -> None:
+        import faiss
+
+        ps = faiss.ParameterSpace()
+        for key, value in params.items():
+            try:
+                ps.set_index_parameter(self.index, key, float(value))
+            except (RuntimeError, TypeError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"faiss {self.spec!r}: cannot set parameter {key}={value!r} "
+                                 f"({first})") from None
+
+    def _defaults(self) -> dict:
+        base = {}
+        if self._is_refine():
+            base["k_factor_rf"] = DEFAULT_K_FACTOR_RF
+        base.update(self.build_params)
+        return base
+
+    def fit(self, X, queries=None):
+        import faiss
+
+        X = self._prep(X)
+        if self._prev_threads is None:
+            self._prev_threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(self.threads or self._prev_threads)
+        try:
+            self.index = faiss.index_factory(X.shape[1], self.spec, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"bad faiss factory string {self.spec!r}: "
+                             f"{str(e).strip().splitlines()[-1]}") from None
+        self._apply({**self._defaults(), **self._query_params})
+        self.index.train(X)
+        self.index.add(X)
+        self.index.search(X[:1], 1)  # warm-up
+        faiss.omp_set_num_threads(1)
+        self.name = str(self)
+        return self
+
+    def set_query_arguments(self, *args):
+        from .config import parse_params
+
+        params: dict = {}
+        for a in args:
+            if isinstance(a, dict):
+                params.update(a)
+            elif isinstance(a, str):
+                params.update(parse_params([a], "faiss query argument"))
+            else:
+                raise ValueError(f"faiss query arguments must be 'name=value' strings or a dict, got {a!r}")
+        params = {k: v for k, v in params.items() if v is not None}
+        if self.index is not None:
+            self._apply({**self._defaults(), **params})
+        self._query_params = params
+        self._batch = None
+        self.name = str(self)
+
+    def query(self, v, n):
+        _, I = self.index.search(self._prep(v), min(int(n), self._ntotal()))
+        row = I[0]
+        return row[row >= 0]
+
+    def batch_query(self, X, n):
+        import faiss
+
+        faiss.omp_set_num_threads(self.threads or self._prev_threads)
+        try:
+            D, I = self.index.search(self._prep(X), min(int(n), self._ntotal()))
+        finally:
+            faiss.omp_set_num_threads(1)
+        self._batch = (np.asarray(D, np.float32), np.asarray(I, np.int64))
+
+    def bytes_per_vector(self) -> float:
+        """``sa_code_size()`` (per-vector code; for refine indexes it includes the
+        refine store), else the serialised size divided by ``ntotal``."""
+        import faiss
+
+        try:
+            n = faiss.downcast_index(self.index).sa_code_size()
+            if n > 0:
+                return float(n)
+        except Exception:  # noqa: BLE001 - not every index implements sa_code_size
+            pass
+        return float(faiss.serialize_index(self.index).nbytes / max(1, self.index.ntotal))
+
+    def done(self):
+        import faiss
+
+        if self._prev_threads is not None:
+            faiss.omp_set_num_threads(self._prev_threads)
+            self._prev_threads = None
+        self.index = None
+        self._batch = None
+
+
+class HnswlibIndex(_Wrapper):
+    """hnswlib HNSW graph over float32 vectors, inner product (scores = 1 - distance)."""
+
+    def __init__(self, metric, M=16, ef_construction=200, threads=None, seed=100):
+        self.M = int(M)
+        self.ef_construction = int(ef_construction)
+        self.seed = int(seed)
+        self.index = None
+        self.d = None
+        super().__init__(metric, threads)
+
+    def __str__(self):
+        q = self.query_params_str()
+        return f"HnswlibIndex(M={self.M}, ef_construction={self.ef_construction}{', ' + q if q else ''})"
+
+    def _ntotal(self) -> int:
+        return 0 if self.index is None else int(self.index.get_current_count())
+
+    def fit(self, X, queries=None):
+        import hnswlib
+
+        X = self._prep(X)
+        self.d = X.shape[1]
+        p = hnswlib.Index(space="ip", dim=self.d)
+        p.init_index(max_elements=X.shape[0], M=self.M, ef_construction=self.ef_construction,
+                     random_seed=self.seed)
+        p.add_items(X, np.arange(X.shape[0]), num_threads=self.threads or -1)
+        p.set_num_threads(1)
+        self.index = p
+        ef = self._query_params.get("ef")
+        if ef is not None:
+            p.set_ef(int(ef))
+        self.index.knn_query(X[:1], k=1, num_threads=1)  # warm-up
+        self.name = str(self)
+        return self
+
+    def set_query_arguments(self, *args):
+        params: dict = {}
+        for a in args:
+            if isinstance(a, dict):
+                params.update(a)
+            elif isinstance(a, str) and "=" in a:
+                from .config import parse_params
+
+                params.update(parse_params([a], "hnswlib query argument"))
+            else:
+                params["ef"] = a
+        params = {k: v for k, v in params.items() if v is not None}
+        bad = sorted(set(params) - {"ef"})
+        if bad:
+            raise ValueError(f"hnswlib takes only the query argument 'ef', got {bad}")
+        if "ef" in params:
+            ef = params["ef"]
+            if isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or ef < 1:
+                raise ValueError(f"hnswlib ef must be a positive int, got {ef!r}")
+            if self.index is not None:
+                self.index.set_ef(int(ef))
+        self._query_params = params
+        self._batch = None
+        self.name = str(self)
+
+    def _search(self, Q, n, threads):
+        k = min(int(n), self._ntotal())
+        labels, dist = self.index.knn_query(Q, k=k, num_threads=threads)
+        return (1.0 - np.asarray(dist, np.float32)).astype(np.float32), np.asarray(labels, np.int64)
+
+    def query(self, v, n):
+        return self._search(self._prep(v), n, 1)[1][0]
+
+    def batch_query(self, X, n):
+        self._batch = self._search(self._prep(X), n, self.threads or -1)
+
+    def bytes_per_vector(self) -> float:
+        """Estimate: float32 vector + level-0 links (2M + 1 int32) + 8-byte label
+        (upper graph levels, about 1/M of the nodes, are ignored)."""
+        return float(4 * self.d + 4 * (2 * self.M + 1) + 8) if self.d else float("nan")
+
+    def done(self):
+        self.index = None
+        self._batch = None

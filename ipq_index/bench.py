@@ -1,0 +1,490 @@
+"""Benchmark core: measure methods on a MIPS dataset, write CSV, plot recall vs QPS.
+
+Every method is driven through the ann-benchmarks wrapper contract
+(:class:`ipq_index.ann_benchmarks.module.IpqIndex` for ipq,
+:class:`ipq_index.baselines.FaissIndex` / :class:`~ipq_index.baselines.HnswlibIndex`
+for the baselines): ``fit`` once, then for every query-argument setting
+``set_query_arguments``, ``batch_query`` and a loop of ``query``.  Measured per
+(method, query setting) row:
+
+* ``build_s``          ``fit`` wall time (train + add, ``time.perf_counter``), ``threads`` threads;
+* ``recall_at_k``      fraction of the true top-k ids found in the returned top-k
+                       (ground truth: the dataset's exact inner-product ``neighbors``);
+* ``qps_single``       one ``query`` call per query vector, one thread; the whole loop
+                       is timed, best of ``repeats`` runs;
+* ``qps_batch``        all queries in one ``batch_query`` call with ``threads`` threads,
+                       best of ``repeats`` runs;
+* ``bytes_per_vector`` ipq: ``index.nbytes / len(index)`` (codes, scales, ids, re-rank
+                       copy); FAISS: ``sa_code_size()`` (includes a refine store), else the
+                       serialised size per vector; hnswlib: an estimate (vector + level-0
+                       links + label);
+* ``rel_ip_error``     mean over queries of  sum (s_hat - s)^2 / sum s^2  over the returned
+                       top-k, s_hat the returned score, s the exact inner product (0 for
+                       exact scorers: Flat, a Flat re-rank, hnswlib).
+
+Datasets with metric ``angular`` are L2-normalised first (then searched by inner
+product); ``euclidean`` is rejected.  Before each ipq method a throw-away index
+with the same spec is built on a small low-dimensional slice, so loading /
+compiling numba kernels is not charged to the measured build.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import BenchConfig, MethodConfig
+from .datasets import Dataset, ground_truth, load, subsample
+
+__all__ = [
+    "COLUMNS",
+    "Result",
+    "available_threads",
+    "expand_spec",
+    "recall_at_k",
+    "rel_ip_error",
+    "best_time",
+    "prepare_dataset",
+    "ground_truth_ids",
+    "make_algorithm",
+    "check_method",
+    "measure",
+    "run_methods",
+    "run_config",
+    "format_table",
+    "print_table",
+    "write_csv",
+    "plot",
+    "safe_name",
+]
+
+COLUMNS = [
+    "dataset",
+    "library",
+    "method",
+    "params",
+    "build_s",
+    "recall_at_k",
+    "qps_single",
+    "qps_batch",
+    "bytes_per_vector",
+    "rel_ip_error",
+    "n_train",
+    "n_test",
+    "k",
+]
+
+
+@dataclass
+class Result:
+    """One row: one method (one build) at one query setting."""
+
+    dataset: str
+    library: str
+    method: str
+    params: str
+    build_s: float
+    recall_at_k: float
+    qps_single: float
+    qps_batch: float
+    bytes_per_vector: float
+    rel_ip_error: float
+    n_train: int
+    n_test: int
+    k: int
+
+
+def available_threads() -> int:
+    """Cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def expand_spec(spec: str, d: int) -> str:
+    """Substitute ``{d}`` and ``{d/2}`` (integer half) in a factory string."""
+    out = spec.replace("{d/2}", str(d // 2)).replace("{d}", str(d))
+    if re.search(r"[{}]", out):
+        raise ValueError(f"unknown placeholder in spec {spec!r} (only {{d}} and {{d/2}})")
+    return out
+
+
+def recall_at_k(ids: np.ndarray, gt: np.ndarray, k: int) -> float:
+    """Mean fraction of the true top-k ids present in the returned top-k (-1 never counts)."""
+    ids = np.asarray(ids)[:, :k]
+    gt = np.asarray(gt)[:, :k]
+    hits = (ids[:, :, None] == gt[:, None, :]).any(axis=2) & (ids >= 0)
+    return float(hits.sum() / (gt.shape[0] * k))
+
+
+def rel_ip_error(Q: np.ndarray, X: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> float:
+    """Mean over queries of sum (s_hat - s)^2 / sum s^2 over the returned (valid) ids."""
+    valid = ids >= 0
+    safe = np.where(valid, ids, 0)
+    exact = np.einsum("qd,qkd->qk", Q.astype(np.float64), X[safe].astype(np.float64))
+    err = np.where(valid, (scores.astype(np.float64) - exact) ** 2, 0.0).sum(axis=1)
+    ref = np.where(valid, exact**2, 0.0).sum(axis=1)
+    ok = ref > 0
+    return float(np.mean(err[ok] / ref[ok])) if ok.any() else float("nan")
+
+
+def best_time(fn, repeats: int) -> float:
+    """Shortest wall time of ``repeats`` calls of ``fn``."""
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _unit(A: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(A, axis=1, keepdims=True)
+    n[n == 0] = 1
+    return np.ascontiguousarray(A / n, dtype=np.float32)
+
+
+def prepare_dataset(dataset, *, n_train=None, n_test=None, seed: int = 0,
+                    train_queries: int = 0) -> tuple[Dataset, np.ndarray | None]:
+    """Load ``dataset`` (HDF5 path or ``sample:<name>``), normalise ``angular``
+    data (the problem becomes inner product), optionally hold ``train_queries``
+    database rows out as sample queries, and subsample (ground truth recomputed).
+
+    Returns ``(ds, held)`` with ``held`` the held-out rows or ``None``.
+    """
+    ds = dataset if isinstance(dataset, Dataset) else load(dataset)
+    if ds.metric == "euclidean":
+        raise ValueError(f"{ds.name}: metric 'euclidean' is not a MIPS problem; use a dot/angular dataset")
+    if ds.metric == "angular":
+        ds = Dataset(ds.name, _unit(ds.train), _unit(ds.test), ds.neighbors, ds.distances, "dot",
+                     ds.provenance)
+    held = None
+    if train_queries:
+        n_held = int(train_queries)
+        if n_held >= ds.n_train:
+            raise ValueError(f"train_queries={n_held} leaves no database rows (train has {ds.n_train})")
+        perm = np.random.default_rng(seed + 1).permutation(ds.n_train)
+        held = np.ascontiguousarray(ds.train[perm[:n_held]])
+        keep = np.sort(perm[n_held:])
+        ds = Dataset(f"{ds.name}_tq{n_held}", np.ascontiguousarray(ds.train[keep]), ds.test,
+                     None, None, ds.metric, ds.provenance)
+    if n_train is not None or n_test is not None or held is not None:
+        ds = subsample(ds, n_train, n_test, seed=seed)
+    return ds, held
+
+
+def ground_truth_ids(ds: Dataset, k: int) -> np.ndarray:
+    """The dataset's top-k neighbour ids, recomputed when it has fewer than k."""
+    if k > ds.n_train:
+        raise ValueError(f"k={k} exceeds the number of database vectors ({ds.n_train})")
+    if ds.neighbors is None or ds.neighbors.shape[1] < k:
+        gt, _ = ground_truth(ds.train, ds.test, k, ds.metric)
+        return gt
+    return ds.neighbors[:, :k]
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def make_algorithm(method: MethodConfig, metric: str = "dot", threads: int | None = None):
+    """The wrapper-contract object for one (resolved) method."""
+    if method.library == "ipq":
+        from .ann_benchmarks.module import IpqIndex
+
+        return IpqIndex(metric, method.spec, build_args=method.args,
+                        threads=-1 if threads is None else threads)
+    if method.library == "faiss":
+        from .baselines import FaissIndex
+
+        return FaissIndex(metric, method.spec, build_params=method.args, threads=threads)
+    if method.library == "hnswlib":
+        from .baselines import HnswlibIndex
+
+        return HnswlibIndex(metric, M=method.args["M"],
+                            ef_construction=method.args.get("ef_construction", 200), threads=threads)
+    raise ValueError(f"unknown library {method.library!r}")
+
+
+def check_method(method: MethodConfig, d: int) -> None:
+    """Fail fast on a bad spec or bad query-argument names (nothing is trained).
+
+    ipq specs go to ``ipq_index.index_factory`` and query arguments are checked
+    against the untrained index's ``search`` signature; FAISS specs go to
+    ``faiss.index_factory``.  Raises ``ValueError`` naming the method.
+    """
+    try:
+        if method.library == "ipq":
+            import ipq_index
+
+            from .ann_benchmarks.module import IpqIndex, check_search_params
+
+            index = ipq_index.index_factory(d, method.spec, **method.args)
+            probe = IpqIndex("dot", method.spec)
+            for combo in method.query_args:
+                probe.set_query_arguments(*combo)
+                check_search_params(index, probe.query_params)
+        elif method.library == "faiss":
+            import faiss
+
+            try:
+                faiss.index_factory(d, method.spec, faiss.METRIC_INNER_PRODUCT)
+            except RuntimeError as e:
+                raise ValueError(f"bad faiss factory string {method.spec!r}: "
+                                 f"{str(e).strip().splitlines()[-1]}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"method {method.name!r} ({method.library}): {e}") from None
+
+
+def _warmup_ipq(method: MethodConfig, ds: Dataset, k: int, threads) -> None:
+    """Throw-away build + searches on a small low-dimensional slice: loads / compiles
+    the numba kernels that spec uses (their types do not depend on d or n)."""
+    from .ann_benchmarks.module import IpqIndex
+
+    n = min(ds.n_train, 512)
+    dw = min(ds.d, 16)
+    X = np.ascontiguousarray(ds.train[:n, :dw])
+    Q = np.ascontiguousarray(ds.test[: min(ds.n_test, 16), :dw])
+    w = IpqIndex("dot", method.spec, build_args=method.args, threads=-1 if threads is None else threads)
+    try:
+        w.fit(X)
+        kw = min(k, n)
+        for combo in method.query_args:
+            w.set_query_arguments(*combo)
+            w.query(Q[0], kw)
+            w.batch_query(Q, kw)
+    finally:
+        w.done()
+
+
+def measure(algo, *, dataset: str, library: str, method: str, X: np.ndarray, Q: np.ndarray,
+            gt: np.ndarray, k: int, query_args=((),), repeats: int = 2,
+            train_queries: np.ndarray | None = None, on_row=None) -> list[Result]:
+    """Build ``algo`` on ``X`` and measure it at every query-argument setting.
+
+    ``algo`` follows the ann-benchmarks wrapper contract; ``get_batch_arrays()``
+    (scores and ids) is used when present, otherwise scores are unknown and
+    ``rel_ip_error`` is NaN.  ``on_row(result)`` is called after every row.
+    ``algo.done()`` is always called.
+    """
+    results = []
+    try:
+        t0 = time.perf_counter()
+        if train_queries is not None:
+            algo.fit(X, queries=train_queries)
+        else:
+            algo.fit(X)
+        build_s = time.perf_counter() - t0
+        if hasattr(algo, "bytes_per_vector"):
+            bpv = float(algo.bytes_per_vector())
+        else:
+            bpv = float(algo.get_memory_usage()) * 1024.0 / max(1, X.shape[0])
+        nq = Q.shape[0]
+        for combo in query_args:
+            if combo:
+                algo.set_query_arguments(*combo)
+            elif hasattr(algo, "set_query_arguments"):
+                algo.set_query_arguments()
+            algo.batch_query(Q[: min(8, nq)], k)  # warm-up of this setting
+            t_batch = best_time(lambda: algo.batch_query(Q, k), repeats)
+            if hasattr(algo, "get_batch_arrays"):
+                scores, ids = algo.get_batch_arrays()
+                err = rel_ip_error(Q, X, ids, scores)
+            else:
+                rows = algo.get_batch_results()
+                ids = np.full((nq, k), -1, np.int64)
+                for i, r in enumerate(rows):
+                    r = np.asarray(r, np.int64)[:k]
+                    ids[i, : r.size] = r
+                err = float("nan")
+
+            def single():
+                for i in range(nq):
+                    algo.query(Q[i], k)
+
+            t_single = best_time(single, repeats)
+            params = algo.query_params_str() if hasattr(algo, "query_params_str") else \
+                ",".join(map(str, combo))
+            r = Result(dataset=dataset, library=library, method=method, params=params,
+                       build_s=build_s, recall_at_k=recall_at_k(ids, gt, k),
+                       qps_single=nq / t_single, qps_batch=nq / t_batch, bytes_per_vector=bpv,
+                       rel_ip_error=err, n_train=int(X.shape[0]), n_test=int(nq), k=int(k))
+            results.append(r)
+            if on_row is not None:
+                on_row(r)
+    finally:
+        algo.done()
+    return results
+
+
+def run_methods(methods, ds: Dataset, gt: np.ndarray, *, k: int = 10, threads: int | None = None,
+                repeats: int = 2, held: np.ndarray | None = None, warmup: bool = True,
+                strict: bool = False, quiet: bool = False, dataset_label: str | None = None) -> list[Result]:
+    """Measure every method (``MethodConfig``, ``{d}`` placeholders allowed).
+
+    Specs and query-argument names are validated first (``ValueError``).  A
+    method that fails while running is reported on stderr and skipped, unless
+    ``strict``.  Progress: a tqdm bar on stderr (hidden when ``quiet`` or when
+    stderr is not a terminal); notes on stderr unless ``quiet``.
+    """
+    from tqdm import tqdm
+
+    threads = threads or available_threads()
+    methods = [m.resolved(ds.d) for m in methods if not m.disabled]
+    for m in methods:
+        check_method(m, ds.d)
+    label = dataset_label or ds.name
+    total = sum(len(m.query_args) for m in methods)
+    results: list[Result] = []
+    bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr,
+               disable=True if quiet else None, dynamic_ncols=True)
+
+    def note(msg):
+        if not quiet:
+            bar.write(msg, file=sys.stderr)
+
+    try:
+        for m in methods:
+            bar.set_description(f"{m.library} {m.name}"[:40])
+            note(f"  {m.library} {m.name} ({len(m.query_args)} setting(s)) ...")
+            done_rows = []
+            try:
+                if m.library == "ipq" and warmup:
+                    try:
+                        _warmup_ipq(m, ds, k, threads)
+                    except Exception as e:  # noqa: BLE001 - the real build reports real errors
+                        note(f"    (warm-up of {m.name!r} failed: {type(e).__name__}: {e})")
+                algo = make_algorithm(m, "dot", threads)
+
+                def on_row(r):
+                    done_rows.append(r)
+                    bar.update(1)
+
+                results.extend(measure(algo, dataset=label, library=m.library, method=m.name,
+                                       X=ds.train, Q=ds.test, gt=gt, k=k, query_args=m.query_args,
+                                       repeats=repeats, train_queries=held if m.library == "ipq" else None,
+                                       on_row=on_row))
+            except Exception as e:  # noqa: BLE001
+                if strict:
+                    raise
+                bar.update(len(m.query_args) - len(done_rows))
+                results.extend(done_rows)
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                print(f"WARNING: {m.library} {m.name} failed: {type(e).__name__}: {msg}", file=sys.stderr)
+    finally:
+        bar.close()
+    return results
+
+
+def run_config(cfg: BenchConfig, *, dataset=None, quiet: bool = False,
+               strict: bool = False) -> tuple[Dataset, list[Result]]:
+    """Prepare the config's dataset (``dataset`` overrides it) and run its methods."""
+    ds, held = prepare_dataset(dataset or cfg.dataset, n_train=cfg.n_train, n_test=cfg.n_test,
+                               seed=cfg.seed, train_queries=cfg.train_queries)
+    gt = ground_truth_ids(ds, cfg.k)
+    threads = cfg.threads or available_threads()
+    if not quiet:
+        extra = f", {len(held)} held-out sample queries" if held is not None else ""
+        print(f"dataset {ds.name}: {ds.n_train} x {ds.d} database, {ds.n_test} queries, "
+              f"inner product, k={cfg.k}, threads={threads}{extra}", file=sys.stderr)
+    results = run_methods(cfg.methods, ds, gt, k=cfg.k, threads=threads, repeats=cfg.repeats,
+                          held=held, warmup=cfg.warmup, strict=strict, quiet=quiet,
+                          dataset_label=cfg.name or ds.name)
+    return ds, results
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(v, spec):
+    return "nan" if isinstance(v, float) and math.isnan(v) else format(v, spec)
+
+
+def format_table(results: list[Result], k: int) -> str:
+    """A fixed-width text table of the results."""
+    wm = max([24] + [len(r.method) for r in results])
+    wp = max([6] + [len(r.params) for r in results])
+    head = (f"{'library':<7} {'method':<{wm}} {'params':<{wp}} {'build_s':>8} {'recall@' + str(k):>9} "
+            f"{'qps_1t':>9} {'qps_batch':>10} {'B/vec':>8} {'rel_ip_err':>10}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r.library:<7} {r.method:<{wm}} {r.params or '-':<{wp}} {_fmt(r.build_s, '8.2f')} "
+            f"{_fmt(r.recall_at_k, '9.4f')} {_fmt(r.qps_single, '9.0f')} {_fmt(r.qps_batch, '10.0f')} "
+            f"{_fmt(r.bytes_per_vector, '8.1f')} {_fmt(r.rel_ip_error, '10.2e')}")
+    return "\n".join(lines)
+
+
+def print_table(results: list[Result], k: int, file=None) -> None:
+    print(format_table(results, k), file=file or sys.stdout)
+
+
+def write_csv(results: list[Result], path) -> Path:
+    """One row per (method, query setting), columns :data:`COLUMNS`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in results:
+            row = asdict(r)
+            w.writerow({c: (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in COLUMNS})
+    return path
+
+
+def plot(results: list[Result], path, title: str, k: int) -> bool:
+    """Recall@k vs single-thread QPS (log scale), one curve per method.
+
+    matplotlib is imported here (the Agg canvas, no pyplot, no global backend
+    change).  Returns ``False`` (and writes nothing) when matplotlib is missing.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r.library, r.method), []).append(r)
+    markers = "os^Dv<>pP*Xhd8H"
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, ((lib, name), rows) in enumerate(groups.items()):
+        rows = sorted(rows, key=lambda r: r.recall_at_k)
+        color = f"C{i % 10}"
+        ax.plot([r.recall_at_k for r in rows], [r.qps_single for r in rows],
+                marker=markers[i % len(markers)], color=color, linestyle="-" if lib == "ipq" else "--",
+                label=f"{lib}: {name} ({rows[0].bytes_per_vector:.0f} B)")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"recall@{k}")
+    ax.set_ylabel("queries per second (1 thread, 1 query per call)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # layout warnings are cosmetic
+        warnings.simplefilter("ignore")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    return True
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of ``name``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)

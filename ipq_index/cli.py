@@ -1,0 +1,645 @@
+"""The ``ipq`` command line: build, search, inspect and benchmark indexes.
+
+    ipq build DATA --index SPEC -o OUT.ipq [--n-train N] [--train-queries N] [--seed S] [--threads T]
+    ipq search INDEX.ipq QUERIES --k 10 -o OUT.npy|OUT.csv [--param key=value ...] [--threads T]
+    ipq info INDEX.ipq [--json]
+    ipq bench --config configs/NAME.yaml [--out DIR] [--dataset PATH] [--strict]
+    ipq datasets list [--dir DIR]
+    ipq datasets fetch NAME [--dir DIR]
+    ipq demo [--sample minilm|glove50] [--k 10]
+
+DATA / QUERIES: an ann-benchmarks HDF5 file (``train`` for build, ``test`` for
+search), ``.npy``, ``.fvecs`` / ``.bvecs``, or ``sample:<name>`` (a sample shipped
+in the package).  Global options (before or after the subcommand): ``--quiet``
+hides progress bars and notes, ``--debug`` shows tracebacks.  Progress bars go
+to stderr and are also hidden when stderr is not a terminal.
+
+Every user-facing failure (missing file, bad spec or parameter, wrong
+dimension, corrupt index file, unreachable network) prints one line
+``ipq: error: ...`` on stderr and exits with status 2; unexpected errors exit
+with status 1.  See docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROG = "ipq"
+ADD_CHUNK = 65536
+SEARCH_CHUNK = 4096
+DEFAULT_BASE_URL = "http://ann-benchmarks.com"
+
+#: ann-benchmarks datasets (name, dim, train, test, metric as stored, download size).
+KNOWN_DATASETS = [
+    ("lastfm-64-dot", 65, 292_385, 50_000, "angular (MIPS via augmentation)", "135 MB"),
+    ("glove-25-angular", 25, 1_183_514, 10_000, "angular", "121 MB"),
+    ("glove-50-angular", 50, 1_183_514, 10_000, "angular", "235 MB"),
+    ("glove-100-angular", 100, 1_183_514, 10_000, "angular", "463 MB"),
+    ("glove-200-angular", 200, 1_183_514, 10_000, "angular", "918 MB"),
+    ("nytimes-256-angular", 256, 290_000, 10_000, "angular", "301 MB"),
+    ("nytimes-16-angular", 16, 290_000, 10_000, "angular", ""),
+    ("deep-image-96-angular", 96, 9_990_000, 10_000, "angular", "3.6 GB"),
+    ("coco-i2i-512-angular", 512, 113_287, 10_000, "angular", "136 MB"),
+    ("coco-t2i-512-angular", 512, 113_287, 10_000, "angular", "136 MB"),
+    ("fashion-mnist-784-euclidean", 784, 60_000, 10_000, "euclidean (not MIPS)", "217 MB"),
+    ("sift-128-euclidean", 128, 1_000_000, 10_000, "euclidean (not MIPS)", "501 MB"),
+]
+
+_SAMPLE_INFO = {
+    "minilm": "raw paraphrase-MiniLM-L3-v2 embeddings of PyPI package summaries (inner product)",
+    "glove50": "GloVe 6B 50-d word vectors with natural norms (inner product)",
+}
+
+
+class _UsageError(Exception):
+    """A command-line usage error (reported like every other user error)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _progress_disabled(args) -> bool | None:
+    """tqdm ``disable``: True with --quiet, else None (= hidden when not a terminal)."""
+    return True if getattr(args, "quiet", False) else None
+
+
+def _note(args, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _unit(A: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(A, axis=1, keepdims=True)
+    n[n == 0] = 1.0
+    return np.ascontiguousarray(A / n, dtype=np.float32)
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024.0
+    return f"{nbytes:.1f} TiB"
+
+
+def read_vectors(spec: str, split: str) -> tuple[np.ndarray, str | None]:
+    """Load a (n, d) float32 matrix and the file's metric (``None`` if unknown).
+
+    ``spec``: ``sample:<name>`` (the sample's ``split``), an HDF5 file (dataset
+    ``split``), ``.npy`` (a 1-D array is one vector), ``.fvecs`` or ``.bvecs``.
+    """
+    from . import datasets
+
+    if spec.startswith("sample:"):
+        ds = datasets.load_sample(spec[len("sample:"):])
+        return getattr(ds, split), ds.metric
+    p = Path(spec)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file: {spec!r}")
+    if p.is_dir():
+        raise ValueError(f"{spec!r} is a directory, not a data file")
+    suffix = p.suffix.lower()
+    metric = None
+    if suffix in (".hdf5", ".h5", ".hdf"):
+        import h5py
+
+        if not h5py.is_hdf5(p):
+            raise ValueError(f"{spec!r} is not an HDF5 file")
+        with h5py.File(p, "r") as f:
+            if split not in f or not isinstance(f[split], h5py.Dataset):
+                raise ValueError(f"{spec!r} has no {split!r} dataset (found {sorted(f.keys())})")
+            X = f[split][()]
+            m = f.attrs.get("distance")
+        if m is not None:
+            metric = (m.decode() if isinstance(m, bytes) else str(m)).strip().lower()
+    elif suffix == ".npy":
+        try:
+            X = np.load(p, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{spec!r} is not a readable .npy array ({e})") from None
+        if X.ndim == 1:
+            X = X[None, :]
+    elif suffix == ".fvecs":
+        X = datasets.read_fvecs(p)
+    elif suffix == ".bvecs":
+        X = datasets.read_bvecs(p)
+    else:
+        raise ValueError(f"{spec!r}: unsupported data file type {suffix or '(none)'!r}; expected "
+                         f".hdf5/.h5 (ann-benchmarks layout), .npy, .fvecs, .bvecs or sample:<name>")
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{spec!r}: expected a non-empty 2-D (n, d) array, got shape {X.shape}")
+    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+        raise ValueError(f"{spec!r}: expected real numbers, got dtype {X.dtype}")
+    return np.ascontiguousarray(X, dtype=np.float32), metric
+
+
+def _check_output(path: Path, suffixes=None) -> Path:
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(f"output {str(path)!r}: expected a file ending in {' or '.join(suffixes)}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a directory")
+    return path
+
+
+# --------------------------------------------------------------------------- build
+
+
+def cmd_build(args, extra=None) -> int:
+    from tqdm import tqdm
+
+    import ipq_index
+
+    out = _check_output(Path(args.output))
+    X, metric = read_vectors(args.data, "train")
+    n_all = X.shape[0]
+    if args.n_train is not None:
+        if args.n_train < 1:
+            raise ValueError(f"--n-train must be >= 1, got {args.n_train}")
+        if args.n_train > n_all:
+            raise ValueError(f"--n-train {args.n_train} exceeds the {n_all} rows of {args.data}")
+        X = X[: args.n_train]
+    if args.normalize or metric in ("angular", "cosine"):
+        if not args.normalize:
+            _note(args, f"note: {args.data} has metric {metric!r}: vectors are L2-normalised")
+        X = _unit(X)
+    ids = None
+    queries = None
+    if args.train_queries:
+        n_held = int(args.train_queries)
+        if n_held < 1 or n_held >= X.shape[0]:
+            raise ValueError(f"--train-queries {n_held} must be in 1..{X.shape[0] - 1} "
+                             f"(rows held out of the {X.shape[0]} database rows)")
+        perm = np.random.default_rng(0 if args.seed is None else args.seed).permutation(X.shape[0])
+        queries = np.ascontiguousarray(X[perm[:n_held]])
+        ids = np.sort(perm[n_held:])
+        X = np.ascontiguousarray(X[ids])
+    overrides = {} if args.seed is None else {"seed": args.seed}
+    index = ipq_index.index_factory(X.shape[1], args.index, **overrides)
+    threads = args.threads if args.threads else -1
+
+    t0 = time.perf_counter()
+    _note(args, f"training {args.index} on {X.shape[0]} x {X.shape[1]}"
+                + (f" with {len(queries)} held-out sample queries" if queries is not None else "") + " ...")
+    index.train(X, queries=queries, num_threads=threads)
+    t_train = time.perf_counter() - t0
+    with tqdm(total=X.shape[0], desc="add", unit="vec", unit_scale=True, file=sys.stderr,
+              disable=_progress_disabled(args)) as bar:
+        for s in range(0, X.shape[0], ADD_CHUNK):
+            chunk = X[s:s + ADD_CHUNK]
+            index.add(chunk, ids=None if ids is None else ids[s:s + ADD_CHUNK], num_threads=threads)
+            bar.update(chunk.shape[0])
+    build_s = time.perf_counter() - t0
+    index.save(out)
+    n = len(index)
+    print(f"wrote {out}: {index.spec}, {n} vectors, d={X.shape[1]}, {_human(index.nbytes)} in memory "
+          f"({index.nbytes / max(1, n):.1f} B/vector), file {_human(out.stat().st_size)}, "
+          f"train {t_train:.1f} s, build {build_s:.1f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------- search
+
+
+def cmd_search(args, extra=None) -> int:
+    from tqdm import tqdm
+
+    import ipq_index
+
+    from .ann_benchmarks.module import check_search_params
+    from .config import parse_params
+
+    out = _check_output(Path(args.output), (".npy", ".csv"))
+    params = parse_params(args.param)
+    for reserved in ("k", "num_threads"):
+        if reserved in params:
+            raise ValueError(f"--param {reserved}=... is not allowed; use --{reserved.replace('num_', '')}")
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    index = ipq_index.load(args.index, mmap=True)
+    Q, metric = read_vectors(args.queries, "test")
+    d = getattr(index, "d", None)
+    if d is not None and Q.shape[1] != d:
+        raise ValueError(f"queries {args.queries!r} have dimension {Q.shape[1]}, but the index "
+                         f"{args.index!r} has d={d}")
+    if args.normalize or metric in ("angular", "cosine"):
+        Q = _unit(Q)
+    check_search_params(index, params)
+    if args.k > len(index):
+        raise ValueError(f"--k {args.k} exceeds the number of indexed vectors ({len(index)})")
+    threads = args.threads if args.threads else -1
+    nq = Q.shape[0]
+    scores = np.empty((nq, args.k), np.float32)
+    ids = np.empty((nq, args.k), np.int64)
+    with tqdm(total=nq, desc="search", unit="q", unit_scale=True, file=sys.stderr,
+              disable=_progress_disabled(args)) as bar:
+        for s in range(0, nq, SEARCH_CHUNK):
+            sc, ii = index.search(Q[s:s + SEARCH_CHUNK], args.k, num_threads=threads, **params)
+            scores[s:s + sc.shape[0]] = sc
+            ids[s:s + ii.shape[0]] = ii
+            bar.update(sc.shape[0])
+    if out.suffix.lower() == ".npy":
+        np.save(out, ids)
+        score_path = out.with_name(out.stem + ".scores.npy")
+        np.save(score_path, scores)
+        print(f"wrote {out} (ids, int64 {nq} x {args.k}) and {score_path} (scores, float32)")
+    else:
+        import csv
+
+        with open(out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["query", "rank", "id", "score"])
+            for qi in range(nq):
+                for r in range(args.k):
+                    if ids[qi, r] >= 0:
+                        w.writerow([qi, r, int(ids[qi, r]), f"{float(scores[qi, r]):.7g}"])
+        print(f"wrote {out} ({nq} queries x top {args.k}: query,rank,id,score)")
+    return 0
+
+
+# --------------------------------------------------------------------------- info
+
+
+def index_info(path) -> dict:
+    """Header facts of an index file, without reading its arrays."""
+    import struct
+
+    from . import storage
+
+    meta, entries, size = storage.read_header(path)
+    with open(path, "rb") as f:
+        version = struct.unpack("<I", f.read(12)[8:12])[0]
+    if meta.get("library") != "ipq_index":
+        raise storage.FormatError(f"{path} does not hold an ipq_index index")
+    model = {k: e for k, e in entries.items() if k.startswith("enc.")}
+    data = {k: e for k, e in entries.items() if k not in model}
+    ntotal = int(meta.get("ntotal", 0))
+    data_bytes = sum(int(e["nbytes"]) for e in data.values())
+    return {
+        "path": str(path),
+        "file_bytes": int(size),
+        "format_version": int(version),
+        "reader_format_version": int(storage.FORMAT_VERSION),
+        "meta": meta,
+        "arrays": {k: {"dtype": e["dtype"], "shape": e["shape"], "nbytes": e["nbytes"]}
+                   for k, e in entries.items()},
+        "data_bytes": data_bytes,
+        "model_bytes": sum(int(e["nbytes"]) for e in model.values()),
+        "bytes_per_vector": data_bytes / ntotal if ntotal else None,
+    }
+
+
+def cmd_info(args, extra=None) -> int:
+    info = index_info(args.index)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return 0
+    meta = info["meta"]
+    lines = [
+        f"file            {info['path']} ({_human(info['file_bytes'])})",
+        f"format version  {info['format_version']} (this ipq_index reads <= {info['reader_format_version']})",
+        f"kind            {meta.get('kind')}",
+        f"spec            {meta.get('spec')}",
+        f"d               {meta.get('d')}",
+        f"ntotal          {meta.get('ntotal')}",
+        f"bytes           {info['data_bytes']} data (codes, ids, scales, re-rank copy)"
+        + (f" = {info['bytes_per_vector']:.1f} B/vector" if info["bytes_per_vector"] is not None else "")
+        + f"; {info['model_bytes']} model",
+        f"search defaults {json.dumps(meta.get('search_defaults', {}), sort_keys=True)}",
+    ]
+    enc = meta.get("encoder")
+    if isinstance(enc, dict):
+        cfg = enc.get("config", {})
+        lines.append("encoder         " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+        if "nbytes" in enc:
+            lines.append(f"code bytes      {enc['nbytes']} per vector (packed codes)")
+    shown = {"kind", "spec", "d", "ntotal", "search_defaults", "encoder", "library"}
+    for key, value in meta.items():
+        if key not in shown:
+            lines.append(f"{key:<15} {json.dumps(value, sort_keys=True, default=str)}")
+    lines.append("arrays")
+    for name, e in info["arrays"].items():
+        shape = "x".join(map(str, e["shape"])) or "scalar"
+        lines.append(f"  {name:<14} {np.dtype(e['dtype']).name:<8} {shape:<14} {_human(e['nbytes'])}")
+    print("\n".join(lines))
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def cmd_bench(args, extra=None) -> int:
+    from . import bench
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} exists and is not a directory")
+    ds, results = bench.run_config(cfg, dataset=args.dataset, quiet=args.quiet, strict=args.strict)
+    if not results:
+        raise RuntimeError("no method produced results (see the warnings above)")
+    stem = bench.safe_name(Path(args.config).stem)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = bench.write_csv(results, out_dir / f"{stem}.csv")
+    png_path = out_dir / f"{stem}.png"
+    title = f"{cfg.name or ds.name}: {ds.n_train} x {ds.d}, {ds.n_test} queries, k={cfg.k}"
+    plotted = bench.plot(results, png_path, title, cfg.k)
+    print(bench.format_table(results, cfg.k))
+    print(f"\nwrote {csv_path}" + (f" and {png_path}" if plotted else
+                                  " (no plot: matplotlib is not installed; pip install 'ipq_index[bench]')"))
+    return 0
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _npz_shapes(path: Path) -> dict:
+    """Array shapes in an .npz, read from the member headers only."""
+    import zipfile
+
+    shapes = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, _ = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, _ = np.lib.format.read_array_header_2_0(f)
+            shapes[info.filename[:-4]] = shape
+    return shapes
+
+
+def cmd_datasets_list(args, extra=None) -> int:
+    from . import datasets
+
+    print("shipped samples (use as DATA / QUERIES / dataset: sample:<name>):")
+    for name in datasets.SAMPLES:
+        p = datasets.sample_path(name)
+        try:
+            sh = _npz_shapes(p)
+            size = f"train {sh['train'][0]} x {sh['train'][1]}, test {sh['test'][0]}"
+        except (OSError, KeyError, ValueError):
+            size = "missing"
+        print(f"  sample:{name:<10} {size:<32} {_SAMPLE_INFO.get(name, '')}")
+    print(f"\nann-benchmarks datasets (ipq datasets fetch NAME; from {DEFAULT_BASE_URL}/NAME.hdf5):")
+    print(f"  {'name':<28} {'dim':>4} {'train':>10} {'test':>7}  {'size':>7}  metric")
+    for name, dim, ntr, nte, metric, size in KNOWN_DATASETS:
+        print(f"  {name:<28} {dim:>4} {ntr:>10,} {nte:>7,}  {size:>7}  {metric}")
+    print("  (angular sets are searched as inner product on normalised vectors; only true-MIPS data "
+          "exercises raw inner products)")
+    d = Path(args.dir)
+    local = sorted(d.glob("*.hdf5")) if d.is_dir() else []
+    if local:
+        print(f"\nlocal files in {d}/:")
+        for p in local:
+            print(f"  {p.name:<44} {_human(p.stat().st_size)}")
+    return 0
+
+
+def cmd_datasets_fetch(args, extra=None) -> int:
+    import socket
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    from tqdm import tqdm
+
+    name = args.name[:-5] if args.name.endswith(".hdf5") else args.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"bad dataset name {args.name!r} (letters, digits, '.', '_', '-')")
+    if name not in {k[0] for k in KNOWN_DATASETS}:
+        _note(args, f"note: {name!r} is not in 'ipq datasets list'; trying anyway")
+    url = f"{args.base_url.rstrip('/')}/{name}.hdf5"
+    dest_dir = Path(args.dir)
+    dest = dest_dir / f"{name}.hdf5"
+    if dest.exists() and not args.force:
+        print(f"{dest} already exists ({_human(dest.stat().st_size)}); use --force to download again")
+        return 0
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    hint = f"download {url} on a machine with internet access and copy it to {dest}"
+    try:
+        resp = urllib.request.urlopen(url, timeout=args.timeout)
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, socket.timeout, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise RuntimeError(f"cannot reach {url} ({reason}); {hint}") from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest_dir)
+    try:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        written = 0
+        with os.fdopen(fd, "wb") as f, tqdm(total=total, desc=name, unit="B", unit_scale=True,
+                                            unit_divisor=1024, file=sys.stderr,
+                                            disable=_progress_disabled(args)) as bar:
+            while True:
+                try:
+                    chunk = resp.read(1 << 20)
+                except (socket.timeout, OSError) as e:
+                    raise RuntimeError(f"download of {url} interrupted ({e}); {hint}") from None
+                if not chunk:
+                    break
+                f.write(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
+        resp.close()
+        if total is not None and written != total:
+            raise RuntimeError(f"download of {url} is incomplete ({written} of {total} bytes); {hint}")
+        import h5py
+
+        if not h5py.is_hdf5(tmp):
+            raise RuntimeError(f"{url} did not return an HDF5 file ({written} bytes)")
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    print(f"wrote {dest} ({_human(dest.stat().st_size)})")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args, extra=None) -> int:
+    from . import demo
+
+    demo.main(list(extra or []))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or notes")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+
+    ap = _Parser(prog=PROG, description="ipq_index: maximum inner product search on ASQ codes.",
+                 epilog="See docs/cli.md. Errors print one line 'ipq: error: ...' and exit 2.")
+    ap.add_argument("--quiet", action="store_true", default=False, help="no progress bars or notes")
+    ap.add_argument("--debug", action="store_true", default=False, help="show tracebacks on errors")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("build", parents=[common], help="train an index on vectors and save it",
+                       description="Train and fill an index, save it as one file.")
+    p.add_argument("data", metavar="DATA",
+                   help="vectors: HDF5 (uses 'train'), .npy, .fvecs, .bvecs or sample:<name>")
+    p.add_argument("--index", required=True, metavar="SPEC", help="factory string, e.g. 'PCA,ASQ4,Rerank4'")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.ipq", help="index file to write")
+    p.add_argument("--n-train", type=int, default=None, metavar="N", help="index only the first N rows")
+    p.add_argument("--train-queries", type=int, default=0, metavar="N",
+                   help="hold N random rows out of the index and pass them to train() as sample "
+                        "queries (the other rows keep their row numbers as ids)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="encoder seed and seed of the --train-queries draw (default: index default / 0)")
+    p.add_argument("--threads", type=int, default=None, metavar="T", help="threads (default: all cores)")
+    p.add_argument("--normalize", action="store_true",
+                   help="L2-normalise the vectors (automatic for HDF5 files with distance=angular)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("search", parents=[common], help="search an index with query vectors",
+                       description="Top-k inner-product search; writes ids (+ scores).")
+    p.add_argument("index", metavar="INDEX.ipq")
+    p.add_argument("queries", metavar="QUERIES",
+                   help="queries: HDF5 (uses 'test'), .npy, .fvecs, .bvecs or sample:<name>")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query (default %(default)s)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npy|OUT.csv",
+                   help=".npy: (nq, k) int64 ids plus <stem>.scores.npy; .csv: query,rank,id,score")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="search keyword argument, e.g. rerank=2 (repeatable; passed to index.search)")
+    p.add_argument("--threads", type=int, default=None, metavar="T", help="threads (default: all cores)")
+    p.add_argument("--normalize", action="store_true",
+                   help="L2-normalise the queries (automatic for HDF5 files with distance=angular)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("info", parents=[common], help="describe an index file (header only)",
+                       description="Print format version, spec, d, size and search defaults.")
+    p.add_argument("index", metavar="INDEX.ipq")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", parents=[common], help="run a benchmark sweep from a YAML config",
+                       description="Run the methods of a config; write CSV + PNG, print a table.")
+    p.add_argument("--config", required=True, metavar="CONFIG.yaml")
+    p.add_argument("--out", default="bench-results", metavar="DIR",
+                   help="output directory for <config>.csv and <config>.png (default %(default)s)")
+    p.add_argument("--dataset", default=None, metavar="PATH",
+                   help="use this dataset instead of the config's (HDF5 path or sample:<name>)")
+    p.add_argument("--strict", action="store_true", help="stop at the first failing method")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("datasets", parents=[common], help="list or download datasets",
+                       description="Shipped samples and ann-benchmarks datasets.")
+    dsub = p.add_subparsers(dest="datasets_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+    q = dsub.add_parser("list", parents=[common], help="list samples and known datasets")
+    q.add_argument("--dir", default="data", help="also list *.hdf5 files here (default %(default)s)")
+    q.set_defaults(func=cmd_datasets_list)
+    q = dsub.add_parser("fetch", parents=[common], help="download an ann-benchmarks dataset")
+    q.add_argument("name", metavar="NAME", help="e.g. glove-100-angular")
+    q.add_argument("--dir", default="data", help="destination directory (default %(default)s)")
+    q.add_argument("--base-url", default=DEFAULT_BASE_URL, help="server (default %(default)s)")
+    q.add_argument("--timeout", type=float, default=30.0, help="network timeout in s (default %(default)s)")
+    q.add_argument("--force", action="store_true", help="download even if the file exists")
+    q.set_defaults(func=cmd_datasets_fetch)
+
+    p = sub.add_parser("demo", parents=[common], help="the main job (python -m ipq_index.demo)",
+                       description="Runs ipq_index.demo.main; extra arguments are passed on "
+                                   "(e.g. --sample glove50 --k 10).")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+
+        return __version__
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and getattr(e, "strerror", None) and getattr(e, "filename", None):
+        msg = f"{e.strerror}: {e.filename!r}"
+    else:
+        msg = str(e).strip()
+        if isinstance(e, KeyError) and len(e.args) == 1:
+            msg = str(e.args[0])
+    msg = " ".join(msg.split())
+    return msg or type(e).__name__
+
+
+def _fail(msg: str, code: int):
+    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``ipq`` console script.
+
+    Returns 0 on success; failures raise ``SystemExit`` (2 for user errors,
+    1 for unexpected ones) after printing one line on stderr.
+    """
+    # FAISS' OpenMP threads spin while idle; when cores are shared (numba + FAISS, or a
+    # busy machine) that slows everything down badly.  Must be set before faiss loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .storage import FormatError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        debug = bool(getattr(args, "debug", False)) or debug
+        if extra and args.command != "demo":
+            raise _UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{PROG} {args.command} --help')")
+        return int(args.func(args, extra) or 0)
+    except _UsageError as e:
+        _fail(str(e), 2)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except (FormatError, ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        if debug:
+            raise
+        _fail(_one_line(e), 2)
+    except Exception as e:  # noqa: BLE001
+        if debug:
+            raise
+        _fail(f"unexpected {type(e).__name__}: {_one_line(e)} (run with --debug for a traceback)", 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
