@@ -397,6 +397,9 @@ def run_config(cfg: BenchConfig, *, dataset=None, quiet: bool = False,
                                seed=cfg.seed, train_queries=cfg.train_queries)
     gt = ground_truth_ids(ds, cfg.k)
     threads = cfg.threads or available_threads()
+    for m in cfg.methods:  # fail fast, before anything is printed or built
+        if not m.disabled:
+            check_method(m.resolved(ds.d), ds.d)
     if not quiet:
         extra = f", {len(held)} held-out sample queries" if held is not None else ""
         print(f"dataset {ds.name}: {ds.n_train} x {ds.d} database, {ds.n_test} queries, "
@@ -460,13 +463,16 @@ def plot(results: list[Result], path, title: str, k: int) -> bool:
     groups: dict = {}
     for r in results:
         groups.setdefault((r.library, r.method), []).append(r)
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
     markers = "os^Dv<>pP*Xhd8H"
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for i, ((lib, name), rows) in enumerate(groups.items()):
         rows = sorted(rows, key=lambda r: r.recall_at_k)
-        color = f"C{i % 10}"
+        color = cmap((2 * i) % 20 + (i // 10) % 2)  # 20 distinct colours
         ax.plot([r.recall_at_k for r in rows], [r.qps_single for r in rows],
                 marker=markers[i % len(markers)], color=color, linestyle="-" if lib == "ipq" else "--",
                 label=f"{lib}: {name} ({rows[0].bytes_per_vector:.0f} B)")

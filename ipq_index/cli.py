@@ -427,8 +427,8 @@ def cmd_datasets_fetch(args, extra=None) -> int:
     name = args.name[:-5] if args.name.endswith(".hdf5") else args.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(f"bad dataset name {args.name!r} (letters, digits, '.', '_', '-')")
-    if name not in {k[0] for k in KNOWN_DATASETS}:
-        _note(args, f"note: {name!r} is not in 'ipq datasets list'; trying anyway")
+    unknown = "" if name in {k[0] for k in KNOWN_DATASETS} else \
+        f" ({name!r} is not among the names in 'ipq datasets list')"
     url = f"{args.base_url.rstrip('/')}/{name}.hdf5"
     dest_dir = Path(args.dir)
     dest = dest_dir / f"{name}.hdf5"
@@ -440,7 +440,7 @@ def cmd_datasets_fetch(args, extra=None) -> int:
     try:
         resp = urllib.request.urlopen(url, timeout=args.timeout)
     except urllib.error.HTTPError as e:
-        raise RuntimeError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+        raise RuntimeError(f"cannot download {url}: HTTP {e.code} {e.reason}{unknown}") from None
     except (urllib.error.URLError, socket.timeout, OSError) as e:
         reason = getattr(e, "reason", e)
         raise RuntimeError(f"cannot reach {url} ({reason}); {hint}") from None
@@ -568,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="download even if the file exists")
     q.set_defaults(func=cmd_datasets_fetch)
 
-    p = sub.add_parser("demo", parents=[common], help="the main job (python -m ipq_index.demo)",
+    p = sub.add_parser("demo", parents=[common], add_help=False,  # --help goes to the demo itself
+                       help="the main job (python -m ipq_index.demo)",
                        description="Runs ipq_index.demo.main; extra arguments are passed on "
                                    "(e.g. --sample glove50 --k 10).")
     p.set_defaults(func=cmd_demo)

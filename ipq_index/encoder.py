@@ -10,8 +10,9 @@ Training (``ASQEncoder.train``):
 3. optional per-vector scale: each transformed vector is divided by its norm
    and the directions are quantized; scores are ``scale * ADC`` with a
    float32 scale per vector: the norm for unbiased rounding (keeps scores
-   unbiased), the least-squares scale <z, z_hat> / <z_hat, z_hat> for nearest
-   rounding.  The ASQ objective weighs each vector by norm^2, its share of
+   unbiased); for nearest rounding the direction is rounded after the
+   pre-scale t in SCALE_SEARCH that best aligns the result with it, and the
+   least-squares scale <z, z_hat> / <z_hat, z_hat> is stored.  The ASQ objective weighs each vector by norm^2, its share of
    the score variance;
 4. for every dimension and every width b = 1..max_bits, ASQ levels
    (``asq.solve_columns``, objective ``sum`` or ``max``) and their cost F_j(b);
@@ -43,6 +44,8 @@ from ._kernels import adc as _adc
 from ._kernels import rounding as _rk
 
 TRANSFORMS = ("none", "pca", "random")
+#: pre-scales tried when rounding a direction to nearest levels (scaled codes)
+SCALE_SEARCH = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 ROUNDINGS = ("nearest", "unbiased")
 
 
@@ -238,17 +241,31 @@ class ASQEncoder:
         self._require_trained()
         X = check_matrix(X, self.d, "vectors")
         Z, norms = self.transform(X)
-        codes = _adc.encode(Z, self.levels, self.level_off, self.bits, self.byte_of, self.shift_of,
-                            self.nbytes, self.config.rounding == "unbiased", int(self.config.seed), int(row0))
-        if norms is None:
-            return codes, None
-        if self.config.rounding == "nearest":
-            # least-squares scale: s * decode(u) is the best multiple of the
-            # quantized direction for the vector (corrects its length)
-            Zh = _adc.decode(codes, self.levels, self.level_off, self.bits, self.byte_of, self.shift_of, self.d)
-            num = np.einsum("ij,ij->i", Z.astype(np.float64), Zh.astype(np.float64)) * norms
-            den = np.einsum("ij,ij->i", Zh.astype(np.float64), Zh.astype(np.float64))
-            norms = np.where(den > 0, num / np.where(den > 0, den, 1.0), norms)
+        args = (self.levels, self.level_off, self.bits, self.byte_of, self.shift_of)
+        if norms is None or self.config.rounding == "unbiased":
+            codes = _adc.encode(Z, *args, self.nbytes, self.config.rounding == "unbiased",
+                                int(self.config.seed), int(row0))
+            return codes, (None if norms is None else norms.astype(np.float32))
+        # nearest rounding of a direction: pick, per vector, the pre-scale t
+        # whose rounding of t * u is best aligned with u, then store the
+        # least-squares scale <z, z_hat> / <z_hat, z_hat> (corrects the length)
+        Zd = Z.astype(np.float64)
+        best_cos = np.full(Z.shape[0], -np.inf)
+        codes = None
+        for t in SCALE_SEARCH:
+            c = _adc.encode(np.ascontiguousarray(Z * np.float32(t)), *args, self.nbytes, False, 0, 0)
+            Zh = _adc.decode(c, *args, self.d).astype(np.float64)
+            cos = np.einsum("ij,ij->i", Zh, Zd) / np.maximum(np.linalg.norm(Zh, axis=1), 1e-300)
+            better = cos > best_cos
+            if codes is None:
+                codes = c
+            else:
+                codes[better] = c[better]
+            best_cos[better] = cos[better]
+        Zh = _adc.decode(codes, *args, self.d).astype(np.float64)
+        num = np.einsum("ij,ij->i", Zd, Zh) * norms
+        den = np.einsum("ij,ij->i", Zh, Zh)
+        norms = np.where(den > 0, num / np.where(den > 0, den, 1.0), norms)
         return codes, norms.astype(np.float32)
 
     def decode(self, codes, scales=None) -> np.ndarray:

@@ -11,10 +11,12 @@ coarse levels (the mean of the fine levels sharing those top bits).  The
 coarse scores only *select* candidates; the index rescores them with the
 full-precision ADC (see ``FlatIndex.search``, parameter ``fs``).
 
-Per-vector scales (``ASQ..s`` codes) cannot be folded into a PQ code, so the
-rows are split into buckets of similar scale (quantiles of log scale), each
-with its own fast-scan index searched with the query times the bucket's
-median scale.
+Per-vector scales (``ASQ..s`` codes) cannot be folded into a PQ code, so for
+scaled codes the coarse code is instead a per-dimension <= 4-bit
+quantization of the decoded, rescaled vectors s * u_hat (levels from
+``asq.solve`` on a sample), which ranks by approximate true inner products.
+The coarse codes are derived from the stored codes: held in memory, not
+saved.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ DSUB = 4
 class FastScanner:
     """Coarse fast-scan candidate generator derived from an encoder's layout."""
 
-    def __init__(self, encoder, codes, scales=None, buckets: int = 8):
+    def __init__(self, encoder, codes, scales=None, chunk: int = 65536, sample: int = 100_000):
         import faiss
+
+        from . import asq
 
         self._faiss = faiss
         e = encoder
@@ -54,42 +58,61 @@ class FastScanner:
                 groups.append([int(j)])
         M = max(2, len(groups) + len(groups) % 2)
         groups += [[] for _ in range(M - len(groups))]
+        n = codes.shape[0]
+        codes = np.ascontiguousarray(codes)
+        if scales is None:
+            # coarse level = mean of the fine levels sharing the top bits
+            coarse = {j: e.levels[e.level_off[j]:e.level_off[j + 1]].reshape(1 << cb[j], -1).mean(axis=1)
+                      for j in np.nonzero(bits)[0]}
+            packed = _adc.coarse_nibbles(codes, e.bits, e.byte_of, e.shift_of,
+                                         (bits - cb).astype(np.int32), nib_of, nib_shift, M)
+        else:
+            # scaled codes: quantize the decoded, rescaled vectors s * u_hat
+            # per dimension (so one index ranks by approximate true scores)
+            def rescaled(rows):
+                Zh = _adc.decode(codes[rows], e.levels, e.level_off, e.bits, e.byte_of, e.shift_of, d)
+                return Zh * scales[rows, None]
+
+            rng = np.random.default_rng(0)
+            smp = np.sort(rng.choice(n, min(n, sample), replace=False))
+            Zs = rescaled(smp)
+            coarse = {}
+            for j in np.nonzero(bits)[0]:
+                coarse[j] = asq.solve(Zs[:, j], 1 << cb[j], method="approx")
+                coarse[j] = np.concatenate([coarse[j], np.full((1 << cb[j]) - coarse[j].size, coarse[j][-1])])
+            lv = [coarse[j] if bits[j] else np.zeros(0) for j in range(d)]
+            off = np.zeros(d + 1, np.int64)
+            off[1:] = np.cumsum([x.size for x in lv])
+            flat = np.concatenate(lv).astype(np.float64)
+            byte_of = (nib_of // 2).astype(np.int32)
+            shift_of = (nib_shift + 4 * (nib_of % 2)).astype(np.int32)
+            packed = np.empty((n, M // 2), np.uint8)
+            for r0 in range(0, n, chunk):
+                rows = np.arange(r0, min(n, r0 + chunk))
+                packed[rows] = _adc.encode(np.ascontiguousarray(rescaled(rows), np.float32), flat, off,
+                                           cb.astype(np.int32), byte_of, shift_of, M // 2, False, 0, 0)
         cent = np.zeros((M, 16, DSUB), np.float32)
         self.slot_dim = np.full((M, DSUB), -1, np.int64)
         for m, js in enumerate(groups):
             for s, j in enumerate(js):
-                L = e.levels[e.level_off[j]:e.level_off[j + 1]]
-                coarse = L.reshape(1 << cb[j], -1).mean(axis=1)
                 mask = (1 << cb[j]) - 1
                 for c in range(16):
-                    cent[m, c, s] = coarse[(c >> nib_shift[j]) & mask]
+                    cent[m, c, s] = coarse[j][(c >> nib_shift[j]) & mask]
                 self.slot_dim[m, s] = j
         self.M = M
         self.dv = M * DSUB
-        packed = _adc.coarse_nibbles(np.ascontiguousarray(codes), e.bits, e.byte_of, e.shift_of,
-                                     (bits - cb).astype(np.int32), nib_of, nib_shift, M)
-        n = packed.shape[0]
-        if scales is not None and buckets > 1 and n >= 64 * buckets:
-            ls = np.log(np.maximum(np.abs(scales).astype(np.float64), 1e-30))
-            edges = np.quantile(ls, np.linspace(0, 1, buckets + 1)[1:-1])
-            which = np.searchsorted(edges, ls, side="right")
-        else:
-            which = np.zeros(n, np.int64)
-        self.parts = []  # (faiss index, rows, query multiplier)
-        for b in np.unique(which):
-            rows = np.nonzero(which == b)[0].astype(np.int64)
-            mult = float(np.median(scales[rows])) if scales is not None else 1.0
-            pq = faiss.IndexPQ(self.dv, M, 4, faiss.METRIC_INNER_PRODUCT)
-            faiss.copy_array_to_vector(cent.ravel(), pq.pq.centroids)
-            pq.is_trained = True
-            faiss.copy_array_to_vector(np.ascontiguousarray(packed[rows]).ravel(), pq.codes)
-            pq.ntotal = rows.size
-            self.parts.append((faiss.IndexPQFastScan(pq), rows, mult))
+        pq = faiss.IndexPQ(self.dv, M, 4, faiss.METRIC_INNER_PRODUCT)
+        faiss.copy_array_to_vector(cent.ravel(), pq.pq.centroids)
+        pq.is_trained = True
+        faiss.copy_array_to_vector(packed.ravel(), pq.codes)
+        pq.ntotal = n
+        self.index = faiss.IndexPQFastScan(pq)
         self.code_bytes = M // 2
 
     @property
     def nbytes(self) -> int:
-        return sum(p[1].size for p in self.parts) * (self.code_bytes + 8)
+        """Bytes of the derived coarse codes (held in memory, not saved)."""
+        return int(self.index.ntotal) * self.code_bytes
 
     def virtual_queries(self, Y):
         """Map rotated queries (nq, d) to the virtual (nq, M * 4) space."""
@@ -99,17 +122,13 @@ class FastScanner:
         return Yv.reshape(Y.shape[0], self.dv)
 
     def candidates(self, Y, kk: int, num_threads: int) -> np.ndarray:
-        """Rows (nq, <= kk * parts) of the best coarse scores (-1 padded)."""
+        """Rows (nq, kk) of the best coarse scores (-1 padded)."""
         faiss = self._faiss
         Yv = self.virtual_queries(Y)
         prev = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(max(1, num_threads))
         try:
-            out = []
-            for index, rows, mult in self.parts:
-                k = min(kk, rows.size)
-                _, I = index.search(Yv * np.float32(mult), k)
-                out.append(np.where(I >= 0, rows[np.maximum(I, 0)], -1))
+            _, I = self.index.search(Yv, min(kk, int(self.index.ntotal)))
         finally:
             faiss.omp_set_num_threads(prev)
-        return np.concatenate(out, axis=1)
+        return I

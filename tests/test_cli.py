@@ -1,0 +1,273 @@
+"""End-to-end tests of the ``ipq`` command line (in-process via ``ipq_index.cli.main``,
+plus one run of the installed console script)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import ipq_index
+from ipq_index import cli
+from ipq_index.config import load_config
+from ipq_index.datasets import load_sample
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+SPEC = "ASQ4,Rerank2"
+
+
+def run(argv, capsys):
+    """main(argv) -> (exit code, stdout, stderr)."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ipq: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """``ipq build sample:minilm --n-train 1500`` once for the module."""
+    d = tmp_path_factory.mktemp("cli")
+    path = d / "tiny.ipq"
+    code = cli.main(["build", "sample:minilm", "--index", SPEC, "-o", str(path),
+                     "--n-train", "1500", "--threads", "1", "--quiet"])
+    assert code == 0 and path.is_file()
+    return path
+
+
+def test_build_and_info(built, capsys):
+    code, out, err = run(["info", built], capsys)
+    assert code == 0, err
+    assert SPEC in out and "384" in out and "1500" in out and "format version  1" in out
+    assert "search defaults" in out and '"rerank": 2' in out
+    code, out, _ = run(["info", built, "--json"], capsys)
+    info = json.loads(out)
+    assert info["meta"]["spec"] == SPEC and info["meta"]["d"] == 384 and info["meta"]["ntotal"] == 1500
+    assert info["format_version"] == 1 and info["file_bytes"] == built.stat().st_size
+    index = ipq_index.load(built)
+    assert info["data_bytes"] == index.nbytes
+
+
+def test_search_npy_and_csv_match_the_library(built, tmp_path, capsys):
+    Q = load_sample("minilm").test
+    index = ipq_index.load(built, mmap=True)
+    ref_s, ref_i = index.search(Q, 10, num_threads=1)
+    ref_s0, ref_i0 = index.search(Q, 10, rerank=0, num_threads=1)
+
+    out_npy = tmp_path / "res.npy"
+    code, _, err = run(["search", built, "sample:minilm", "--k", 10, "-o", out_npy, "--threads", 1], capsys)
+    assert code == 0, err
+    ids = np.load(out_npy)
+    scores = np.load(tmp_path / "res.scores.npy")
+    assert ids.shape == (Q.shape[0], 10) and ids.dtype == np.int64
+    assert scores.shape == ids.shape and scores.dtype == np.float32
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(scores, ref_s, rtol=1e-6)
+
+    # --param goes through to index.search; queries from a .npy file
+    qfile = tmp_path / "q.npy"
+    np.save(qfile, Q[:20])
+    out0 = tmp_path / "res0.npy"
+    code, _, err = run(["search", built, qfile, "-o", out0, "--param", "rerank=0", "--threads", 1], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(out0), ref_i0[:20])
+
+    out_csv = tmp_path / "res.csv"
+    code, _, err = run(["search", built, "sample:minilm", "--k", 5, "-o", out_csv, "--threads", 1,
+                        "--quiet"], capsys)
+    assert code == 0, err
+    with open(out_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["query", "rank", "id", "score"]
+    assert len(rows) == Q.shape[0] * 5
+    got = np.array([int(r["id"]) for r in rows]).reshape(Q.shape[0], 5)
+    np.testing.assert_array_equal(got, ref_i[:, :5])
+    assert [int(r["rank"]) for r in rows[:5]] == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(float(rows[0]["score"]), ref_s[0, 0], rtol=1e-5)
+
+
+def test_bench_tiny_config(tmp_path, capsys):
+    out_dir = tmp_path / "bench"
+    code, out, err = run(["bench", "--config", TINY, "--out", out_dir], capsys)
+    assert code == 0, err
+    csv_path = out_dir / "tiny.csv"
+    assert csv_path.is_file()
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cfg = load_config(TINY)
+    assert len(rows) == sum(len(m.query_args) for m in cfg.methods)  # one per method x query setting
+    assert {r["library"] for r in rows} == {"ipq", "faiss"}
+    assert sorted(r["params"] for r in rows if r["method"] == "ASQ2,Rerank4") == ["rerank=0", "rerank=4"]
+    for r in rows:
+        assert 0.0 <= float(r["recall_at_k"]) <= 1.0 and float(r["qps_single"]) > 0
+        assert int(r["n_train"]) == 1500 and int(r["n_test"]) == 50
+    flat = next(r for r in rows if r["method"] == "Flat")
+    assert float(flat["recall_at_k"]) == 1.0
+    assert "recall@10" in out and "ASQ2,Rerank4" in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the [bench] extra is not installed: no plot, said so
+        assert "matplotlib is not installed" in out
+    else:
+        png = out_dir / "tiny.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- error paths
+
+
+def test_error_missing_files(tmp_path, capsys):
+    code, _, err = run(["info", tmp_path / "nope.ipq"], capsys)
+    assert_one_line_error(code, err, "nope.ipq")
+    code, _, err = run(["build", tmp_path / "nope.npy", "--index", "ASQ4", "-o", tmp_path / "x.ipq"], capsys)
+    assert_one_line_error(code, err, "no such file", "nope.npy")
+    code, _, err = run(["bench", "--config", tmp_path / "nope.yaml"], capsys)
+    assert_one_line_error(code, err, "nope.yaml")
+    code, _, err = run(["build", "sample:nosuch", "--index", "ASQ4", "-o", tmp_path / "x.ipq"], capsys)
+    assert_one_line_error(code, err, "nosuch")
+
+
+def test_error_bad_spec(tmp_path, capsys):
+    X = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+    code, _, err = run(["build", tmp_path / "x.npy", "--index", "PCA,FOO4", "-o", tmp_path / "x.ipq"], capsys)
+    assert_one_line_error(code, err, "PCA,FOO4")
+    assert not (tmp_path / "x.ipq").exists()
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("dataset: sample:minilm\nmethods:\n  - {library: ipq, spec: 'NOPE7'}\n")
+    code, _, err = run(["bench", "--config", bad_cfg, "--out", tmp_path / "o"], capsys)
+    assert_one_line_error(code, err, "NOPE7")
+
+
+def test_error_bad_params_and_dimension(built, tmp_path, capsys):
+    np.save(tmp_path / "q10.npy", np.zeros((3, 10), np.float32))
+    code, _, err = run(["search", built, tmp_path / "q10.npy", "-o", tmp_path / "o.npy"], capsys)
+    assert_one_line_error(code, err, "dimension 10", "d=384")
+    code, _, err = run(["search", built, "sample:minilm", "-o", tmp_path / "o.npy", "--param", "bogus=1"], capsys)
+    assert_one_line_error(code, err, "bogus")
+    code, _, err = run(["search", built, "sample:minilm", "-o", tmp_path / "o.txt"], capsys)
+    assert_one_line_error(code, err, ".npy or .csv")
+    code, _, err = run(["search", built, "sample:minilm", "--k", 100000, "-o", tmp_path / "o.npy"], capsys)
+    assert_one_line_error(code, err, "100000")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "header"])
+def test_error_corrupt_index(built, tmp_path, capsys, damage):
+    bad = tmp_path / f"{damage}.ipq"
+    raw = built.read_bytes()
+    if damage == "garbage":
+        bad.write_bytes(b"this is not an index\n" * 10)
+    elif damage == "truncated":
+        bad.write_bytes(raw[: len(raw) // 3])
+    else:
+        buf = bytearray(raw)
+        buf[40] ^= 0xFF
+        bad.write_bytes(bytes(buf))
+    for argv in (["info", bad], ["search", bad, "sample:minilm", "-o", tmp_path / "o.npy"]):
+        code, _, err = run(argv, capsys)
+        assert_one_line_error(code, err, f"{damage}.ipq")
+
+
+def test_usage_errors_are_one_line(capsys):
+    code, _, err = run(["build"], capsys)
+    assert_one_line_error(code, err, "required")
+    code, _, err = run(["frobnicate"], capsys)
+    assert_one_line_error(code, err, "frobnicate")
+    code, _, err = run(["info", "x.ipq", "--bogus-flag"], capsys)
+    assert_one_line_error(code, err, "--bogus-flag")
+
+
+def test_debug_shows_the_exception(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        cli.main(["--debug", "info", str(tmp_path / "nope.ipq")])
+
+
+def test_datasets_list(capsys):
+    code, out, _ = run(["datasets", "list"], capsys)
+    assert code == 0
+    assert "sample:minilm" in out and "glove-100-angular" in out and "lastfm-64-dot" in out
+
+
+def test_datasets_fetch_offline_and_local_server(tmp_path, capsys):
+    # nothing listens on port 9 here: an unreachable server -> one line, non-zero, no file
+    code, _, err = run(["datasets", "fetch", "glove-25-angular", "--dir", tmp_path / "data",
+                        "--base-url", "http://127.0.0.1:9", "--timeout", 5], capsys)
+    assert_one_line_error(code, err, "cannot reach", "glove-25-angular.hdf5")
+    assert not list((tmp_path / "data").glob("*"))
+
+    # a local HTTP server standing in for ann-benchmarks.com
+    srv_dir = tmp_path / "srv"
+    srv_dir.mkdir()
+    with h5py.File(srv_dir / "tiny-4-angular.hdf5", "w") as f:
+        f["train"] = np.ones((5, 4), np.float32)
+        f["test"] = np.ones((2, 4), np.float32)
+        f.attrs["distance"] = "angular"
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(QuietHandler, directory=str(srv_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        code, out, err = run(["--quiet", "datasets", "fetch", "tiny-4-angular", "--dir", tmp_path / "data",
+                              "--base-url", base], capsys)
+        assert code == 0, err
+        got = tmp_path / "data" / "tiny-4-angular.hdf5"
+        assert got.read_bytes() == (srv_dir / "tiny-4-angular.hdf5").read_bytes()
+        assert [p.name for p in (tmp_path / "data").iterdir()] == ["tiny-4-angular.hdf5"]  # no temp left
+        code, _, err = run(["datasets", "fetch", "missing-1-angular", "--dir", tmp_path / "data",
+                            "--base-url", base], capsys)
+        assert_one_line_error(code, err, "HTTP 404", "not among the names")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_demo_passes_arguments_through(monkeypatch, capsys):
+    import ipq_index.demo
+
+    seen = []
+    monkeypatch.setattr(ipq_index.demo, "main", lambda argv=None: seen.append(argv))
+    code, _, _ = run(["demo", "--sample", "glove50", "--k", "5"], capsys)
+    assert code == 0 and seen == [["--sample", "glove50", "--k", "5"]]
+
+
+def test_console_script_entry_point(built):
+    exe = shutil.which("ipq", path=str(Path(sys.executable).parent)) or shutil.which("ipq")
+    if exe is None:
+        pytest.skip("the ipq console script is not installed")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run([exe, "info", str(built)], capture_output=True, text=True, timeout=120, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert SPEC in ok.stdout
+    bad = subprocess.run([exe, "info", str(built) + ".missing"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("ipq: error: ") and len(bad.stderr.strip().splitlines()) == 1
