@@ -23,10 +23,15 @@ they are passed as ``index.train(X, queries=held_out)``.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from ipq_index import bench
-from ipq_index.config import MethodConfig
+# FAISS' idle OpenMP threads spin; on shared / few cores that distorts every timing.
+# Must be set before faiss is loaded (as the ``ipq`` command does).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from ipq_index import bench  # noqa: E402
+from ipq_index.config import MethodConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_IPQ = ["PCA,ASQ4", "PCA,ASQ4,Rerank4"]

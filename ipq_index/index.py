@@ -16,7 +16,7 @@ from ._numba import resolve_threads, threads
 from .encoder import ASQEncoder, EncoderConfig, check_matrix
 from .fastscan import FastScanner
 
-__all__ = ["FlatIndex", "index_factory", "load", "parse_spec"]
+__all__ = ["FlatIndex", "IVFIndex", "index_factory", "load", "parse_spec"]
 
 #: default candidate factor of the fast-scan stage (search parameter ``fs``)
 FASTSCAN_FACTOR = 10
@@ -27,13 +27,16 @@ QUERY_CHUNK = 128
 
 _CODEC = re.compile(r"^ASQ(?P<bits>\d+(?:\.\d+)?)(?P<flags>[a-z]*)$")
 _RERANK = re.compile(r"^Rerank(?P<factor>\d+)?(?P<dtype>F16|F32)?$")
+_IVF = re.compile(r"^IVF(?P<nlist>\d+)$")
 _TRANSFORMS = {"PCA": "pca", "ROT": "random", "RR": "random"}
 
 
 def parse_spec(spec: str) -> dict:
-    """Parse a factory string ``[transform,] ASQ<bits>[flags] [,Rerank[<k>][F16|F32]]``.
+    """Parse a factory string ``[transform,] [IVF<nlist>,] ASQ<bits>[flags] [,Rerank[<k>][F16|F32]]``.
 
     transform: ``PCA`` or ``ROT`` (random rotation); none when absent.
+    structure: ``IVF<nlist>`` (inverted lists, probed by inner product with
+    the k-means centroids); a flat scan when absent.
     flags on the codec: ``u`` unbiased rounding (default nearest), ``s``
     per-vector scale, ``m`` minimax (worst-case) objective.
     ``Rerank4`` keeps a float16 copy (``F32``: float32) and re-ranks 4 x k
@@ -42,11 +45,16 @@ def parse_spec(spec: str) -> dict:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"index spec must be a non-empty string, got {spec!r}")
     tokens = [t.strip() for t in spec.split(",")]
-    out = {"transform": "none", "rerank": 0, "rerank_dtype": "float16"}
+    out = {"transform": "none", "rerank": 0, "rerank_dtype": "float16", "structure": "flat"}
     codec = None
     for pos, tok in enumerate(tokens):
         if tok in _TRANSFORMS and pos == 0:
             out["transform"] = _TRANSFORMS[tok]
+        elif (m := _IVF.match(tok)) and codec is None and out["structure"] == "flat":
+            out["structure"] = "ivf"
+            out["nlist"] = int(m.group("nlist"))
+            if out["nlist"] < 1:
+                raise ValueError(f"bad index spec {spec!r}: IVF needs at least 1 list")
         elif (m := _CODEC.match(tok)) and codec is None:
             codec = m
         elif (m := _RERANK.match(tok)) and codec is not None and pos == len(tokens) - 1:
@@ -57,7 +65,7 @@ def parse_spec(spec: str) -> dict:
         else:
             raise ValueError(
                 f"bad index spec {spec!r}: cannot parse {tok!r} (expected "
-                "'[PCA|ROT,]ASQ<bits>[u][s][m][,Rerank[<factor>][F16|F32]]')")
+                "'[PCA|ROT,][IVF<nlist>,]ASQ<bits>[u][s][m][,Rerank[<factor>][F16|F32]]')")
     if codec is None:
         raise ValueError(f"bad index spec {spec!r}: no ASQ<bits> codec")
     flags = codec.group("flags")
@@ -82,6 +90,8 @@ def index_factory(d: int, spec: str, **encoder_overrides) -> "FlatIndex":
     cfg = EncoderConfig.from_dict({"bits": p["bits"], "transform": p["transform"],
                                    "rounding": p["rounding"], "scale": p["scale"],
                                    "objective": p["objective"], **encoder_overrides})
+    if p["structure"] == "ivf":
+        return IVFIndex(int(d), p["nlist"], cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
     return FlatIndex(int(d), cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
 
 
@@ -191,11 +201,35 @@ class FlatIndex:
         ``rerank``: re-rank ``rerank * k`` ADC candidates exactly with the stored
         copy (default: the spec's factor; 0 disables).  ``fs``: candidate
         factor of the SIMD fast-scan stage (the best ``fs * max(k, rerank * k)``
-        coarse scores per scale bucket are rescored with the full ADC; 0 scans
-        every code with the full ADC; default ``FASTSCAN_FACTOR``, used when
-        the index holds at least ``FASTSCAN_MIN_ROWS`` vectors).  Slots beyond
-        the index size hold id -1 and score -inf.
+        coarse scores are rescored with the full ADC; 0 scans every code with
+        the full ADC; default ``FASTSCAN_FACTOR``, used when the index holds at
+        least ``FASTSCAN_MIN_ROWS`` vectors).  Slots beyond the index size hold
+        id -1 and score -inf.
         """
+        fsf = FASTSCAN_FACTOR if fs is None else _nonneg_int(fs, "fs")
+        use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
+
+        def candidates(Qc, Y, tables, kk, codes, scales, nthreads):
+            if use_fs:
+                cand = self._fast_scanner().candidates(Y, min(self.ntotal, fsf * kk), nthreads)
+                rescore = _adc.rescore_topk if Qc.shape[0] >= 8 else _adc.rescore_topk_serial
+                return rescore(tables, codes, scales, cand, kk)
+            if Qc.shape[0] >= nthreads or nthreads == 1:
+                return _adc.scan_topk_batch(tables, codes, scales, kk)
+            cand_v = np.empty((Qc.shape[0], kk), np.float32)  # few queries: split the rows
+            cand_r = np.empty((Qc.shape[0], kk), np.int64)
+            for qi in range(Qc.shape[0]):
+                pv, pr = _adc.scan_topk_split(tables[qi], codes, scales, kk, nthreads)
+                order = np.argsort(-pv, kind="stable")[:kk]
+                cand_v[qi], cand_r[qi] = pv[order], pr[order]
+            return cand_v, cand_r
+
+        return self._search(Q, k, rerank, num_threads, candidates)
+
+    def _search(self, Q, k, rerank, num_threads, candidates):
+        """Validation, query chunks, tables, candidates (structure-specific
+        ``candidates(Qc, Y, tables, kk, codes, scales, nthreads) -> (scores,
+        rows)``), exact re-rank and id mapping."""
         if not self.is_trained:
             raise RuntimeError("the index is not trained: call train() and add() first")
         if self.ntotal == 0:
@@ -205,40 +239,21 @@ class FlatIndex:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if k > self.ntotal:
             raise ValueError(f"k={k} exceeds the number of indexed vectors ({self.ntotal})")
-        rr = self.rerank if rerank is None else int(rerank)
-        if rr < 0:
-            raise ValueError(f"rerank must be >= 0, got {rerank!r}")
+        rr = self.rerank if rerank is None else _nonneg_int(rerank, "rerank")
         if rr and self.vectors is None:
             raise ValueError("this index keeps no vectors for re-rank (build it with ',Rerank')")
-        fsf = FASTSCAN_FACTOR if fs is None else int(fs)
-        if fsf < 0:
-            raise ValueError(f"fs must be >= 0, got {fs!r}")
         kk = min(self.ntotal, k * rr) if rr else k
-        use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
         nthreads = resolve_threads(num_threads)
         codes = np.asarray(self.codes)
         scales = np.asarray(self.scales) if self.encoder.config.scale else np.zeros(0, np.float32)
         out_s = np.empty((Q.shape[0], k), np.float32)
         out_r = np.empty((Q.shape[0], k), np.int64)
         with threads(num_threads):
-            scanner = self._fast_scanner() if use_fs else None
             for q0 in range(0, Q.shape[0], QUERY_CHUNK):
                 Qc = Q[q0:q0 + QUERY_CHUNK]
                 Y = self.encoder.rotate_queries(Qc)
                 tables, offsets = self.encoder.query_tables(Qc, Y)
-                if scanner is not None:
-                    cand = scanner.candidates(Y, min(self.ntotal, fsf * kk), nthreads)
-                    rescore = _adc.rescore_topk if Qc.shape[0] >= 8 else _adc.rescore_topk_serial
-                    cand_v, cand_r = rescore(tables, codes, scales, cand, kk)
-                elif Qc.shape[0] >= nthreads or nthreads == 1:
-                    cand_v, cand_r = _adc.scan_topk_batch(tables, codes, scales, kk)
-                else:  # few queries, several threads: split the rows
-                    cand_v = np.empty((Qc.shape[0], kk), np.float32)
-                    cand_r = np.empty((Qc.shape[0], kk), np.int64)
-                    for qi in range(Qc.shape[0]):
-                        pv, pr = _adc.scan_topk_split(tables[qi], codes, scales, kk, nthreads)
-                        order = np.argsort(-pv, kind="stable")[:kk]
-                        cand_v[qi], cand_r[qi] = pv[order], pr[order]
+                cand_v, cand_r = candidates(Qc, Y, tables, kk, codes, scales, nthreads)
                 if rr:
                     sc, rows = _rerank_exact(Qc, np.asarray(self.vectors), cand_r, k)
                 else:
@@ -268,9 +283,12 @@ class FlatIndex:
         set-up time out of timed searches)."""
         if self.ntotal:
             q = self.reconstruct([0])
-            self.search(q, 1, num_threads=1)
-            self.search(q, 1, num_threads=1, fs=0)
+            for params in self._warmup_params():
+                self.search(q, 1, num_threads=1, **params)
         return self
+
+    def _warmup_params(self):
+        return ({}, {"fs": 0})
 
     # -- persistence ----------------------------------------------------------
     def save(self, path) -> None:
@@ -286,25 +304,135 @@ class FlatIndex:
             arrays["scales"] = np.asarray(self.scales)
         if self.vectors is not None:
             arrays["vectors"] = np.asarray(self.vectors)
+        extra_meta, extra_arrays = self._extra_state()
+        meta.update(extra_meta)
+        meta["search_defaults"].update({k: v for k, v in extra_meta.items() if k == "nprobe"})
+        arrays.update(extra_arrays)
         storage.save_arrays(path, meta, arrays)
+
+    def _extra_state(self):
+        return {}, {}
+
+    def _load_extra(self, meta, arrays):
+        pass
 
     @classmethod
     def _from_state(cls, meta, arrays):
         enc = ASQEncoder.from_state(meta["encoder"], arrays)
-        idx = cls(int(meta["d"]), enc.config, rerank=int(meta["rerank"]),
-                  rerank_dtype=meta["rerank_dtype"], spec=meta["spec"])
+        extra = {"nlist": int(meta["nlist"]), "nprobe": int(meta["nprobe"])} if cls.kind == "ivf" else {}
+        if cls.kind == "ivf":
+            idx = cls(int(meta["d"]), extra["nlist"], enc.config, rerank=int(meta["rerank"]),
+                      rerank_dtype=meta["rerank_dtype"], spec=meta["spec"], nprobe=extra["nprobe"])
+        else:
+            idx = cls(int(meta["d"]), enc.config, rerank=int(meta["rerank"]),
+                      rerank_dtype=meta["rerank_dtype"], spec=meta["spec"])
         idx.encoder = enc
         idx.codes = arrays["codes"]
         idx.ids = arrays["ids"]
         if enc.config.scale:
             idx.scales = arrays["scales"]
         idx.vectors = arrays.get("vectors")
+        idx._load_extra(meta, arrays)
         if idx.codes.shape != (int(meta["ntotal"]), enc.nbytes) or idx.ids.shape != (int(meta["ntotal"]),):
             raise storage.FormatError("index file is inconsistent: array shapes do not match the header")
         return idx
 
     def config_dict(self) -> dict:
         return {"spec": self.spec, "encoder": asdict(self.encoder.config), "rerank": self.rerank}
+
+
+def _nonneg_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+class IVFIndex(FlatIndex):
+    """Inverted lists of ASQ codes: k-means centroids (faiss, L2) partition the
+    corpus; a query probes the ``nprobe`` lists whose centroids have the largest
+    inner product with it and scans their codes with the full-precision ADC.
+
+    Codes are *direct* (the same global encoder as the flat index, not
+    residuals), so one encoder serves every list and scores are comparable
+    across lists.
+    """
+
+    kind = "ivf"
+
+    def __init__(self, d: int, nlist: int, config: EncoderConfig | None = None, *, rerank: int = 0,
+                 rerank_dtype: str = "float16", spec: str | None = None, nprobe: int = 16):
+        super().__init__(d, config, rerank=rerank, rerank_dtype=rerank_dtype, spec=spec)
+        self.nlist = int(nlist)
+        self.nprobe = int(nprobe)
+        self.centroids = None
+        self.assign = np.zeros(0, np.int32)
+        self._lists = None
+
+    def train(self, X, queries=None, *, weights=None, num_threads=-1):
+        import faiss
+
+        super().train(X, queries, weights=weights, num_threads=num_threads)
+        X = check_matrix(X, self.d, "training data")
+        if X.shape[0] < self.nlist:
+            raise ValueError(f"IVF{self.nlist} needs at least {self.nlist} training vectors, got {X.shape[0]}")
+        rng = np.random.default_rng(self.encoder.config.seed)
+        sample = X if X.shape[0] <= 256 * self.nlist else X[np.sort(rng.choice(X.shape[0], 256 * self.nlist, replace=False))]
+        km = faiss.Kmeans(self.d, self.nlist, niter=20, seed=int(self.encoder.config.seed) + 1, verbose=False)
+        km.train(np.ascontiguousarray(sample, np.float32))
+        self.centroids = np.ascontiguousarray(km.centroids, np.float32)
+        self.assign = np.zeros(0, np.int32)
+        self._lists = None
+        return self
+
+    def add(self, X, ids=None, *, num_threads=-1):
+        import faiss
+
+        if not self.is_trained:
+            raise RuntimeError("the index is not trained: call train() before add()")
+        X = check_matrix(X, self.d, "vectors")
+        flat = faiss.IndexFlatL2(self.d)
+        flat.add(self.centroids)
+        _, a = flat.search(X, 1)
+        super().add(X, ids, num_threads=num_threads)
+        self.assign = np.concatenate([np.asarray(self.assign), a[:, 0].astype(np.int32)])
+        self._lists = None
+        return self
+
+    def _list_index(self):
+        if self._lists is None or self._lists[1].size != self.ntotal:
+            order = np.argsort(np.asarray(self.assign), kind="stable").astype(np.int64)
+            ptr = np.searchsorted(np.asarray(self.assign)[order], np.arange(self.nlist + 1)).astype(np.int64)
+            self._lists = (ptr, order)
+        return self._lists
+
+    def search(self, Q, k: int, *, rerank: int | None = None, nprobe: int | None = None,
+               num_threads: int | None = -1):
+        """Top-k inner products probing ``nprobe`` lists (default: the index's
+        ``nprobe``; ``nprobe = nlist`` scans everything, like the flat index)."""
+        npb = self.nprobe if nprobe is None else _nonneg_int(nprobe, "nprobe")
+        if npb < 1:
+            raise ValueError("nprobe must be >= 1")
+        npb = min(npb, self.nlist)
+        ptr, rows = self._list_index()
+
+        def candidates(Qc, Y, tables, kk, codes, scales, nthreads):
+            cs = Qc @ self.centroids.T
+            probes = np.argpartition(-cs, npb - 1, axis=1)[:, :npb] if npb < self.nlist else \
+                np.tile(np.arange(self.nlist), (Qc.shape[0], 1))
+            return _adc.scan_lists_topk(tables, codes, scales, ptr, rows, probes.astype(np.int64), kk)
+
+        return self._search(Q, k, rerank, num_threads, candidates)
+
+    def _warmup_params(self):
+        return ({},)
+
+    def _extra_state(self):
+        return {"nlist": self.nlist, "nprobe": self.nprobe}, {"ivf.centroids": self.centroids,
+                                                              "ivf.assign": np.asarray(self.assign)}
+
+    def _load_extra(self, meta, arrays):
+        self.centroids = np.ascontiguousarray(arrays["ivf.centroids"])
+        self.assign = arrays["ivf.assign"]
 
 
 def _rerank_exact(Q, vectors, cand, k, chunk=256):
@@ -325,7 +453,7 @@ def _rerank_exact(Q, vectors, cand, k, chunk=256):
     return out_v, out_r
 
 
-_KINDS = {"flat": FlatIndex}
+_KINDS = {"flat": FlatIndex, "ivf": IVFIndex}
 
 
 def load(path, mmap: bool = True) -> FlatIndex:

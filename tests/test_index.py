@@ -252,3 +252,57 @@ def test_pack_fields_exact():
     bits = np.array([8, 4, 4, 2, 2, 2, 1, 1, 0, 4])
     byte_of, shift_of, nbytes = pack_fields(bits)
     assert nbytes == 4
+
+
+def test_fast_scan_stage_matches_full_adc():
+    """Above FASTSCAN_MIN_ROWS the SIMD coarse stage picks candidates that
+    the full ADC rescores: with a generous factor it returns the full-ADC
+    results, and at the default factor it loses (almost) nothing."""
+    from ipq_index.index import FASTSCAN_MIN_ROWS
+
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:80]
+    assert X.shape[0] >= FASTSCAN_MIN_ROWS
+    _, gt = exact_topk(X, Q, 10)
+    for spec in ("PCA,ASQ4", "PCA,ASQ4s"):
+        idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
+        D_full, I_full = idx.search(Q, 10, fs=0)
+        D_wide, I_wide = idx.search(Q, 10, fs=100)
+        np.testing.assert_allclose(D_wide, D_full, rtol=1e-5, atol=1e-5)
+        D_def, I_def = idx.search(Q, 10)
+        assert recall(I_def, gt) >= recall(I_full, gt) - 0.01
+        # the fast path's scores are full-precision ADC scores of its ids
+        R = idx.reconstruct(I_def.ravel()).reshape(len(Q), 10, -1)
+        np.testing.assert_allclose(D_def, np.einsum("qkd,qd->qk", R, Q), rtol=1e-4, atol=1e-4)
+        # single-thread and multi-thread agree
+        D1, I1 = idx.search(Q, 10, num_threads=1)
+        np.testing.assert_array_equal(I1, I_def)
+
+
+def test_ivf_full_probe_reproduces_flat_and_roundtrips(tmp_path, sample):
+    X, Q = sample
+    flat = ipq_index.index_factory(X.shape[1], "PCA,ASQ4").train(X).add(X)
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF32,ASQ4").train(X).add(X)
+    assert type(ivf).__name__ == "IVFIndex" and ivf.nlist == 32
+    D_flat, I_flat = flat.search(Q, 10, fs=0)
+    D_ivf, I_ivf = ivf.search(Q, 10, nprobe=32)
+    np.testing.assert_allclose(D_ivf, D_flat, rtol=1e-5, atol=1e-5)
+    _, gt = exact_topk(X, Q, 10)
+    recalls = [recall(ivf.search(Q, 10, nprobe=p)[1], gt) for p in (1, 4, 16, 32)]
+    assert all(b >= a - 1e-9 for a, b in zip(recalls, recalls[1:])), recalls
+    assert recalls[0] < recalls[-1]
+    path = tmp_path / "ivf.ipq"
+    ivf.save(path)
+    back = ipq_index.load(path)
+    assert type(back).__name__ == "IVFIndex" and back.nprobe == ivf.nprobe
+    for p in (2, 32):
+        np.testing.assert_array_equal(back.search(Q, 10, nprobe=p)[1], ivf.search(Q, 10, nprobe=p)[1])
+    # threads give the same answer
+    np.testing.assert_array_equal(ivf.search(Q, 10, nprobe=4, num_threads=1)[1],
+                                  ivf.search(Q, 10, nprobe=4, num_threads=2)[1])
+    with pytest.raises(ValueError, match="nprobe"):
+        ivf.search(Q, 10, nprobe=-1)
+    with pytest.raises(TypeError):
+        ivf.search(Q, 10, fs=3)  # a flat-index parameter
+    with pytest.raises(ValueError, match="training vectors"):
+        ipq_index.index_factory(X.shape[1], "IVF5000,ASQ4").train(X[:100])

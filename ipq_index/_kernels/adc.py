@@ -287,3 +287,34 @@ def rescore_topk(tables, codes, scales, cand, kk):
     for qi in prange(nq):
         _rescore_one(tables, codes, scales, cand, qi, out_v[qi], out_i[qi])
     return out_v, out_i
+
+
+@parallel_kernel
+def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
+    """IVF scan: for each query, full-precision ADC over the rows of its probed
+    lists (``probes`` (nq, nprobe) list ids, -1 = none); top-kk per query."""
+    nq = probes.shape[0]
+    nbytes = codes.shape[1]
+    has_scale = scales.shape[0] > 0
+    out_v = np.full((nq, kk), -np.inf, np.float32)
+    out_i = np.full((nq, kk), -1, np.int64)
+    for qi in prange(nq):
+        hv = out_v[qi]
+        hi = out_i[qi]
+        for p in range(probes.shape[1]):
+            lst = probes[qi, p]
+            if lst < 0:
+                continue
+            for t in range(list_ptr[lst], list_ptr[lst + 1]):
+                r = list_rows[t]
+                s = 0.0
+                for g in range(nbytes):
+                    s += tables[qi, g, codes[r, g]]
+                if has_scale:
+                    s *= scales[r]
+                if s > hv[0]:
+                    hv[0] = s
+                    hi[0] = r
+                    _heap_sift_down(hv, hi, 0, kk)
+        heap_to_sorted(hv, hi)
+    return out_v, out_i
