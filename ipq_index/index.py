@@ -12,11 +12,12 @@ import numpy as np
 
 from . import storage
 from ._kernels import adc as _adc
+from ._kernels import graph_search as _gs
 from ._numba import resolve_threads, threads
 from .encoder import ASQEncoder, EncoderConfig, check_matrix
 from .fastscan import FastScanner
 
-__all__ = ["FlatIndex", "IVFIndex", "index_factory", "load", "parse_spec"]
+__all__ = ["FlatIndex", "IVFIndex", "GraphIndex", "index_factory", "load", "parse_spec"]
 
 #: default candidate factor of the fast-scan stage (search parameter ``fs``)
 FASTSCAN_FACTOR = 10
@@ -28,6 +29,7 @@ QUERY_CHUNK = 128
 _CODEC = re.compile(r"^ASQ(?P<bits>\d+(?:\.\d+)?)(?P<flags>[a-z]*)$")
 _RERANK = re.compile(r"^Rerank(?P<factor>\d+)?(?P<dtype>F16|F32)?$")
 _IVF = re.compile(r"^IVF(?P<nlist>\d+)$")
+_HNSW = re.compile(r"^HNSW(?P<M>\d+)$")
 _TRANSFORMS = {"PCA": "pca", "ROT": "random", "RR": "random"}
 
 
@@ -36,7 +38,8 @@ def parse_spec(spec: str) -> dict:
 
     transform: ``PCA`` or ``ROT`` (random rotation); none when absent.
     structure: ``IVF<nlist>`` (inverted lists, probed by inner product with
-    the k-means centroids); a flat scan when absent.
+    the k-means centroids), ``HNSW<M>`` (graph walk scored by ADC); a flat
+    scan when absent.
     flags on the codec: ``u`` unbiased rounding (default nearest), ``s``
     per-vector scale, ``m`` minimax (worst-case) objective.
     ``Rerank4`` keeps a float16 copy (``F32``: float32) and re-ranks 4 x k
@@ -50,6 +53,11 @@ def parse_spec(spec: str) -> dict:
     for pos, tok in enumerate(tokens):
         if tok in _TRANSFORMS and pos == 0:
             out["transform"] = _TRANSFORMS[tok]
+        elif (m := _HNSW.match(tok)) and codec is None and out["structure"] == "flat":
+            out["structure"] = "hnsw"
+            out["M"] = int(m.group("M"))
+            if not 2 <= out["M"] <= 256:
+                raise ValueError(f"bad index spec {spec!r}: HNSW M must be in 2..256")
         elif (m := _IVF.match(tok)) and codec is None and out["structure"] == "flat":
             out["structure"] = "ivf"
             out["nlist"] = int(m.group("nlist"))
@@ -65,7 +73,7 @@ def parse_spec(spec: str) -> dict:
         else:
             raise ValueError(
                 f"bad index spec {spec!r}: cannot parse {tok!r} (expected "
-                "'[PCA|ROT,][IVF<nlist>,]ASQ<bits>[u][s][m][,Rerank[<factor>][F16|F32]]')")
+                "'[PCA|ROT,][IVF<nlist>|HNSW<M>,]ASQ<bits>[u][s][m][,Rerank[<factor>][F16|F32]]')")
     if codec is None:
         raise ValueError(f"bad index spec {spec!r}: no ASQ<bits> codec")
     flags = codec.group("flags")
@@ -90,6 +98,8 @@ def index_factory(d: int, spec: str, **encoder_overrides) -> "FlatIndex":
     cfg = EncoderConfig.from_dict({"bits": p["bits"], "transform": p["transform"],
                                    "rounding": p["rounding"], "scale": p["scale"],
                                    "objective": p["objective"], **encoder_overrides})
+    if p["structure"] == "hnsw":
+        return GraphIndex(int(d), p["M"], cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
     if p["structure"] == "ivf":
         return IVFIndex(int(d), p["nlist"], cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
     return FlatIndex(int(d), cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
@@ -306,7 +316,7 @@ class FlatIndex:
             arrays["vectors"] = np.asarray(self.vectors)
         extra_meta, extra_arrays = self._extra_state()
         meta.update(extra_meta)
-        meta["search_defaults"].update({k: v for k, v in extra_meta.items() if k == "nprobe"})
+        meta["search_defaults"].update({k: v for k, v in extra_meta.items() if k in ("nprobe", "ef")})
         arrays.update(extra_arrays)
         storage.save_arrays(path, meta, arrays)
 
@@ -319,10 +329,13 @@ class FlatIndex:
     @classmethod
     def _from_state(cls, meta, arrays):
         enc = ASQEncoder.from_state(meta["encoder"], arrays)
-        extra = {"nlist": int(meta["nlist"]), "nprobe": int(meta["nprobe"])} if cls.kind == "ivf" else {}
         if cls.kind == "ivf":
-            idx = cls(int(meta["d"]), extra["nlist"], enc.config, rerank=int(meta["rerank"]),
-                      rerank_dtype=meta["rerank_dtype"], spec=meta["spec"], nprobe=extra["nprobe"])
+            idx = cls(int(meta["d"]), int(meta["nlist"]), enc.config, rerank=int(meta["rerank"]),
+                      rerank_dtype=meta["rerank_dtype"], spec=meta["spec"], nprobe=int(meta["nprobe"]))
+        elif cls.kind == "hnsw":
+            idx = cls(int(meta["d"]), int(meta["M"]), enc.config, rerank=int(meta["rerank"]),
+                      rerank_dtype=meta["rerank_dtype"], spec=meta["spec"], ef=int(meta["ef"]),
+                      ef_construction=int(meta["ef_construction"]))
         else:
             idx = cls(int(meta["d"]), enc.config, rerank=int(meta["rerank"]),
                       rerank_dtype=meta["rerank_dtype"], spec=meta["spec"])
@@ -435,6 +448,100 @@ class IVFIndex(FlatIndex):
         self.assign = arrays["ivf.assign"]
 
 
+#: how the graph is built: "ip" (faiss HNSW with inner product on the raw
+#: vectors) or "augmented" (L2 HNSW over the MIPS-to-NN augmentation)
+GRAPH_METRIC = "ip"
+
+
+class GraphIndex(FlatIndex):
+    """HNSW-style graph walked with ADC scores on the codes.
+
+    The graph is built by faiss ``IndexHNSWFlat`` (L2) over the MIPS-to-NN
+    augmentation x' = [x, sqrt(Phi^2 - |x|^2)] (Phi = the largest norm), for
+    which |x' - [q, 0]|^2 = Phi^2 + |q|^2 - 2 <q, x>: nearest neighbours of the
+    augmented query are the largest inner products, so a walk that follows
+    larger ADC inner products is the same greedy search, for vectors of any
+    norm.  The construction uses the float vectors (only during ``add``);
+    search reads only the graph arrays and the codes (+ the re-rank copy).
+    ``add`` rebuilds the graph over all vectors, so it needs them once more:
+    add in one call (or keep the float vectors around for rebuilds).
+    """
+
+    kind = "hnsw"
+
+    def __init__(self, d: int, M: int, config: EncoderConfig | None = None, *, rerank: int = 0,
+                 rerank_dtype: str = "float16", spec: str | None = None, ef: int = 64,
+                 ef_construction: int = 200):
+        super().__init__(d, config, rerank=rerank, rerank_dtype=rerank_dtype, spec=spec)
+        self.M = int(M)
+        self.ef = int(ef)
+        self.ef_construction = int(ef_construction)
+        self.graph_metric = GRAPH_METRIC
+        self.graph = None  # dict of arrays
+
+    def add(self, X, ids=None, *, num_threads=-1):
+        import faiss
+
+        if self.ntotal:
+            raise RuntimeError("GraphIndex.add builds the graph once: add all vectors in one call")
+        X = check_matrix(X, self.d, "vectors")
+        if self.graph_metric == "augmented":
+            norms2 = np.einsum("ij,ij->i", X.astype(np.float64), X.astype(np.float64))
+            phi2 = norms2.max()
+            aug = np.hstack([X, np.sqrt(np.maximum(phi2 - norms2, 0.0))[:, None].astype(np.float32)])
+            hnsw = faiss.IndexHNSWFlat(self.d + 1, self.M)
+        else:
+            aug = X
+            hnsw = faiss.IndexHNSWFlat(self.d, self.M, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = self.ef_construction
+        prev = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(resolve_threads(num_threads))
+        try:
+            hnsw.add(np.ascontiguousarray(aug))
+        finally:
+            faiss.omp_set_num_threads(prev)
+        g = hnsw.hnsw
+        graph = {
+            "neighbors": faiss.vector_to_array(g.neighbors).astype(np.int32),
+            "offsets": faiss.vector_to_array(g.offsets).astype(np.int64),
+            "cum": faiss.vector_to_array(g.cum_nneighbor_per_level).astype(np.int64),
+            "entry": np.array([g.entry_point, g.max_level], np.int64),
+        }
+        super().add(X, ids, num_threads=num_threads)
+        self.graph = graph
+        return self
+
+    def search(self, Q, k: int, *, rerank: int | None = None, ef: int | None = None,
+               num_threads: int | None = -1):
+        """Top-k inner products with a beam of width ``ef`` (default: the
+        index's; raised to the candidate count when smaller)."""
+        efv = self.ef if ef is None else _nonneg_int(ef, "ef")
+        if efv < 1:
+            raise ValueError("ef must be >= 1")
+        gr = self.graph
+
+        def candidates(Qc, Y, tables, kk, codes, scales, nthreads):
+            e = max(efv, kk)
+            cap = min(self.ntotal + 1, 64 * e + 4096)
+            entry, max_level = int(gr["entry"][0]), int(gr["entry"][1])
+            return _gs.graph_search(tables, codes, scales, gr["neighbors"], gr["offsets"], gr["cum"],
+                                    entry, max_level, e, kk, cap)
+
+        return self._search(Q, k, rerank, num_threads, candidates)
+
+    def _warmup_params(self):
+        return ({},)
+
+    def _extra_state(self):
+        meta = {"M": self.M, "ef": self.ef, "ef_construction": self.ef_construction,
+                "graph_metric": self.graph_metric}
+        return meta, {f"graph.{k}": v for k, v in self.graph.items()}
+
+    def _load_extra(self, meta, arrays):
+        self.graph = {k: arrays[f"graph.{k}"] for k in ("neighbors", "offsets", "cum", "entry")}
+        self.graph_metric = meta.get("graph_metric", "ip")
+
+
 def _rerank_exact(Q, vectors, cand, k, chunk=256):
     """Exact inner products of each query with its candidate rows (-1 = none),
     accumulated in float64; top-k (scores float32 descending, rows -1 padded)."""
@@ -453,7 +560,7 @@ def _rerank_exact(Q, vectors, cand, k, chunk=256):
     return out_v, out_r
 
 
-_KINDS = {"flat": FlatIndex, "ivf": IVFIndex}
+_KINDS = {"flat": FlatIndex, "ivf": IVFIndex, "hnsw": GraphIndex}
 
 
 def load(path, mmap: bool = True) -> FlatIndex:

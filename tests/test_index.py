@@ -306,3 +306,27 @@ def test_ivf_full_probe_reproduces_flat_and_roundtrips(tmp_path, sample):
         ivf.search(Q, 10, fs=3)  # a flat-index parameter
     with pytest.raises(ValueError, match="training vectors"):
         ipq_index.index_factory(X.shape[1], "IVF5000,ASQ4").train(X[:100])
+
+
+def test_graph_large_ef_reproduces_flat_and_roundtrips(tmp_path, sample):
+    X, Q = sample
+    X = X[:2000]
+    flat = ipq_index.index_factory(X.shape[1], "PCA,ASQ4").train(X).add(X)
+    g = ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4").train(X).add(X)
+    assert type(g).__name__ == "GraphIndex"
+    D_flat, _ = flat.search(Q, 10, fs=0)
+    D_g, _ = g.search(Q, 10, ef=2000)  # the beam covers the whole graph
+    np.testing.assert_allclose(D_g, D_flat, rtol=1e-5, atol=1e-5)
+    _, gt = exact_topk(X, Q, 10)
+    r_small = recall(g.search(Q, 10, ef=10)[1], gt)
+    r_big = recall(g.search(Q, 10, ef=200)[1], gt)
+    assert r_big >= r_small and r_big >= 0.9
+    path = tmp_path / "g.ipq"
+    g.save(path)
+    back = ipq_index.load(path)
+    np.testing.assert_array_equal(back.search(Q, 10, ef=40)[1], g.search(Q, 10, ef=40)[1])
+    np.testing.assert_array_equal(g.search(Q, 10, ef=40, num_threads=1)[1], g.search(Q, 10, ef=40, num_threads=2)[1])
+    with pytest.raises(RuntimeError, match="one call"):
+        g.add(X[:5])
+    with pytest.raises(ValueError, match="ef"):
+        g.search(Q, 10, ef=0)
