@@ -36,7 +36,7 @@ non-empty cell holds one distinct value the grid problem is exact.
 ``objective="max"``: greedy feasibility walks (each next level placed as far
 right as a threshold allows) inside a safeguarded false-position search on
 the threshold; levels may lie between input values.  The returned cost is
-within ``tol`` (relative, default 1e-9) of the optimum.
+within ``tol`` (relative, default 1e-6) of the optimum.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ OBJECTIVES = ("sum", "max")
 #: scratch buffers larger than this (bytes) are not kept between calls
 WORKSPACE_KEEP_BYTES = 256 << 20
 METHODS = ("exact", "approx")
-MINIMAX_TOL = 1e-9
+MINIMAX_TOL = 1e-6
 
 
 class CostCurve(NamedTuple):

@@ -149,10 +149,22 @@ class FlatIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held per the data: codes, scales, ids and the re-rank copy."""
+        """Bytes of data held: codes, scales, ids, the re-rank copy and derived
+        search structures once built (the fast-scan coarse codes, the graph
+        or the list index; see ``stored_nbytes`` for what ``save`` writes)."""
+        total = self.stored_nbytes
+        if self._scanner is not None:
+            total += self._scanner.nbytes
+        return int(total)
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes of the per-vector data that ``save`` writes (codes, scales,
+        ids, re-rank copy, graph/IVF arrays)."""
         total = self.codes.nbytes + self.ids.nbytes + (self.scales.nbytes if self.encoder.config.scale else 0)
         if self.vectors is not None:
             total += self.vectors.nbytes
+        total += sum(int(np.asarray(a).nbytes) for a in self._extra_state()[1].values())
         return int(total)
 
     @property
