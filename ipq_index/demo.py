@@ -73,7 +73,8 @@ def main(argv=None):
           f"{'build s':>8s} {'bytes/vec':>9s}")
     for lib, spec, r, q1, qb, b, bpv in rows:
         print(f"{lib:10s} {spec:20s} {r:9.3f} {q1:10.0f} {qb:10.0f} {b:8.2f} {bpv:9.1f}")
-    print("\nipq bytes/vec include the int64 id (8 B) and, with Rerank, the float16 copy.")
+    print("\nipq bytes/vec = packed codes + int64 id (8 B) + the in-memory fast-scan coarse codes"
+          "\n(derived, not saved) and, with Rerank, the float16 copy; FAISS: code size.")
 
 
 if __name__ == "__main__":

@@ -282,8 +282,11 @@ class ASQEncoder:
     def rotate_queries(self, Q) -> np.ndarray:
         """Queries in the transformed space (float32): R^T q."""
         self._require_trained()
-        Q = np.asarray(Q, np.float32)
-        return np.ascontiguousarray(Q if self.rotation is None else Q @ self.rotation)
+        Q = np.ascontiguousarray(Q, np.float32)
+        if self.rotation is None:
+            return Q
+        rot = _adc.rotate_rows if Q.shape[0] >= 8 else _adc.rotate_rows_serial
+        return rot(Q, np.ascontiguousarray(self.rotation, np.float32))
 
     def query_tables(self, Q, Y=None):
         """(tables (nq, nbytes, 256) float32, offsets (nq,) float64 = <q, mean>).

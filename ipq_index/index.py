@@ -24,7 +24,7 @@ FASTSCAN_FACTOR = 10
 #: below this many vectors the exhaustive full-precision ADC scan is used
 FASTSCAN_MIN_ROWS = 4096
 #: queries processed together (bounds the lookup-table memory)
-QUERY_CHUNK = 128
+QUERY_CHUNK = 32
 
 _CODEC = re.compile(r"^ASQ(?P<bits>\d+(?:\.\d+)?)(?P<flags>[a-z]*)$")
 _RERANK = re.compile(r"^Rerank(?P<factor>\d+)?(?P<dtype>F16|F32)?$")

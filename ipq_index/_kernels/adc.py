@@ -318,3 +318,38 @@ def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
                     _heap_sift_down(hv, hi, 0, kk)
         heap_to_sorted(hv, hi)
     return out_v, out_i
+
+
+@kernel
+def rotate_rows_serial(Q, R):
+    """Q @ R for a few rows (float32 in, float64 accumulation, float32 out)."""
+    nq, d = Q.shape
+    m = R.shape[1]
+    out = np.empty((nq, m), np.float32)
+    acc = np.empty(m, np.float64)
+    for i in range(nq):
+        acc[:] = 0.0
+        for t in range(d):
+            q = np.float64(Q[i, t])
+            for j in range(m):
+                acc[j] += q * R[t, j]
+        for j in range(m):
+            out[i, j] = acc[j]
+    return out
+
+
+@parallel_kernel
+def rotate_rows(Q, R):
+    """Q @ R, rows in parallel (avoids BLAS thread pools fighting OpenMP)."""
+    nq, d = Q.shape
+    m = R.shape[1]
+    out = np.empty((nq, m), np.float32)
+    for i in prange(nq):
+        acc = np.zeros(m, np.float64)
+        for t in range(d):
+            q = np.float64(Q[i, t])
+            for j in range(m):
+                acc[j] += q * R[t, j]
+        for j in range(m):
+            out[i, j] = acc[j]
+    return out
