@@ -121,6 +121,7 @@ class ASQEncoder:
     nbytes: int = 0
     energy: np.ndarray | None = None  # (d,) E[y_j^2] used for the allocation
     _fields: tuple | None = field(default=None, repr=False)  # per-byte field lists (derived)
+    _vmax: np.ndarray | None = field(default=None, repr=False)  # variance bound per level (derived)
 
     @property
     def is_trained(self) -> bool:
@@ -204,6 +205,7 @@ class ASQEncoder:
         # unbiased scores need every dimension coded (a dropped one is biased)
         min_bits = 1 if cfg.rounding == "unbiased" and cfg.bits >= 1 else 0
         self._fields = None
+        self._vmax = None
         self.bits, self.byte_of, self.shift_of, self.nbytes = allocate_bits(
             energy, costs, int(round(cfg.bits * self.d)), min_bits)
         levels, off = [], [0]
@@ -302,6 +304,25 @@ class ASQEncoder:
         build = _adc.build_tables if Y.shape[0] >= 8 else _adc.build_tables_serial
         tables = build(Y, self.levels, self.level_off, self.bits, self._fields[0], self._fields[1], self.nbytes)
         return tables, Q.astype(np.float64) @ self.mean
+
+    def variance_tables(self, Y):
+        """Per-byte tables of an upper bound on the variance of unbiased rounding:
+        V[q, g, c] = sum over fields j of byte g of y_j^2 vmax_j(c_j), where a
+        value coded as level L[c] lay in [L[c-1], L[c+1]], so its rounding
+        variance (b - x)(x - a) is at most max(adjacent gap)^2 / 4."""
+        if self._vmax is None:
+            vm = np.zeros_like(self.levels)
+            for j in range(self.d):
+                L = self.levels[self.level_off[j]:self.level_off[j + 1]]
+                if L.size < 2:
+                    continue
+                gaps = np.diff(L) ** 2 / 4.0
+                vm[self.level_off[j]:self.level_off[j + 1]] = np.maximum(
+                    np.concatenate([[0.0], gaps]), np.concatenate([gaps, [0.0]]))
+            self._vmax = vm
+        Y2 = np.ascontiguousarray(np.asarray(Y, np.float64) ** 2, np.float32)
+        build = _adc.build_tables if Y2.shape[0] >= 8 else _adc.build_tables_serial
+        return build(Y2, self._vmax, self.level_off, self.bits, self._fields[0], self._fields[1], self.nbytes)
 
     # -- persistence ------------------------------------------------------
     def state(self) -> tuple[dict, dict]:

@@ -217,7 +217,7 @@ class FlatIndex:
 
     # -- search ---------------------------------------------------------------
     def search(self, Q, k: int, *, rerank: int | None = None, fs: int | None = None,
-               num_threads: int | None = -1):
+               num_threads: int | None = -1, return_std: bool = False):
         """Top-k inner products: (scores float32 (nq, k) descending, ids int64 (nq, k)).
 
         ``rerank``: re-rank ``rerank * k`` ADC candidates exactly with the stored
@@ -226,7 +226,9 @@ class FlatIndex:
         coarse scores are rescored with the full ADC; 0 scans every code with
         the full ADC; default ``FASTSCAN_FACTOR``, used when the index holds at
         least ``FASTSCAN_MIN_ROWS`` vectors).  Slots beyond the index size hold
-        id -1 and score -inf.
+        id -1 and score -inf.  ``return_std`` (unbiased codes only): also return
+        an upper bound on the standard deviation of each returned score (0 for
+        exactly re-ranked scores); see ``_search``.
         """
         fsf = FASTSCAN_FACTOR if fs is None else _nonneg_int(fs, "fs")
         use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
@@ -246,12 +248,21 @@ class FlatIndex:
                 cand_v[qi], cand_r[qi] = pv[order], pr[order]
             return cand_v, cand_r
 
-        return self._search(Q, k, rerank, num_threads, candidates)
+        return self._search(Q, k, rerank, num_threads, candidates, return_std)
 
-    def _search(self, Q, k, rerank, num_threads, candidates):
+    def _search(self, Q, k, rerank, num_threads, candidates, return_std=False):
         """Validation, query chunks, tables, candidates (structure-specific
         ``candidates(Qc, Y, tables, kk, codes, scales, nthreads) -> (scores,
-        rows)``), exact re-rank and id mapping."""
+        rows)``), exact re-rank and id mapping.
+
+        With ``return_std`` a third array bounds the standard deviation of each
+        ADC score under unbiased rounding: E[score] is the exact inner product
+        and Var <= sum_j y_j^2 max-gap_j^2 / 4 (times scale^2).  A candidate
+        whose score is more than ~3 std below the k-th score is very unlikely
+        to belong to the top-k: use it to size ``rerank``.
+        """
+        if return_std and self.encoder.config.rounding != "unbiased":
+            raise ValueError("return_std needs unbiased codes (spec flag 'u'): nearest rounding is biased")
         if not self.is_trained:
             raise RuntimeError("the index is not trained: call train() and add() first")
         if self.ntotal == 0:
@@ -270,6 +281,7 @@ class FlatIndex:
         scales = np.asarray(self.scales) if self.encoder.config.scale else np.zeros(0, np.float32)
         out_s = np.empty((Q.shape[0], k), np.float32)
         out_r = np.empty((Q.shape[0], k), np.int64)
+        out_std = np.zeros((Q.shape[0], k), np.float32) if return_std else None
         with threads(num_threads):
             for q0 in range(0, Q.shape[0], QUERY_CHUNK):
                 Qc = Q[q0:q0 + QUERY_CHUNK]
@@ -283,8 +295,14 @@ class FlatIndex:
                     rows = cand_r
                 out_s[q0:q0 + QUERY_CHUNK] = sc
                 out_r[q0:q0 + QUERY_CHUNK] = rows
+                if return_std and not rr:
+                    V = self.encoder.variance_tables(Y)
+                    sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
+                    out_std[q0:q0 + QUERY_CHUNK] = np.sqrt(_adc.table_sums(V, codes, sc2, rows))
         ids = np.where(out_r >= 0, np.asarray(self.ids)[np.maximum(out_r, 0)], -1)
         scores = np.where(out_r >= 0, out_s, -np.inf).astype(np.float32)
+        if return_std:
+            return scores, ids.astype(np.int64), out_std
         return scores, ids.astype(np.int64)
 
     def _fast_scanner(self):
@@ -431,7 +449,7 @@ class IVFIndex(FlatIndex):
         return self._lists
 
     def search(self, Q, k: int, *, rerank: int | None = None, nprobe: int | None = None,
-               num_threads: int | None = -1):
+               num_threads: int | None = -1, return_std: bool = False):
         """Top-k inner products probing ``nprobe`` lists (default: the index's
         ``nprobe``; ``nprobe = nlist`` scans everything, like the flat index)."""
         npb = self.nprobe if nprobe is None else _nonneg_int(nprobe, "nprobe")
@@ -446,7 +464,7 @@ class IVFIndex(FlatIndex):
                 np.tile(np.arange(self.nlist), (Qc.shape[0], 1))
             return _adc.scan_lists_topk(tables, codes, scales, ptr, rows, probes.astype(np.int64), kk)
 
-        return self._search(Q, k, rerank, num_threads, candidates)
+        return self._search(Q, k, rerank, num_threads, candidates, return_std)
 
     def _warmup_params(self):
         return ({},)
@@ -524,7 +542,7 @@ class GraphIndex(FlatIndex):
         return self
 
     def search(self, Q, k: int, *, rerank: int | None = None, ef: int | None = None,
-               num_threads: int | None = -1):
+               num_threads: int | None = -1, return_std: bool = False):
         """Top-k inner products with a beam of width ``ef`` (default: the
         index's; raised to the candidate count when smaller)."""
         efv = self.ef if ef is None else _nonneg_int(ef, "ef")
@@ -539,7 +557,7 @@ class GraphIndex(FlatIndex):
             return _gs.graph_search(tables, codes, scales, gr["neighbors"], gr["offsets"], gr["cum"],
                                     entry, max_level, e, kk, cap)
 
-        return self._search(Q, k, rerank, num_threads, candidates)
+        return self._search(Q, k, rerank, num_threads, candidates, return_std)
 
     def _warmup_params(self):
         return ({},)

@@ -353,3 +353,23 @@ def rotate_rows(Q, R):
         for j in range(m):
             out[i, j] = acc[j]
     return out
+
+
+@kernel
+def table_sums(tables, codes, scales, rows):
+    """sum_g tables[q, g, codes[row, g]] (* scales[row]) for rows (nq, k); 0 for -1."""
+    nq, k = rows.shape
+    out = np.zeros((nq, k), np.float64)
+    has_scale = scales.shape[0] > 0
+    for qi in range(nq):
+        for t in range(k):
+            r = rows[qi, t]
+            if r < 0:
+                continue
+            s = 0.0
+            for g in range(codes.shape[1]):
+                s += tables[qi, g, codes[r, g]]
+            if has_scale:
+                s *= scales[r]
+            out[qi, t] = s
+    return out
