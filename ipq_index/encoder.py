@@ -429,24 +429,48 @@ def allocate_bits(energy, costs, budget, min_bits=0):
         if best < 0:  # only powers of two left: they pack exactly
             raise AssertionError("packing failed with power-of-two widths")
         bits[best] = best_c
-    while True:  # packing-aware top-up: spend bits the repair freed
-        left = budget - bits.sum()
-        gains = []
-        for j in range(d):
-            for c in range(bits[j] + 1, min(nb1, bits[j] + left + 1)):
-                if np.isfinite(Wc[j, c]) and Wc[j, c] < Wc[j, bits[j]]:
-                    gains.append(((Wc[j, bits[j]] - Wc[j, c]) / (c - bits[j]), j, c))
-        gains.sort(reverse=True)
-        for _, j, c in gains:
-            old = bits[j]
-            bits[j] = c
-            packed = pack_fields(bits)
-            if packed[2] <= target:
-                byte_of, shift_of, nbytes = packed
+    # packing-aware top-up: spend the bits the repair freed.  A field may grow
+    # in its byte or move to a byte with room; shifts are assigned at the end.
+    used = np.bincount(byte_of[bits > 0], weights=bits[bits > 0], minlength=nbytes).astype(np.int64)
+    cols = np.arange(nb1)
+    while True:
+        left = budget - int(bits.sum())
+        if left <= 0:
+            break
+        cur = Wc[rows, bits]
+        gain = (cur[:, None] - Wc) / np.maximum(cols[None, :] - bits[:, None], 1)
+        gain[(cols[None, :] <= bits[:, None]) | (cols[None, :] - bits[:, None] > left) | ~np.isfinite(gain)] = -np.inf
+        order = np.argsort(-gain, axis=None)
+        moved = False
+        for flat in order:
+            j, c = divmod(int(flat), nb1)
+            if not gain[j, c] > 0:
                 break
-            bits[j] = old
-        else:
-            return bits.astype(np.int32), byte_of, shift_of, nbytes
+            g = int(byte_of[j])
+            if bits[j] > 0 and used[g] + c - bits[j] <= 8:
+                used[g] += c - bits[j]
+            else:
+                room = np.nonzero(used + c <= 8)[0]
+                room = room[room != g] if bits[j] > 0 else room
+                if room.size == 0:
+                    continue
+                if bits[j] > 0:
+                    used[g] -= bits[j]
+                h = int(room[0])
+                used[h] += c
+                byte_of[j] = h
+            bits[j] = c
+            moved = True
+            break
+        if not moved:
+            break
+    shift_of = np.zeros(d, np.int32)
+    fill = np.zeros(nbytes, np.int64)
+    for j in np.nonzero(bits)[0]:
+        shift_of[j] = fill[byte_of[j]]
+        fill[byte_of[j]] += bits[j]
+    assert fill.max(initial=0) <= 8
+    return bits.astype(np.int32), byte_of.astype(np.int32), shift_of, nbytes
 
 
 def pack_fields(bits):
