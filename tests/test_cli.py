@@ -261,8 +261,7 @@ def test_demo_passes_arguments_through(monkeypatch, capsys):
 
 def test_console_script_entry_point(built):
     exe = shutil.which("ipq", path=str(Path(sys.executable).parent)) or shutil.which("ipq")
-    if exe is None:
-        pytest.skip("the ipq console script is not installed")
+    assert exe is not None, "the ipq console script is not installed (pip install -e .)"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     ok = subprocess.run([exe, "info", str(built)], capture_output=True, text=True, timeout=120, env=env)
     assert ok.returncode == 0, ok.stderr

@@ -153,6 +153,26 @@ def _heap_sift_down(vals, ids, pos, k):
             return
 
 
+@inline_kernel
+def row_score(tables_q, codes, scales, has_scale, r):
+    """ADC score of code row r with one query's tables (times its scale)."""
+    s = 0.0
+    for g in range(codes.shape[1]):
+        s += tables_q[g, codes[r, g]]
+    if has_scale:
+        s *= scales[r]
+    return s
+
+
+@inline_kernel
+def heap_offer(hv, hi, s, r):
+    """Keep (s, r) in the min-heap (hv, hi) of the best scores if it beats the worst."""
+    if s > hv[0]:
+        hv[0] = s
+        hi[0] = r
+        _heap_sift_down(hv, hi, 0, hv.shape[0])
+
+
 @kernel
 def heap_to_sorted(vals, ids):
     """Sort a filled min-heap in place into descending order of vals."""
@@ -170,19 +190,9 @@ def heap_to_sorted(vals, ids):
 @inline_kernel
 def _scan_rows(tables_q, codes, scales, r0, r1, heap_v, heap_i):
     """Score rows r0..r1 with one query's tables and keep the best in the heap."""
-    nbytes = codes.shape[1]
-    k = heap_v.shape[0]
     has_scale = scales.shape[0] > 0
     for i in range(r0, r1):
-        s = 0.0
-        for g in range(nbytes):
-            s += tables_q[g, codes[i, g]]
-        if has_scale:
-            s *= scales[i]
-        if s > heap_v[0]:
-            heap_v[0] = s
-            heap_i[0] = i
-            _heap_sift_down(heap_v, heap_i, 0, k)
+        heap_offer(heap_v, heap_i, row_score(tables_q, codes, scales, has_scale, i), i)
 
 
 @parallel_kernel
@@ -247,22 +257,11 @@ def coarse_nibbles(codes, bits, byte_of, shift_of, rshift, nib_of, nib_shift, M)
 
 @inline_kernel
 def _rescore_one(tables, codes, scales, cand, qi, hv, hi):
-    nbytes = codes.shape[1]
-    kk = hv.shape[0]
     has_scale = scales.shape[0] > 0
     for c in range(cand.shape[1]):
         r = cand[qi, c]
-        if r < 0:
-            continue
-        s = 0.0
-        for g in range(nbytes):
-            s += tables[qi, g, codes[r, g]]
-        if has_scale:
-            s *= scales[r]
-        if s > hv[0]:
-            hv[0] = s
-            hi[0] = r
-            _heap_sift_down(hv, hi, 0, kk)
+        if r >= 0:
+            heap_offer(hv, hi, row_score(tables[qi], codes, scales, has_scale, r), r)
     heap_to_sorted(hv, hi)
 
 
@@ -294,7 +293,6 @@ def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
     """IVF scan: for each query, full-precision ADC over the rows of its probed
     lists (``probes`` (nq, nprobe) list ids, -1 = none); top-kk per query."""
     nq = probes.shape[0]
-    nbytes = codes.shape[1]
     has_scale = scales.shape[0] > 0
     out_v = np.full((nq, kk), -np.inf, np.float32)
     out_i = np.full((nq, kk), -1, np.int64)
@@ -307,15 +305,7 @@ def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
                 continue
             for t in range(list_ptr[lst], list_ptr[lst + 1]):
                 r = list_rows[t]
-                s = 0.0
-                for g in range(nbytes):
-                    s += tables[qi, g, codes[r, g]]
-                if has_scale:
-                    s *= scales[r]
-                if s > hv[0]:
-                    hv[0] = s
-                    hi[0] = r
-                    _heap_sift_down(hv, hi, 0, kk)
+                heap_offer(hv, hi, row_score(tables[qi], codes, scales, has_scale, r), r)
         heap_to_sorted(hv, hi)
     return out_v, out_i
 
@@ -363,13 +353,6 @@ def table_sums(tables, codes, scales, rows):
     has_scale = scales.shape[0] > 0
     for qi in range(nq):
         for t in range(k):
-            r = rows[qi, t]
-            if r < 0:
-                continue
-            s = 0.0
-            for g in range(codes.shape[1]):
-                s += tables[qi, g, codes[r, g]]
-            if has_scale:
-                s *= scales[r]
-            out[qi, t] = s
+            if rows[qi, t] >= 0:
+                out[qi, t] = row_score(tables[qi], codes, scales, has_scale, rows[qi, t])
     return out

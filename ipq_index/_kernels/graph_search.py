@@ -11,17 +11,7 @@ import numpy as np
 from numba import prange
 
 from .._numba import inline_kernel, parallel_kernel
-from .adc import _heap_sift_down, heap_to_sorted
-
-
-@inline_kernel
-def _score(tables_q, codes, scales, has_scale, node):
-    s = 0.0
-    for g in range(codes.shape[1]):
-        s += tables_q[g, codes[node, g]]
-    if has_scale:
-        s *= scales[node]
-    return s
+from .adc import heap_offer, heap_to_sorted, row_score
 
 
 @inline_kernel
@@ -84,7 +74,7 @@ def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_leve
         T = tables[qi]
         visited = np.zeros(n, np.uint8)
         cur = entry
-        cur_s = _score(T, codes, scales, has_scale, cur)
+        cur_s = row_score(T, codes, scales, has_scale, cur)
         for lev in range(max_level, 0, -1):
             changed = True
             while changed:
@@ -94,7 +84,7 @@ def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_leve
                     nb = neighbors[t]
                     if nb < 0:
                         break
-                    s = _score(T, codes, scales, has_scale, nb)
+                    s = row_score(T, codes, scales, has_scale, nb)
                     if s > cur_s:
                         cur_s = s
                         cur = nb
@@ -106,10 +96,8 @@ def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_leve
         nres = 0
         csize = _max_heap_push(cv, ci, 0, cur_s, cur)
         visited[cur] = 1
-        rv[0] = cur_s
-        ri[0] = cur
+        heap_offer(rv, ri, cur_s, cur)  # rv: min-heap over ef slots (-inf = empty)
         nres = 1
-        _heap_sift_down(rv, ri, 0, ef)  # rv is a min-heap over ef slots (-inf = empty)
         while csize > 0:
             c_s = cv[0]
             c = ci[0]
@@ -124,13 +112,11 @@ def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_leve
                 if visited[nb]:
                     continue
                 visited[nb] = 1
-                s = _score(T, codes, scales, has_scale, nb)
+                s = row_score(T, codes, scales, has_scale, nb)
                 if nres < ef or s > rv[0]:
                     if csize < cap:
                         csize = _max_heap_push(cv, ci, csize, s, nb)
-                    rv[0] = s
-                    ri[0] = nb
-                    _heap_sift_down(rv, ri, 0, ef)
+                    heap_offer(rv, ri, s, nb)
                     if nres < ef:
                         nres += 1
         heap_to_sorted(rv, ri)

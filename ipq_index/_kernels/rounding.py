@@ -89,33 +89,6 @@ def rounding_cost(x, w, levels, objective_max):
 
 
 @kernel
-def rounding_error(x, w, levels, objective_max, nearest):
-    """Sum (or max) over x of w times the squared error of nearest rounding
-    (``nearest``) or the variance (b - x)(x - a) of unbiased rounding."""
-    if not nearest:
-        return rounding_cost(x, w, levels, objective_max)
-    total = 0.0
-    worst = 0.0
-    L = levels.shape[0]
-    has_w = w.shape[0] > 0
-    for i in range(x.shape[0]):
-        xi = x[i]
-        if L == 1:
-            e = xi - levels[0]
-            v = e * e
-        else:
-            lo = _bracket(levels, xi)
-            e = min(abs(levels[lo + 1] - xi), abs(xi - levels[lo]))
-            v = e * e
-        if has_w:
-            v *= w[i]
-        total += v
-        if v > worst:
-            worst = v
-    return worst if objective_max else total
-
-
-@kernel
 def _lloyd_sorted(xs, W, S1, levels, iters):
     """Lloyd iterations for nearest rounding on sorted values with prefix sums
     W (weights) and S1 (weighted values), both of length n + 1.  Points at
