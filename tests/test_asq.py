@@ -308,3 +308,27 @@ def test_solve_columns_matches_solve_and_threads():
             wj = kw.get("weights")
             assert asq.cost(X[:, j], cols1[j], weights=wj, objective=obj) == pytest.approx(
                 asq.cost(X[:, j], single, weights=wj, objective=obj), rel=1e-9)
+
+
+def test_minimax_unit_weight_walk_matches_scanning_walk():
+    """The O(s log n) greedy walk for equal weights agrees with the O(n) scan."""
+    from ipq_index._kernels import asq_dp as dp
+
+    rng = np.random.default_rng(21)
+    checked = 0
+    for _ in range(300):
+        n = int(rng.integers(3, 300))
+        v = np.unique(np.round(rng.standard_normal(n) * rng.uniform(0.1, 5), int(rng.integers(1, 4))))
+        if v.size < 3:
+            continue
+        s = int(rng.integers(2, min(12, v.size) + 1))
+        tau = rng.uniform(0, 1) * np.max((v[-1] - v) * (v - v[0]))
+        o1, o2 = np.empty(s + 1), np.empty(s + 1)
+        c1, g1 = dp._greedy_minimax(v, np.ones(v.size), tau, s, o1)
+        c2, g2 = dp._greedy_minimax_unit(v, tau, s, o2)
+        assert c1 == c2
+        if c1 <= s:
+            np.testing.assert_allclose(o1[:c1], o2[:c2], rtol=1e-12, atol=1e-12)
+        assert (np.isinf(g1) and np.isinf(g2)) or abs(g1 - g2) <= 1e-9 * (1 + abs(g1))
+        checked += 1
+    assert checked > 200

@@ -509,6 +509,78 @@ def _greedy_minimax(v, w, tau, s, out):
 
 
 @kernel
+def _first_greater(v, lo, t):
+    """Smallest index i >= lo with v[i] > t (v.shape[0] if none)."""
+    hi = v.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if v[mid] <= t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@kernel
+def _greedy_minimax_unit(v, tau, s, out):
+    """``_greedy_minimax`` for equal weights in O(s log n).
+
+    In a gap starting at level a, point x allows the next level up to
+    g(x) = x + tau / (x - a), a convex function of x with its minimum at
+    a + sqrt(tau); the binding point is therefore one of the two data points
+    around a + sqrt(tau) (a point beyond the resulting bound is not in the
+    gap).  Same return values as ``_greedy_minimax``.
+    """
+    n = v.shape[0]
+    last = v[n - 1]
+    a = v[0]
+    out[0] = a
+    count = 1
+    i = 1  # first point strictly after a
+    r = np.sqrt(tau)
+    while True:
+        # points in (a, ...): find the neighbours of a + r among v[i:]
+        # candidates: points in (a, max), i.e. indices i..n-2 (the maximum is a level)
+        j = _first_greater(v, i, a + r)  # v[j] > a + r >= v[j-1]
+        if j > n - 1:
+            j = n - 1
+        B = INF
+        if j - 1 >= i:
+            x = v[j - 1]
+            if x > a:
+                B = x + tau / (x - a)
+        if j < n - 1:
+            x = v[j]
+            if x < B:
+                gx = x + tau / (x - a)
+                if gx < B:
+                    B = gx
+        # every point in (a, B) is now covered; is the maximum among them?
+        if last < B:
+            out[count] = last
+            return count + 1, (B - last) if B < INF else INF
+        if B >= last:
+            out[count] = last
+            return count + 1, 0.0
+        if count + 1 >= s:
+            return s + 1, B - last
+        out[count] = B
+        count += 1
+        a = B
+        i = _first_greater(v, i, a - 0.0)
+        # points equal to the new level carry no variance: skip them
+        while i < n and v[i] <= a:
+            i += 1
+
+
+@kernel
+def _greedy(v, w, tau, s, out, unit, wconst):
+    if unit:
+        return _greedy_minimax_unit(v, tau / wconst, s, out)
+    return _greedy_minimax(v, w, tau, s, out)
+
+
+@kernel
 def minimax_levels(v, w, s, rtol):
     """Levels minimising max_i w_i (b_i - v_i)(v_i - a_i), at most s of them.
 
@@ -532,7 +604,13 @@ def minimax_levels(v, w, s, rtol):
         best[0] = lo_v
         best[1] = hi_v
         return best[:2].copy()
-    cnt, _ = _greedy_minimax(v, w, tau_hi, s, out)
+    wmin = w[0]
+    wmax = w[0]
+    for i in range(n):
+        wmin = min(wmin, w[i])
+        wmax = max(wmax, w[i])
+    unit = wmin == wmax and wmin > 0.0
+    cnt, _ = _greedy(v, w, tau_hi, s, out, unit, wmin)
     nbest = cnt
     for q in range(cnt):
         best[q] = out[q]
@@ -552,7 +630,7 @@ def minimax_levels(v, w, s, rtol):
         span = r_hi - r_lo
         if not (r > r_lo + 0.01 * span and r < r_hi - 0.01 * span):
             r = 0.5 * (r_lo + r_hi)
-        cnt, g = _greedy_minimax(v, w, r * r, s, out)
+        cnt, g = _greedy(v, w, r * r, s, out, unit, wmin)
         if cnt <= s and g >= 0.0:
             r_hi = r
             g_hi = g
