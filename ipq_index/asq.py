@@ -21,7 +21,7 @@ passes suffice (independent of s), and a solution with exactly s levels is
 provably optimal; when ties prevent hitting s exactly the layered DP runs.
 
 ``method="approx"`` (sum): no sort.  One pass builds a histogram over a uniform
-grid of ``grid`` cells (default :func:`default_grid`), the same DP runs over
+grid of ``grid`` cells (default :func:`default_grid`, growing with n and s), the same DP runs over
 the grid edges, and the levels are grid edges plus ``min(x)`` and ``max(x)``:
 O(n + s m).  Its cost is the exact cost of the returned levels and obeys
 
@@ -35,7 +35,9 @@ non-empty cell holds one distinct value the grid problem is exact.
 
 ``objective="max"``: greedy feasibility walks (each next level placed as far
 right as a threshold allows) inside a safeguarded false-position search on
-the threshold; levels may lie between input values.  The returned cost is
+the threshold; levels may lie between input values.  With equal weights a
+walk costs O(s log n) (the binding point of a gap starting at a is next to
+a + sqrt(threshold)), otherwise O(n).  The returned cost is
 within ``tol`` (relative, default 1e-6) of the optimum.
 """
 
@@ -77,13 +79,15 @@ class CostCurve(NamedTuple):
     levels: dict  #: {budget: sorted float64 levels}
 
 
-def default_grid(n: int) -> int:
-    """Default number of grid cells for ``method="approx"`` on ``n`` values.
+def default_grid(n: int, s: int = 16) -> int:
+    """Default number of grid cells for ``method="approx"`` on ``n`` values
+    with budget ``s``: ``clip(max(8 sqrt(n), 256 s), 4096, 65536)``.
 
-    ``clip(8 * sqrt(n), 1024, 16384)``: 8192 cells at n = 2^20.  The
-    additive loss bound shrinks as 1/grid^2 while the DP costs O(s * grid).
+    The additive loss bound shrinks as 1/grid^2; the DP costs O(grid) per
+    Lagrangian pass (s > 6) or per layer (s <= 6), and the histogram holds
+    grid cells of 40 bytes.
     """
-    return int(min(16384, max(1024, 8 * np.sqrt(max(n, 1)))))
+    return int(min(65536, max(4096, 8 * np.sqrt(max(n, 1)), 256 * s)))
 
 
 # ---------------------------------------------------------------------------
@@ -136,9 +140,9 @@ def _choice(value, allowed, name):
     return value
 
 
-def _grid(grid, n):
+def _grid(grid, n, s):
     if grid is None:
-        return default_grid(n)
+        return default_grid(n, s)
     if isinstance(grid, (bool, np.bool_)) or not isinstance(grid, (int, np.integer)) or grid < 2:
         raise ValueError(f"grid must be an integer >= 2, got {grid!r}")
     return int(grid)
@@ -247,7 +251,7 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
     if objective == "max" and method == "approx":
         raise ValueError('method="approx" is only available for objective="sum"')
     if method == "approx":
-        m = _grid(grid, x.size)
+        m = _grid(grid, x.size, s)
         if x.size > m:
             return _dp.approx_sum_levels(x, w, s, m)
     v, wv = _sorted_distinct(x, w, objective == "max")
@@ -292,11 +296,11 @@ def solve_all(x, s_max, *, weights=None, objective="sum", method="exact", grid=N
                 levels[int(b)] = lv
         return CostCurve(all_budgets, costs, levels)
 
-    if method == "approx" and x.size > _grid(grid, x.size):
+    if method == "approx" and x.size > _grid(grid, x.size, s_max):
         lo, hi, center = _dp.moments(x, w)
         if hi == lo:
             return CostCurve(all_budgets, costs, {int(b): np.array([lo]) for b in wanted})
-        P, pos, _exact = _dp.grid_table(x, w, lo, hi, center, _grid(grid, x.size))
+        P, pos, _exact = _dp.grid_table(x, w, lo, hi, center, _grid(grid, x.size, s_max))
         n = P.shape[0]
         T, D, arg, q, qs = _exact_scratch(n, s_max)
         _dp.fill_plane_prefix(P, T)
@@ -353,7 +357,7 @@ def solve_columns(X, s, *, weights=None, objective="sum", method="exact", grid=N
         raise ValueError('method="approx" is only available for objective="sum"')
     if not (0 < tol < 1):
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
-    m = _grid(grid, N)
+    m = _grid(grid, N, int(budgets.max()))
     with threads(num_threads):
         levels, counts = _dp.solve_columns_kernel(
             X, w, budgets, objective == "max", method == "approx", m, float(tol), int(block)
