@@ -134,11 +134,28 @@ class ASQEncoder:
 
     # -- training ---------------------------------------------------------
     def train(self, X, queries=None, *, weights=None, num_threads=-1):
+        """Learn the encoder; on any error the previous state is kept."""
+        snapshot = dict(self.__dict__)
+        try:
+            return self._train(X, queries, weights, num_threads)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(snapshot)
+            raise
+
+    def _train(self, X, queries, weights, num_threads):
         X = check_matrix(X, self.d, "training data")
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
+        if weights is not None:
+            weights = np.asarray(weights, np.float64).reshape(-1)
+            if weights.shape != (X.shape[0],):
+                raise ValueError(f"weights must have one entry per training row ({X.shape[0]}), "
+                                 f"got {weights.shape[0]}")
         if X.shape[0] > cfg.sample_size:
-            X = X[np.sort(rng.choice(X.shape[0], cfg.sample_size, replace=False))]
+            sel = np.sort(rng.choice(X.shape[0], cfg.sample_size, replace=False))
+            X = X[sel]
+            weights = None if weights is None else weights[sel]
         if X.shape[0] < 2:
             raise ValueError("training needs at least 2 vectors")
         Xd = X.astype(np.float64)
@@ -163,10 +180,7 @@ class ASQEncoder:
             Z = Z / np.where(norms > 0, norms, 1.0)[:, None]
             w = norms**2
         if weights is not None:
-            extra = np.asarray(weights, np.float64)
-            if extra.shape != (X.shape[0],):
-                raise ValueError(f"weights must have one entry per training row ({X.shape[0]})")
-            w = extra if w is None else w * extra
+            w = weights if w is None else w * weights
         if queries is not None:
             Qr = self._rotate(check_matrix(queries, self.d, "sample queries").astype(np.float64))
             energy = np.mean(Qr**2, axis=0)

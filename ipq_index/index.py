@@ -34,7 +34,7 @@ _TRANSFORMS = {"PCA": "pca", "ROT": "random", "RR": "random"}
 
 
 def parse_spec(spec: str) -> dict:
-    """Parse a factory string ``[transform,] [IVF<nlist>,] ASQ<bits>[flags] [,Rerank[<k>][F16|F32]]``.
+    """Parse a factory string ``[transform,] [IVF<nlist>|HNSW<M>,] ASQ<bits>[flags] [,Rerank[<k>][F16|F32]]``.
 
     transform: ``PCA`` or ``ROT`` (random rotation); none when absent.
     structure: ``IVF<nlist>`` (inverted lists, probed by inner product with
@@ -181,7 +181,12 @@ class FlatIndex:
 
         ``queries`` (optional sample queries) set the per-dimension query
         energy used by the bit allocation; otherwise the corpus is used.
+        An index that already holds vectors cannot be retrained (their codes
+        belong to the current quantizer): build a new index instead.
         """
+        if self.ntotal:
+            raise RuntimeError(f"the index holds {self.ntotal} vectors encoded with the current "
+                               "quantizer: create a new index to retrain")
         with threads(num_threads):
             self.encoder.train(X, queries, weights=weights, num_threads=num_threads)
         self.codes = np.zeros((0, self.encoder.nbytes), np.uint8)

@@ -356,3 +356,23 @@ def test_unbiased_std_bound_covers_the_observed_error(sample):
     assert np.abs(scores.mean(axis=0) - exact).max() < 6 * std.max() / np.sqrt(len(scores)) + 1e-6
     with pytest.raises(ValueError, match="unbiased"):
         ipq_index.index_factory(X.shape[1], "ASQ4").train(X).add(X).search(Q, 5, return_std=True)
+
+
+def test_failed_retrain_keeps_the_trained_state(sample):
+    X, Q = sample
+    X = X[:1200]
+    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4", sample_size=1000).train(X)
+    levels = idx.encoder.levels.copy()
+    with pytest.raises(ValueError, match="non-negative"):
+        idx.train(X * 2, weights=-np.ones(len(X)))
+    with pytest.raises(ValueError, match="one entry per training row"):
+        idx.train(X, weights=np.ones(3))
+    np.testing.assert_array_equal(idx.encoder.levels, levels)  # the old quantizer survives
+    idx.add(X)
+    ref = ipq_index.index_factory(X.shape[1], "PCA,ASQ4", sample_size=1000).train(X).add(X)
+    np.testing.assert_array_equal(idx.search(Q, 5)[1], ref.search(Q, 5)[1])
+    with pytest.raises(RuntimeError, match="retrain"):
+        idx.train(X)
+    # weights are subsampled together with the rows (sample_size < n)
+    w = np.linspace(0.5, 2.0, len(X))
+    ipq_index.index_factory(X.shape[1], "PCA,ASQ2", sample_size=700).train(X, weights=w)
