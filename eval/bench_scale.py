@@ -1,0 +1,83 @@
+"""Build time, memory and single-thread QPS at scale (e.g. 10^5 and 10^6 vectors).
+
+    python eval/make_synthetic.py --src REAL.hdf5 --n 1000000 --out syn1m.hdf5
+    python eval/bench_scale.py syn1m.hdf5 --ipq "PCA,ASQ4" "PCA,IVF1024,ASQ4" --faiss PQ384x4fs "IVF1024,SQ8"
+
+For each method: build seconds (train + add, all threads), bytes per vector,
+and for each search setting: recall@10 and single-thread QPS over --queries
+queries.  IVF settings sweep nprobe, graph settings sweep ef.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import faiss
+import h5py
+import numpy as np
+
+import ipq_index
+
+
+def recall(I, gt):
+    return float(np.mean([len(set(a) & set(b)) / gt.shape[1] for a, b in zip(I, gt)]))
+
+
+def qps(fn, Q):
+    t = time.perf_counter()
+    for i in range(Q.shape[0]):
+        fn(Q[i:i + 1])
+    return Q.shape[0] / (time.perf_counter() - t)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data")
+    ap.add_argument("--ipq", nargs="*", default=["PCA,ASQ4", "PCA,IVF1024,ASQ4"])
+    ap.add_argument("--faiss", nargs="*", default=["PQ384x4fs", "IVF1024,SQ8"])
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--k", type=int, default=10)
+    args = ap.parse_args(argv)
+    with h5py.File(args.data, "r") as f:
+        X = f["train"][:]
+        Q = f["test"][: args.queries]
+        gt = f["neighbors"][: args.queries, : args.k]
+    d = X.shape[1]
+    print(f"{args.data}: {X.shape[0]} x {d}, {len(Q)} queries")
+    for spec in args.ipq:
+        t = time.perf_counter()
+        index = ipq_index.index_factory(d, spec).train(X)
+        index.add(X)
+        index.warmup()
+        build = time.perf_counter() - t
+        sweeps = ([{"nprobe": p} for p in (16, 32, 64, 128)] if "IVF" in spec else
+                  [{"ef": e} for e in (32, 64, 128)] if "HNSW" in spec else [{"fs": f} for f in (5, 10)])
+        for params in sweeps:
+            _, I = index.search(Q, args.k, **params)
+            q1 = qps(lambda q: index.search(q, args.k, num_threads=1, **params), Q)
+            print(f"ipq   {spec:22s} {str(params):16s} build {build:7.1f}s  {index.nbytes / len(index):7.1f} B/vec  "
+                  f"recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}", flush=True)
+        del index
+    for spec in args.faiss:
+        t = time.perf_counter()
+        index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+        index.train(X[: min(len(X), 262144)])
+        index.add(X)
+        build = time.perf_counter() - t
+        settings = [16, 32, 64, 128] if "IVF" in spec else [None]
+        for p in settings:
+            if p is not None:
+                faiss.ParameterSpace().set_index_parameter(index, "nprobe", p)
+            _, I = index.search(Q, args.k)
+            prev = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            q1 = qps(lambda q: index.search(q, args.k), Q)
+            faiss.omp_set_num_threads(prev)
+            print(f"faiss {spec:22s} {'nprobe=' + str(p) if p else '-':16s} build {build:7.1f}s  "
+                  f"{index.sa_code_size():7.1f} B/vec  recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}", flush=True)
+        del index
+
+
+if __name__ == "__main__":
+    main()
