@@ -310,38 +310,34 @@ def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
     return out_v, out_i
 
 
+@inline_kernel
+def _rotate_row(Q, R, i, out):
+    """out[i] = Q[i] @ R with float64 accumulation."""
+    m = R.shape[1]
+    acc = np.zeros(m, np.float64)
+    for t in range(Q.shape[1]):
+        q = np.float64(Q[i, t])
+        for j in range(m):
+            acc[j] += q * R[t, j]
+    for j in range(m):
+        out[i, j] = acc[j]
+
+
 @kernel
 def rotate_rows_serial(Q, R):
     """Q @ R for a few rows (float32 in, float64 accumulation, float32 out)."""
-    nq, d = Q.shape
-    m = R.shape[1]
-    out = np.empty((nq, m), np.float32)
-    acc = np.empty(m, np.float64)
-    for i in range(nq):
-        acc[:] = 0.0
-        for t in range(d):
-            q = np.float64(Q[i, t])
-            for j in range(m):
-                acc[j] += q * R[t, j]
-        for j in range(m):
-            out[i, j] = acc[j]
+    out = np.empty((Q.shape[0], R.shape[1]), np.float32)
+    for i in range(Q.shape[0]):
+        _rotate_row(Q, R, i, out)
     return out
 
 
 @parallel_kernel
 def rotate_rows(Q, R):
     """Q @ R, rows in parallel (avoids BLAS thread pools fighting OpenMP)."""
-    nq, d = Q.shape
-    m = R.shape[1]
-    out = np.empty((nq, m), np.float32)
-    for i in prange(nq):
-        acc = np.zeros(m, np.float64)
-        for t in range(d):
-            q = np.float64(Q[i, t])
-            for j in range(m):
-                acc[j] += q * R[t, j]
-        for j in range(m):
-            out[i, j] = acc[j]
+    out = np.empty((Q.shape[0], R.shape[1]), np.float32)
+    for i in prange(Q.shape[0]):
+        _rotate_row(Q, R, i, out)
     return out
 
 
