@@ -134,17 +134,9 @@ class FaissIndex(_Wrapper):
         return self
 
     def set_query_arguments(self, *args):
-        from .config import parse_params
+        from .config import collect_query_args
 
-        params: dict = {}
-        for a in args:
-            if isinstance(a, dict):
-                params.update(a)
-            elif isinstance(a, str):
-                params.update(parse_params([a], "faiss query argument"))
-            else:
-                raise ValueError(f"faiss query arguments must be 'name=value' strings or a dict, got {a!r}")
-        params = {k: v for k, v in params.items() if v is not None}
+        params = collect_query_args(args, (), "faiss query argument")
         if self.index is not None:
             self._apply({**self._defaults(), **params})
         self._query_params = params
@@ -226,17 +218,9 @@ class HnswlibIndex(_Wrapper):
         return self
 
     def set_query_arguments(self, *args):
-        params: dict = {}
-        for a in args:
-            if isinstance(a, dict):
-                params.update(a)
-            elif isinstance(a, str) and "=" in a:
-                from .config import parse_params
+        from .config import collect_query_args
 
-                params.update(parse_params([a], "hnswlib query argument"))
-            else:
-                params["ef"] = a
-        params = {k: v for k, v in params.items() if v is not None}
+        params = collect_query_args(args, ("ef",), "hnswlib query argument")
         bad = sorted(set(params) - {"ef"})
         if bad:
             raise ValueError(f"hnswlib takes only the query argument 'ef', got {bad}")

@@ -392,6 +392,28 @@ def parse_value(text: str):
     return t
 
 
+def collect_query_args(args, names=(), where: str = "query argument") -> dict:
+    """Merge ann-benchmarks ``set_query_arguments(*args)`` into one dict.
+
+    Each argument is a dict, a ``"name=value"`` string, or a bare value taken
+    positionally by ``names``; ``None`` values are dropped.
+    """
+    params: dict = {}
+    bare = []
+    for a in args:
+        if isinstance(a, dict):
+            params.update(a)
+        elif isinstance(a, str) and "=" in a:
+            params.update(parse_params([a], where))
+        else:
+            bare.append(a)
+    if len(bare) > len(names):
+        raise ValueError(f"{where}: {len(bare)} positional value(s) {bare!r} but only "
+                         f"{len(names)} name(s) {list(names)}; pass a dict or 'name=value' strings")
+    params.update(zip(names, bare))
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def parse_params(items, where: str = "--param") -> dict:
     """Parse ``["rerank=2", "nprobe=16,ef=64"]`` into ``{"rerank": 2, "nprobe": 16, "ef": 64}``."""
     out = {}

@@ -176,3 +176,16 @@ def test_parse_params():
     for bad in (["rerank"], ["=3"], ["2x=1"]):
         with pytest.raises(ValueError, match="key=value"):
             parse_params(bad)
+
+
+def test_collect_query_args_forms_and_errors():
+    import pytest
+
+    from ipq_index.config import collect_query_args
+
+    assert collect_query_args(({"rerank": 2}, "fs=5", 7), ("ef",)) == {"rerank": 2, "fs": 5, "ef": 7}
+    assert collect_query_args((None,), ("ef",)) == {}
+    with pytest.raises(ValueError, match="positional"):
+        collect_query_args((3, 4), ("ef",), "hnswlib query argument")
+    with pytest.raises(ValueError, match="positional"):
+        collect_query_args((16,), (), "faiss query argument")

@@ -539,8 +539,8 @@ def _greedy_minimax_unit(v, tau, s, out):
     i = 1  # first point strictly after a
     r = np.sqrt(tau)
     while True:
-        # points in (a, ...): find the neighbours of a + r among v[i:]
-        # candidates: points in (a, max), i.e. indices i..n-2 (the maximum is a level)
+        # candidates: points in (a, max), i.e. indices i..n-2 (the maximum is a
+        # level); the binding one is next to a + r
         j = _first_greater(v, i, a + r)  # v[j] > a + r >= v[j-1]
         if j > n - 1:
             j = n - 1
@@ -567,10 +567,7 @@ def _greedy_minimax_unit(v, tau, s, out):
         out[count] = B
         count += 1
         a = B
-        i = _first_greater(v, i, a - 0.0)
-        # points equal to the new level carry no variance: skip them
-        while i < n and v[i] <= a:
-            i += 1
+        i = _first_greater(v, i, a)  # points equal to the new level carry no variance
 
 
 @kernel

@@ -181,24 +181,9 @@ class IpqIndex(_Base):
     # -- query settings -------------------------------------------------------
     def set_query_arguments(self, *args):
         """Set the search keyword arguments for the following queries (see class doc)."""
-        from ipq_index.config import parse_params
+        from ipq_index.config import collect_query_args
 
-        params: dict = {}
-        bare = []
-        for a in args:
-            if isinstance(a, dict):
-                params.update(a)
-            elif isinstance(a, str) and "=" in a:
-                params.update(parse_params([a], "query argument"))
-            else:
-                bare.append(a)
-        if len(bare) > len(self.query_arg_names):
-            raise ValueError(f"{len(bare)} positional query arguments {bare!r} but only "
-                             f"{len(self.query_arg_names)} names {list(self.query_arg_names)}; "
-                             f"pass a dict instead")
-        for name, value in zip(self.query_arg_names, bare):
-            params[name] = value
-        params = {k: v for k, v in params.items() if v is not None}
+        params = collect_query_args(args, tuple(self.query_arg_names))
         if self.index is not None:
             check_search_params(self.index, params)
         self._query_params = params
