@@ -26,6 +26,8 @@ import numpy as np
 from ._kernels import adc as _adc
 
 DSUB = 4
+#: vectors per fast-scan block (FAISS's bbs)
+BLOCK = 32
 #: run the FAISS stage on one thread: its OpenMP workers otherwise keep
 #: spinning after each call and starve the numba stages that follow (on a
 #: 2-core machine batch search ran 2.5x slower); parallelism comes from numba
@@ -33,9 +35,14 @@ FAISS_SINGLE_THREAD = True
 
 
 class FastScanner:
-    """Coarse fast-scan candidate generator derived from an encoder's layout."""
+    """Coarse fast-scan candidate generator derived from an encoder's layout.
 
-    def __init__(self, encoder, codes, scales=None, chunk: int = 65536, sample: int = 100_000):
+    ``lists``: optional ``(ptr, order)`` CSR of an IVF partition (list l holds
+    rows ``order[ptr[l]:ptr[l+1]]``); then candidates come only from the
+    probed lists (FAISS ``IndexIVFPQFastScan`` with injected codes).
+    """
+
+    def __init__(self, encoder, codes, scales=None, lists=None, chunk: int = 65536, sample: int = 100_000):
         import faiss
 
         from . import asq
@@ -105,13 +112,49 @@ class FastScanner:
                 self.slot_dim[m, s] = j
         self.M = M
         self.dv = M * DSUB
-        pq = faiss.IndexPQ(self.dv, M, 4, faiss.METRIC_INNER_PRODUCT)
-        faiss.copy_array_to_vector(cent.ravel(), pq.pq.centroids)
-        pq.is_trained = True
-        faiss.copy_array_to_vector(packed.ravel(), pq.codes)
-        pq.ntotal = n
-        self.index = faiss.IndexPQFastScan(pq)
         self.code_bytes = M // 2
+        self.lists = lists
+        if lists is None:
+            pq = faiss.IndexPQ(self.dv, M, 4, faiss.METRIC_INNER_PRODUCT)
+            faiss.copy_array_to_vector(cent.ravel(), pq.pq.centroids)
+            pq.is_trained = True
+            faiss.copy_array_to_vector(packed.ravel(), pq.codes)
+            pq.ntotal = n
+            self.index = faiss.IndexPQFastScan(pq)
+        else:
+            self.index = self._ivf_index(cent, packed, *lists)
+
+    def _ivf_index(self, cent, packed, ptr, order):
+        """FAISS IVF fast-scan index whose list l holds the coarse codes of
+        rows ``order[ptr[l]:ptr[l+1]]`` (labels = row numbers).  Probing is
+        ours (``search_preassigned``), so its coarse quantizer is a dummy."""
+        faiss = self._faiss
+        nlist = ptr.size - 1
+        self._quantizer = faiss.IndexFlatIP(self.dv)
+        self._quantizer.add(np.zeros((nlist, self.dv), np.float32))
+        ivf = faiss.IndexIVFPQFastScan(self._quantizer, self.dv, nlist, self.M, 4,
+                                       faiss.METRIC_INNER_PRODUCT, BLOCK)
+        ivf.by_residual = False
+        faiss.copy_array_to_vector(cent.ravel(), ivf.pq.centroids)
+        ivf.is_trained = True
+        packer = ivf.get_CodePacker()
+        bs, cs = int(packer.block_size), int(packer.code_size)
+        if cs != self.code_bytes or int(packer.nvec) != BLOCK:
+            raise RuntimeError(f"unexpected FAISS fast-scan layout (code size {cs}, block {packer.nvec})")
+        for lst in range(nlist):
+            rows = np.ascontiguousarray(order[ptr[lst]:ptr[lst + 1]], np.int64)
+            if rows.size == 0:
+                continue
+            nb = -(-rows.size // BLOCK)
+            flat = np.zeros((nb * BLOCK, cs), np.uint8)
+            flat[:rows.size] = packed[rows]
+            blocks = np.zeros(nb * bs, np.uint8)
+            for b in range(nb):
+                packer.pack_all(faiss.swig_ptr(flat[b * BLOCK:(b + 1) * BLOCK]),
+                                faiss.swig_ptr(blocks[b * bs:(b + 1) * bs]))
+            ivf.invlists.add_entries(lst, rows.size, faiss.swig_ptr(rows), faiss.swig_ptr(blocks))
+        ivf.ntotal = int(packed.shape[0])
+        return ivf
 
     @property
     def nbytes(self) -> int:
@@ -125,14 +168,21 @@ class FastScanner:
         Yv[:, ok] = Y[:, self.slot_dim[ok]]
         return Yv.reshape(Y.shape[0], self.dv)
 
-    def candidates(self, Y, kk: int, num_threads: int) -> np.ndarray:
-        """Rows (nq, kk) of the best coarse scores (-1 padded)."""
+    def candidates(self, Y, kk: int, num_threads: int, probes=None) -> np.ndarray:
+        """Rows (nq, kk) of the best coarse scores (-1 padded); ``probes``
+        (nq, nprobe) int64: the lists to scan (IVF scanners only)."""
         faiss = self._faiss
         Yv = self.virtual_queries(Y)
+        kk = min(kk, int(self.index.ntotal))
         prev = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1 if FAISS_SINGLE_THREAD else max(1, num_threads))
         try:
-            _, I = self.index.search(Yv, min(kk, int(self.index.ntotal)))
+            if self.lists is None:
+                _, I = self.index.search(Yv, kk)
+            else:
+                probes = np.ascontiguousarray(probes, np.int64)
+                self.index.nprobe = probes.shape[1]
+                _, I = self.index.search_preassigned(Yv, kk, probes, np.zeros(probes.shape, np.float32))
         finally:
             faiss.omp_set_num_threads(prev)
         return I

@@ -240,17 +240,13 @@ class FlatIndex:
         an upper bound on the standard deviation of each returned score (0 for
         exactly re-ranked scores); see ``_search``.
         """
-        if fs is None:
-            fsf = int(np.ceil(FASTSCAN_FACTOR * max(1.0, np.sqrt(self.ntotal / FASTSCAN_REF_ROWS))))
-        else:
-            fsf = _nonneg_int(fs, "fs")
+        fsf = self._fs_factor(fs, self.ntotal)
         use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
 
         def candidates(Qc, Y, tables, kk, codes, scales, nthreads):
             if use_fs:
                 cand = self._fast_scanner().candidates(Y, min(self.ntotal, fsf * kk), nthreads)
-                rescore = _adc.rescore_topk if Qc.shape[0] >= 8 else _adc.rescore_topk_serial
-                return rescore(tables, codes, scales, cand, kk)
+                return _rescore(tables, codes, scales, cand, kk)
             if Qc.shape[0] >= nthreads or nthreads == 1:
                 return _adc.scan_topk_batch(tables, codes, scales, kk)
             cand_v = np.empty((Qc.shape[0], kk), np.float32)  # few queries: split the rows
@@ -262,6 +258,14 @@ class FlatIndex:
             return cand_v, cand_r
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
+
+    @staticmethod
+    def _fs_factor(fs, scanned_rows):
+        """Fast-scan candidate factor: ``fs`` if given, else FASTSCAN_FACTOR
+        grown by sqrt(rows scanned / FASTSCAN_REF_ROWS) above that size."""
+        if fs is not None:
+            return _nonneg_int(fs, "fs")
+        return int(np.ceil(FASTSCAN_FACTOR * max(1.0, np.sqrt(scanned_rows / FASTSCAN_REF_ROWS))))
 
     def _search(self, Q, k, rerank, num_threads, candidates, return_std=False):
         """Validation, query chunks, tables, candidates (structure-specific
@@ -321,9 +325,12 @@ class FlatIndex:
     def _fast_scanner(self):
         if self._scanner is None or self._scanner_rows != self.ntotal:
             scales = np.asarray(self.scales) if self.encoder.config.scale else None
-            self._scanner = FastScanner(self.encoder, np.asarray(self.codes), scales)
+            self._scanner = FastScanner(self.encoder, np.asarray(self.codes), scales, self._scan_lists())
             self._scanner_rows = self.ntotal
         return self._scanner
+
+    def _scan_lists(self):
+        return None  # the flat index scans every row
 
     def reconstruct(self, rows=None) -> np.ndarray:
         """Decoded vectors (float32, original space) of the given row positions."""
@@ -462,25 +469,41 @@ class IVFIndex(FlatIndex):
         return self._lists
 
     def search(self, Q, k: int, *, rerank: int | None = None, nprobe: int | None = None,
-               num_threads: int | None = -1, return_std: bool = False):
+               fs: int | None = None, num_threads: int | None = -1, return_std: bool = False):
         """Top-k inner products probing ``nprobe`` lists (default: the index's
-        ``nprobe``; ``nprobe = nlist`` scans everything, like the flat index)."""
+        ``nprobe``; ``nprobe = nlist`` scans everything, like the flat index).
+
+        The probed lists are scanned by the SIMD fast-scan over coarse codes
+        and the best ``fs * max(k, rerank * k)`` are rescored with the full
+        ADC (``fs``: as in ``FlatIndex.search``, the default growing with the
+        rows scanned; ``fs=0`` scans the lists with the full ADC).
+        """
         npb = self.nprobe if nprobe is None else _nonneg_int(nprobe, "nprobe")
         if npb < 1:
             raise ValueError("nprobe must be >= 1")
         npb = min(npb, self.nlist)
+        fsf = self._fs_factor(fs, self.ntotal * npb / max(1, self.nlist))
+        use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
         ptr, rows = self._list_index()
 
         def candidates(Qc, Y, tables, kk, codes, scales, nthreads):
-            cs = Qc @ self.centroids.T
-            probes = np.argpartition(-cs, npb - 1, axis=1)[:, :npb] if npb < self.nlist else \
-                np.tile(np.arange(self.nlist), (Qc.shape[0], 1))
-            return _adc.scan_lists_topk(tables, codes, scales, ptr, rows, probes.astype(np.int64), kk)
+            if npb < self.nlist:
+                cs = Qc @ self.centroids.T
+                probes = np.argpartition(-cs, npb - 1, axis=1)[:, :npb].astype(np.int64)
+            else:
+                probes = np.tile(np.arange(self.nlist, dtype=np.int64), (Qc.shape[0], 1))
+            if use_fs:
+                cand = self._fast_scanner().candidates(Y, min(self.ntotal, fsf * kk), nthreads, probes)
+                return _rescore(tables, codes, scales, cand, kk)
+            return _adc.scan_lists_topk(tables, codes, scales, ptr, rows, probes, kk)
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
 
+    def _scan_lists(self):
+        return self._list_index()
+
     def _warmup_params(self):
-        return ({},)
+        return ({}, {"fs": 0})
 
     def _extra_state(self):
         return {"nlist": self.nlist, "nprobe": self.nprobe}, {"ivf.centroids": self.centroids,
@@ -583,6 +606,12 @@ class GraphIndex(FlatIndex):
     def _load_extra(self, meta, arrays):
         self.graph = {k: arrays[f"graph.{k}"] for k in ("neighbors", "offsets", "cum", "entry")}
         self.graph_metric = meta.get("graph_metric", "ip")
+
+
+def _rescore(tables, codes, scales, cand, kk):
+    """Full-ADC rescoring of candidate rows (parallel over queries when many)."""
+    rescore = _adc.rescore_topk if cand.shape[0] >= 8 else _adc.rescore_topk_serial
+    return rescore(tables, codes, scales, cand, kk)
 
 
 def _rerank_exact(Q, vectors, cand, k, chunk=256):

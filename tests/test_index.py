@@ -8,6 +8,7 @@ import pytest
 
 import ipq_index
 from ipq_index import datasets
+from ipq_index import index as index_mod
 from ipq_index.encoder import allocate_bits, pack_fields
 
 
@@ -305,9 +306,41 @@ def test_ivf_full_probe_reproduces_flat_and_roundtrips(tmp_path, sample):
     with pytest.raises(ValueError, match="nprobe"):
         ivf.search(Q, 10, nprobe=-1)
     with pytest.raises(TypeError):
-        ivf.search(Q, 10, fs=3)  # a flat-index parameter
+        ivf.search(Q, 10, ef=3)  # a graph-index parameter
     with pytest.raises(ValueError, match="training vectors"):
         ipq_index.index_factory(X.shape[1], "IVF5000,ASQ4").train(X[:100])
+
+
+def test_ivf_fast_scan_lists_match_full_adc(tmp_path):
+    """Above FASTSCAN_MIN_ROWS the probed lists are scanned by FAISS's IVF
+    fast-scan over injected coarse codes, then rescored: with a generous
+    factor this equals the full-ADC scan of the same lists, for direct and
+    scaled codes, and with every list probed it equals the flat index."""
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:60]
+    for spec in ("PCA,IVF64,ASQ4", "PCA,IVF64,ASQ4s"):
+        ivf = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
+        assert ivf.ntotal >= index_mod.FASTSCAN_MIN_ROWS
+        for nprobe in (3, 16):
+            D_full, I_full = ivf.search(Q, 10, nprobe=nprobe, fs=0)
+            D_fast, I_fast = ivf.search(Q, 10, nprobe=nprobe, fs=200)
+            np.testing.assert_allclose(D_fast, D_full, rtol=1e-5, atol=1e-5)
+            # candidates only come from the probed lists
+            probes = np.argsort(-(Q @ ivf.centroids.T), axis=1)[:, :nprobe]
+            pos = np.searchsorted(ivf.ids, I_fast)
+            assert np.all(np.isin(ivf.assign[pos], probes).reshape(len(Q), -1).all(axis=1))
+        flat = ipq_index.index_factory(X.shape[1], spec.replace("IVF64,", "")).train(X).add(X)
+        D_all, _ = ivf.search(Q, 10, nprobe=64, fs=200)
+        np.testing.assert_allclose(D_all, flat.search(Q, 10, fs=0)[0], rtol=1e-5, atol=1e-5)
+        # the default factor loses (almost) nothing against the full scan
+        _, gt = exact_topk(X, Q, 10)
+        assert recall(ivf.search(Q, 10, nprobe=16)[1], gt) >= recall(ivf.search(Q, 10, nprobe=16, fs=0)[1], gt) - 0.01
+        np.testing.assert_array_equal(ivf.search(Q, 10, nprobe=8, num_threads=1)[1],
+                                      ivf.search(Q, 10, nprobe=8, num_threads=2)[1])
+    path = tmp_path / "ivf_fs.ipq"
+    ivf.save(path)
+    back = ipq_index.load(path)
+    np.testing.assert_array_equal(back.search(Q, 10, nprobe=8)[1], ivf.search(Q, 10, nprobe=8)[1])
 
 
 def test_graph_large_ef_reproduces_flat_and_roundtrips(tmp_path, sample):
