@@ -1,8 +1,8 @@
-"""FAISS and hnswlib baselines behind the same wrapper contract as
+"""FAISS, hnswlib and ScaNN baselines behind the same wrapper contract as
 :class:`ipq_index.ann_benchmarks.module.IpqIndex` (``fit``,
 ``set_query_arguments``, ``query``, ``batch_query``, ``get_batch_results``,
 ``get_memory_usage``, ``done``, ``__str__``), so ``ipq bench`` times every
-library the same way.  Both search by raw inner product; ``"angular"``
+library the same way.  All search by raw inner product; ``"angular"``
 normalises data and queries first.
 
 * :class:`FaissIndex`: ``faiss.index_factory(d, spec, METRIC_INNER_PRODUCT)``;
@@ -12,6 +12,9 @@ normalises data and queries first.
 * :class:`HnswlibIndex`: ``hnswlib.Index(space="ip")`` with ``M`` and
   ``ef_construction``; query argument ``ef``.  hnswlib reports ``1 - ip``; it is
   converted back to inner products.
+* :class:`ScannIndex`: ScaNN (optional, not a dependency) with ``dot_product``
+  scoring; build ``num_leaves``, ``avq_threshold``, ``dims_per_block``,
+  ``reorder``; query arguments ``leaves_to_search`` and ``reorder``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 
 from .ann_benchmarks.module import _unit, normalize_metric
 
-__all__ = ["FaissIndex", "HnswlibIndex", "DEFAULT_K_FACTOR_RF"]
+__all__ = ["FaissIndex", "HnswlibIndex", "ScannIndex", "DEFAULT_K_FACTOR_RF"]
 
 #: k_factor_rf given to FAISS refine indexes when the config sets none.
 DEFAULT_K_FACTOR_RF = 4
@@ -249,6 +252,100 @@ class HnswlibIndex(_Wrapper):
         """Estimate: float32 vector + level-0 links (2M + 1 int32) + 8-byte label
         (upper graph levels, about 1/M of the nodes, are ignored)."""
         return float(4 * self.d + 4 * (2 * self.M + 1) + 8) if self.d else float("nan")
+
+    def done(self):
+        self.index = None
+        self._batch = None
+
+
+class ScannIndex(_Wrapper):
+    """Google ScaNN (optional; ``import scann``): a partitioning tree, anisotropic
+    4-bit asymmetric hashing (``score_ah``) and an exact re-ordering of the best
+    ``reorder`` candidates, scored by dot product.
+
+    Build settings: ``num_leaves`` (default ``round(sqrt(n))``), ``avq_threshold``
+    (anisotropic quantization threshold, default 0.2), ``dims_per_block`` (default
+    2), ``reorder`` (re-order pool, 0 = none; default 100), ``training_sample_size``
+    (default: all rows, at most 250,000).  Query arguments: ``leaves_to_search``,
+    ``reorder`` (``pre_reorder_num_neighbors``).  ``batch_query`` uses ScaNN's own
+    thread pool (``search_batched_parallel``); ``query`` is one ``search`` call.
+    """
+
+    QUERY_NAMES = ("leaves_to_search", "reorder")
+
+    def __init__(self, metric, num_leaves=None, avq_threshold=0.2, dims_per_block=2, reorder=100,
+                 training_sample_size=None, threads=None):
+        self.num_leaves = None if num_leaves is None else int(num_leaves)
+        self.avq_threshold = float(avq_threshold)
+        self.dims_per_block = int(dims_per_block)
+        self.reorder = int(reorder)
+        self.training_sample_size = training_sample_size
+        self.index = None
+        self.d = None
+        self._n = 0
+        super().__init__(metric, threads)
+
+    def __str__(self):
+        q = self.query_params_str()
+        return (f"ScannIndex(leaves={self.num_leaves}, AH{self.dims_per_block}, reorder={self.reorder}"
+                f"{', ' + q if q else ''})")
+
+    def _ntotal(self) -> int:
+        return self._n
+
+    def fit(self, X, queries=None):
+        import scann
+
+        X = self._prep(X)
+        self.d, self._n = X.shape[1], X.shape[0]
+        leaves = self.num_leaves or max(1, int(round(np.sqrt(self._n))))
+        sample = min(self._n, int(self.training_sample_size or 250_000))
+        b = scann.scann_ops_pybind.builder(X, 10, "dot_product")
+        b = b.tree(num_leaves=leaves, num_leaves_to_search=min(leaves, 16), training_sample_size=sample)
+        b = b.score_ah(self.dims_per_block, anisotropic_quantization_threshold=self.avq_threshold)
+        if self.reorder > 0:
+            b = b.reorder(self.reorder)
+        self.index = b.build()
+        self.name = str(self)
+        return self
+
+    def set_query_arguments(self, *args):
+        from .config import collect_query_args
+
+        params = collect_query_args(args, self.QUERY_NAMES, "scann query argument")
+        bad = sorted(set(params) - set(self.QUERY_NAMES))
+        if bad:
+            raise ValueError(f"scann takes the query arguments {list(self.QUERY_NAMES)}, got {bad}")
+        for key, v in params.items():
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"scann {key} must be a positive int, got {v!r}")
+        self._query_params = params
+        self._batch = None
+        self.name = str(self)
+
+    def _kwargs(self, k: int) -> dict:
+        kw = {"final_num_neighbors": k}
+        if "leaves_to_search" in self._query_params:
+            kw["leaves_to_search"] = int(self._query_params["leaves_to_search"])
+        if "reorder" in self._query_params:
+            kw["pre_reorder_num_neighbors"] = max(k, int(self._query_params["reorder"]))
+        return kw
+
+    def query(self, v, n):
+        ids, _ = self.index.search(self._prep(v)[0], **self._kwargs(min(int(n), self._n)))
+        return np.asarray(ids, np.int64)
+
+    def batch_query(self, X, n):
+        ids, scores = self.index.search_batched_parallel(self._prep(X), **self._kwargs(min(int(n), self._n)))
+        self._batch = (np.asarray(scores, np.float32), np.asarray(ids, np.int64))
+
+    def bytes_per_vector(self) -> float:
+        """Estimate: 4-bit code per ``dims_per_block`` dimensions, the float32
+        re-order copy (when ``reorder``) and a 4-byte id."""
+        if not self.d:
+            return float("nan")
+        code = np.ceil(self.d / self.dims_per_block) / 2
+        return float(code + (4 * self.d if self.reorder > 0 else 0) + 4)
 
     def done(self):
         self.index = None

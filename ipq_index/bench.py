@@ -2,8 +2,9 @@
 
 Every method is driven through the ann-benchmarks wrapper contract
 (:class:`ipq_index.ann_benchmarks.module.IpqIndex` for ipq,
-:class:`ipq_index.baselines.FaissIndex` / :class:`~ipq_index.baselines.HnswlibIndex`
-for the baselines): ``fit`` once, then for every query-argument setting
+:class:`ipq_index.baselines.FaissIndex` / :class:`~ipq_index.baselines.HnswlibIndex` /
+:class:`~ipq_index.baselines.ScannIndex` for the baselines; ScaNN is optional and
+skipped with a note when it does not import): ``fit`` once, then for every query-argument setting
 ``set_query_arguments``, ``batch_query`` and a loop of ``query``.  Measured per
 (method, query setting) row:
 
@@ -21,6 +22,10 @@ for the baselines): ``fit`` once, then for every query-argument setting
 * ``rel_ip_error``     mean over queries of  sum (s_hat - s)^2 / sum s^2  over the returned
                        top-k, s_hat the returned score, s the exact inner product (0 for
                        exact scorers: Flat, a Flat re-rank, hnswlib).
+
+Outputs: :func:`write_csv` (all rows), :func:`write_pareto_csv` (each library's
+Pareto-optimal rows in recall and single-thread / batch QPS, :func:`pareto_front`)
+and :func:`plot` (two panels, single-thread and batch, fronts highlighted).
 
 Datasets with metric ``angular`` are L2-normalised first (then searched by inner
 product); ``euclidean`` is rejected.  Before each ipq method a throw-away index
@@ -56,6 +61,7 @@ __all__ = [
     "prepare_dataset",
     "ground_truth_ids",
     "make_algorithm",
+    "available_methods",
     "check_method",
     "measure",
     "run_methods",
@@ -63,6 +69,11 @@ __all__ = [
     "format_table",
     "print_table",
     "write_csv",
+    "write_pareto_csv",
+    "read_csv",
+    "pareto_front",
+    "pareto_rows",
+    "best_qps_at_recall",
     "plot",
     "safe_name",
 ]
@@ -217,7 +228,40 @@ def make_algorithm(method: MethodConfig, metric: str = "dot", threads: int | Non
 
         return HnswlibIndex(metric, M=method.args["M"],
                             ef_construction=method.args.get("ef_construction", 200), threads=threads)
+    if method.library == "scann":
+        from .baselines import ScannIndex
+
+        return ScannIndex(metric, threads=threads, **method.args)
     raise ValueError(f"unknown library {method.library!r}")
+
+
+#: Libraries that are skipped (with a note on stderr) when their module does not import.
+OPTIONAL_LIBRARIES = {"scann": "scann"}
+
+
+def available_methods(methods, note=None) -> list:
+    """``methods`` without those of an :data:`OPTIONAL_LIBRARIES` library that is not
+    installed; ``note(message)`` (default: print to stderr) is told once per library."""
+    import importlib
+
+    note = note or (lambda msg: print(msg, file=sys.stderr))
+    missing: dict = {}
+    out = []
+    for m in methods:
+        module = OPTIONAL_LIBRARIES.get(m.library)
+        if module is not None and module not in missing:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                missing[module] = []
+        if module in missing:
+            missing[module].append(m.name)
+        else:
+            out.append(m)
+    for module, names in missing.items():
+        note(f"note: skipping {len(names)} {module} method(s) ({', '.join(names)}): "
+             f"'import {module}' failed (not installed)")
+    return out
 
 
 def check_method(method: MethodConfig, d: int) -> None:
@@ -344,7 +388,8 @@ def run_methods(methods, ds: Dataset, gt: np.ndarray, *, k: int = 10, threads: i
     from tqdm import tqdm
 
     threads = threads or available_threads()
-    methods = [m.resolved(ds.d) for m in methods if not m.disabled]
+    methods = [m.resolved(ds.d) for m in available_methods(
+        [m for m in methods if not m.disabled], note=None if not quiet else lambda msg: None)]
     for m in methods:
         check_method(m, ds.d)
     label = dataset_label or ds.name
@@ -397,17 +442,86 @@ def run_config(cfg: BenchConfig, *, dataset=None, quiet: bool = False,
                                seed=cfg.seed, train_queries=cfg.train_queries)
     gt = ground_truth_ids(ds, cfg.k)
     threads = cfg.threads or available_threads()
-    for m in cfg.methods:  # fail fast, before anything is printed or built
-        if not m.disabled:
-            check_method(m.resolved(ds.d), ds.d)
+    methods = available_methods(cfg.enabled_methods)  # optional libraries: skipped with a note
+    for m in methods:  # fail fast, before anything is printed or built
+        check_method(m.resolved(ds.d), ds.d)
     if not quiet:
         extra = f", {len(held)} held-out sample queries" if held is not None else ""
         print(f"dataset {ds.name}: {ds.n_train} x {ds.d} database, {ds.n_test} queries, "
               f"inner product, k={cfg.k}, threads={threads}{extra}", file=sys.stderr)
-    results = run_methods(cfg.methods, ds, gt, k=cfg.k, threads=threads, repeats=cfg.repeats,
+    results = run_methods(methods, ds, gt, k=cfg.k, threads=threads, repeats=cfg.repeats,
                           held=held, warmup=cfg.warmup, strict=strict, quiet=quiet,
                           dataset_label=cfg.name or ds.name)
     return ds, results
+
+
+# --------------------------------------------------------------------------- Pareto fronts
+
+
+def _valid(r: Result, attr: str) -> bool:
+    return not (math.isnan(r.recall_at_k) or math.isnan(getattr(r, attr)))
+
+
+def pareto_front(results: list[Result], attr: str = "qps_single") -> list[Result]:
+    """The rows no other row dominates in (``recall_at_k``, ``attr``), both maximised.
+
+    A row is dominated by one at least as good in both and better in one; rows
+    with identical values do not dominate each other (all are kept).  Rows
+    with a NaN in either are ignored.  Sorted by recall, ascending.
+
+    Sweep: in order of decreasing (recall, qps), a group of equal points is on
+    the front iff its qps beats every qps seen in the groups before it.
+    """
+    rows = sorted((r for r in results if _valid(r, attr)),
+                  key=lambda r: (r.recall_at_k, getattr(r, attr)), reverse=True)
+    front: list[Result] = []
+    best = -math.inf
+    i = 0
+    while i < len(rows):
+        key = (rows[i].recall_at_k, getattr(rows[i], attr))
+        j = i
+        while j < len(rows) and (rows[j].recall_at_k, getattr(rows[j], attr)) == key:
+            j += 1
+        if key[1] > best:
+            front.extend(rows[i:j])
+            best = key[1]
+        i = j
+    return front[::-1]
+
+
+def _groups(results: list[Result]) -> dict:
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r.library, r.method), []).append(r)
+    return groups
+
+
+def _by_library(results: list[Result]) -> dict:
+    out: dict = {}
+    for r in results:
+        out.setdefault(r.library, []).append(r)
+    return out
+
+
+def pareto_rows(results: list[Result]) -> list[tuple[str, Result]]:
+    """``(mode, row)`` for every row on its library's Pareto front, ``mode``
+    ``"single"`` (recall vs ``qps_single``) then ``"batch"`` (vs ``qps_batch``)."""
+    out = []
+    for mode, (attr, _) in QPS_MODES.items():
+        for rows in _by_library(results).values():
+            out.extend((mode, r) for r in pareto_front(rows, attr))
+    return out
+
+
+def best_qps_at_recall(results: list[Result], min_recall: float, attr: str = "qps_single") -> dict:
+    """``library -> row`` with the highest ``attr`` among rows with recall >= ``min_recall``
+    (libraries with no such row are absent)."""
+    best: dict = {}
+    for r in results:
+        if _valid(r, attr) and r.recall_at_k >= min_recall:
+            if r.library not in best or getattr(r, attr) > getattr(best[r.library], attr):
+                best[r.library] = r
+    return best
 
 
 # --------------------------------------------------------------------------- output
@@ -444,13 +558,98 @@ def write_csv(results: list[Result], path) -> Path:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in results:
-            row = asdict(r)
-            w.writerow({c: (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in COLUMNS})
+            w.writerow(_csv_row(r))
     return path
 
 
-def plot(results: list[Result], path, title: str, k: int) -> bool:
-    """Recall@k vs single-thread QPS (log scale), one curve per method.
+def _csv_row(r: Result) -> dict:
+    row = asdict(r)
+    return {c: (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in COLUMNS}
+
+
+def write_pareto_csv(results: list[Result], path) -> Path:
+    """The Pareto-optimal rows per library: column ``front`` (``single`` / ``batch``)
+    followed by :data:`COLUMNS`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["front", *COLUMNS])
+        w.writeheader()
+        for mode, r in pareto_rows(results):
+            w.writerow({"front": mode, **_csv_row(r)})
+    return path
+
+
+def read_csv(path) -> list[Result]:
+    """Rows written by :func:`write_csv` (or :func:`write_pareto_csv`, ``front`` dropped)."""
+    types = {f: t for f, t in Result.__annotations__.items()}
+    conv = {"float": float, "int": int, "str": str}
+    with open(path, newline="") as f:
+        return [Result(**{c: conv[types[c]](row[c]) for c in COLUMNS}) for row in csv.DictReader(f)]
+
+
+#: Colour of each library in the plots: its Pareto band (tab10) and the colour map
+#: its methods' curves are shaded from; other libraries get the next free pair.
+LIBRARY_COLORS = {"ipq": ("tab:blue", "Blues"), "faiss": ("tab:orange", "Oranges"),
+                  "hnswlib": ("tab:green", "Greens"), "scann": ("tab:red", "Reds")}
+_SPARE_COLORS = [("tab:purple", "Purples"), ("tab:gray", "Greys"), ("tab:brown", "YlOrBr")]
+
+#: The two QPS measurements a Pareto front is computed for, and their axis labels.
+QPS_MODES = {
+    "single": ("qps_single", "QPS, 1 thread, 1 query per call"),
+    "batch": ("qps_batch", "QPS, all queries in 1 call, {threads} thread(s)"),
+}
+
+
+def _method_colors(results: list[Result]) -> tuple[dict, dict]:
+    """``(library -> band colour, (library, method) -> curve colour)``: the methods
+    of a library are shades of its colour map."""
+    import matplotlib
+
+    libs = list(dict.fromkeys(r.library for r in results))
+    spare = iter(_SPARE_COLORS * len(libs))
+    scheme = {lib: LIBRARY_COLORS.get(lib) or next(spare) for lib in libs}
+    curves = {}
+    for lib in libs:
+        names = list(dict.fromkeys(r.method for r in results if r.library == lib))
+        cmap = matplotlib.colormaps[scheme[lib][1]]
+        for i, name in enumerate(names):
+            curves[(lib, name)] = cmap(0.45 + 0.5 * i / max(1, len(names) - 1))
+    return {lib: c[0] for lib, c in scheme.items()}, curves
+
+
+def _recall_xlim(results: list[Result]) -> tuple[float, float]:
+    """Recall axis: from 0.5 when some method reaches 0.9 (the region that matters), else all."""
+    rec = [r.recall_at_k for r in results if not math.isnan(r.recall_at_k)]
+    lo = min(rec, default=0.0)
+    if max(rec, default=0.0) >= 0.9:
+        lo = max(lo, 0.5)
+    return max(0.0, lo - 0.02), 1.005
+
+
+def _plot_panel(ax, results: list[Result], attr: str, colors: tuple, *, label: bool) -> None:
+    """One panel: every method's sweep in measured order (thin line, marker per
+    method) and each library's Pareto front (wide translucent band underneath)."""
+    markers = "os^Dv<>pP*Xhd8H"
+    bands, curves = colors
+    for i, ((lib, name), rows) in enumerate(_groups(results).items()):
+        ax.plot([r.recall_at_k for r in rows], [getattr(r, attr) for r in rows],
+                marker=markers[i % len(markers)], markersize=4, linewidth=0.9,
+                color=curves[(lib, name)], linestyle="-" if lib == "ipq" else "--",
+                label=f"{lib}: {name} ({rows[0].bytes_per_vector:.0f} B)" if label else None)
+    for lib, rows in _by_library(results).items():
+        front = pareto_front(rows, attr)
+        ax.plot([r.recall_at_k for r in front], [getattr(r, attr) for r in front], color=bands[lib],
+                linewidth=7, alpha=0.25, solid_capstyle="round", zorder=0,
+                label=f"{lib} Pareto front" if label else None)
+    ax.set_yscale("log")
+    ax.set_xlim(*_recall_xlim(results))
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot(results: list[Result], path, title: str, k: int, threads: int | None = None) -> bool:
+    """Two panels, recall@k vs single-thread QPS and vs batch QPS (log y): one thin
+    curve per method, one highlighted Pareto front per library.
 
     matplotlib is imported here (the Agg canvas, no pyplot, no global backend
     change).  Returns ``False`` (and writes nothing) when matplotlib is missing.
@@ -460,34 +659,23 @@ def plot(results: list[Result], path, title: str, k: int) -> bool:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    groups: dict = {}
-    for r in results:
-        groups.setdefault((r.library, r.method), []).append(r)
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    markers = "os^Dv<>pP*Xhd8H"
-    fig = Figure(figsize=(8, 5))
+    colors = _method_colors(results)
+    fig = Figure(figsize=(16, 7))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for i, ((lib, name), rows) in enumerate(groups.items()):
-        rows = sorted(rows, key=lambda r: r.recall_at_k)
-        color = cmap((2 * i) % 20 + (i // 10) % 2)  # 20 distinct colours
-        ax.plot([r.recall_at_k for r in rows], [r.qps_single for r in rows],
-                marker=markers[i % len(markers)], color=color, linestyle="-" if lib == "ipq" else "--",
-                label=f"{lib}: {name} ({rows[0].bytes_per_vector:.0f} B)")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"recall@{k}")
-    ax.set_ylabel("queries per second (1 thread, 1 query per call)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes = fig.subplots(1, 2)
+    for i, (ax, (attr, ylabel)) in enumerate(zip(axes, QPS_MODES.values())):
+        _plot_panel(ax, results, attr, colors, label=i == 0)
+        ax.set_xlabel(f"recall@{k}")
+        ax.set_ylabel(ylabel.format(threads=threads or "all"))
+    fig.suptitle(title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.79, 0.5))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # layout warnings are cosmetic
         warnings.simplefilter("ignore")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.tight_layout(rect=(0, 0, 0.79, 1))
+        fig.savefig(path, dpi=110)
     return True
 
 

@@ -358,12 +358,14 @@ def cmd_bench(args, extra=None) -> int:
     stem = bench.safe_name(Path(args.config).stem)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = bench.write_csv(results, out_dir / f"{stem}.csv")
+    pareto_path = bench.write_pareto_csv(results, out_dir / f"{stem}_pareto.csv")
     png_path = out_dir / f"{stem}.png"
+    threads = cfg.threads or bench.available_threads()
     title = f"{cfg.name or ds.name}: {ds.n_train} x {ds.d}, {ds.n_test} queries, k={cfg.k}"
-    plotted = bench.plot(results, png_path, title, cfg.k)
+    plotted = bench.plot(results, png_path, title, cfg.k, threads=threads)
     print(bench.format_table(results, cfg.k))
-    print(f"\nwrote {csv_path}" + (f" and {png_path}" if plotted else
-                                  " (no plot: matplotlib is not installed; pip install 'ipq_index[bench]')"))
+    print(f"\nwrote {csv_path}, {pareto_path}" + (f" and {png_path}" if plotted else
+          " (no plot: matplotlib is not installed; pip install 'ipq_index[bench]')"))
     return 0
 
 

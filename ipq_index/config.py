@@ -12,7 +12,7 @@ A config file describes one dataset and a list of methods to compare::
     train_queries: 0                # hold N database rows out as ipq sample queries (default 0)
     warmup: true                    # throw-away ipq build first, so numba loading is not timed
     methods:
-      - library: ipq                # ipq | faiss | hnswlib
+      - library: ipq                # ipq | faiss | hnswlib | scann (optional)
         spec: PCA,ASQ4,Rerank4      # factory string; a list of strings sweeps builds
         query_args: {rerank: [0, 2, 4]}
       - library: faiss
@@ -40,12 +40,15 @@ What the values mean per library:
 * ``faiss``: ``faiss.ParameterSpace`` settings, as ``"name=value"`` strings
   (``"k_factor_rf=4"``, ``"nprobe=16"``) or a mapping ``{k_factor_rf: [1, 4]}``.
 * ``hnswlib``: ``ef`` as a bare value or ``{ef: [...]}``.
+* ``scann``: a mapping ``{leaves_to_search: [...], reorder: [...]}``.  ScaNN is
+  optional: ``ipq bench`` skips its methods with a note when ``import scann`` fails.
 
 ``args`` is a mapping of build settings: ``ipq`` -- encoder overrides passed to
 ``ipq_index.index_factory(d, spec, **args)`` (e.g. ``seed``, ``sample_size``);
 ``faiss`` -- ParameterSpace settings applied after the build, used as defaults
 for every query setting; ``hnswlib`` -- ``M`` (required) and
-``ef_construction`` (default 200).  List values in ``args`` and a list of
+``ef_construction`` (default 200); ``scann`` -- ``num_leaves``, ``avq_threshold``,
+``dims_per_block``, ``reorder``, ``training_sample_size``.  List values in ``args`` and a list of
 ``spec`` strings expand into several builds (ann-benchmarks ``args`` semantics).
 
 Every validation error is a :class:`ConfigError` (a ``ValueError``) whose
@@ -72,12 +75,16 @@ __all__ = [
 ]
 
 #: Libraries a method entry may name.
-LIBRARIES = ("ipq", "faiss", "hnswlib")
+LIBRARIES = ("ipq", "faiss", "hnswlib", "scann")
 
 _TOP_KEYS = ("dataset", "name", "n_train", "n_test", "k", "threads", "repeats", "seed",
              "train_queries", "warmup", "methods", "description")
 _METHOD_KEYS = ("library", "name", "spec", "args", "query_args", "disabled")
 _HNSW_ARGS = ("M", "ef_construction")
+#: ScaNN build settings -> (type, minimum); see :class:`ipq_index.baselines.ScannIndex`.
+_SCANN_ARGS = {"num_leaves": (int, 1), "avq_threshold": (float, 0.0), "dims_per_block": (int, 1),
+               "reorder": (int, 0), "training_sample_size": (int, 1)}
+_SCANN_QUERY = ("leaves_to_search", "reorder")
 
 
 class ConfigError(ValueError):
@@ -136,6 +143,8 @@ def _check_query_combo(library: str, combo: tuple, where: str) -> None:
             for key, v in arg.items():
                 if not _is_scalar(v):
                     raise ConfigError(f"{where}.{key}: expected a scalar value, got {v!r}")
+            if library == "scann":
+                _check_scann_query(arg, where)
             if library == "hnswlib":
                 if set(arg) - {"ef"}:
                     raise ConfigError(f"{where}: hnswlib takes only 'ef' as query argument, "
@@ -145,6 +154,9 @@ def _check_query_combo(library: str, combo: tuple, where: str) -> None:
             continue
         if not _is_scalar(arg):
             raise ConfigError(f"{where}: expected scalar values, got {arg!r} at position {pos}")
+        if library == "scann":
+            raise ConfigError(f"{where}: scann query arguments must be a mapping "
+                              f"(e.g. {{leaves_to_search: [10, 20], reorder: 100}}), got {arg!r}")
         if library == "faiss" and not (isinstance(arg, str) and "=" in arg):
             raise ConfigError(f"{where}: faiss query arguments must be 'name=value' strings "
                               f"(e.g. 'nprobe=16') or a mapping, got {arg!r}")
@@ -160,6 +172,26 @@ def _check_query_combo(library: str, combo: tuple, where: str) -> None:
         if len(bare) > len(QUERY_ARG_NAMES):
             raise ConfigError(f"{where}: {len(bare)} positional query arguments, but only "
                               f"{len(QUERY_ARG_NAMES)} names are known {QUERY_ARG_NAMES}; use a mapping")
+
+
+def _check_scann_query(arg: dict, where: str) -> None:
+    bad = sorted(set(arg) - set(_SCANN_QUERY))
+    if bad:
+        raise ConfigError(f"{where}: unknown scann query argument(s) {bad} (allowed: {list(_SCANN_QUERY)})")
+    for key, v in arg.items():
+        _int(v, f"{where}.{key}", 1)
+
+
+def _check_scann_args(a: dict, where: str) -> None:
+    bad = sorted(set(a) - set(_SCANN_ARGS))
+    if bad:
+        raise ConfigError(f"{where}: unknown scann setting(s) {bad} (allowed: {list(_SCANN_ARGS)})")
+    for key, v in a.items():
+        kind, low = _SCANN_ARGS[key]
+        if kind is int:
+            _int(v, f"{where}.{key}", low)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < low:
+            raise ConfigError(f"{where}.{key}: expected a number >= {low}, got {v!r}")
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -220,9 +252,11 @@ class MethodConfig:
             raise ConfigError(f"{where}.name: expected a string, got {name!r}")
 
         spec = raw.get("spec")
-        if library == "hnswlib":
+        if library in ("hnswlib", "scann"):
             if spec is not None:
-                raise ConfigError(f"{where}.spec: hnswlib takes no spec; use args: {{M: 32, ef_construction: 200}}")
+                raise ConfigError(f"{where}.spec: {library} takes no spec; use args (e.g. "
+                                  + ("{M: 32, ef_construction: 200})" if library == "hnswlib"
+                                     else "{num_leaves: 200, reorder: 100})"))
             specs = [None]
         else:
             if spec is None:
@@ -253,6 +287,8 @@ class MethodConfig:
             if library == "hnswlib":
                 _int(a["M"], f"{where}.args.M", 2)
                 _int(a.get("ef_construction", 200), f"{where}.args.ef_construction", 1)
+            if library == "scann":
+                _check_scann_args(a, f"{where}.args")
             for key, v in a.items():
                 if not _is_scalar(v):
                     raise ConfigError(f"{where}.args.{key}: expected a scalar value, got {v!r}")
@@ -267,6 +303,8 @@ class MethodConfig:
             if library == "hnswlib":
                 a = {"M": a["M"], "ef_construction": a.get("ef_construction", 200)}
                 auto = f"HNSW{a['M']},efC{a['ef_construction']}"
+            elif library == "scann":
+                auto = "ScaNN" + "".join(f",{k}={v}" for k, v in a.items())
             else:
                 auto = s + (" " + ",".join(f"{k}={v}" for k, v in a.items()) if a else "")
             label = auto if name is None else (f"{name} [{auto}]" if multi else name)

@@ -153,10 +153,11 @@ def test_load_config_errors(tmp_path):
         load_config(wrong)
 
 
-@pytest.mark.parametrize("name", ["tiny", "sample", "minilm", "glove"])
+@pytest.mark.parametrize("name", ["tiny", "sample", "minilm", "glove", "structures_minilm",
+                                  "structures_npm", "structures_glove"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert cfg.methods and all(m.library in ("ipq", "faiss", "hnswlib") for m in cfg.methods)
+    assert cfg.methods and all(m.library in ("ipq", "faiss", "hnswlib", "scann") for m in cfg.methods)
     text = (CONFIGS / f"{name}.yaml").read_text()
     assert "ipq bench --config configs/" in text  # documents how to run it
 

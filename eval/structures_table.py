@@ -1,0 +1,54 @@
+"""Markdown table of the structures benchmark: per dataset and library, the best
+single-thread and batch QPS among settings reaching recall@k >= 0.95 and >= 0.99.
+
+    python eval/structures_table.py [eval/results/structures_minilm/structures_minilm.csv ...]
+
+Without arguments it reads every eval/results/structures_*/structures_*.csv (the
+full result CSVs written by ``ipq bench``; the *_pareto.csv files give the same
+answer).  A dash means no setting of that library reached the recall.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ipq_index.bench import best_qps_at_recall, read_csv
+
+THRESHOLDS = (0.95, 0.99)
+MODES = (("qps_single", "1 thread"), ("qps_batch", "batch"))
+ROOT = Path(__file__).resolve().parent / "results"
+
+
+def cell(r, attr: str) -> str:
+    if r is None:
+        return "–"
+    what = f"{r.method} {r.params}".strip()
+    return f"**{getattr(r, attr):,.0f}** `{what}` ({r.recall_at_k:.3f})"
+
+
+def table(paths) -> str:
+    head = ["dataset", "library"] + [f"{label} @ ≥{t}" for t in THRESHOLDS for _, label in MODES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for path in paths:
+        rows = read_csv(path)
+        libs = list(dict.fromkeys(r.library for r in rows))
+        best = {(t, a): best_qps_at_recall(rows, t, a) for t in THRESHOLDS for a, _ in MODES}
+        for lib in libs:
+            cells = [cell(best[(t, a)].get(lib), a) for t in THRESHOLDS for a, _ in MODES]
+            lines.append(f"| {rows[0].dataset} | {lib} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    paths = [Path(p) for p in argv] or sorted(p for p in ROOT.glob("structures_*/structures_*.csv")
+                                             if not p.stem.endswith("_pareto"))
+    if not paths:
+        print(f"no structures_*.csv under {ROOT}", file=sys.stderr)
+        return 1
+    print(table(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
