@@ -122,6 +122,7 @@ class ASQEncoder:
     energy: np.ndarray | None = None  # (d,) E[y_j^2] used for the allocation
     _fields: tuple | None = field(default=None, repr=False)  # per-byte field lists (derived)
     _vmax: np.ndarray | None = field(default=None, repr=False)  # variance bound per level (derived)
+    _field_rows: np.ndarray | None = field(default=None, repr=False)  # see field_table (derived)
 
     @property
     def is_trained(self) -> bool:
@@ -220,6 +221,7 @@ class ASQEncoder:
         min_bits = 1 if cfg.rounding == "unbiased" and cfg.bits >= 1 else 0
         self._fields = None
         self._vmax = None
+        self._field_rows = None
         self.bits, self.byte_of, self.shift_of, self.nbytes = allocate_bits(
             energy, costs, int(round(cfg.bits * self.d)), min_bits)
         levels, off = [], [0]
@@ -310,14 +312,30 @@ class ASQEncoder:
         ``Y``: the already rotated queries, if at hand.
         """
         Y = self.rotate_queries(Q) if Y is None else Y
+        ptr, order = self._byte_fields()
+        build = _adc.build_tables if Y.shape[0] >= 8 else _adc.build_tables_serial
+        tables = build(Y, self.levels, self.level_off, self.bits, ptr, order, self.nbytes)
+        return tables, Q.astype(np.float64) @ self.mean
+
+    def _byte_fields(self):
+        """CSR (ptr, dims) of each code byte's fields in increasing shift order."""
         if self._fields is None:
             order = np.lexsort((self.shift_of, self.byte_of))
             order = order[self.bits[order] > 0]
             ptr = np.searchsorted(self.byte_of[order], np.arange(self.nbytes + 1))
             self._fields = (ptr.astype(np.int64), order.astype(np.int64))
-        build = _adc.build_tables if Y.shape[0] >= 8 else _adc.build_tables_serial
-        tables = build(Y, self.levels, self.level_off, self.bits, self._fields[0], self._fields[1], self.nbytes)
-        return tables, Q.astype(np.float64) @ self.mean
+        return self._fields
+
+    def field_table(self) -> np.ndarray:
+        """(nfields, 5) int64 rows (dim, byte, shift, mask, level offset) of
+        the dimensions with bits > 0, sorted by byte (for table-free ADC)."""
+        if self._field_rows is None:
+            js = np.nonzero(self.bits > 0)[0]
+            js = js[np.lexsort((self.shift_of[js], self.byte_of[js]))]
+            self._field_rows = np.ascontiguousarray(np.stack(
+                [js, self.byte_of[js], self.shift_of[js], (1 << self.bits[js].astype(np.int64)) - 1,
+                 self.level_off[js]], axis=1).astype(np.int64))
+        return self._field_rows
 
     def variance_tables(self, Y):
         """Per-byte tables of an upper bound on the variance of unbiased rounding:
@@ -336,7 +354,8 @@ class ASQEncoder:
             self._vmax = vm
         Y2 = np.ascontiguousarray(np.asarray(Y, np.float64) ** 2, np.float32)
         build = _adc.build_tables if Y2.shape[0] >= 8 else _adc.build_tables_serial
-        return build(Y2, self._vmax, self.level_off, self.bits, self._fields[0], self._fields[1], self.nbytes)
+        ptr, order = self._byte_fields()
+        return build(Y2, self._vmax, self.level_off, self.bits, ptr, order, self.nbytes)
 
     # -- persistence ------------------------------------------------------
     def state(self) -> tuple[dict, dict]:

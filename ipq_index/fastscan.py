@@ -163,10 +163,10 @@ class FastScanner:
 
     def virtual_queries(self, Y):
         """Map rotated queries (nq, d) to the virtual (nq, M * 4) space."""
-        Yv = np.zeros((Y.shape[0], self.M, DSUB), np.float32)
-        ok = self.slot_dim >= 0
-        Yv[:, ok] = Y[:, self.slot_dim[ok]]
-        return Yv.reshape(Y.shape[0], self.dv)
+        d = Y.shape[1]
+        Yp = np.zeros((Y.shape[0], d + 1), np.float32)  # column d: empty slots
+        Yp[:, :d] = Y
+        return Yp[:, np.where(self.slot_dim >= 0, self.slot_dim, d).ravel()]
 
     def candidates(self, Y, kk: int, num_threads: int, probes=None) -> np.ndarray:
         """Rows (nq, kk) of the best coarse scores (-1 padded); ``probes``

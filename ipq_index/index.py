@@ -243,10 +243,12 @@ class FlatIndex:
         fsf = self._fs_factor(fs, self.ntotal)
         use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
 
-        def candidates(Qc, Y, tables, kk, codes, scales, nthreads):
+        def candidates(qb, kk, codes, scales, nthreads):
             if use_fs:
-                cand = self._fast_scanner().candidates(Y, min(self.ntotal, fsf * kk), nthreads)
-                return _rescore(tables, codes, scales, cand, kk)
+                cand = self._fast_scanner().candidates(qb.Y, min(self.ntotal, fsf * kk), nthreads)
+                return qb.rescore(cand, kk, codes, scales)
+            tables = qb.tables()
+            Qc = qb.Q
             if Qc.shape[0] >= nthreads or nthreads == 1:
                 return _adc.scan_topk_batch(tables, codes, scales, kk)
             cand_v = np.empty((Qc.shape[0], kk), np.float32)  # few queries: split the rows
@@ -268,8 +270,8 @@ class FlatIndex:
         return int(np.ceil(FASTSCAN_FACTOR * max(1.0, np.sqrt(scanned_rows / FASTSCAN_REF_ROWS))))
 
     def _search(self, Q, k, rerank, num_threads, candidates, return_std=False):
-        """Validation, query chunks, tables, candidates (structure-specific
-        ``candidates(Qc, Y, tables, kk, codes, scales, nthreads) -> (scores,
+        """Validation, query chunks, candidates (structure-specific
+        ``candidates(qb: _QueryBatch, kk, codes, scales, nthreads) -> (scores,
         rows)``), exact re-rank and id mapping.
 
         With ``return_std`` a third array bounds the standard deviation of each
@@ -302,18 +304,17 @@ class FlatIndex:
         with threads(num_threads):
             for q0 in range(0, Q.shape[0], QUERY_CHUNK):
                 Qc = Q[q0:q0 + QUERY_CHUNK]
-                Y = self.encoder.rotate_queries(Qc)
-                tables, offsets = self.encoder.query_tables(Qc, Y)
-                cand_v, cand_r = candidates(Qc, Y, tables, kk, codes, scales, nthreads)
+                qb = _QueryBatch(self.encoder, Qc)
+                cand_v, cand_r = candidates(qb, kk, codes, scales, nthreads)
                 if rr:
                     sc, rows = _rerank_exact(Qc, np.asarray(self.vectors), cand_r, k)
                 else:
-                    sc = (cand_v.astype(np.float64) + offsets[:, None]).astype(np.float32)
+                    sc = (cand_v.astype(np.float64) + qb.offsets()[:, None]).astype(np.float32)
                     rows = cand_r
                 out_s[q0:q0 + QUERY_CHUNK] = sc
                 out_r[q0:q0 + QUERY_CHUNK] = rows
                 if return_std and not rr:
-                    V = self.encoder.variance_tables(Y)
+                    V = self.encoder.variance_tables(qb.Y)
                     sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
                     out_std[q0:q0 + QUERY_CHUNK] = np.sqrt(_adc.table_sums(V, codes, sc2, rows))
         ids = np.where(out_r >= 0, np.asarray(self.ids)[np.maximum(out_r, 0)], -1)
@@ -486,16 +487,17 @@ class IVFIndex(FlatIndex):
         use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
         ptr, rows = self._list_index()
 
-        def candidates(Qc, Y, tables, kk, codes, scales, nthreads):
+        def candidates(qb, kk, codes, scales, nthreads):
+            Qc = qb.Q
             if npb < self.nlist:
                 cs = Qc @ self.centroids.T
                 probes = np.argpartition(-cs, npb - 1, axis=1)[:, :npb].astype(np.int64)
             else:
                 probes = np.tile(np.arange(self.nlist, dtype=np.int64), (Qc.shape[0], 1))
             if use_fs:
-                cand = self._fast_scanner().candidates(Y, min(self.ntotal, fsf * kk), nthreads, probes)
-                return _rescore(tables, codes, scales, cand, kk)
-            return _adc.scan_lists_topk(tables, codes, scales, ptr, rows, probes, kk)
+                cand = self._fast_scanner().candidates(qb.Y, min(self.ntotal, fsf * kk), nthreads, probes)
+                return qb.rescore(cand, kk, codes, scales)
+            return _adc.scan_lists_topk(qb.tables(), codes, scales, ptr, rows, probes, kk)
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
 
@@ -586,7 +588,8 @@ class GraphIndex(FlatIndex):
             raise ValueError("ef must be >= 1")
         gr = self.graph
 
-        def candidates(Qc, Y, tables, kk, codes, scales, nthreads):
+        def candidates(qb, kk, codes, scales, nthreads):
+            tables = qb.tables()
             e = max(efv, kk)
             cap = min(self.ntotal + 1, 64 * e + 4096)
             entry, max_level = int(gr["entry"][0]), int(gr["entry"][1])
@@ -608,10 +611,37 @@ class GraphIndex(FlatIndex):
         self.graph_metric = meta.get("graph_metric", "ip")
 
 
-def _rescore(tables, codes, scales, cand, kk):
-    """Full-ADC rescoring of candidate rows (parallel over queries when many)."""
-    rescore = _adc.rescore_topk if cand.shape[0] >= 8 else _adc.rescore_topk_serial
-    return rescore(tables, codes, scales, cand, kk)
+class _QueryBatch:
+    """One chunk of queries: rotated once; lookup tables built only when a
+    search path asks for them (rescoring a short candidate list computes the
+    ADC field by field instead, which is cheaper than building the tables)."""
+
+    def __init__(self, encoder, Q):
+        self.encoder = encoder
+        self.Q = Q
+        self.Y = encoder.rotate_queries(Q)
+        self._tables = None
+
+    def tables(self):
+        if self._tables is None:
+            self._tables = self.encoder.query_tables(self.Q, self.Y)[0]
+        return self._tables
+
+    def offsets(self):
+        return self.Q.astype(np.float64) @ self.encoder.mean
+
+    def rescore(self, cand, kk, codes, scales):
+        """Full-ADC top-kk of candidate rows (nq, c) (-1 = none); parallel over
+        queries when there are many.  Field by field when that costs fewer
+        operations than building the tables and summing table lookups."""
+        enc = self.encoder
+        fields = enc.field_table()
+        par = cand.shape[0] >= 8
+        if self._tables is None and cand.shape[1] * fields.shape[0] < enc.nbytes * (256 + cand.shape[1]):
+            fn = _adc.rescore_fields if par else _adc.rescore_fields_serial
+            return fn(self.Y, enc.levels, fields, codes, scales, cand, kk)
+        fn = _adc.rescore_topk if par else _adc.rescore_topk_serial
+        return fn(self.tables(), codes, scales, cand, kk)
 
 
 def _rerank_exact(Q, vectors, cand, k, chunk=256):

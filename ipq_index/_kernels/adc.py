@@ -84,22 +84,28 @@ def decode(codes, levels, level_off, bits, byte_of, shift_of, d):
 
 
 @inline_kernel
-def _build_table(Y, qi, T2, levels, level_off, bits, field_ptr, field_dim, nbytes):
+def _build_table(Y, qi, T2, levels, level_off, bits, field_ptr, field_dim, nbytes, prev):
+    """Query qi's tables into T2 (nbytes, 256); ``prev`` is a 256-float
+    scratch row (reading the previous stage from a separate array lets the
+    expansion loop vectorise)."""
     for g in range(nbytes):
         T = T2[g]
         size = 1
-        T[0] = 0.0
+        prev[0] = 0.0
         for f in range(field_ptr[g], field_ptr[g + 1]):
             j = field_dim[f]
             b = bits[j]
             y = Y[qi, j]
             lo = level_off[j]
-            for c_hi in range((1 << b) - 1, -1, -1):
+            for c_hi in range(1 << b):
                 add = y * levels[lo + c_hi]
                 base = c_hi * size
                 for c_lo in range(size):
-                    T[base + c_lo] = T[c_lo] + add
+                    T[base + c_lo] = prev[c_lo] + add
             size <<= b
+            if f + 1 < field_ptr[g + 1]:
+                for c in range(size):
+                    prev[c] = T[c]
         for c in range(size, 256):
             T[c] = T[c - size]
 
@@ -108,8 +114,9 @@ def _build_table(Y, qi, T2, levels, level_off, bits, field_ptr, field_dim, nbyte
 def build_tables_serial(Y, levels, level_off, bits, field_ptr, field_dim, nbytes):
     """``build_tables`` without a parallel region (cheaper for a few queries)."""
     tables = np.empty((Y.shape[0], nbytes, 256), np.float32)
+    prev = np.empty(256, np.float32)
     for qi in range(Y.shape[0]):
-        _build_table(Y, qi, tables[qi], levels, level_off, bits, field_ptr, field_dim, nbytes)
+        _build_table(Y, qi, tables[qi], levels, level_off, bits, field_ptr, field_dim, nbytes, prev)
     return tables
 
 
@@ -126,7 +133,8 @@ def build_tables(Y, levels, level_off, bits, field_ptr, field_dim, nbytes):
     """
     tables = np.empty((Y.shape[0], nbytes, 256), np.float32)
     for qi in prange(Y.shape[0]):
-        _build_table(Y, qi, tables[qi], levels, level_off, bits, field_ptr, field_dim, nbytes)
+        _build_table(Y, qi, tables[qi], levels, level_off, bits, field_ptr, field_dim, nbytes,
+                     np.empty(256, np.float32))
     return tables
 
 
@@ -285,6 +293,55 @@ def rescore_topk(tables, codes, scales, cand, kk):
     out_i = np.full((nq, kk), -1, np.int64)
     for qi in prange(nq):
         _rescore_one(tables, codes, scales, cand, qi, out_v[qi], out_i[qi])
+    return out_v, out_i
+
+
+@inline_kernel
+def _rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, hv, hi):
+    """Direct ADC (no tables) of query qi's candidate rows: sum over fields of
+    y_j * L_j[code_j], float64; ``fields`` rows are (dim, byte, shift, mask,
+    level offset), sorted by byte."""
+    nf = fields.shape[0]
+    yf = np.empty(nf, np.float64)
+    for f in range(nf):
+        yf[f] = Y[qi, fields[f, 0]]
+    has_scale = scales.shape[0] > 0
+    for t in range(cand.shape[1]):
+        r = cand[qi, t]
+        if r < 0:
+            continue
+        s = 0.0
+        for f in range(nf):
+            c = (np.int64(codes[r, fields[f, 1]]) >> fields[f, 2]) & fields[f, 3]
+            s += yf[f] * levels[fields[f, 4] + c]
+        if has_scale:
+            s *= scales[r]
+        heap_offer(hv, hi, s, r)
+    heap_to_sorted(hv, hi)
+
+
+@kernel
+def rescore_fields_serial(Y, levels, fields, codes, scales, cand, kk):
+    """``rescore_fields`` without a parallel region (cheaper for a few queries)."""
+    nq = cand.shape[0]
+    out_v = np.full((nq, kk), -np.inf, np.float32)
+    out_i = np.full((nq, kk), -1, np.int64)
+    for qi in range(nq):
+        _rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, out_v[qi], out_i[qi])
+    return out_v, out_i
+
+
+@parallel_kernel
+def rescore_fields(Y, levels, fields, codes, scales, cand, kk):
+    """Full-precision ADC of each query's candidate rows (-1 = none) computed
+    field by field from the levels, without lookup tables (cheaper than
+    building 256-entry tables when there are few candidates); top-kk
+    (scores descending, rows, -1 padded)."""
+    nq = cand.shape[0]
+    out_v = np.full((nq, kk), -np.inf, np.float32)
+    out_i = np.full((nq, kk), -1, np.int64)
+    for qi in prange(nq):
+        _rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, out_v[qi], out_i[qi])
     return out_v, out_i
 
 
