@@ -343,6 +343,52 @@ def test_ivf_fast_scan_lists_match_full_adc(tmp_path):
     np.testing.assert_array_equal(back.search(Q, 10, nprobe=8)[1], ivf.search(Q, 10, nprobe=8)[1])
 
 
+def test_table_free_rescoring_equals_table_adc(sample, built):
+    """Short candidate lists are rescored field by field from the levels;
+    that equals the lookup-table ADC (and the reconstruction's inner
+    product), scaled codes included, with -1 candidates ignored."""
+    from ipq_index._kernels import adc
+
+    X, Q = sample
+    rng = np.random.default_rng(3)
+    for spec in ("PCA,ASQ4", "PCA,ASQ4s", "ASQ4"):
+        idx = built[spec]
+        enc = idx.encoder
+        Y = enc.rotate_queries(Q[:9])
+        tables, _ = enc.query_tables(Q[:9], Y)
+        cand = rng.integers(0, idx.ntotal, (9, 40))
+        cand[:, ::7] = -1
+        scales = np.asarray(idx.scales) if enc.config.scale else np.zeros(0, np.float32)
+        for par in (False, True):
+            f_fields = adc.rescore_fields if par else adc.rescore_fields_serial
+            f_tables = adc.rescore_topk if par else adc.rescore_topk_serial
+            v1, r1 = f_fields(Y, enc.levels, enc.field_table(), idx.codes, scales, cand, 12)
+            v2, r2 = f_tables(tables, idx.codes, scales, cand, 12)
+            np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-5)
+            assert (r1 >= 0).all() and np.isin(r1, cand).all()
+        R = idx.reconstruct(r1.ravel()).reshape(9, 12, -1)
+        ip = np.einsum("qkd,qd->qk", R.astype(np.float64), Q[:9].astype(np.float64))
+        np.testing.assert_allclose(v1 + Q[:9].astype(np.float64) @ enc.mean[:, None], ip, rtol=1e-4, atol=1e-4)
+
+
+def test_graph_search_reuses_visited_tags_safely(sample):
+    """Visited marks are kept between searches: hundreds of consecutive
+    single-query calls, a batch call and concurrent calls from Python
+    threads all return the same results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    X, Q = sample
+    g = ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4").train(X[:1500]).add(X[:1500])
+    D_b, I_b = g.search(Q, 10, ef=32)
+    for _ in range(4):
+        singles = [g.search(Q[i:i + 1], 10, ef=32)[1][0] for i in range(len(Q))]
+        np.testing.assert_array_equal(np.array(singles), I_b)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: g.search(Q, 10, ef=32, num_threads=1)[1], range(8)))
+    for out in outs:
+        np.testing.assert_array_equal(out, I_b)
+
+
 def test_graph_large_ef_reproduces_flat_and_roundtrips(tmp_path, sample):
     X, Q = sample
     X = X[:2000]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .._numba import inline_kernel, parallel_kernel
+from .._numba import inline_kernel, kernel, parallel_kernel
 from .adc import heap_offer, heap_to_sorted, row_score
 
 
@@ -60,67 +60,91 @@ def _max_heap_pop(hv, hi, size):
     return size
 
 
-@parallel_kernel
-def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_level, ef, kk, cap):
-    """Top-kk rows per query by ADC score: greedy descent through the upper
-    levels, then a beam search of width ``ef`` (>= kk) on level 0.  ``cap``
-    bounds the candidate heap (a push beyond it is dropped)."""
-    nq = tables.shape[0]
-    n = codes.shape[0]
+@inline_kernel
+def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited, tag,
+              out_v, out_i):
+    """One query: greedy descent through the upper levels, then a beam of
+    width ``ef`` on level 0; ``visited[r] == tag`` marks scored rows; the best
+    min(kk, ef) go to out_v/out_i (descending)."""
     has_scale = scales.shape[0] > 0
-    out_v = np.full((nq, kk), -np.inf, np.float32)
-    out_i = np.full((nq, kk), -1, np.int64)
-    for qi in prange(nq):
-        T = tables[qi]
-        visited = np.zeros(n, np.uint8)
-        cur = entry
-        cur_s = row_score(T, codes, scales, has_scale, cur)
-        for lev in range(max_level, 0, -1):
-            changed = True
-            while changed:
-                changed = False
-                base = offsets[cur]
-                for t in range(base + cum[lev], base + cum[lev + 1]):
-                    nb = neighbors[t]
-                    if nb < 0:
-                        break
-                    s = row_score(T, codes, scales, has_scale, nb)
-                    if s > cur_s:
-                        cur_s = s
-                        cur = nb
-                        changed = True
-        cv = np.empty(cap, np.float32)
-        ci = np.empty(cap, np.int64)
-        rv = np.full(ef, -np.inf, np.float32)
-        ri = np.full(ef, -1, np.int64)
-        nres = 0
-        csize = _max_heap_push(cv, ci, 0, cur_s, cur)
-        visited[cur] = 1
-        heap_offer(rv, ri, cur_s, cur)  # rv: min-heap over ef slots (-inf = empty)
-        nres = 1
-        while csize > 0:
-            c_s = cv[0]
-            c = ci[0]
-            if nres >= ef and c_s < rv[0]:
-                break
-            csize = _max_heap_pop(cv, ci, csize)
-            base = offsets[c]
-            for t in range(base + cum[0], base + cum[1]):
+    cur = entry
+    cur_s = row_score(T, codes, scales, has_scale, cur)
+    for lev in range(max_level, 0, -1):
+        changed = True
+        while changed:
+            changed = False
+            base = offsets[cur]
+            for t in range(base + cum[lev], base + cum[lev + 1]):
                 nb = neighbors[t]
                 if nb < 0:
                     break
-                if visited[nb]:
-                    continue
-                visited[nb] = 1
                 s = row_score(T, codes, scales, has_scale, nb)
-                if nres < ef or s > rv[0]:
-                    if csize < cap:
-                        csize = _max_heap_push(cv, ci, csize, s, nb)
-                    heap_offer(rv, ri, s, nb)
-                    if nres < ef:
-                        nres += 1
-        heap_to_sorted(rv, ri)
-        for t in range(min(kk, ef)):
-            out_v[qi, t] = rv[t]
-            out_i[qi, t] = ri[t]
+                if s > cur_s:
+                    cur_s = s
+                    cur = nb
+                    changed = True
+    cv = np.empty(cap, np.float32)
+    ci = np.empty(cap, np.int64)
+    rv = np.full(ef, -np.inf, np.float32)
+    ri = np.full(ef, -1, np.int64)
+    csize = _max_heap_push(cv, ci, 0, cur_s, cur)
+    visited[cur] = tag
+    heap_offer(rv, ri, cur_s, cur)  # rv: min-heap over ef slots (-inf = empty)
+    nres = 1
+    while csize > 0:
+        c_s = cv[0]
+        c = ci[0]
+        if nres >= ef and c_s < rv[0]:
+            break
+        csize = _max_heap_pop(cv, ci, csize)
+        base = offsets[c]
+        for t in range(base + cum[0], base + cum[1]):
+            nb = neighbors[t]
+            if nb < 0:
+                break
+            if visited[nb] == tag:
+                continue
+            visited[nb] = tag
+            s = row_score(T, codes, scales, has_scale, nb)
+            if nres < ef or s > rv[0]:
+                if csize < cap:
+                    csize = _max_heap_push(cv, ci, csize, s, nb)
+                heap_offer(rv, ri, s, nb)
+                if nres < ef:
+                    nres += 1
+    heap_to_sorted(rv, ri)
+    for t in range(min(out_v.shape[0], ef)):
+        out_v[t] = rv[t]
+        out_i[t] = ri[t]
+
+
+@kernel
+def graph_search_serial(tables, codes, scales, neighbors, offsets, cum, entry, max_level, ef, kk, cap,
+                        visited, tag0):
+    """``graph_search`` without a parallel region (one visited row)."""
+    nq = tables.shape[0]
+    out_v = np.full((nq, kk), -np.inf, np.float32)
+    out_i = np.full((nq, kk), -1, np.int64)
+    for qi in range(nq):
+        _beam_one(tables[qi], codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap,
+                  visited[0], tag0 + qi + 1, out_v[qi], out_i[qi])
+    return out_v, out_i
+
+
+@parallel_kernel
+def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_level, ef, kk, cap,
+                 visited, tag0):
+    """Top-kk rows per query by ADC score (queries in parallel).  ``cap``
+    bounds the candidate heap (a push beyond it is dropped).  ``visited``
+    (slots, n) int32 rows are reused across calls: query qi uses row
+    qi % slots and marks rows with tag0 + qi + 1, so tags must grow from call
+    to call (the caller zeroes the rows before they wrap)."""
+    nq = tables.shape[0]
+    slots = visited.shape[0]
+    out_v = np.full((nq, kk), -np.inf, np.float32)
+    out_i = np.full((nq, kk), -1, np.int64)
+    for sl in prange(slots):
+        for qi in range(sl, nq, slots):
+            _beam_one(tables[qi], codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap,
+                      visited[sl], tag0 + qi + 1, out_v[qi], out_i[qi])
     return out_v, out_i
