@@ -12,6 +12,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+root=$(pwd)
 DATA_DIR=${DATA_DIR:-data}
 PYTHON=${PYTHON:-python}
 declare -A FILES=(
@@ -30,13 +31,16 @@ for name in "${names[@]}"; do
   fi
 done
 
+DATA_DIR=$(cd "$DATA_DIR" && pwd)
 code="working tree $(git describe --always --dirty 2>/dev/null || echo '(no git)')"
+run_dir=$root
 if [ -n "${COMMIT:-}" ]; then
   src=$(mktemp -d)
   trap 'rm -rf "$src"' EXIT
   git archive "$COMMIT" ipq_index | tar -x -C "$src"
   export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}"
   code="commit $(git rev-parse "$COMMIT")"
+  run_dir=$src  # python -m puts the working directory first on sys.path
 fi
 
 for name in "${names[@]}"; do
@@ -44,12 +48,12 @@ for name in "${names[@]}"; do
   mkdir -p "$out"
   {
     echo "code: $code"
-    echo "ipq_index imported from: $("$PYTHON" -c 'import ipq_index, os; print(os.path.dirname(ipq_index.__file__))')"
+    echo "ipq_index imported from: $(cd "$run_dir" && "$PYTHON" -c 'import ipq_index, os; print(os.path.dirname(ipq_index.__file__))')"
     echo "started: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host: $(uname -srm), $(nproc) cores"
     echo "command: ipq bench --config configs/structures_$name.yaml --dataset $DATA_DIR/${FILES[$name]} --out $out"
   } > "$out/RUN_INFO.txt"
-  "$PYTHON" -m ipq_index.cli bench --config "configs/structures_$name.yaml" \
-    --dataset "$DATA_DIR/${FILES[$name]}" --out "$out"
+  (cd "$run_dir" && "$PYTHON" -m ipq_index.cli bench --config "$root/configs/structures_$name.yaml" \
+    --dataset "$DATA_DIR/${FILES[$name]}" --out "$root/$out")
   echo "finished: $(date -u +%Y-%m-%dT%H:%M:%SZ)" >> "$out/RUN_INFO.txt"
 done
