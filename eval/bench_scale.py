@@ -5,7 +5,8 @@
 
 For each method: build seconds (train + add, all threads), bytes per vector,
 and for each search setting: recall@10 and single-thread QPS over --queries
-queries.  IVF settings sweep nprobe, graph settings sweep ef.
+queries.  IVF settings sweep nprobe, graph settings sweep ef; ipq rows after
+the first flat row also print their QPS as a multiple of that flat scan's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def main(argv=None):
     ap.add_argument("--faiss", nargs="*", default=["PQ384x4fs", "IVF1024,SQ8"])
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--nprobe", type=int, nargs="*", default=[16, 32, 64, 128], help="IVF sweep")
+    ap.add_argument("--ef", type=int, nargs="*", default=[32, 64, 128], help="graph sweep")
+    ap.add_argument("--fs", type=int, nargs="*", default=[10], help="flat fast-scan factor sweep")
     args = ap.parse_args(argv)
     with h5py.File(args.data, "r") as f:
         X = f["train"][:]
@@ -45,19 +49,23 @@ def main(argv=None):
         gt = f["neighbors"][: args.queries, : args.k]
     d = X.shape[1]
     print(f"{args.data}: {X.shape[0]} x {d}, {len(Q)} queries")
+    flat_qps = None  # QPS of the first flat ipq setting: the ratio's base
     for spec in args.ipq:
         t = time.perf_counter()
         index = ipq_index.index_factory(d, spec).train(X)
         index.add(X)
         index.warmup()
         build = time.perf_counter() - t
-        sweeps = ([{"nprobe": p} for p in (16, 32, 64, 128)] if "IVF" in spec else
-                  [{"ef": e} for e in (32, 64, 128)] if "HNSW" in spec else [{"fs": f} for f in (5, 10)])
+        sweeps = ([{"nprobe": p} for p in args.nprobe] if "IVF" in spec else
+                  [{"ef": e} for e in args.ef] if "HNSW" in spec else [{"fs": f} for f in args.fs])
         for params in sweeps:
             _, I = index.search(Q, args.k, **params)
             q1 = qps(lambda q: index.search(q, args.k, num_threads=1, **params), Q)
+            if flat_qps is None and "IVF" not in spec and "HNSW" not in spec:
+                flat_qps = q1
+            ratio = f"  x{q1 / flat_qps:5.1f} flat" if flat_qps else ""
             print(f"ipq   {spec:22s} {str(params):16s} build {build:7.1f}s  {index.nbytes / len(index):7.1f} B/vec  "
-                  f"recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}", flush=True)
+                  f"recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}{ratio}", flush=True)
         del index
     for spec in args.faiss:
         t = time.perf_counter()

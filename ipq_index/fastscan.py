@@ -9,7 +9,9 @@ group becomes one sub-quantizer over a "virtual" 4-dimensional slice that
 holds the query components of the group's fields, and its centroids are the
 coarse levels (the mean of the fine levels sharing those top bits).  The
 coarse scores only *select* candidates; the index rescores them with the
-full-precision ADC (see ``FlatIndex.search``, parameter ``fs``).
+full-precision ADC (see ``FlatIndex.search``, parameter ``fs``).  Only the
+dimensions that carry most of the score variance get coarse fields
+(``COVERAGE``): the rescoring restores the rest.
 
 Per-vector scales (``ASQ..s`` codes) cannot be folded into a PQ code, so for
 scaled codes the coarse code is instead a per-dimension <= 4-bit
@@ -28,6 +30,11 @@ from ._kernels import adc as _adc
 DSUB = 4
 #: vectors per fast-scan block (FAISS's bbs)
 BLOCK = 32
+#: share of the estimated score variance the coarse codes keep (dimensions by
+#: decreasing share); after PCA a few dimensions carry almost all of it, so
+#: the SIMD stage scans far fewer sub-quantizers (MiniLM raw, 4 bits: 126 of
+#: 347 coded dimensions; same recall@10 at the default factor, 1.5x faster)
+COVERAGE = 0.99
 #: run the FAISS stage on one thread: its OpenMP workers otherwise keep
 #: spinning after each call and starve the numba stages that follow (on a
 #: 2-core machine batch search ran 2.5x slower); parallelism comes from numba
@@ -42,15 +49,19 @@ class FastScanner:
     probed lists (FAISS ``IndexIVFPQFastScan`` with injected codes).
     """
 
-    def __init__(self, encoder, codes, scales=None, lists=None, chunk: int = 65536, sample: int = 100_000):
+    def __init__(self, encoder, codes, scales=None, lists=None, chunk: int = 65536, sample: int = 100_000,
+                 coverage: float | None = None):
         import faiss
 
         from . import asq
 
         self._faiss = faiss
         e = encoder
-        bits = e.bits.astype(np.int64)
-        d = bits.size
+        n = codes.shape[0]
+        codes = np.ascontiguousarray(codes)
+        d = e.bits.size
+        self.kept = self._kept_dims(e, codes, scales, coverage)
+        bits = np.where(self.kept, e.bits, 0).astype(np.int64)  # dropped dims: as if 0 bits
         cb = np.minimum(bits, 4)
         nib_of = np.zeros(d, np.int32)
         nib_shift = np.zeros(d, np.int32)
@@ -69,13 +80,11 @@ class FastScanner:
                 groups.append([int(j)])
         M = max(2, len(groups) + len(groups) % 2)
         groups += [[] for _ in range(M - len(groups))]
-        n = codes.shape[0]
-        codes = np.ascontiguousarray(codes)
         if scales is None:
             # coarse level = mean of the fine levels sharing the top bits
             coarse = {j: e.levels[e.level_off[j]:e.level_off[j + 1]].reshape(1 << cb[j], -1).mean(axis=1)
                       for j in np.nonzero(bits)[0]}
-            packed = _adc.coarse_nibbles(codes, e.bits, e.byte_of, e.shift_of,
+            packed = _adc.coarse_nibbles(codes, bits.astype(e.bits.dtype), e.byte_of, e.shift_of,
                                          (bits - cb).astype(np.int32), nib_of, nib_shift, M)
         else:
             # scaled codes: quantize the decoded, rescaled vectors s * u_hat
@@ -155,6 +164,34 @@ class FastScanner:
             ivf.invlists.add_entries(lst, rows.size, faiss.swig_ptr(rows), faiss.swig_ptr(blocks))
         ivf.ntotal = int(packed.shape[0])
         return ivf
+
+    @staticmethod
+    def _kept_dims(e, codes, scales, coverage, sample: int = 10_000):
+        """Dimensions the coarse codes keep: by decreasing share of the score
+        variance, E[y_j^2] * Var(decoded x_j) (query energy times the spread
+        of the coded values, on a seeded sample of rows), until ``coverage``
+        of the total; the rescoring stage still uses every dimension."""
+        coverage = COVERAGE if coverage is None else float(coverage)
+        if not 0.0 < coverage <= 1.0:
+            raise ValueError(f"coverage must be in (0, 1], got {coverage!r}")
+        coded = e.bits > 0
+        if coverage >= 1.0:
+            return coded
+        rng = np.random.default_rng(0)
+        n = codes.shape[0]
+        rows = np.sort(rng.choice(n, min(n, sample), replace=False))
+        Z = _adc.decode(np.ascontiguousarray(codes[rows]), e.levels, e.level_off, e.bits, e.byte_of,
+                        e.shift_of, e.bits.size).astype(np.float64)
+        if scales is not None and scales.size:
+            Z *= scales[rows, None]
+        share = np.where(coded, np.asarray(e.energy, np.float64) * Z.var(axis=0), 0.0)
+        if share.sum() <= 0:
+            return coded
+        order = np.argsort(-share, kind="stable")
+        cum = np.cumsum(share[order]) / share.sum()
+        keep = np.zeros(e.bits.size, bool)
+        keep[order[:int(np.searchsorted(cum, coverage)) + 1]] = True
+        return keep & coded
 
     @property
     def nbytes(self) -> int:
