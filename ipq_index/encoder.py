@@ -47,6 +47,11 @@ TRANSFORMS = ("none", "pca", "random")
 #: pre-scales tried when rounding a direction to nearest levels (scaled codes)
 SCALE_SEARCH = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 ROUNDINGS = ("nearest", "unbiased")
+#: cap on the approximate solver's grid while training (None: the solver's
+#: default, which grows to 65,536 cells for 8-bit widths).  Measured on MiniLM
+#: raw 50k, PCA,ASQ4: training 21.6 s -> 6.8 s, recall@10 0.9789 -> 0.9792
+#: (nearest, Lloyd-refined anyway) and 0.9626 -> 0.9621 (unbiased)
+ENCODER_MAX_GRID = 4096
 
 
 @dataclass(frozen=True)
@@ -199,8 +204,11 @@ class ASQEncoder:
         else:
             costs[:, 0] = (wz[:, None] * Z.astype(np.float64) ** 2).max(axis=0)
         widths = list(range(1, nb + 1))
-        per_width = {b: asq.solve_columns(Z, 1 << b, weights=w, objective=cfg.objective,
-                                          method=cfg.method, num_threads=num_threads) for b in widths}
+        grid = None if cfg.method != "approx" or not ENCODER_MAX_GRID else \
+            (lambda b: min(asq.default_grid(Z.shape[0], 1 << b), ENCODER_MAX_GRID))
+        per_width = {b: asq.solve_columns(Z, 1 << b, weights=w, objective=cfg.objective, method=cfg.method,
+                                          grid=grid(b) if grid else None, num_threads=num_threads)
+                     for b in widths}
         # one pass per column: sort once, Lloyd-refine for nearest rounding,
         # and measure the error of every width's level set
         flat = [per_width[b][j] for j in range(self.d) for b in widths]

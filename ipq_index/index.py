@@ -431,6 +431,7 @@ class IVFIndex(FlatIndex):
         self.nlist = int(nlist)
         self.nprobe = int(nprobe)
         self.centroids = None
+        self._cent_t = None
         self.assign = np.zeros(0, np.int32)
         self._lists = None
 
@@ -446,6 +447,7 @@ class IVFIndex(FlatIndex):
         km = faiss.Kmeans(self.d, self.nlist, niter=20, seed=int(self.encoder.config.seed) + 1, verbose=False)
         km.train(np.ascontiguousarray(sample, np.float32))
         self.centroids = np.ascontiguousarray(km.centroids, np.float32)
+        self._cent_t = None
         self.assign = np.zeros(0, np.int32)
         self._lists = None
         return self
@@ -492,7 +494,7 @@ class IVFIndex(FlatIndex):
         def candidates(qb, kk, codes, scales, nthreads):
             Qc = qb.Q
             if npb < self.nlist:
-                cs = Qc @ self.centroids.T
+                cs = self._centroid_scores(Qc)
                 probes = np.argpartition(-cs, npb - 1, axis=1)[:, :npb].astype(np.int64)
             else:
                 probes = np.tile(np.arange(self.nlist, dtype=np.int64), (Qc.shape[0], 1))
@@ -506,6 +508,14 @@ class IVFIndex(FlatIndex):
     def _scan_lists(self):
         return self._list_index()
 
+    def _centroid_scores(self, Q):
+        """<q, c_l> for every list (numba kernel: a BLAS call here fought the
+        numba threads and cost milliseconds per batch on 2 cores)."""
+        if self._cent_t is None:
+            self._cent_t = np.ascontiguousarray(self.centroids.T, np.float32)
+        rot = _adc.rotate_rows if Q.shape[0] >= 8 else _adc.rotate_rows_serial
+        return rot(np.ascontiguousarray(Q, np.float32), self._cent_t)
+
     def _warmup_params(self):
         return ({}, {"fs": 0})
 
@@ -515,6 +525,7 @@ class IVFIndex(FlatIndex):
 
     def _load_extra(self, meta, arrays):
         self.centroids = np.ascontiguousarray(arrays["ivf.centroids"])
+        self._cent_t = None
         self.assign = arrays["ivf.assign"]
 
 
