@@ -15,6 +15,7 @@ import numpy as np
 from . import storage
 from ._kernels import adc as _adc
 from ._kernels import graph_search as _gs
+from ._kernels import rerank as _rr
 from ._numba import resolve_threads, threads
 from .encoder import ASQEncoder, EncoderConfig, check_matrix
 from .fastscan import FastScanner
@@ -214,6 +215,9 @@ class FlatIndex:
             new_ids = new_ids.astype(np.int64)
             if (new_ids < 0).any():
                 raise ValueError("ids must be non-negative (-1 marks an empty result slot)")
+        if self.rerank and self.rerank_dtype == "float16" and np.abs(X).max() > np.finfo(np.float16).max:
+            raise ValueError(f"vectors exceed the float16 range (|x| > {np.finfo(np.float16).max:g}) of the "
+                             "re-rank copy: use a float32 copy (',Rerank<k>F32')")
         with threads(num_threads):
             codes, scales = self.encoder.encode(X, row0=self.ntotal)
         # everything computed: now commit (nothing changes if encoding failed)
@@ -686,22 +690,23 @@ class _QueryBatch:
         return fn(self.tables(), codes, scales, cand, kk)
 
 
-def _rerank_exact(Q, vectors, cand, k, chunk=256):
+_HALF_TABLE = None
+
+
+def _rerank_exact(Q, vectors, cand, k):
     """Exact inner products of each query with its candidate rows (-1 = none),
     accumulated in float64; top-k (scores float32 descending, rows -1 padded)."""
-    nq = Q.shape[0]
-    out_v = np.full((nq, k), -np.inf, np.float32)
-    out_r = np.full((nq, k), -1, np.int64)
-    for q0 in range(0, nq, chunk):
-        c = cand[q0:q0 + chunk]
-        V = vectors[np.maximum(c, 0)].astype(np.float64)  # (b, nc, d)
-        s = np.einsum("bcd,bd->bc", V, Q[q0:q0 + chunk].astype(np.float64))
-        s[c < 0] = -np.inf
-        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        out_v[q0:q0 + chunk] = np.take_along_axis(s, order, 1)
-        out_r[q0:q0 + chunk] = np.where(np.take_along_axis(c, order, 1) >= 0,
-                                        np.take_along_axis(c, order, 1), -1)
-    return out_v, out_r
+    global _HALF_TABLE
+    par = cand.shape[0] >= 8
+    if vectors.dtype == np.float16:
+        if _HALF_TABLE is None:
+            _HALF_TABLE = _rr.half_table()
+        V, lut = vectors.view(np.uint16), _HALF_TABLE
+        fn = _rr.rerank_half if par else _rr.rerank_half_serial
+    else:
+        V, lut = vectors, np.zeros(0, np.float32)
+        fn = _rr.rerank_float if par else _rr.rerank_float_serial
+    return fn(np.ascontiguousarray(Q, np.float32), V, lut, np.ascontiguousarray(cand, np.int64), k)
 
 
 _KINDS = {"flat": FlatIndex, "ivf": IVFIndex, "hnsw": GraphIndex}

@@ -455,3 +455,32 @@ def test_failed_retrain_keeps_the_trained_state(sample):
     # weights are subsampled together with the rows (sample_size < n)
     w = np.linspace(0.5, 2.0, len(X))
     ipq_index.index_factory(X.shape[1], "PCA,ASQ2", sample_size=700).train(X, weights=w)
+
+
+def test_exact_rerank_kernels_match_float64_reference():
+    """float16 (widened through the bit-pattern table) and float32 copies,
+    serial and parallel paths, -1 candidates skipped."""
+    rng = np.random.default_rng(5)
+    for dt in (np.float16, np.float32):
+        V = rng.standard_normal((3000, 48)).astype(dt)
+        Q = rng.standard_normal((20, 48)).astype(np.float32)
+        cand = rng.integers(-1, 3000, (20, 25))
+        for nq in (3, 20):
+            v, r = index_mod._rerank_exact(Q[:nq], V, cand[:nq], 7)
+            S = np.einsum("qcd,qd->qc", V[np.maximum(cand[:nq], 0)].astype(np.float64), Q[:nq].astype(np.float64))
+            S[cand[:nq] < 0] = -np.inf
+            order = np.argsort(-S, axis=1, kind="stable")[:, :7]
+            np.testing.assert_allclose(v, np.take_along_axis(S, order, 1), rtol=1e-6)
+            np.testing.assert_array_equal(r, np.take_along_axis(cand[:nq], order, 1))
+
+
+def test_float16_rerank_copy_rejects_out_of_range_vectors(sample):
+    X, _ = sample
+    idx = ipq_index.index_factory(X.shape[1], "ASQ4,Rerank2").train(X)
+    big = X[:10] * 1e5
+    with pytest.raises(ValueError, match="float16 range"):
+        idx.add(big)
+    assert idx.ntotal == 0
+    idx32 = ipq_index.index_factory(X.shape[1], "ASQ4,Rerank2F32").train(X)
+    idx32.add(big)
+    assert idx32.ntotal == 10
