@@ -42,6 +42,8 @@ def main(argv=None):
     ap.add_argument("--nprobe", type=int, nargs="*", default=[16, 32, 64, 128], help="IVF sweep")
     ap.add_argument("--ef", type=int, nargs="*", default=[32, 64, 128], help="graph sweep")
     ap.add_argument("--fs", type=int, nargs="*", default=[10], help="flat fast-scan factor sweep")
+    ap.add_argument("--rerank", type=int, nargs="*", default=[None],
+                    help="re-rank factors to sweep on indexes built with ',Rerank' (0 = codes only)")
     args = ap.parse_args(argv)
     with h5py.File(args.data, "r") as f:
         X = f["train"][:]
@@ -58,6 +60,8 @@ def main(argv=None):
         build = time.perf_counter() - t
         sweeps = ([{"nprobe": p} for p in args.nprobe] if "IVF" in spec else
                   [{"ef": e} for e in args.ef] if "HNSW" in spec else [{"fs": f} for f in args.fs])
+        if index.rerank:
+            sweeps = [dict(p, rerank=r) for r in args.rerank for p in sweeps if r is not None] or sweeps
         for params in sweeps:
             _, I = index.search(Q, args.k, **params)
             q1 = qps(lambda q: index.search(q, args.k, num_threads=1, **params), Q)

@@ -47,6 +47,8 @@ class FastScanner:
     ``lists``: optional ``(ptr, order)`` CSR of an IVF partition (list l holds
     rows ``order[ptr[l]:ptr[l+1]]``); then candidates come only from the
     probed lists (FAISS ``IndexIVFPQFastScan`` with injected codes).
+    ``lists="codes"`` keeps the coarse codes as a plain (n, M/2) array
+    (``codes``) scored by ``byte_tables`` (graph navigation), no FAISS index.
     """
 
     def __init__(self, encoder, codes, scales=None, lists=None, chunk: int = 65536, sample: int = 100_000,
@@ -123,7 +125,12 @@ class FastScanner:
         self.dv = M * DSUB
         self.code_bytes = M // 2
         self.lists = lists
-        if lists is None:
+        self.cent = cent
+        self.codes = None
+        if lists == "codes":
+            self.codes = packed  # plain coarse codes, no FAISS index (graph navigation)
+            self.index = None
+        elif lists is None:
             pq = faiss.IndexPQ(self.dv, M, 4, faiss.METRIC_INNER_PRODUCT)
             faiss.copy_array_to_vector(cent.ravel(), pq.pq.centroids)
             pq.is_trained = True
@@ -196,7 +203,19 @@ class FastScanner:
     @property
     def nbytes(self) -> int:
         """Bytes of the derived coarse codes (held in memory, not saved)."""
+        if self.codes is not None:
+            return int(self.codes.nbytes)
         return int(self.index.ntotal) * self.code_bytes
+
+    def byte_tables(self, Y) -> np.ndarray:
+        """(nq, M/2, 256) float32 lookup tables of the coarse codes: entry
+        [g, c] is the coarse score of code byte g = c (low nibble: group 2g,
+        high nibble: group 2g + 1), so a row's coarse score is a sum of M/2
+        lookups (the same ADC kernels as the full codes)."""
+        Yv = self.virtual_queries(Y).reshape(Y.shape[0], self.M, DSUB)
+        lut = np.einsum("mcs,qms->qmc", self.cent, Yv, optimize=False)  # (nq, M, 16)
+        T = lut[:, 1::2, :, None] + lut[:, 0::2, None, :]  # [q, g, hi, lo]
+        return np.ascontiguousarray(T.reshape(Y.shape[0], self.M // 2, 256), np.float32)
 
     def virtual_queries(self, Y):
         """Map rotated queries (nq, d) to the virtual (nq, M * 4) space."""

@@ -536,6 +536,8 @@ class IVFIndex(FlatIndex):
 #: how the graph is built: "ip" (faiss HNSW with inner product on the raw
 #: vectors) or "augmented" (L2 HNSW over the MIPS-to-NN augmentation)
 GRAPH_METRIC = "ip"
+#: default scores steering the graph walk (see GraphIndex.search, ``nav``)
+GRAPH_NAV = "coarse"
 
 
 class GraphIndex(FlatIndex):
@@ -600,26 +602,43 @@ class GraphIndex(FlatIndex):
         return self
 
     def search(self, Q, k: int, *, rerank: int | None = None, ef: int | None = None,
-               num_threads: int | None = -1, return_std: bool = False):
+               nav: str | None = None, num_threads: int | None = -1, return_std: bool = False):
         """Top-k inner products with a beam of width ``ef`` (default: the
-        index's; raised to the candidate count when smaller)."""
+        index's; raised to the candidate count when smaller).
+
+        ``nav``: the scores that steer the walk.  ``"coarse"`` (default)
+        scores nodes on the fast-scan coarse codes (~M/2 table lookups per
+        node instead of one per code byte) and rescores the ``ef`` best with
+        the full ADC; ``"full"`` walks on the full ADC.
+        """
         efv = self.ef if ef is None else _nonneg_int(ef, "ef")
         if efv < 1:
             raise ValueError("ef must be >= 1")
+        nav = GRAPH_NAV if nav is None else nav
+        if nav not in ("coarse", "full"):
+            raise ValueError(f"nav must be 'coarse' or 'full', got {nav!r}")
         gr = self.graph
 
         def candidates(qb, kk, codes, scales, nthreads):
-            tables = qb.tables()
             e = max(efv, kk)
+            if nav == "coarse":
+                sc = self._fast_scanner()
+                tables, wcodes, wscales, kw = sc.byte_tables(qb.Y), sc.codes, np.zeros(0, np.float32), e
+            else:
+                tables, wcodes, wscales, kw = qb.tables(), codes, scales, kk
             cap = min(self.ntotal + 1, 64 * e + 4096)
             entry, max_level = int(gr["entry"][0]), int(gr["entry"][1])
             slots = 1 if tables.shape[0] < 8 else min(nthreads, tables.shape[0])
             with self._visited(slots, tables.shape[0]) as (visited, tag0):
                 fn = _gs.graph_search if slots > 1 else _gs.graph_search_serial
-                return fn(tables, codes, scales, gr["neighbors"], gr["offsets"], gr["cum"],
-                          entry, max_level, e, kk, cap, visited, tag0)
+                out = fn(tables, wcodes, wscales, gr["neighbors"], gr["offsets"], gr["cum"],
+                         entry, max_level, e, kw, cap, visited, tag0)
+            return qb.rescore(out[1], kk, codes, scales) if nav == "coarse" else out
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
+
+    def _scan_lists(self):
+        return "codes"  # plain coarse codes for navigation, no FAISS index
 
     @contextlib.contextmanager
     def _visited(self, slots, nq):
@@ -643,7 +662,7 @@ class GraphIndex(FlatIndex):
             self._visit_lock.release()
 
     def _warmup_params(self):
-        return ({},)
+        return ({}, {"nav": "full"})
 
     def _extra_state(self):
         meta = {"M": self.M, "ef": self.ef, "ef_construction": self.ef_construction,

@@ -396,9 +396,17 @@ def test_graph_large_ef_reproduces_flat_and_roundtrips(tmp_path, sample):
     g = ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4").train(X).add(X)
     assert type(g).__name__ == "GraphIndex"
     D_flat, _ = flat.search(Q, 10, fs=0)
-    D_g, _ = g.search(Q, 10, ef=2000)  # the beam covers the whole graph
-    np.testing.assert_allclose(D_g, D_flat, rtol=1e-5, atol=1e-5)
+    for nav in ("coarse", "full"):
+        D_g, _ = g.search(Q, 10, ef=2000, nav=nav)  # the beam covers the whole graph
+        np.testing.assert_allclose(D_g, D_flat, rtol=1e-5, atol=1e-5)
+    # coarse navigation returns full-ADC scores of its ids and loses little
     _, gt = exact_topk(X, Q, 10)
+    D_c, I_c = g.search(Q, 10, ef=64, nav="coarse")
+    R = g.reconstruct(np.searchsorted(g.ids, I_c.ravel())).reshape(len(Q), 10, -1)
+    np.testing.assert_allclose(D_c, np.einsum("qkd,qd->qk", R, Q), rtol=1e-4, atol=1e-4)
+    assert recall(I_c, gt) >= recall(g.search(Q, 10, ef=64, nav="full")[1], gt) - 0.03
+    with pytest.raises(ValueError, match="nav"):
+        g.search(Q, 10, nav="fast")
     r_small = recall(g.search(Q, 10, ef=10)[1], gt)
     r_big = recall(g.search(Q, 10, ef=200)[1], gt)
     assert r_big >= r_small and r_big >= 0.9
