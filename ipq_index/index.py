@@ -251,7 +251,7 @@ class FlatIndex:
 
         def candidates(qb, kk, codes, scales, nthreads):
             if use_fs:
-                cand = self._fast_scanner().candidates(qb.Y, self._coarse_count(fsf, qb.k, kk), nthreads)
+                cand = self._fast_scanner().candidates(qb.Y, self._coarse_count(fsf, kk), nthreads)
                 return qb.rescore(cand, kk, codes, scales)
             tables = qb.tables()
             Qc = qb.Q
@@ -275,7 +275,7 @@ class FlatIndex:
             return _nonneg_int(fs, "fs")
         return int(np.ceil(FASTSCAN_FACTOR * max(1.0, np.sqrt(scanned_rows / FASTSCAN_REF_ROWS))))
 
-    def _coarse_count(self, fsf, k, kk):
+    def _coarse_count(self, fsf, kk):
         """Candidates the fast-scan stage passes to the full ADC: ``fs`` times
         the pool the next stage keeps (``kk`` = k, or rerank * k when
         re-ranking).  Measured alternative, rejected: max(fs * k, 2 * kk) was
@@ -319,7 +319,7 @@ class FlatIndex:
         with threads(num_threads):
             for q0 in range(0, Q.shape[0], QUERY_CHUNK):
                 Qc = Q[q0:q0 + QUERY_CHUNK]
-                qb = _QueryBatch(self.encoder, Qc, k)
+                qb = _QueryBatch(self.encoder, Qc)
                 cand_v, cand_r = candidates(qb, kk, codes, scales, nthreads)
                 if rr:
                     sc, rows = _rerank_exact(Qc, np.asarray(self.vectors), cand_r, k)
@@ -512,7 +512,7 @@ class IVFIndex(FlatIndex):
             else:
                 probes = np.tile(np.arange(self.nlist, dtype=np.int64), (Qc.shape[0], 1))
             if use_fs:
-                cand = self._fast_scanner().candidates(qb.Y, self._coarse_count(fsf, qb.k, kk), nthreads, probes)
+                cand = self._fast_scanner().candidates(qb.Y, self._coarse_count(fsf, kk), nthreads, probes)
                 return qb.rescore(cand, kk, codes, scales)
             return _adc.scan_lists_topk(qb.tables(), codes, scales, ptr, rows, probes, kk)
 
@@ -552,15 +552,15 @@ GRAPH_NAV = "coarse"
 class GraphIndex(FlatIndex):
     """HNSW-style graph walked with ADC scores on the codes.
 
-    The graph is built by faiss ``IndexHNSWFlat`` (L2) over the MIPS-to-NN
-    augmentation x' = [x, sqrt(Phi^2 - |x|^2)] (Phi = the largest norm), for
-    which |x' - [q, 0]|^2 = Phi^2 + |q|^2 - 2 <q, x>: nearest neighbours of the
-    augmented query are the largest inner products, so a walk that follows
-    larger ADC inner products is the same greedy search, for vectors of any
-    norm.  The construction uses the float vectors (only during ``add``);
-    search reads only the graph arrays and the codes (+ the re-rank copy).
-    ``add`` rebuilds the graph over all vectors, so it needs them once more:
-    add in one call (or keep the float vectors around for rebuilds).
+    The graph is built by faiss ``IndexHNSWFlat`` with the inner-product metric
+    on the float vectors (``GRAPH_METRIC = "ip"``; measured 0.975 vs 0.90
+    recall@10 at ef=256 for the alternative, an L2 graph over the MIPS-to-NN
+    augmentation x' = [x, sqrt(Phi^2 - |x|^2)], still selectable with
+    ``GRAPH_METRIC = "augmented"``), so it serves vectors of any norm.  The
+    walk scores nodes on the coarse fast-scan codes (or the full ADC, ``nav``)
+    and the full ADC rescores the beam.  The float vectors are used only
+    during ``add``; search reads the graph arrays and the codes (+ the re-rank
+    copy).  The graph is built once: add all vectors in one call.
     """
 
     kind = "hnsw"
@@ -688,10 +688,9 @@ class _QueryBatch:
     search path asks for them (rescoring a short candidate list computes the
     ADC field by field instead, which is cheaper than building the tables)."""
 
-    def __init__(self, encoder, Q, k):
+    def __init__(self, encoder, Q):
         self.encoder = encoder
         self.Q = Q
-        self.k = k
         self.Y = encoder.rotate_queries(Q)
         self._tables = None
 

@@ -492,3 +492,27 @@ def test_float16_rerank_copy_rejects_out_of_range_vectors(sample):
     idx32 = ipq_index.index_factory(X.shape[1], "ASQ4,Rerank2F32").train(X)
     idx32.add(big)
     assert idx32.ntotal == 10
+
+
+def test_coarse_codes_keep_the_high_variance_dimensions(sample, built):
+    """The fast-scan stage codes the dimensions carrying COVERAGE of the
+    estimated score variance (energy x spread of the decoded values): they
+    are the top ones by that share, their share reaches the coverage, and
+    coverage=1 keeps every coded dimension; bad values are refused."""
+    from ipq_index import fastscan
+    from ipq_index._kernels import adc
+
+    idx = built["PCA,ASQ4"]
+    enc, codes = idx.encoder, np.asarray(idx.codes)
+    full = fastscan.FastScanner(enc, codes, coverage=1.0)
+    np.testing.assert_array_equal(full.kept, enc.bits > 0)
+    part = fastscan.FastScanner(enc, codes)
+    Z = adc.decode(codes, enc.levels, enc.level_off, enc.bits, enc.byte_of, enc.shift_of, enc.d).astype(np.float64)
+    share = np.where(enc.bits > 0, enc.energy * Z.var(axis=0), 0.0)
+    assert 0 < part.kept.sum() < full.kept.sum()
+    assert share[part.kept].sum() >= fastscan.COVERAGE * share.sum() * (1 - 1e-6)
+    assert share[part.kept].min() >= share[~part.kept].max() * (1 - 1e-6)
+    assert part.M < full.M
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(ValueError, match="coverage"):
+            fastscan.FastScanner(enc, codes, coverage=bad)
