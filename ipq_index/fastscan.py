@@ -23,6 +23,8 @@ saved.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ._kernels import adc as _adc
@@ -125,6 +127,7 @@ class FastScanner:
         self.dv = M * DSUB
         self.code_bytes = M // 2
         self.lists = lists
+        self._nprobe_lock = threading.Lock()
         self.cent = cent
         self.codes = None
         if lists == "codes":
@@ -237,8 +240,9 @@ class FastScanner:
                 _, I = self.index.search(Yv, kk)
             else:
                 probes = np.ascontiguousarray(probes, np.int64)
-                self.index.nprobe = probes.shape[1]
-                _, I = self.index.search_preassigned(Yv, kk, probes, np.zeros(probes.shape, np.float32))
+                with self._nprobe_lock:  # nprobe is a field of the shared FAISS index
+                    self.index.nprobe = probes.shape[1]
+                    _, I = self.index.search_preassigned(Yv, kk, probes, np.zeros(probes.shape, np.float32))
         finally:
             faiss.omp_set_num_threads(prev)
         return I

@@ -516,3 +516,19 @@ def test_coarse_codes_keep_the_high_variance_dimensions(sample, built):
     for bad in (0.0, 1.5, -1):
         with pytest.raises(ValueError, match="coverage"):
             fastscan.FastScanner(enc, codes, coverage=bad)
+
+
+def test_ivf_concurrent_searches_with_different_nprobe():
+    """Searches from several Python threads with different nprobe on one
+    IVF index (FAISS fast-scan lists) return what each returns alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train[:6000], ds.test[:40]
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF32,ASQ4").train(X).add(X)
+    assert ivf.ntotal >= index_mod.FASTSCAN_MIN_ROWS
+    alone = {p: ivf.search(Q, 10, nprobe=p, num_threads=1)[1] for p in (2, 16)}
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda p: (p, ivf.search(Q, 10, nprobe=p, num_threads=1)[1]), [2, 16] * 6))
+    for p, ids in outs:
+        np.testing.assert_array_equal(ids, alone[p])
