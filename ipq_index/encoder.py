@@ -204,10 +204,13 @@ class ASQEncoder:
         else:
             costs[:, 0] = (wz[:, None] * Z.astype(np.float64) ** 2).max(axis=0)
         widths = list(range(1, nb + 1))
-        grid = None if cfg.method != "approx" or not ENCODER_MAX_GRID else \
-            (lambda b: min(asq.default_grid(Z.shape[0], 1 << b), ENCODER_MAX_GRID))
+        def grid(b):  # the approximate solver's grid for width b, capped (ENCODER_MAX_GRID)
+            if cfg.method != "approx" or not ENCODER_MAX_GRID:
+                return None
+            return min(asq.default_grid(Z.shape[0], 1 << b), ENCODER_MAX_GRID)
+
         per_width = {b: asq.solve_columns(Z, 1 << b, weights=w, objective=cfg.objective, method=cfg.method,
-                                          grid=grid(b) if grid else None, num_threads=num_threads)
+                                          grid=grid(b), num_threads=num_threads)
                      for b in widths}
         # one pass per column: sort once, Lloyd-refine for nearest rounding,
         # and measure the error of every width's level set

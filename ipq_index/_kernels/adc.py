@@ -92,6 +92,7 @@ def _build_table(Y, qi, T2, levels, level_off, bits, field_ptr, field_dim, nbyte
         T = T2[g]
         size = 1
         prev[0] = 0.0
+        T[0] = 0.0  # a byte without fields scores 0
         for f in range(field_ptr[g], field_ptr[g + 1]):
             j = field_dim[f]
             b = bits[j]
