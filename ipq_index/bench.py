@@ -299,7 +299,7 @@ def _warmup_ipq(method: MethodConfig, ds: Dataset, k: int, threads) -> None:
     the numba kernels that spec uses (their types do not depend on d or n)."""
     from .ann_benchmarks.module import IpqIndex
 
-    n = min(ds.n_train, 512)
+    n = min(ds.n_train, 4096)  # enough rows for IVF specs up to IVF4096
     dw = min(ds.d, 16)
     X = np.ascontiguousarray(ds.train[:n, :dw])
     Q = np.ascontiguousarray(ds.test[: min(ds.n_test, 16), :dw])
