@@ -725,15 +725,13 @@ def _rerank_exact(Q, vectors, cand, k):
     """Exact inner products of each query with its candidate rows (-1 = none),
     accumulated in float64; top-k (scores float32 descending, rows -1 padded)."""
     global _HALF_TABLE
-    par = cand.shape[0] >= 8
     if vectors.dtype == np.float16:
         if _HALF_TABLE is None:
             _HALF_TABLE = _rr.half_table()
         V, lut = vectors.view(np.uint16), _HALF_TABLE
-        fn = _rr.rerank_half if par else _rr.rerank_half_serial
     else:
         V, lut = vectors, np.zeros(0, np.float32)
-        fn = _rr.rerank_float if par else _rr.rerank_float_serial
+    fn = _rr.rerank if cand.shape[0] >= 8 else _rr.rerank_serial
     return fn(np.ascontiguousarray(Q, np.float32), V, lut, np.ascontiguousarray(cand, np.int64), k)
 
 
