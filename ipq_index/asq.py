@@ -202,6 +202,33 @@ def _exact_scratch(n, s):
     )
 
 
+#: exact budgets up to this are solved by one sweep over the sorted input
+SWEEP_MAX_S = 5
+
+
+def _sweep_exact_sum(x, w, s):
+    """Exact levels for s <= SWEEP_MAX_S: one prefix pass and one O(n) sweep
+    over sorted x (duplicates are not collapsed: a copy of a level costs 0)."""
+    n = x.size
+    P = _ws.get("P", n, np.float64)
+    PW = _ws.get("PW", n if w.size else 0, np.float64)
+    center = x[n // 2]
+    srt, distinct = _dp.prefix_scan(x, w, center, P, PW)
+    if not srt:
+        if w.size:
+            order = np.argsort(x, kind="stable")
+            x, w = x[order], w[order]
+        else:
+            x = np.sort(x)
+        center = x[n // 2]
+        _srt, distinct = _dp.prefix_scan(x, w, center, P, PW)
+    if distinct <= s:
+        return np.unique(x)
+    if s == 2:
+        return np.array([x[0], x[-1]])
+    return np.unique(x[_dp.small_sum_levels(x, s, center, P, PW)])
+
+
 def _exact_sum(v, wv, s):
     """Optimal levels of sorted distinct v (n > s); layered scratch only if needed."""
     n = v.size
@@ -254,6 +281,8 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
         m = _grid(grid, x.size, s)
         if x.size > m:
             return _dp.approx_sum_levels(x, w, s, m)
+    if objective == "sum" and s <= SWEEP_MAX_S:
+        return _sweep_exact_sum(x, w, s)
     v, wv = _sorted_distinct(x, w, objective == "max")
     if v.size <= s:
         return v.copy()

@@ -332,3 +332,51 @@ def test_minimax_unit_weight_walk_matches_scanning_walk():
         assert (np.isinf(g1) and np.isinf(g2)) or abs(g1 - g2) <= 1e-9 * (1 + abs(g1))
         checked += 1
     assert checked > 200
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sweep_budgets_match_brute_force(seed):
+    """s = 3, 4, 5 use one O(n) sweep (closed-form middle levels for unit
+    weights, pointer walks with weights): small inputs with duplicates, zero
+    weights, offsets far from 0, sorted and unsorted, n just above s."""
+    rng = np.random.default_rng(300 + seed)
+    for it in range(150):
+        n = int(rng.integers(1, 12))
+        s = int(rng.integers(2, 6))
+        x = rng.standard_normal(n) * rng.uniform(0.1, 10) + rng.uniform(-1e3, 1e3) * (it % 4 == 0)
+        if it % 3 == 0:
+            x = np.round(x, 0)
+        if it % 5 == 0:
+            x = np.sort(x)
+        w = rng.uniform(0, 3, n) if it % 2 else None
+        if w is not None and it % 7 == 0:
+            w[rng.integers(0, n, 2)] = 0.0
+        lv = asq.solve(x, s, weights=w)
+        _check_levels(x, lv, s)
+        ref = brute_force_sum(x, s, w)
+        assert sum_cost(x, lv, w) == pytest.approx(ref, rel=1e-9, abs=1e-9 * (1 + abs(ref))), (it, n, s)
+
+
+@pytest.mark.parametrize("s", [3, 4, 5])
+def test_sweep_matches_layered_dp(s):
+    """The sweep equals the layered DP (plane table) on larger inputs."""
+    from ipq_index._kernels import asq_dp as dp
+
+    rng = np.random.default_rng(40 + s)
+    for x, w in [(rng.standard_normal(3000), None), (np.round(rng.lognormal(size=3000), 2), None),
+                 (rng.exponential(size=2000), rng.uniform(0, 2, 2000))]:
+        lv = asq.solve(x, s, weights=w)
+        v, wv = asq._sorted_distinct(x, asq._weights(w, x.size), False)
+        v, wv = v.copy(), wv.copy()
+        n = v.size
+        T = np.empty((n, dp.PLANE_COLS))
+        dp.fill_plane_points(v, wv, dp.weighted_mean(v, wv), T)
+        got = asq.cost(x, lv, weights=w)
+        ref = asq.cost(x, v[dp.backtrack(*_layers_arg(dp, T, n, s), s, s, n)], weights=w)
+        assert got == pytest.approx(ref, rel=1e-10)
+
+
+def _layers_arg(dp, T, n, s):
+    arg = np.empty((max(s - 3, 0), n), np.int32)
+    _c, arg_last = dp.dp_layers(T, n, s, np.empty(n), arg, np.empty(n, np.int32), np.empty(n, np.int32))
+    return arg, arg_last

@@ -811,3 +811,150 @@ def solve_columns_kernel(X, W, budgets, objective_max, approx, m, rtol, block):
             for i in range(lv.shape[0]):
                 levels[j, i] = lv[i]
     return levels, counts
+
+
+# --------------------------------------------------------------------------
+# s = 3, 4, 5 in one sweep: no plane table, no DP
+# --------------------------------------------------------------------------
+#
+# With outer levels k < j fixed, the cost of one extra level between them is
+# convex and piecewise linear in its position, so its best position is the
+# first point b (k <= b <= j) with
+#     g(b) = (S1_j - S1_k) - (W_b - W_k) p_k - (W_j - W_b) p_j >= 0,
+# i.e. W_b >= tau(k, j) = (W_j p_j - W_k p_k - (S1_j - S1_k)) / (p_j - p_k);
+# with unit weights W_b = b + 1 gives b in closed form (one division), with
+# weights a pointer walk finds it (b*(k, j) is non-decreasing in k and j).
+# The S2 terms of a level set telescope to S2_N - S2_0 (a constant), so the
+# comparisons only need prefix sums of w and w x: a sorted input (duplicates
+# allowed: a copy of a level costs 0 whichever copy the index names) is
+# scanned once for its prefix sums and swept once.
+
+
+@kernel
+def prefix_scan(x, w, center, P, PW):
+    """One pass over x: P[i] = sum_{l<=i} w_l (x_l - center) (compensated,
+    TwoSum), PW[i] = sum_{l<=i} w_l when weighted (w, PW may be empty).
+    Returns ``(sorted, distinct)``: whether x is non-decreasing, and if so
+    its number of distinct values."""
+    n = x.shape[0]
+    has_w = w.shape[0] > 0
+    srt = True
+    distinct = 1
+    W = 0.0
+    S = 0.0
+    c = 0.0
+    prev = x[0]
+    for i in range(n):
+        xi = x[i]
+        srt = srt & (xi >= prev)
+        distinct += xi != prev
+        prev = xi
+        if has_w:
+            wi = w[i]
+            W += wi
+            PW[i] = W
+            t = wi * (xi - center)
+        else:
+            t = xi - center
+        sn = S + t
+        bb = sn - S
+        c += (S - (sn - bb)) + (t - bb)
+        S = sn
+        P[i] = S + c
+    return srt, distinct
+
+
+@inline_kernel
+def _seg(pk, pj, Wk, Wj, Sk, Sj):
+    """Cost of the points in (k, j] up to the telescoping S2 terms."""
+    return (pj + pk) * (Sj - Sk) - pj * pk * (Wj - Wk)
+
+
+@inline_kernel
+def _mid_unit(pk, pj, Wk, Wj, Sk, Sj, k, j):
+    """Best middle level index in [k, j] for unit weights (W_b = b + 1)."""
+    if pj <= pk:
+        return j
+    tau = (Wj * pj - Wk * pk - (Sj - Sk)) / (pj - pk)
+    tau = min(max(tau, k + 1.0), j + 1.0)
+    b = np.int64(tau)  # ceil(tau) - 1 without a libm call (tau >= 1)
+    b += b < tau
+    return b - 1
+
+
+@inline_kernel
+def _mid_walk(P, PW, pk, pj, k, j, b):
+    """Best middle level index in [k, j] by a forward walk from b (weighted)."""
+    if b < k:
+        b = k
+    Wk = PW[k]
+    Wj = PW[j]
+    base = P[j] - P[k]
+    while b < j:
+        if base - (PW[b] - Wk) * pk - (Wj - PW[b]) * pj >= 0.0:
+            break
+        b += 1
+    return b
+
+
+@kernel
+def small_sum_levels(x, s, center, P, PW):
+    """Indices of optimal levels (s in 3, 4, 5) of sorted x in one O(n)
+    sweep over the prefix sums of :func:`prefix_scan` (``PW`` empty = unit
+    weights).  Returns s non-decreasing indices (a wasted level may repeat a
+    value)."""
+    n = x.shape[0]
+    N = n - 1
+    unit = PW.shape[0] == 0
+    p0 = x[0] - center
+    pN = x[N] - center
+    W0 = 1.0 if unit else PW[0]
+    WN = np.float64(n) if unit else PW[N]
+    S0 = P[0]
+    SN = P[N]
+    idx = np.zeros(s, np.int64)
+    idx[s - 1] = N
+    if s == 3:
+        if unit:
+            idx[1] = _mid_unit(p0, pN, W0, WN, S0, SN, 0, N)
+        else:
+            idx[1] = _mid_walk(P, PW, p0, pN, 0, N, 0)
+        return idx
+    best = INF
+    b1 = 0
+    b2 = 0
+    for m in range(1, N):
+        pm = x[m] - center
+        Sm = P[m]
+        Wm = m + 1.0 if unit else PW[m]
+        if unit:
+            b2 = _mid_unit(pm, pN, Wm, WN, Sm, SN, m, N)
+            Wb = b2 + 1.0
+        else:
+            b2 = _mid_walk(P, PW, pm, pN, m, N, b2)
+            Wb = PW[b2]
+        pb = x[b2] - center
+        Sb = P[b2]
+        val = _seg(pm, pb, Wm, Wb, Sm, Sb) + _seg(pb, pN, Wb, WN, Sb, SN)
+        if s == 4:
+            val += _seg(p0, pm, W0, Wm, S0, Sm)
+        else:
+            if unit:
+                b1 = _mid_unit(p0, pm, W0, Wm, S0, Sm, 0, m)
+                W1 = b1 + 1.0
+            else:
+                b1 = _mid_walk(P, PW, p0, pm, 0, m, b1)
+                W1 = PW[b1]
+            p1 = x[b1] - center
+            S1 = P[b1]
+            val += _seg(p0, p1, W0, W1, S0, S1) + _seg(p1, pm, W1, Wm, S1, Sm)
+        if val < best:
+            best = val
+            if s == 4:
+                idx[1] = m
+                idx[2] = b2
+            else:
+                idx[1] = b1
+                idx[2] = m
+                idx[3] = b2
+    return idx
