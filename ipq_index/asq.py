@@ -212,8 +212,9 @@ def _sweep_exact_sum(x, w, s):
     n = x.size
     P = _ws.get("P", n, np.float64)
     PW = _ws.get("PW", n if w.size else 0, np.float64)
+    Q = _ws.get("Q", n // _dp.Q_STEP + 1, np.float64)
     center = x[n // 2]
-    srt, distinct = _dp.prefix_scan(x, w, center, P, PW)
+    srt, distinct = _dp.prefix_scan(x, w, center, P, PW, Q)
     if not srt:
         if w.size:
             order = np.argsort(x, kind="stable")
@@ -221,12 +222,12 @@ def _sweep_exact_sum(x, w, s):
         else:
             x = np.sort(x)
         center = x[n // 2]
-        _srt, distinct = _dp.prefix_scan(x, w, center, P, PW)
+        _srt, distinct = _dp.prefix_scan(x, w, center, P, PW, Q)
     if distinct <= s:
         return np.unique(x)
     if s == 2:
         return np.array([x[0], x[-1]])
-    return np.unique(x[_dp.small_sum_levels(x, s, center, P, PW)])
+    return np.unique(x[_dp.small_sum_levels(x, w, s, center, P, PW, Q)])
 
 
 def _exact_sum(v, wv, s):

@@ -830,10 +830,17 @@ def solve_columns_kernel(X, W, budgets, objective_max, approx, m, rtol, block):
 # scanned once for its prefix sums and swept once.
 
 
+#: the sweep keeps sum(w p^2) at every Q_STEP-th point (for its bounds)
+Q_STEP = 32
+#: ranges of interior levels this short are evaluated point by point
+SWEEP_LEAF = 64
+
+
 @kernel
-def prefix_scan(x, w, center, P, PW):
+def prefix_scan(x, w, center, P, PW, Q):
     """One pass over x: P[i] = sum_{l<=i} w_l (x_l - center) (compensated,
-    TwoSum), PW[i] = sum_{l<=i} w_l when weighted (w, PW may be empty).
+    TwoSum), PW[i] = sum_{l<=i} w_l when weighted (w, PW may be empty), and
+    Q[t] = sum_{l < t Q_STEP} w_l (x_l - center)^2 (len >= n // Q_STEP + 1).
     Returns ``(sorted, distinct)``: whether x is non-decreasing, and if so
     its number of distinct values."""
     n = x.shape[0]
@@ -843,19 +850,24 @@ def prefix_scan(x, w, center, P, PW):
     W = 0.0
     S = 0.0
     c = 0.0
+    S2 = 0.0
     prev = x[0]
     for i in range(n):
         xi = x[i]
         srt = srt & (xi >= prev)
         distinct += xi != prev
         prev = xi
+        y = xi - center
         if has_w:
             wi = w[i]
             W += wi
             PW[i] = W
-            t = wi * (xi - center)
+            t = wi * y
         else:
-            t = xi - center
+            t = y
+        if i % Q_STEP == 0:
+            Q[i // Q_STEP] = S2
+        S2 += t * y
         sn = S + t
         bb = sn - S
         c += (S - (sn - bb)) + (t - bb)
@@ -871,90 +883,135 @@ def _seg(pk, pj, Wk, Wj, Sk, Sj):
 
 
 @inline_kernel
-def _mid_unit(pk, pj, Wk, Wj, Sk, Sj, k, j):
-    """Best middle level index in [k, j] for unit weights (W_b = b + 1)."""
-    if pj <= pk:
-        return j
-    tau = (Wj * pj - Wk * pk - (Sj - Sk)) / (pj - pk)
-    tau = min(max(tau, k + 1.0), j + 1.0)
-    b = np.int64(tau)  # ceil(tau) - 1 without a libm call (tau >= 1)
-    b += b < tau
-    return b - 1
-
-
-@inline_kernel
-def _mid_walk(P, PW, pk, pj, k, j, b):
-    """Best middle level index in [k, j] by a forward walk from b (weighted)."""
-    if b < k:
-        b = k
-    Wk = PW[k]
-    Wj = PW[j]
-    base = P[j] - P[k]
-    while b < j:
-        if base - (PW[b] - Wk) * pk - (Wj - PW[b]) * pj >= 0.0:
-            break
-        b += 1
-    return b
+def _wt(PW, i):
+    return i + 1.0 if PW.shape[0] == 0 else PW[i]
 
 
 @kernel
-def small_sum_levels(x, s, center, P, PW):
-    """Indices of optimal levels (s in 3, 4, 5) of sorted x in one O(n)
-    sweep over the prefix sums of :func:`prefix_scan` (``PW`` empty = unit
-    weights).  Returns s non-decreasing indices (a wasted level may repeat a
-    value)."""
+def _mid(x, center, P, PW, k, j):
+    """Best middle level index in [k, j] between levels k < j: the first b
+    with W_b (p_j - p_k) >= W_j p_j - W_k p_k - (S1_j - S1_k); closed form
+    for unit weights (W_b = b + 1), bisection on PW otherwise."""
+    pk = x[k] - center
+    pj = x[j] - center
+    if pj <= pk:
+        return j
+    tau = (_wt(PW, j) * pj - _wt(PW, k) * pk - (P[j] - P[k])) / (pj - pk)
+    if PW.shape[0] == 0:
+        tau = min(max(tau, k + 1.0), j + 1.0)
+        b = np.int64(tau)  # ceil(tau) - 1 without a libm call (tau >= 1)
+        b += b < tau
+        return b - 1
+    lo = k
+    hi = j
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if PW[mid] >= tau:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@kernel
+def _c2(x, center, P, PW, k, j):
+    """(cost up to S2 terms, middle index) of the best 3 levels k, b, j."""
+    b = _mid(x, center, P, PW, k, j)
+    pk = x[k] - center
+    pj = x[j] - center
+    pb = x[b] - center
+    Wb = _wt(PW, b)
+    val = _seg(pk, pb, _wt(PW, k), Wb, P[k], P[b]) + _seg(pb, pj, Wb, _wt(PW, j), P[b], P[j])
+    return val, b
+
+
+@kernel
+def _left(x, center, P, PW, s, m):
+    """Best cost of the levels up to m (0, m for s = 4; 0, b, m for s = 5)."""
+    if s == 4:
+        return _seg(x[0] - center, x[m] - center, _wt(PW, 0), _wt(PW, m), P[0], P[m]), 0
+    return _c2(x, center, P, PW, 0, m)
+
+
+@kernel
+def _s2_upto(x, w, center, Q, i):
+    """sum_{l <= i} w_l (x_l - center)^2 from the every-Q_STEP table."""
+    t = i // Q_STEP
+    acc = Q[t]
+    has_w = w.shape[0] > 0
+    for l in range(t * Q_STEP, i + 1):
+        y = x[l] - center
+        acc += (w[l] if has_w else 1.0) * y * y
+    return acc
+
+
+@kernel
+def small_sum_levels(x, w, s, center, P, PW, Q):
+    """Indices of optimal levels (s in 3, 4, 5) of sorted x, from the
+    prefix sums of :func:`prefix_scan` (``w``, ``PW`` empty = unit weights).
+
+    s = 3 is one closed-form middle level.  For s = 4, 5 the cost is
+    F(m) = left(m) + right(m) over the level m before the last middle one,
+    left(m) = C(0, m) or C2(0, m) is non-decreasing in m and
+    right(m) = C2(m, N) non-increasing, so over a range [a, b] of m,
+    F >= left(a) + right(b): a branch and bound over halved ranges skips
+    every range whose bound is not below the best F found, and evaluates
+    the remaining short ranges point by point (O(1) per point with unit
+    weights).  Returns s non-decreasing indices (a wasted level may repeat
+    a value).
+    """
     n = x.shape[0]
     N = n - 1
-    unit = PW.shape[0] == 0
-    p0 = x[0] - center
-    pN = x[N] - center
-    W0 = 1.0 if unit else PW[0]
-    WN = np.float64(n) if unit else PW[N]
-    S0 = P[0]
-    SN = P[N]
     idx = np.zeros(s, np.int64)
     idx[s - 1] = N
     if s == 3:
-        if unit:
-            idx[1] = _mid_unit(p0, pN, W0, WN, S0, SN, 0, N)
-        else:
-            idx[1] = _mid_walk(P, PW, p0, pN, 0, N, 0)
+        idx[1] = _mid(x, center, P, PW, 0, N)
         return idx
+    # costs are compared without the S2 terms (they telescope); a range
+    # bound in the same units adds sum(w p^2) over the range
+    scale = abs(Q[N // Q_STEP]) + 1e-300
     best = INF
-    b1 = 0
-    b2 = 0
-    for m in range(1, N):
-        pm = x[m] - center
-        Sm = P[m]
-        Wm = m + 1.0 if unit else PW[m]
-        if unit:
-            b2 = _mid_unit(pm, pN, Wm, WN, Sm, SN, m, N)
-            Wb = b2 + 1.0
-        else:
-            b2 = _mid_walk(P, PW, pm, pN, m, N, b2)
-            Wb = PW[b2]
-        pb = x[b2] - center
-        Sb = P[b2]
-        val = _seg(pm, pb, Wm, Wb, Sm, Sb) + _seg(pb, pN, Wb, WN, Sb, SN)
-        if s == 4:
-            val += _seg(p0, pm, W0, Wm, S0, Sm)
-        else:
-            if unit:
-                b1 = _mid_unit(p0, pm, W0, Wm, S0, Sm, 0, m)
-                W1 = b1 + 1.0
+    stack = np.empty((128, 2), np.int64)
+    stack[0, 0] = 1
+    stack[0, 1] = N - 1
+    top = 1
+    while top > 0:
+        top -= 1
+        a = stack[top, 0]
+        b = stack[top, 1]
+        if b - a >= SWEEP_LEAF:
+            la, _ = _left(x, center, P, PW, s, a)
+            rb, _ = _c2(x, center, P, PW, b, N)
+            bound = la + rb + (_s2_upto(x, w, center, Q, b) - _s2_upto(x, w, center, Q, a))
+            if bound - best >= 1e-12 * (abs(best) + scale):
+                continue
+            mid = (a + b) >> 1
+            # visit the half with the better end first (its F tightens best)
+            fa = la + _c2(x, center, P, PW, a, N)[0]
+            fb = _left(x, center, P, PW, s, b)[0] + rb
+            if fa <= fb:
+                stack[top, 0] = mid + 1
+                stack[top, 1] = b
+                stack[top + 1, 0] = a
+                stack[top + 1, 1] = mid
             else:
-                b1 = _mid_walk(P, PW, p0, pm, 0, m, b1)
-                W1 = PW[b1]
-            p1 = x[b1] - center
-            S1 = P[b1]
-            val += _seg(p0, p1, W0, W1, S0, S1) + _seg(p1, pm, W1, Wm, S1, Sm)
-        if val < best:
-            best = val
-            if s == 4:
-                idx[1] = m
-                idx[2] = b2
-            else:
-                idx[1] = b1
-                idx[2] = m
-                idx[3] = b2
+                stack[top, 0] = a
+                stack[top, 1] = mid
+                stack[top + 1, 0] = mid + 1
+                stack[top + 1, 1] = b
+            top += 2
+            continue
+        for m in range(a, b + 1):
+            lv, b1 = _left(x, center, P, PW, s, m)
+            rv, b2 = _c2(x, center, P, PW, m, N)
+            val = lv + rv
+            if val < best:
+                best = val
+                if s == 4:
+                    idx[1] = m
+                    idx[2] = b2
+                else:
+                    idx[1] = b1
+                    idx[2] = m
+                    idx[3] = b2
     return idx
