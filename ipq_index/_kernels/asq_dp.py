@@ -240,7 +240,7 @@ def lagrangian_levels(T, n, s, lam0, max_iter, E, arg, cnt, q, qs):
     moves geometrically until the count brackets s, then interpolates in
     log(lam).  Returns the candidate indices (length s) or an empty array
     when ties kept every price from giving exactly s levels (the caller then
-    runs the layered DP).
+    runs the layered DP), and the last price tried.
     """
     lam = lam0 if lam0 > 0.0 else 1.0
     lo = 0.0  # price giving more than s levels
@@ -255,7 +255,7 @@ def lagrangian_levels(T, n, s, lam0, max_iter, E, arg, cnt, q, qs):
             for i in range(s - 1, -1, -1):
                 idx[i] = j
                 j = arg[j]
-            return idx
+            return idx, lam
         if k > s:
             lo = lam
             k_lo = k
@@ -273,7 +273,7 @@ def lagrangian_levels(T, n, s, lam0, max_iter, E, arg, cnt, q, qs):
             lam = lam * max((k / s) ** 3, 1.5)
         else:
             lam = lam * min((k / s) ** 3, 1.0 / 1.5)
-    return np.empty(0, np.int64)
+    return np.empty(0, np.int64), lam
 
 
 @kernel
@@ -689,6 +689,76 @@ def price_estimate(T, n, s, m_c):
 
 
 @kernel
+def sub_instance(T, n, m):
+    """Rows of T for about m candidates: m/2 evenly spaced in rank and the
+    ones next to m/2 evenly spaced positions (the tails of skewed data get
+    candidates too).  A subset of candidates is an exact instance of the
+    problem restricted to those levels (every point still counts)."""
+    half = max(m // 2, 2)
+    a = np.empty(half, np.int64)
+    b = np.empty(half, np.int64)
+    p0 = T[0, 0]
+    pN = T[n - 1, 0]
+    for i in range(half):
+        a[i] = (i * (n - 1)) // (half - 1)
+        t = p0 + (pN - p0) * (i / (half - 1))
+        lo = 0
+        hi = n - 1
+        while lo < hi:  # first candidate at or above t
+            mid = (lo + hi) >> 1
+            if T[mid, 0] < t:
+                lo = mid + 1
+            else:
+                hi = mid
+        b[i] = lo
+    sel = np.empty(2 * half, np.int64)
+    r = 0
+    i = 0
+    j = 0
+    while i < half or j < half:
+        if j >= half or (i < half and a[i] <= b[j]):
+            v = a[i]
+            i += 1
+        else:
+            v = b[j]
+            j += 1
+        if r == 0 or sel[r - 1] != v:
+            sel[r] = v
+            r += 1
+    Tc = np.empty((r, PLANE_COLS), np.float64)
+    for i in range(r):
+        for c in range(PLANE_COLS):
+            Tc[i, c] = T[sel[i], c]
+    return Tc
+
+
+@kernel
+def sub_instance_price(T, n, s):
+    """A price per level that gives s levels on a sub-instance of about
+    max(4096, 32 s) candidates (cheap passes), used to start the full
+    search: it nearly always gives exactly s levels on the full instance."""
+    m = max(4096, 32 * s)
+    # the marginal cost of a level for smooth data, from the 2-level cost:
+    # OPT(s) ~ OPT(2) / (s - 1)^2, so lam ~ 2 OPT(2) / (s - 1)^3
+    j = n - 1
+    c2 = T[j, 5] + T[j, 0] * T[0, 1] + T[j, 2] * T[0, 0] + T[0, 4]
+    lam0 = 2.0 * max(c2, 1e-300) / ((s - 1.0) ** 3)
+    if n <= 2 * m:
+        return lam0
+    Tc = sub_instance(T, n, m)
+    mc = Tc.shape[0]
+    if mc <= 4 * (s + 1):
+        return lam0
+    E = np.empty(mc, np.float64)
+    arg = np.empty(mc, np.int32)
+    cnt = np.empty(mc, np.int32)
+    q = np.empty(mc, np.int32)
+    qs = np.empty(mc, np.int32)
+    _idx, lam = lagrangian_levels(Tc, mc, s, lam0, 60, E, arg, cnt, q, qs)
+    return lam
+
+
+@kernel
 def table_levels(T, n, s, D, arg, q, qs, cnt, arg1):
     """Indices of the optimal s levels among the n candidates of T (n > s).
 
@@ -700,8 +770,8 @@ def table_levels(T, n, s, D, arg, q, qs, cnt, arg1):
     only by the Lagrangian search.
     """
     if s > LAYERED_MAX_S and n > 4 * (s + 1) and cnt.shape[0] >= n and arg1.shape[0] >= n:
-        lam0 = price_estimate(T, n, s, min(n // 4, max(1024, 8 * (s + 1))))
-        idx = lagrangian_levels(T, n, s, lam0, LAGRANGE_MAX_ITER, D, arg1, cnt, q, qs)
+        lam0 = sub_instance_price(T, n, s)
+        idx, _lam = lagrangian_levels(T, n, s, lam0, LAGRANGE_MAX_ITER, D, arg1, cnt, q, qs)
         if idx.shape[0] == s:
             return idx
     if arg.shape[0] < s - 3:
