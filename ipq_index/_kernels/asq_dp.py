@@ -31,7 +31,9 @@ from .._numba import inline_kernel, kernel, parallel_kernel
 INF = np.inf
 PLANE_COLS = 8
 #: budgets up to this use the layered DP; larger ones the Lagrangian search
-LAYERED_MAX_S = 6
+LAYERED_MAX_S = 5
+#: bisection steps on each end of the sub-instance's price interval
+SUB_REFINE = 4
 #: penalised passes before the Lagrangian search falls back to layers
 LAGRANGE_MAX_ITER = 40
 
@@ -125,24 +127,27 @@ def fill_plane_prefix(P, T):
 
 
 @inline_kernel
-def _queue_insert(T, n, k, j, q, qs, h, tl):
-    """Insert row k (valid from column j) into the queue q[h..tl]; new tl.
+def _queue_insert(T, n, k, j, q, qs, h, tl, d):
+    """Insert row k (valid from column j) into the queue q[h..tl]; returns
+    the new tl and the take-over distance to predict the next one with.
 
     Because C is Monge, a later row that is strictly better than an earlier
     one at some column stays strictly better at every later column, so the
     rows that win the remaining columns form a queue ordered both by row and
     by the column ``qs`` where each takes over.  Rows at the back are
     dropped when k beats them from their take-over column on; otherwise k's
-    take-over column is found by galloping + bisection (or k never wins).
-    Ties go to the smaller row.  Row values use the plane form with
-    gamma = T[:, 3].
+    take-over column is searched around the predicted distance ``d`` (the
+    last one found: consecutive rows take over at similar distances, long
+    ones on skewed data) by galloping back or forward, then bisection (or k
+    never wins).  Ties go to the smaller row.  Row values use the plane form
+    with gamma = T[:, 3].
     """
     while True:
         if tl < h:
             tl += 1
             q[tl] = k
             qs[tl] = j
-            return tl
+            return tl, d
         b = q[tl]
         # k beats b at column c iff da p_c + db c_c + dg < 0
         da = T[k, 1] - T[b, 1]
@@ -152,23 +157,38 @@ def _queue_insert(T, n, k, j, q, qs, h, tl):
         if da * T[sb, 0] + db * T[sb, 2] + dg < 0.0:
             tl -= 1  # k wins every column b would have won
             continue
-        lo = sb
-        step = 1
-        hi = lo + 1
-        found = False
-        while hi < n:
-            if da * T[hi, 0] + db * T[hi, 2] + dg < 0.0:
-                found = True
-                break
-            lo = hi
-            step <<= 1
-            hi = lo + step
-        if not found:
-            if lo >= n - 1:
-                return tl  # k never wins
-            hi = n - 1
-            if not (da * T[hi, 0] + db * T[hi, 2] + dg < 0.0):
-                return tl
+        c = min(sb + d, n - 1)
+        if c > sb and da * T[c, 0] + db * T[c, 2] + dg < 0.0:
+            # take-over in (sb, c]: gallop back from c
+            lo = sb
+            hi = c
+            step = 1
+            while hi - step > lo:
+                t = hi - step
+                if da * T[t, 0] + db * T[t, 2] + dg < 0.0:
+                    hi = t
+                    step <<= 1
+                else:
+                    lo = t
+                    break
+        else:
+            lo = c
+            step = 1
+            hi = lo + 1
+            found = False
+            while hi < n:
+                if da * T[hi, 0] + db * T[hi, 2] + dg < 0.0:
+                    found = True
+                    break
+                lo = hi
+                step <<= 1
+                hi = lo + step
+            if not found:
+                if lo >= n - 1:
+                    return tl, d  # k never wins
+                hi = n - 1
+                if not (da * T[hi, 0] + db * T[hi, 2] + dg < 0.0):
+                    return tl, d
         while hi - lo > 1:
             mid = (lo + hi) >> 1
             if da * T[mid, 0] + db * T[mid, 2] + dg < 0.0:
@@ -178,7 +198,7 @@ def _queue_insert(T, n, k, j, q, qs, h, tl):
         tl += 1
         q[tl] = k
         qs[tl] = hi
-        return tl
+        return tl, hi - sb
 
 
 @kernel
@@ -190,6 +210,7 @@ def envelope_layer(T, n, D, argcur, q, qs):
     usual case on sorted data), O(n log n) worst case.  Writes T[:, 3].
     """
     h = 0
+    d = 1
     tl = -1
     T[0, 3] = D[0] + T[0, 4]
     D[0] = INF
@@ -197,7 +218,7 @@ def envelope_layer(T, n, D, argcur, q, qs):
     for j in range(1, n):
         # row j's gamma uses the previous layer's D[j], overwritten below
         T[j, 3] = D[j] + T[j, 4]
-        tl = _queue_insert(T, n, j - 1, j, q, qs, h, tl)
+        tl, d = _queue_insert(T, n, j - 1, j, q, qs, h, tl, d)
         while tl > h and qs[h + 1] <= j:
             h += 1
         kb = q[h]
@@ -215,6 +236,7 @@ def penalized_levels(T, n, lam, E, arg, cnt, q, qs):
     exactly s levels is an optimal s-level solution (Lagrangian duality).
     """
     h = 0
+    d = 1
     tl = -1
     E[0] = 0.0
     cnt[0] = 1
@@ -222,7 +244,7 @@ def penalized_levels(T, n, lam, E, arg, cnt, q, qs):
     for j in range(1, n):
         k = j - 1
         T[k, 3] = E[k] + T[k, 4] + lam
-        tl = _queue_insert(T, n, k, j, q, qs, h, tl)
+        tl, d = _queue_insert(T, n, k, j, q, qs, h, tl, d)
         while tl > h and qs[h + 1] <= j:
             h += 1
         kb = q[h]
@@ -240,7 +262,8 @@ def lagrangian_levels(T, n, s, lam0, max_iter, E, arg, cnt, q, qs):
     moves geometrically until the count brackets s, then interpolates in
     log(lam).  Returns the candidate indices (length s) or an empty array
     when ties kept every price from giving exactly s levels (the caller then
-    runs the layered DP), and the last price tried.
+    runs the layered DP), the last price tried and the bracket (lo, hi):
+    prices known to give more / fewer than s levels (0 / inf if none).
     """
     lam = lam0 if lam0 > 0.0 else 1.0
     lo = 0.0  # price giving more than s levels
@@ -255,7 +278,7 @@ def lagrangian_levels(T, n, s, lam0, max_iter, E, arg, cnt, q, qs):
             for i in range(s - 1, -1, -1):
                 idx[i] = j
                 j = arg[j]
-            return idx, lam
+            return idx, lam, lo, hi
         if k > s:
             lo = lam
             k_lo = k
@@ -273,7 +296,7 @@ def lagrangian_levels(T, n, s, lam0, max_iter, E, arg, cnt, q, qs):
             lam = lam * max((k / s) ** 3, 1.5)
         else:
             lam = lam * min((k / s) ** 3, 1.0 / 1.5)
-    return np.empty(0, np.int64), lam
+    return np.empty(0, np.int64), lam, lo, hi
 
 
 @kernel
@@ -754,8 +777,27 @@ def sub_instance_price(T, n, s):
     cnt = np.empty(mc, np.int32)
     q = np.empty(mc, np.int32)
     qs = np.empty(mc, np.int32)
-    _idx, lam = lagrangian_levels(Tc, mc, s, lam0, 60, E, arg, cnt, q, qs)
-    return lam
+    idx, lam, lo, hi = lagrangian_levels(Tc, mc, s, lam0, 60, E, arg, cnt, q, qs)
+    if idx.shape[0] != s:
+        return lam
+    # the prices giving s levels form an interval; aim at its (geometric)
+    # middle, which is the most likely to give s on the full instance too
+    a = lam  # lowest price known to give s
+    lo = lo if lo > 0.0 else lam / 8.0
+    b = lam  # highest price known to give s
+    hi = hi if hi < INF else lam * 8.0
+    for it in range(SUB_REFINE):
+        mid = np.sqrt(lo * a)
+        if penalized_levels(Tc, mc, mid, E, arg, cnt, q, qs) == s:
+            a = mid
+        else:
+            lo = mid
+        mid = np.sqrt(b * hi)
+        if penalized_levels(Tc, mc, mid, E, arg, cnt, q, qs) == s:
+            b = mid
+        else:
+            hi = mid
+    return np.sqrt(a * b)
 
 
 @kernel
@@ -771,7 +813,7 @@ def table_levels(T, n, s, D, arg, q, qs, cnt, arg1):
     """
     if s > LAYERED_MAX_S and n > 4 * (s + 1) and cnt.shape[0] >= n and arg1.shape[0] >= n:
         lam0 = sub_instance_price(T, n, s)
-        idx, _lam = lagrangian_levels(T, n, s, lam0, LAGRANGE_MAX_ITER, D, arg1, cnt, q, qs)
+        idx, _lam, _lo, _hi = lagrangian_levels(T, n, s, lam0, LAGRANGE_MAX_ITER, D, arg1, cnt, q, qs)
         if idx.shape[0] == s:
             return idx
     if arg.shape[0] < s - 3:
