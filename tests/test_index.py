@@ -532,3 +532,22 @@ def test_ivf_concurrent_searches_with_different_nprobe():
         outs = list(pool.map(lambda p: (p, ivf.search(Q, 10, nprobe=p, num_threads=1)[1]), [2, 16] * 6))
     for p, ids in outs:
         np.testing.assert_array_equal(ids, alone[p])
+
+
+def test_ivf_probes_are_the_top_inner_product_lists():
+    """The numba probe kernel (float32 sums, heap selection) picks the lists
+    with the largest <q, c_l>, serial and parallel, as a float64 reference."""
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((3000, 24)).astype(np.float32)
+    ivf = ipq_index.index_factory(24, "IVF40,ASQ4").train(X)
+    Q = rng.standard_normal((20, 24)).astype(np.float32) * 3
+    ref = Q.astype(np.float64) @ ivf.centroids.astype(np.float64).T
+    for nq in (3, 20):  # serial kernel below 8 queries, parallel above
+        for nprobe in (1, 7, 40):
+            P = ivf._probes(Q[:nq], nprobe)
+            assert P.shape == (nq, nprobe)
+            for q in range(nq):
+                assert len(set(P[q])) == nprobe
+                kth = np.sort(ref[q])[::-1][nprobe - 1]
+                # every probed list scores at least the nprobe-th best (float32 slack)
+                assert (ref[q, P[q]] >= kth - 1e-4 * np.abs(ref[q]).max()).all()

@@ -265,12 +265,73 @@ def coarse_nibbles(codes, bits, byte_of, shift_of, rshift, nib_of, nib_shift, M)
 
 
 @inline_kernel
-def _rescore_one(tables, codes, scales, cand, qi, hv, hi):
-    has_scale = scales.shape[0] > 0
-    for c in range(cand.shape[1]):
-        r = cand[qi, c]
+def _touch_rows(codes, cand, qi):
+    """Read one byte per cache line of every candidate row before scoring, so
+    the (random, mostly uncached) row loads overlap instead of stalling the
+    scoring loop one row at a time; returns the number of valid rows."""
+    nc = 0
+    touch = 0
+    for t in range(cand.shape[1]):
+        r = cand[qi, t]
         if r >= 0:
-            heap_offer(hv, hi, row_score(tables[qi], codes, scales, has_scale, r), r)
+            nc += 1
+            for g in range(0, codes.shape[1], 64):
+                touch += codes[r, g]
+    return nc if touch >= 0 else 0
+
+
+@inline_kernel
+def _offer4(hv, hi, s0, s1, s2, s3, r0, r1, r2, r3, n, scales, has_scale):
+    """Offer the first n (1..4) of four scored rows to the heap."""
+    if has_scale:
+        s0 *= scales[r0]
+        s1 *= scales[r1]
+        s2 *= scales[r2]
+        s3 *= scales[r3]
+    heap_offer(hv, hi, s0, r0)
+    if n > 1:
+        heap_offer(hv, hi, s1, r1)
+    if n > 2:
+        heap_offer(hv, hi, s2, r2)
+    if n > 3:
+        heap_offer(hv, hi, s3, r3)
+
+
+@inline_kernel
+def _valid_rows(cand, qi, nc):
+    rows = np.empty(nc, np.int64)
+    j = 0
+    for t in range(cand.shape[1]):
+        if cand[qi, t] >= 0:
+            rows[j] = cand[qi, t]
+            j += 1
+    return rows
+
+
+@inline_kernel
+def _rescore_one(tables, codes, scales, cand, qi, hv, hi):
+    """Table ADC of query qi's candidate rows, four rows at a time (four
+    independent float64 sums: the adds of one row form a dependency chain,
+    so one row at a time ran at the add latency)."""
+    has_scale = scales.shape[0] > 0
+    nc = _touch_rows(codes, cand, qi)
+    rows = _valid_rows(cand, qi, nc)
+    T = tables[qi]
+    for t in range(0, nc, 4):
+        r0 = rows[t]
+        r1 = rows[min(t + 1, nc - 1)]
+        r2 = rows[min(t + 2, nc - 1)]
+        r3 = rows[min(t + 3, nc - 1)]
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        for g in range(codes.shape[1]):
+            s0 += T[g, codes[r0, g]]
+            s1 += T[g, codes[r1, g]]
+            s2 += T[g, codes[r2, g]]
+            s3 += T[g, codes[r3, g]]
+        _offer4(hv, hi, s0, s1, s2, s3, r0, r1, r2, r3, nc - t, scales, has_scale)
     heap_to_sorted(hv, hi)
 
 
@@ -300,24 +361,43 @@ def rescore_topk(tables, codes, scales, cand, kk):
 @inline_kernel
 def _rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, hv, hi):
     """Direct ADC (no tables) of query qi's candidate rows: sum over fields of
-    y_j * L_j[code_j], float64; ``fields`` rows are (dim, byte, shift, mask,
-    level offset), sorted by byte."""
+    y_j * L_j[code_j], float64, four rows at a time; ``fields`` rows are
+    (dim, byte, shift, mask, level offset), sorted by byte."""
     nf = fields.shape[0]
     yf = np.empty(nf, np.float64)
+    fb = np.empty(nf, np.int64)
+    fsh = np.empty(nf, np.int64)
+    fm = np.empty(nf, np.int64)
+    fo = np.empty(nf, np.int64)
     for f in range(nf):
         yf[f] = Y[qi, fields[f, 0]]
+        fb[f] = fields[f, 1]
+        fsh[f] = fields[f, 2]
+        fm[f] = fields[f, 3]
+        fo[f] = fields[f, 4]
     has_scale = scales.shape[0] > 0
-    for t in range(cand.shape[1]):
-        r = cand[qi, t]
-        if r < 0:
-            continue
-        s = 0.0
+    nc = _touch_rows(codes, cand, qi)
+    rows = _valid_rows(cand, qi, nc)
+    for t in range(0, nc, 4):
+        r0 = rows[t]
+        r1 = rows[min(t + 1, nc - 1)]
+        r2 = rows[min(t + 2, nc - 1)]
+        r3 = rows[min(t + 3, nc - 1)]
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
         for f in range(nf):
-            c = (np.int64(codes[r, fields[f, 1]]) >> fields[f, 2]) & fields[f, 3]
-            s += yf[f] * levels[fields[f, 4] + c]
-        if has_scale:
-            s *= scales[r]
-        heap_offer(hv, hi, s, r)
+            g = fb[f]
+            sh = fsh[f]
+            m = fm[f]
+            o = fo[f]
+            y = yf[f]
+            s0 += y * levels[o + ((np.int64(codes[r0, g]) >> sh) & m)]
+            s1 += y * levels[o + ((np.int64(codes[r1, g]) >> sh) & m)]
+            s2 += y * levels[o + ((np.int64(codes[r2, g]) >> sh) & m)]
+            s3 += y * levels[o + ((np.int64(codes[r3, g]) >> sh) & m)]
+        _offer4(hv, hi, s0, s1, s2, s3, r0, r1, r2, r3, nc - t, scales, has_scale)
     heap_to_sorted(hv, hi)
 
 
@@ -396,6 +476,43 @@ def rotate_rows(Q, R):
     out = np.empty((Q.shape[0], R.shape[1]), np.float32)
     for i in prange(Q.shape[0]):
         _rotate_row(Q, R, i, out)
+    return out
+
+
+@inline_kernel
+def _probe_one(Q, Ct, i, nprobe, acc, hv, hi):
+    """Lists of the ``nprobe`` largest <q_i, c_l> (float32 accumulation,
+    vectorised over the lists: the scores only order the lists)."""
+    m = Ct.shape[1]
+    acc[:] = 0.0
+    for t in range(Q.shape[1]):
+        q = Q[i, t]
+        for j in range(m):
+            acc[j] += q * Ct[t, j]
+    hv[:] = -np.inf
+    hi[:] = -1
+    for j in range(m):
+        heap_offer(hv, hi, acc[j], j)
+
+
+@kernel
+def probe_lists_serial(Q, Ct, nprobe):
+    """``probe_lists`` without a parallel region (cheaper for a few queries)."""
+    out = np.empty((Q.shape[0], nprobe), np.int64)
+    acc = np.empty(Ct.shape[1], np.float32)
+    hv = np.empty(nprobe, np.float32)
+    for i in range(Q.shape[0]):
+        _probe_one(Q, Ct, i, nprobe, acc, hv, out[i])
+    return out
+
+
+@parallel_kernel
+def probe_lists(Q, Ct, nprobe):
+    """(nq, nprobe) ids of the lists whose centroids (columns of Ct, d x nlist)
+    have the largest inner products with each query row (unordered)."""
+    out = np.empty((Q.shape[0], nprobe), np.int64)
+    for i in prange(Q.shape[0]):
+        _probe_one(Q, Ct, i, nprobe, np.empty(Ct.shape[1], np.float32), np.empty(nprobe, np.float32), out[i])
     return out
 
 
