@@ -178,7 +178,13 @@ def release_workspace() -> None:
 
 
 def _sorted_distinct(x, w, use_max):
-    """Sorted distinct values with collapsed weights (sum, or max): workspace views."""
+    """Sorted distinct values with collapsed weights (sum, or max): workspace
+    views.  For the sum objective, sorted distinct unweighted input is
+    returned as is with empty (unit) weights."""
+    if w.size == 0 and not use_max:
+        srt, distinct = _dp.sorted_count(x)
+        if srt and distinct == x.size:
+            return x, w  # already sorted distinct values, unit weights (w empty)
     vals = _ws.get("vals", x.size, np.float64)
     wts = _ws.get("wts", x.size, np.float64)
     if w.size == 0:
@@ -339,7 +345,7 @@ def solve_all(x, s_max, *, weights=None, objective="sum", method="exact", grid=N
         pos = v.copy()
         n = pos.size
         T, D, arg, q, qs = _exact_scratch(n, s_max)
-        _dp.fill_plane_points(v, wv, _dp.weighted_mean(v, wv), T)
+        _dp.fill_plane_points(v, wv, v[n // 2], T)
     top = min(s_max, n - 1)  # budgets >= n use every candidate
     if top >= 2:
         dp_costs, arg_last = _dp.dp_layers(T, n, top, D, arg, q, qs)

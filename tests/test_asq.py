@@ -367,7 +367,7 @@ def test_sweep_matches_layered_dp(s):
                  (rng.exponential(size=2000), rng.uniform(0, 2, 2000))]:
         lv = asq.solve(x, s, weights=w)
         v, wv = asq._sorted_distinct(x, asq._weights(w, x.size), False)
-        v, wv = v.copy(), wv.copy()
+        v, wv = v.copy(), (wv.copy() if wv.size else np.ones(v.size))
         n = v.size
         T = np.empty((n, dp.PLANE_COLS))
         dp.fill_plane_points(v, wv, dp.weighted_mean(v, wv), T)

@@ -94,24 +94,42 @@ def _plane_row(T, l, p, W, S1, S2):
 
 @kernel
 def fill_plane_points(v, w, center, T):
-    """Plane table for candidates = the points themselves (compensated sums)."""
+    """Plane table for candidates = the points themselves (``w`` empty = unit
+    weights).  S1 and S2 are compensated (TwoSum: the running sums keep a
+    one-add dependency chain, the error terms are accumulated aside)."""
+    has_w = w.shape[0] > 0
     W = 0.0
     S1 = 0.0
     S2 = 0.0
-    c1 = 0.0
-    c2 = 0.0
+    e1 = 0.0
+    e2 = 0.0
     for i in range(v.shape[0]):
         y = v[i] - center
-        W += w[i]
-        t1 = w[i] * y - c1
+        wi = w[i] if has_w else 1.0
+        W += wi
+        t1 = wi * y
+        t2 = t1 * y
         s1n = S1 + t1
-        c1 = (s1n - S1) - t1
+        b1 = s1n - S1
+        e1 += (S1 - (s1n - b1)) + (t1 - b1)
         S1 = s1n
-        t2 = w[i] * y * y - c2
         s2n = S2 + t2
-        c2 = (s2n - S2) - t2
+        b2 = s2n - S2
+        e2 += (S2 - (s2n - b2)) + (t2 - b2)
         S2 = s2n
-        _plane_row(T, i, y, W, S1, S2)
+        _plane_row(T, i, y, W, S1 + e1, S2 + e2)
+
+
+@kernel
+def sorted_count(x):
+    """``(sorted, distinct)``: whether x is non-decreasing, and if so its
+    number of distinct values (one branch-free pass)."""
+    srt = True
+    distinct = 1
+    for i in range(1, x.shape[0]):
+        srt = srt & (x[i] >= x[i - 1])
+        distinct += x[i] != x[i - 1]
+    return srt, distinct
 
 
 @kernel
@@ -827,7 +845,7 @@ def exact_sum_levels(v, w, s, T, D, arg, q, qs, cnt, arg1):
     """Optimal (weighted) ASQ levels of sorted distinct values v (n > s);
     empty when the layered fallback is needed but ``arg`` is too small."""
     n = v.shape[0]
-    fill_plane_points(v, w, weighted_mean(v, w), T)
+    fill_plane_points(v, w, v[n // 2], T)
     idx = table_levels(T, n, s, D, arg, q, qs, cnt, arg1)
     out = np.empty(idx.shape[0], np.float64)
     for i in range(idx.shape[0]):
