@@ -16,9 +16,10 @@ and a DP entry D(k) + C(k, j) takes the *plane form*
     a_j = p_j S1_j - S2_j,  c_j = S1_j - p_j W_j,
     alpha_k = p_k W_k - S1_k,  gamma_k = D(k) + delta_k,  delta_k = S2_k - p_k S1_k
 
-so one entry costs two multiply-adds.  The *plane table* T (n x 8 float64,
-one 64-byte line per candidate) holds, per candidate:
-T[:, 0] = p, 1 = alpha, 2 = c, 3 = gamma (set per layer), 4 = delta, 5 = a.
+so one entry costs two multiply-adds.  The *plane table* T (n x 4 float64)
+holds, per candidate:
+T[:, 0] = p, 1 = c, 2 = gamma (set per layer), 3 = a; alpha = -c and
+delta = -a are not stored (32 bytes per candidate).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from numba import prange
 from .._numba import inline_kernel, kernel, parallel_kernel
 
 INF = np.inf
-PLANE_COLS = 8
+PLANE_COLS = 4
 #: budgets up to this use the layered DP; larger ones the Lagrangian search
 LAYERED_MAX_S = 5
 #: bisection steps on each end of the sub-instance's price interval
@@ -86,10 +87,8 @@ def weighted_mean(v, w):
 @kernel
 def _plane_row(T, l, p, W, S1, S2):
     T[l, 0] = p
-    T[l, 1] = p * W - S1
-    T[l, 2] = S1 - p * W
-    T[l, 4] = S2 - p * S1
-    T[l, 5] = p * S1 - S2
+    T[l, 1] = S1 - p * W
+    T[l, 3] = p * S1 - S2
 
 
 @kernel
@@ -158,7 +157,7 @@ def _queue_insert(T, n, k, j, q, qs, h, tl, d):
     last one found: consecutive rows take over at similar distances, long
     ones on skewed data) by galloping back or forward, then bisection (or k
     never wins).  Ties go to the smaller row.  Row values use the plane form
-    with gamma = T[:, 3].
+    with gamma = T[:, 2].
     """
     while True:
         if tl < h:
@@ -168,22 +167,22 @@ def _queue_insert(T, n, k, j, q, qs, h, tl, d):
             return tl, d
         b = q[tl]
         # k beats b at column c iff da p_c + db c_c + dg < 0
-        da = T[k, 1] - T[b, 1]
+        da = T[b, 1] - T[k, 1]
         db = T[k, 0] - T[b, 0]
-        dg = T[k, 3] - T[b, 3]
+        dg = T[k, 2] - T[b, 2]
         sb = qs[tl] if qs[tl] > j else j
-        if da * T[sb, 0] + db * T[sb, 2] + dg < 0.0:
+        if da * T[sb, 0] + db * T[sb, 1] + dg < 0.0:
             tl -= 1  # k wins every column b would have won
             continue
         c = min(sb + d, n - 1)
-        if c > sb and da * T[c, 0] + db * T[c, 2] + dg < 0.0:
+        if c > sb and da * T[c, 0] + db * T[c, 1] + dg < 0.0:
             # take-over in (sb, c]: gallop back from c
             lo = sb
             hi = c
             step = 1
             while hi - step > lo:
                 t = hi - step
-                if da * T[t, 0] + db * T[t, 2] + dg < 0.0:
+                if da * T[t, 0] + db * T[t, 1] + dg < 0.0:
                     hi = t
                     step <<= 1
                 else:
@@ -195,7 +194,7 @@ def _queue_insert(T, n, k, j, q, qs, h, tl, d):
             hi = lo + 1
             found = False
             while hi < n:
-                if da * T[hi, 0] + db * T[hi, 2] + dg < 0.0:
+                if da * T[hi, 0] + db * T[hi, 1] + dg < 0.0:
                     found = True
                     break
                 lo = hi
@@ -205,11 +204,11 @@ def _queue_insert(T, n, k, j, q, qs, h, tl, d):
                 if lo >= n - 1:
                     return tl, d  # k never wins
                 hi = n - 1
-                if not (da * T[hi, 0] + db * T[hi, 2] + dg < 0.0):
+                if not (da * T[hi, 0] + db * T[hi, 1] + dg < 0.0):
                     return tl, d
         while hi - lo > 1:
             mid = (lo + hi) >> 1
-            if da * T[mid, 0] + db * T[mid, 2] + dg < 0.0:
+            if da * T[mid, 0] + db * T[mid, 1] + dg < 0.0:
                 hi = mid
             else:
                 lo = mid
@@ -225,23 +224,23 @@ def envelope_layer(T, n, D, argcur, q, qs):
 
     Row-minima search in a Monge matrix with a queue of candidate rows (see
     ``_queue_insert``): O(n) probes when take-over distances are short (the
-    usual case on sorted data), O(n log n) worst case.  Writes T[:, 3].
+    usual case on sorted data), O(n log n) worst case.  Writes T[:, 2].
     """
     h = 0
     d = 1
     tl = -1
-    T[0, 3] = D[0] + T[0, 4]
+    T[0, 2] = D[0] - T[0, 3]
     D[0] = INF
     argcur[0] = 0
     for j in range(1, n):
         # row j's gamma uses the previous layer's D[j], overwritten below
-        T[j, 3] = D[j] + T[j, 4]
+        T[j, 2] = D[j] - T[j, 3]
         tl, d = _queue_insert(T, n, j - 1, j, q, qs, h, tl, d)
         while tl > h and qs[h + 1] <= j:
             h += 1
         kb = q[h]
         argcur[j] = kb
-        D[j] = T[j, 5] + T[j, 0] * T[kb, 1] + T[j, 2] * T[kb, 0] + T[kb, 3]
+        D[j] = T[j, 3] - T[j, 0] * T[kb, 1] + T[j, 1] * T[kb, 0] + T[kb, 2]
 
 
 @kernel
@@ -261,14 +260,14 @@ def penalized_levels(T, n, lam, E, arg, cnt, q, qs):
     arg[0] = 0
     for j in range(1, n):
         k = j - 1
-        T[k, 3] = E[k] + T[k, 4] + lam
+        T[k, 2] = E[k] - T[k, 3] + lam
         tl, d = _queue_insert(T, n, k, j, q, qs, h, tl, d)
         while tl > h and qs[h + 1] <= j:
             h += 1
         kb = q[h]
         arg[j] = kb
         cnt[j] = cnt[kb] + 1
-        E[j] = T[j, 5] + T[j, 0] * T[kb, 1] + T[j, 2] * T[kb, 0] + T[kb, 3]
+        E[j] = T[j, 3] - T[j, 0] * T[kb, 1] + T[j, 1] * T[kb, 0] + T[kb, 2]
     return cnt[n - 1]
 
 
@@ -329,9 +328,9 @@ def dp_layers(T, n, s_max, D, arg, q, qs):
     """
     costs = np.full(s_max + 1, INF)
     # two levels: 0 and j
-    g0 = T[0, 4]
+    g0 = -T[0, 3]
     for j in range(1, n):
-        D[j] = T[j, 5] + T[j, 0] * T[0, 1] + T[j, 2] * T[0, 0] + g0
+        D[j] = T[j, 3] - T[j, 0] * T[0, 1] + T[j, 1] * T[0, 0] + g0
     D[0] = INF
     costs[2] = D[n - 1]
     arg_last = 0
@@ -343,7 +342,7 @@ def dp_layers(T, n, s_max, D, arg, q, qs):
         j = n - 1
         best = INF
         for k in range(1, j):
-            val = T[j, 5] + T[j, 0] * T[k, 1] + T[j, 2] * T[k, 0] + D[k] + T[k, 4]
+            val = T[j, 3] - T[j, 0] * T[k, 1] + T[j, 1] * T[k, 0] + D[k] - T[k, 3]
             if val < best:
                 best = val
                 arg_last = k
@@ -782,7 +781,7 @@ def sub_instance_price(T, n, s):
     # the marginal cost of a level for smooth data, from the 2-level cost:
     # OPT(s) ~ OPT(2) / (s - 1)^2, so lam ~ 2 OPT(2) / (s - 1)^3
     j = n - 1
-    c2 = T[j, 5] + T[j, 0] * T[0, 1] + T[j, 2] * T[0, 0] + T[0, 4]
+    c2 = T[j, 3] - T[j, 0] * T[0, 1] + T[j, 1] * T[0, 0] - T[0, 3]
     lam0 = 2.0 * max(c2, 1e-300) / ((s - 1.0) ** 3)
     if n <= 2 * m:
         return lam0
