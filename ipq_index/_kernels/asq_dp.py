@@ -248,27 +248,30 @@ def penalized_levels(T, n, lam, E, arg, cnt, q, qs):
     """Unconstrained ASQ with a price ``lam`` per level (concave LWS, online).
 
     E[j] = min_{k<j} E[k] + C(k, j) + lam with E[0] = 0; ``arg`` the chosen
-    previous level, ``cnt[j]`` the number of levels of that solution.
-    Returns the level count of the solution ending at n - 1.  A solution with
-    exactly s levels is an optimal s-level solution (Lagrangian duality).
+    previous level.  Returns the level count of the solution ending at
+    n - 1 (counted along ``arg``).  A solution with exactly s levels is an
+    optimal s-level solution (Lagrangian duality).  E[j] only lives in row
+    j's gamma (set as soon as E[j] is known); ``E`` and ``cnt`` are unused.
     """
     h = 0
     d = 1
     tl = -1
-    E[0] = 0.0
-    cnt[0] = 1
     arg[0] = 0
+    T[0, 2] = -T[0, 3] + lam
     for j in range(1, n):
-        k = j - 1
-        T[k, 2] = E[k] - T[k, 3] + lam
-        tl, d = _queue_insert(T, n, k, j, q, qs, h, tl, d)
+        tl, d = _queue_insert(T, n, j - 1, j, q, qs, h, tl, d)
         while tl > h and qs[h + 1] <= j:
             h += 1
         kb = q[h]
         arg[j] = kb
-        cnt[j] = cnt[kb] + 1
-        E[j] = T[j, 3] - T[j, 0] * T[kb, 1] + T[j, 1] * T[kb, 0] + T[kb, 2]
-    return cnt[n - 1]
+        Ej = T[j, 3] - T[j, 0] * T[kb, 1] + T[j, 1] * T[kb, 0] + T[kb, 2]
+        T[j, 2] = Ej - T[j, 3] + lam
+    count = 1
+    j = n - 1
+    while j > 0:
+        j = arg[j]
+        count += 1
+    return count
 
 
 @kernel
