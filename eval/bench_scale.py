@@ -42,6 +42,10 @@ def main(argv=None):
     ap.add_argument("--nprobe", type=int, nargs="*", default=[16, 32, 64, 128], help="IVF sweep")
     ap.add_argument("--ef", type=int, nargs="*", default=[32, 64, 128], help="graph sweep")
     ap.add_argument("--fs", type=int, nargs="*", default=[10], help="flat fast-scan factor sweep")
+    ap.add_argument("--ivf-fs", type=int, nargs="*", default=[None],
+                    help="fast-scan factor sweep on IVF indexes (default: the index's rule)")
+    ap.add_argument("--coverage", type=float, nargs="*", default=[None],
+                    help="fast-scan coverage sweep on every ipq index (default: fastscan.COVERAGE)")
     ap.add_argument("--rerank", type=int, nargs="*", default=[None],
                     help="re-rank factors to sweep on indexes built with ',Rerank' (0 = codes only)")
     args = ap.parse_args(argv)
@@ -58,18 +62,24 @@ def main(argv=None):
         index.add(X)
         index.warmup()
         build = time.perf_counter() - t
-        sweeps = ([{"nprobe": p} for p in args.nprobe] if "IVF" in spec else
+        sweeps = ([dict({"nprobe": p}, **({"fs": f} if f is not None else {}))
+                   for f in args.ivf_fs for p in args.nprobe] if "IVF" in spec else
                   [{"ef": e} for e in args.ef] if "HNSW" in spec else [{"fs": f} for f in args.fs])
         if index.rerank:
             sweeps = [dict(p, rerank=r) for r in args.rerank for p in sweeps if r is not None] or sweeps
-        for params in sweeps:
-            _, I = index.search(Q, args.k, **params)
-            q1 = qps(lambda q: index.search(q, args.k, num_threads=1, **params), Q)
-            if flat_qps is None and "IVF" not in spec and "HNSW" not in spec:
-                flat_qps = q1
-            ratio = f"  x{q1 / flat_qps:5.1f} flat" if flat_qps else ""
-            print(f"ipq   {spec:22s} {str(params):16s} build {build:7.1f}s  {index.nbytes / len(index):7.1f} B/vec  "
-                  f"recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}{ratio}", flush=True)
+        for cov in args.coverage:
+            index.coverage = cov
+            index.warmup()  # rebuilds the fast-scan structure for this coverage
+            label = "" if cov is None else f" cov={cov:g}"
+            for params in sweeps:
+                _, I = index.search(Q, args.k, **params)
+                q1 = qps(lambda q: index.search(q, args.k, num_threads=1, **params), Q)
+                if flat_qps is None and "IVF" not in spec and "HNSW" not in spec:
+                    flat_qps = q1
+                ratio = f"  x{q1 / flat_qps:5.1f} flat" if flat_qps else ""
+                print(f"ipq   {spec + label:22s} {str(params):16s} build {build:7.1f}s  "
+                      f"{index.nbytes / len(index):7.1f} B/vec  recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}{ratio}",
+                      flush=True)
         del index
     for spec in args.faiss:
         t = time.perf_counter()

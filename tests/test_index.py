@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ipq_index
-from ipq_index import datasets
+from ipq_index import datasets, fastscan
 from ipq_index import index as index_mod
 from ipq_index.encoder import allocate_bits, pack_fields
 
@@ -551,3 +551,31 @@ def test_ivf_probes_are_the_top_inner_product_lists():
                 kth = np.sort(ref[q])[::-1][nprobe - 1]
                 # every probed list scores at least the nprobe-th best (float32 slack)
                 assert (ref[q, P[q]] >= kth - 1e-4 * np.abs(ref[q]).max()).all()
+
+
+def test_index_coverage_setting_is_used_saved_and_checked(tmp_path):
+    """``index.coverage`` sets the share of score variance the coarse codes
+    keep: fewer sub-quantizers at a lower value, recall with a generous
+    factor unchanged (rescoring restores every dimension), kept by
+    save/load, bad values refused."""
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:50]
+    idx = ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4").train(X).add(X)
+    _, gt = exact_topk(X, Q, 10)
+    idx.search(Q, 10, nprobe=16)
+    m_default = idx._fast_scanner().M
+    r_default = recall(idx.search(Q, 10, nprobe=16, fs=50)[1], gt)
+    idx.coverage = 0.8
+    assert idx.coverage == 0.8
+    assert idx._fast_scanner().M < m_default
+    assert recall(idx.search(Q, 10, nprobe=16, fs=50)[1], gt) >= r_default - 0.03
+    path = tmp_path / "cov.ipq"
+    idx.save(path)
+    back = ipq_index.load(path)
+    assert back.coverage == 0.8
+    np.testing.assert_array_equal(back.search(Q, 10, nprobe=4)[1], idx.search(Q, 10, nprobe=4)[1])
+    for bad in (0, 1.5, -0.1, "0.9", True):
+        with pytest.raises(ValueError, match="coverage"):
+            idx.coverage = bad
+    idx.coverage = None
+    assert idx.coverage == fastscan.COVERAGE and idx._fast_scanner().M == m_default
