@@ -380,3 +380,21 @@ def _layers_arg(dp, T, n, s):
     arg = np.empty((max(s - 3, 0), n), np.int32)
     _c, arg_last = dp.dp_layers(T, n, s, np.empty(n), arg, np.empty(n, np.int32), np.empty(n, np.int32))
     return arg, arg_last
+
+
+def test_approx_unit_weight_histogram_matches_weighted_path():
+    """Unweighted approx uses a lighter histogram (count + sum, S2 terms
+    telescoped, single-value cells tracked until two values differ); it
+    must choose levels as good as the general weighted histogram."""
+    rng = np.random.default_rng(17)
+    ints = rng.integers(0, 50, 30000).astype(np.float64)
+    late_mix = np.concatenate([ints, [10.5]])  # one cell gets a 2nd value at the very end
+    for x in (rng.standard_normal(40000), rng.lognormal(size=40000), ints, late_mix):
+        for s in (3, 5, 9, 17, 33):
+            a = asq.solve(x, s, method="approx", grid=1024)
+            b = asq.solve(x, s, method="approx", grid=1024, weights=np.ones(x.size))
+            _check_levels(x, a, s)
+            assert asq.cost(x, a) == pytest.approx(asq.cost(x, b), rel=1e-9, abs=1e-12), s
+    # late_mix is not single-valued per cell: levels are grid edges, not all values
+    lv = asq.solve(late_mix, 60, method="approx", grid=1024)
+    assert lv.size <= 60 and asq.cost(late_mix, lv) >= asq.cost(late_mix, asq.solve(late_mix, 60)) * (1 - 1e-12)

@@ -505,6 +505,111 @@ def grid_table(x, w, lo, hi, center, m):
     return P, pos, False
 
 
+@kernel
+def minmax(x):
+    """min and max of x (eight independent lanes: no loop-carried chain)."""
+    n = x.shape[0]
+    lo = np.full(8, x[0])
+    hi = np.full(8, x[0])
+    n8 = n // 8 * 8
+    for i in range(0, n8, 8):
+        for u in range(8):
+            v = x[i + u]
+            lo[u] = v if v < lo[u] else lo[u]
+            hi[u] = v if v > hi[u] else hi[u]
+    a = lo.min()
+    b = hi.max()
+    for i in range(n8, n):
+        a = min(a, x[i])
+        b = max(b, x[i])
+    return a, b
+
+
+@kernel
+def grid_table_unit(x, lo, hi, m):
+    """:func:`grid_table` for unit weights with a lighter pass: per cell
+    only the count and the sum (the S2 terms of a level set telescope, so
+    the DP's choices do not depend on them; the table's S2 column holds
+    sum_cells S1_b^2 / W_b, which shifts every cost by one constant).
+    Whether every cell holds one value is tracked by each cell's first
+    value only until two differ somewhere.  Returns ``(P, pos, exact)``.
+    """
+    n = x.shape[0]
+    center = 0.5 * (lo + hi)
+    st = np.zeros((m, 2), np.float64)  # count, sum of x - center
+    first = np.full(m, np.nan)
+    scale = m / (hi - lo)
+    i = 0
+    mixed = False
+    while i < n and not mixed:
+        xi = x[i]
+        b = min(int((xi - lo) * scale), m - 1)
+        f = first[b]
+        if f != f:
+            first[b] = xi
+        elif f != xi:
+            mixed = True
+        st[b, 0] += 1.0
+        st[b, 1] += xi - center
+        i += 1
+    for i2 in range(i, n):
+        xi = x[i2]
+        b = min(int((xi - lo) * scale), m - 1)
+        st[b, 0] += 1.0
+        st[b, 1] += xi - center
+    nonempty = 0
+    for b in range(m):
+        nonempty += st[b, 0] > 0.0
+    if not mixed:
+        P = np.empty((nonempty, 4), np.float64)
+        pos = np.empty(nonempty, np.float64)
+        W = 0.0
+        S1 = 0.0
+        S2 = 0.0
+        r = 0
+        for b in range(m):
+            if st[b, 0] > 0.0:
+                y = first[b] - center
+                W += st[b, 0]
+                S1 += st[b, 1]
+                S2 += st[b, 0] * y * y
+                pos[r] = first[b]
+                P[r, 0] = y
+                P[r, 1] = W
+                P[r, 2] = S1
+                P[r, 3] = S2
+                r += 1
+        return P, pos, True
+    width = (hi - lo) / m
+    keep = 0
+    for l in range(m + 1):
+        left = l > 0 and st[l - 1, 0] > 0.0
+        right = l < m and st[l, 0] > 0.0
+        keep += l == 0 or l == m or left or right
+    P = np.empty((keep, 4), np.float64)
+    pos = np.empty(keep, np.float64)
+    W = 0.0
+    S1 = 0.0
+    S2 = 0.0
+    r = 0
+    for l in range(m + 1):
+        if l > 0 and st[l - 1, 0] > 0.0:
+            W += st[l - 1, 0]
+            S1 += st[l - 1, 1]
+            S2 += st[l - 1, 1] * st[l - 1, 1] / st[l - 1, 0]
+        left = l > 0 and st[l - 1, 0] > 0.0
+        right = l < m and st[l, 0] > 0.0
+        if l == 0 or l == m or left or right:
+            g = lo if l == 0 else (hi if l == m else lo + l * width)
+            pos[r] = g
+            P[r, 0] = g - center
+            P[r, 1] = W
+            P[r, 2] = S1
+            P[r, 3] = S2
+            r += 1
+    return P, pos, False
+
+
 # --------------------------------------------------------------------------
 # minimax (worst-case) objective
 # --------------------------------------------------------------------------
@@ -778,9 +883,9 @@ def sub_instance(T, n, m):
 @kernel
 def sub_instance_price(T, n, s):
     """A price per level that gives s levels on a sub-instance of about
-    max(4096, 32 s) candidates (cheap passes), used to start the full
+    max(min(4096, n / 8), 32 s) candidates (cheap passes), used to start the full
     search: it nearly always gives exactly s levels on the full instance."""
-    m = max(4096, 32 * s)
+    m = max(min(4096, n // 8), 32 * s)
     # the marginal cost of a level for smooth data, from the 2-level cost:
     # OPT(s) ~ OPT(2) / (s - 1)^2, so lam ~ 2 OPT(2) / (s - 1)^3
     j = n - 1
@@ -858,12 +963,18 @@ def exact_sum_levels(v, w, s, T, D, arg, q, qs, cnt, arg1):
 @kernel
 def approx_sum_levels(x, w, s, m):
     """Grid-restricted ASQ levels of unsorted x; O(n + s m), no sort."""
-    lo, hi, center = moments(x, w)
+    if w.shape[0] == 0:
+        lo, hi = minmax(x)
+    else:
+        lo, hi, center = moments(x, w)
     if hi == lo:
         out = np.empty(1, np.float64)
         out[0] = lo
         return out
-    P, pos, exact = grid_table(x, w, lo, hi, center, m)
+    if w.shape[0] == 0:
+        P, pos, exact = grid_table_unit(x, lo, hi, m)
+    else:
+        P, pos, exact = grid_table(x, w, lo, hi, center, m)
     nc = P.shape[0]
     if nc <= s:
         return pos
