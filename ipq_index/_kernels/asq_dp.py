@@ -171,11 +171,14 @@ def _queue_insert(T, n, k, j, q, qs, h, tl, d):
         db = T[k, 0] - T[b, 0]
         dg = T[k, 2] - T[b, 2]
         sb = qs[tl] if qs[tl] > j else j
-        if da * T[sb, 0] + db * T[sb, 1] + dg < 0.0:
+        c = min(sb + d, n - 1)
+        # both probes are loaded before either branch
+        at_sb = da * T[sb, 0] + db * T[sb, 1] + dg < 0.0
+        at_c = da * T[c, 0] + db * T[c, 1] + dg < 0.0
+        if at_sb:
             tl -= 1  # k wins every column b would have won
             continue
-        c = min(sb + d, n - 1)
-        if c > sb and da * T[c, 0] + db * T[c, 1] + dg < 0.0:
+        if c > sb and at_c:
             # take-over in (sb, c]: gallop back from c
             lo = sb
             hi = c
