@@ -183,8 +183,11 @@ def _sorted_distinct(x, w, use_max):
     returned as is with empty (unit) weights."""
     if w.size == 0 and not use_max:
         srt, distinct = _dp.sorted_count(x)
-        if srt and distinct == x.size:
-            return x, w  # already sorted distinct values, unit weights (w empty)
+        if not srt:
+            x = np.sort(x)
+            srt, distinct = _dp.sorted_count(x)
+        if distinct == x.size:
+            return x, w  # sorted distinct values, unit weights (w empty)
     vals = _ws.get("vals", x.size, np.float64)
     wts = _ws.get("wts", x.size, np.float64)
     if w.size == 0:

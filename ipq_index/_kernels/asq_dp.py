@@ -123,11 +123,15 @@ def fill_plane_points(v, w, center, T):
 def sorted_count(x):
     """``(sorted, distinct)``: whether x is non-decreasing, and if so its
     number of distinct values (one branch-free pass)."""
+    n = x.shape[0]
     srt = True
     distinct = 1
-    for i in range(1, x.shape[0]):
-        srt = srt & (x[i] >= x[i - 1])
-        distinct += x[i] != x[i - 1]
+    for i0 in range(1, n, 4096):
+        for i in range(i0, min(i0 + 4096, n)):
+            srt = srt & (x[i] >= x[i - 1])
+            distinct += x[i] != x[i - 1]
+        if not srt:
+            return False, 0  # unsorted: stop early
     return srt, distinct
 
 
