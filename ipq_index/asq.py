@@ -12,12 +12,19 @@ the neighbouring levels of ``x_i``,
 Methods
 -------
 ``method="exact"`` (sum): the optimum.  Input is sorted (skipped when already
-sorted) and equal values are collapsed into weights.  Budgets s <= 6 run the
-layered dynamic program over the distinct values: each layer is a row-minima
-search in a Monge matrix, done with a queue of candidate rows (O(n) probes
-in practice).  Larger budgets search a price per level (Lagrangian
-relaxation): each price is one O(n) online pass of the same queue, a few
-passes suffice (independent of s), and a solution with exactly s levels is
+sorted).  Budgets s <= 5 need no DP: one pass builds prefix sums of the
+sorted input (duplicates need no collapsing: a copy of a level costs 0),
+the best middle level between two fixed levels is a closed form (one
+division; a bisection with weights), s = 3 is one such evaluation and s = 4,
+5 minimise F(m) = left(m) + right(m) over the shared level m, where left is
+non-decreasing and right non-increasing in m: a branch and bound over ranges
+of m evaluates only a few percent of them.  Larger budgets collapse equal
+values into weights and search a price per level (Lagrangian relaxation):
+each price is one O(n) online pass of a queue of candidate rows over a
+Monge matrix (take-over columns searched around the last take-over
+distance), a price taken from a small sub-instance (a few thousand rank- and
+value-spaced candidates, solved with cheap passes) nearly always gives
+exactly s levels in one full pass, and a solution with exactly s levels is
 provably optimal; when ties prevent hitting s exactly the layered DP runs.
 
 ``method="approx"`` (sum): no sort.  One pass builds a histogram over a uniform
@@ -84,8 +91,8 @@ def default_grid(n: int, s: int = 16) -> int:
     with budget ``s``: ``clip(max(8 sqrt(n), 256 s), 4096, 65536)``.
 
     The additive loss bound shrinks as 1/grid^2; the DP costs O(grid) per
-    Lagrangian pass (s > 6) or per layer (s <= 6), and the histogram holds
-    grid cells of 40 bytes.
+    Lagrangian pass (s > 5) or per layer (s <= 5), and the histogram holds
+    grid cells of 24 bytes (40 with weights).
     """
     return int(min(65536, max(4096, 8 * np.sqrt(max(n, 1)), 256 * s)))
 
