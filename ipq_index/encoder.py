@@ -96,6 +96,11 @@ class EncoderConfig:
 def check_matrix(X, d: int | None, name: str) -> np.ndarray:
     """Validate a (n, d) real matrix and return it as C-contiguous float32."""
     arr = np.asarray(X)
+    if arr.dtype == np.float32 and arr.ndim == 2 and arr.flags.c_contiguous and arr.shape[0] and \
+            (d is None or arr.shape[1] == d):  # fast path (a search call validates every query)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+        return arr
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):

@@ -450,20 +450,32 @@ def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
 
 @inline_kernel
 def _rotate_row(Q, R, i, out):
-    """out[i] = Q[i] @ R with float64 accumulation."""
+    """out[i] = Q[i] @ R, float32 sums vectorised over the output columns
+    (relative error ~1e-6 at d = 384, far below the quantization error;
+    float64 sums took twice as long, 21 vs 10 us for 384 x 384)."""
     m = R.shape[1]
-    acc = np.zeros(m, np.float64)
-    for t in range(Q.shape[1]):
-        q = np.float64(Q[i, t])
-        for j in range(m):
-            acc[j] += q * R[t, j]
     for j in range(m):
-        out[i, j] = acc[j]
+        out[i, j] = 0.0
+    for t in range(Q.shape[1]):
+        q = Q[i, t]
+        for j in range(m):
+            out[i, j] += q * R[t, j]
+
+
+@kernel
+def gather_columns(Y, sel):
+    """(nq, len(sel)) float32: column c is Y[:, sel[c]], or 0 where sel[c] < 0."""
+    out = np.zeros((Y.shape[0], sel.shape[0]), np.float32)
+    for i in range(Y.shape[0]):
+        for c in range(sel.shape[0]):
+            if sel[c] >= 0:
+                out[i, c] = Y[i, sel[c]]
+    return out
 
 
 @kernel
 def rotate_rows_serial(Q, R):
-    """Q @ R for a few rows (float32 in, float64 accumulation, float32 out)."""
+    """Q @ R for a few rows (float32)."""
     out = np.empty((Q.shape[0], R.shape[1]), np.float32)
     for i in range(Q.shape[0]):
         _rotate_row(Q, R, i, out)
