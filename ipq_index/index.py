@@ -93,11 +93,12 @@ def parse_spec(spec: str) -> dict:
     return out
 
 
-def index_factory(d: int, spec: str, **encoder_overrides) -> "FlatIndex":
+def index_factory(d: int, spec: str, *, coverage: float | None = None, **encoder_overrides) -> "FlatIndex":
     """Build an untrained index from a factory string (see :func:`parse_spec`).
 
-    ``encoder_overrides`` set :class:`EncoderConfig` fields (e.g. ``seed``,
-    ``sample_size``, ``method``).
+    ``coverage`` sets the index's fast-scan coverage (see
+    ``FlatIndex.coverage``); ``encoder_overrides`` set :class:`EncoderConfig`
+    fields (e.g. ``seed``, ``sample_size``, ``method``).
     """
     if not isinstance(d, (int, np.integer)) or d < 1:
         raise ValueError(f"dimension d must be a positive int, got {d!r}")
@@ -106,10 +107,13 @@ def index_factory(d: int, spec: str, **encoder_overrides) -> "FlatIndex":
                                    "rounding": p["rounding"], "scale": p["scale"],
                                    "objective": p["objective"], **encoder_overrides})
     if p["structure"] == "hnsw":
-        return GraphIndex(int(d), p["M"], cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
-    if p["structure"] == "ivf":
-        return IVFIndex(int(d), p["nlist"], cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
-    return FlatIndex(int(d), cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
+        index = GraphIndex(int(d), p["M"], cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
+    elif p["structure"] == "ivf":
+        index = IVFIndex(int(d), p["nlist"], cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
+    else:
+        index = FlatIndex(int(d), cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
+    index.coverage = coverage
+    return index
 
 
 class FlatIndex:

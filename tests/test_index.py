@@ -577,5 +577,8 @@ def test_index_coverage_setting_is_used_saved_and_checked(tmp_path):
     for bad in (0, 1.5, -0.1, "0.9", True):
         with pytest.raises(ValueError, match="coverage"):
             idx.coverage = bad
+        with pytest.raises(ValueError, match="coverage"):
+            ipq_index.index_factory(X.shape[1], "PCA,ASQ4", coverage=bad)
+    assert ipq_index.index_factory(X.shape[1], "PCA,ASQ4", coverage=0.9).coverage == 0.9
     idx.coverage = None
     assert idx.coverage == fastscan.COVERAGE and idx._fast_scanner().M == m_default
