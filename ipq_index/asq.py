@@ -300,6 +300,17 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
             return _dp.approx_sum_levels(x, w, s, m)
     if objective == "sum" and s <= SWEEP_MAX_S:
         return _sweep_exact_sum(x, w, s)
+    if objective == "max" and w.size == 0:
+        # equal weights: the walks need no collapsed copy (repeats are fine)
+        if not (0 < tol < 1):
+            raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+        srt, distinct = _dp.sorted_count(x)
+        if not srt:
+            x = np.sort(x)
+            srt, distinct = _dp.sorted_count(x)
+        if distinct <= s:
+            return np.unique(x)
+        return _dp.minimax_levels(x, w, s, float(tol))
     v, wv = _sorted_distinct(x, w, objective == "max")
     if v.size <= s:
         return v.copy()

@@ -398,3 +398,18 @@ def test_approx_unit_weight_histogram_matches_weighted_path():
     # late_mix is not single-valued per cell: levels are grid edges, not all values
     lv = asq.solve(late_mix, 60, method="approx", grid=1024)
     assert lv.size <= 60 and asq.cost(late_mix, lv) >= asq.cost(late_mix, asq.solve(late_mix, 60)) * (1 - 1e-12)
+
+
+def test_minimax_unweighted_with_repeats_matches_collapsed_path():
+    """Unweighted max objective walks the sorted input with repeats (no
+    collapsed copy); explicit unit weights take the collapsed path."""
+    rng = np.random.default_rng(23)
+    for x in (np.round(rng.standard_normal(20000), 1), rng.integers(0, 300, 5000).astype(np.float64),
+              np.round(rng.lognormal(size=8000), 2), rng.standard_normal(3000)):
+        for s in (2, 3, 5, 8, 17, 40):
+            a = asq.solve(x, s, objective="max")
+            b = asq.solve(x, s, objective="max", weights=np.ones(x.size))
+            _check_levels(x, a, s)
+            ca = asq.cost(x, a, objective="max")
+            cb = asq.cost(x, b, objective="max")
+            assert ca == pytest.approx(cb, rel=3e-6, abs=1e-12), (s, ca, cb)

@@ -736,7 +736,9 @@ def _greedy(v, w, tau, s, out, unit, wconst):
 def minimax_levels(v, w, s, rtol):
     """Levels minimising max_i w_i (b_i - v_i)(v_i - a_i), at most s of them.
 
-    ``v`` sorted distinct, ``n > s``.  The optimal threshold is bracketed and
+    ``v`` sorted distinct, ``n > s``; or ``w`` empty (unit weights) and ``v``
+    sorted with repeats allowed (O(s log n) per walk, nothing O(n)).  The
+    optimal threshold is bracketed and
     located by a safeguarded false-position search on sqrt(tau) until the
     bracket is within ``rtol``; the returned levels are feasible for the
     upper end, so their cost is within ``rtol`` (relative) of the optimum.
@@ -748,19 +750,28 @@ def minimax_levels(v, w, s, rtol):
     hi_v = v[n - 1]
     # upper bracket: two levels
     tau_hi = 0.0
-    for i in range(n):
-        c = w[i] * (hi_v - v[i]) * (v[i] - lo_v)
-        if c > tau_hi:
-            tau_hi = c
+    if w.shape[0] == 0:
+        # unit weights: (hi - x)(x - lo) peaks at the midpoint, so the worst
+        # point is one of the two around it
+        j = _first_greater(v, 0, 0.5 * (lo_v + hi_v))
+        for i in range(max(j - 1, 0), min(j + 1, n)):
+            tau_hi = max(tau_hi, (hi_v - v[i]) * (v[i] - lo_v))
+        wmin = 1.0
+        wmax = 1.0
+    else:
+        for i in range(n):
+            c = w[i] * (hi_v - v[i]) * (v[i] - lo_v)
+            if c > tau_hi:
+                tau_hi = c
+        wmin = w[0]
+        wmax = w[0]
+        for i in range(n):
+            wmin = min(wmin, w[i])
+            wmax = max(wmax, w[i])
     if tau_hi <= 0.0:
         best[0] = lo_v
         best[1] = hi_v
         return best[:2].copy()
-    wmin = w[0]
-    wmax = w[0]
-    for i in range(n):
-        wmin = min(wmin, w[i])
-        wmax = max(wmax, w[i])
     unit = wmin == wmax and wmin > 0.0
     cnt, _ = _greedy(v, w, tau_hi, s, out, unit, wmin)
     nbest = cnt
