@@ -899,11 +899,11 @@ def sub_instance(T, n, m):
 
 
 @kernel
-def sub_instance_price(T, n, s):
+def sub_instance_price(T, n, s, per_level=64):
     """A price per level that gives s levels on a sub-instance of about
-    max(min(4096, n / 8), 32 s) candidates (cheap passes), used to start the full
+    min(max(min(4096, n / 8), per_level s), n / 4) candidates (cheap passes), used to start the full
     search: it nearly always gives exactly s levels on the full instance."""
-    m = max(min(4096, n // 8), 32 * s)
+    m = min(max(min(4096, n // 8), per_level * s), n // 4)
     # the marginal cost of a level for smooth data, from the 2-level cost:
     # OPT(s) ~ OPT(2) / (s - 1)^2, so lam ~ 2 OPT(2) / (s - 1)^3
     j = n - 1
