@@ -148,7 +148,7 @@ def fill_plane_prefix(P, T):
 
 
 @inline_kernel
-def _queue_insert(T, n, k, j, q, qs, h, tl, d):
+def _queue_insert(F, n, k, j, q, qs, h, tl, d):
     """Insert row k (valid from column j) into the queue q[h..tl]; returns
     the new tl and the take-over distance to predict the next one with.
 
@@ -161,7 +161,8 @@ def _queue_insert(T, n, k, j, q, qs, h, tl, d):
     last one found: consecutive rows take over at similar distances, long
     ones on skewed data) by galloping back or forward, then bisection (or k
     never wins).  Ties go to the smaller row.  Row values use the plane form
-    with gamma = T[:, 2].
+    with gamma = T[:, 2]; ``F`` is the plane table flattened (constant row
+    stride, cheaper addressing on the critical path).
     """
     while True:
         if tl < h:
@@ -171,14 +172,14 @@ def _queue_insert(T, n, k, j, q, qs, h, tl, d):
             return tl, d
         b = q[tl]
         # k beats b at column c iff da p_c + db c_c + dg < 0
-        da = T[b, 1] - T[k, 1]
-        db = T[k, 0] - T[b, 0]
-        dg = T[k, 2] - T[b, 2]
+        da = F[b * PLANE_COLS + 1] - F[k * PLANE_COLS + 1]
+        db = F[k * PLANE_COLS] - F[b * PLANE_COLS]
+        dg = F[k * PLANE_COLS + 2] - F[b * PLANE_COLS + 2]
         sb = qs[tl] if qs[tl] > j else j
         c = min(sb + d, n - 1)
         # both probes are loaded before either branch
-        at_sb = da * T[sb, 0] + db * T[sb, 1] + dg < 0.0
-        at_c = da * T[c, 0] + db * T[c, 1] + dg < 0.0
+        at_sb = da * F[sb * PLANE_COLS] + db * F[sb * PLANE_COLS + 1] + dg < 0.0
+        at_c = da * F[c * PLANE_COLS] + db * F[c * PLANE_COLS + 1] + dg < 0.0
         if at_sb:
             tl -= 1  # k wins every column b would have won
             continue
@@ -189,7 +190,7 @@ def _queue_insert(T, n, k, j, q, qs, h, tl, d):
             step = 1
             while hi - step > lo:
                 t = hi - step
-                if da * T[t, 0] + db * T[t, 1] + dg < 0.0:
+                if da * F[t * PLANE_COLS] + db * F[t * PLANE_COLS + 1] + dg < 0.0:
                     hi = t
                     step <<= 1
                 else:
@@ -201,7 +202,7 @@ def _queue_insert(T, n, k, j, q, qs, h, tl, d):
             hi = lo + 1
             found = False
             while hi < n:
-                if da * T[hi, 0] + db * T[hi, 1] + dg < 0.0:
+                if da * F[hi * PLANE_COLS] + db * F[hi * PLANE_COLS + 1] + dg < 0.0:
                     found = True
                     break
                 lo = hi
@@ -211,11 +212,11 @@ def _queue_insert(T, n, k, j, q, qs, h, tl, d):
                 if lo >= n - 1:
                     return tl, d  # k never wins
                 hi = n - 1
-                if not (da * T[hi, 0] + db * T[hi, 1] + dg < 0.0):
+                if not (da * F[hi * PLANE_COLS] + db * F[hi * PLANE_COLS + 1] + dg < 0.0):
                     return tl, d
         while hi - lo > 1:
             mid = (lo + hi) >> 1
-            if da * T[mid, 0] + db * T[mid, 1] + dg < 0.0:
+            if da * F[mid * PLANE_COLS] + db * F[mid * PLANE_COLS + 1] + dg < 0.0:
                 hi = mid
             else:
                 lo = mid
@@ -233,21 +234,24 @@ def envelope_layer(T, n, D, argcur, q, qs):
     ``_queue_insert``): O(n) probes when take-over distances are short (the
     usual case on sorted data), O(n log n) worst case.  Writes T[:, 2].
     """
+    F = T.reshape(T.shape[0] * PLANE_COLS)
     h = 0
     d = 1
     tl = -1
-    T[0, 2] = D[0] - T[0, 3]
+    F[2] = D[0] - F[3]
     D[0] = INF
     argcur[0] = 0
     for j in range(1, n):
+        rj = j * PLANE_COLS
         # row j's gamma uses the previous layer's D[j], overwritten below
-        T[j, 2] = D[j] - T[j, 3]
-        tl, d = _queue_insert(T, n, j - 1, j, q, qs, h, tl, d)
+        F[rj + 2] = D[j] - F[rj + 3]
+        tl, d = _queue_insert(F, n, j - 1, j, q, qs, h, tl, d)
         while tl > h and qs[h + 1] <= j:
             h += 1
         kb = q[h]
         argcur[j] = kb
-        D[j] = T[j, 3] - T[j, 0] * T[kb, 1] + T[j, 1] * T[kb, 0] + T[kb, 2]
+        rk = kb * PLANE_COLS
+        D[j] = F[rj + 3] - F[rj] * F[rk + 1] + F[rj + 1] * F[rk] + F[rk + 2]
 
 
 @kernel
@@ -260,19 +264,22 @@ def penalized_levels(T, n, lam, E, arg, cnt, q, qs):
     optimal s-level solution (Lagrangian duality).  E[j] only lives in row
     j's gamma (set as soon as E[j] is known); ``E`` and ``cnt`` are unused.
     """
+    F = T.reshape(T.shape[0] * PLANE_COLS)
     h = 0
     d = 1
     tl = -1
     arg[0] = 0
-    T[0, 2] = -T[0, 3] + lam
+    F[2] = -F[3] + lam
     for j in range(1, n):
-        tl, d = _queue_insert(T, n, j - 1, j, q, qs, h, tl, d)
+        tl, d = _queue_insert(F, n, j - 1, j, q, qs, h, tl, d)
         while tl > h and qs[h + 1] <= j:
             h += 1
         kb = q[h]
         arg[j] = kb
-        Ej = T[j, 3] - T[j, 0] * T[kb, 1] + T[j, 1] * T[kb, 0] + T[kb, 2]
-        T[j, 2] = Ej - T[j, 3] + lam
+        rj = j * PLANE_COLS
+        rk = kb * PLANE_COLS
+        Ej = F[rj + 3] - F[rj] * F[rk + 1] + F[rj + 1] * F[rk] + F[rk + 2]
+        F[rj + 2] = Ej - F[rj + 3] + lam
     count = 1
     j = n - 1
     while j > 0:
