@@ -164,6 +164,7 @@ def _queue_insert(F, n, k, j, q, qs, h, tl, d):
     with gamma = T[:, 2]; ``F`` is the plane table flattened (constant row
     stride, cheaper addressing on the critical path).
     """
+    known = -1  # a column where k is known to beat the current back row
     while True:
         if tl < h:
             tl += 1
@@ -176,11 +177,16 @@ def _queue_insert(F, n, k, j, q, qs, h, tl, d):
         db = F[k * PLANE_COLS] - F[b * PLANE_COLS]
         dg = F[k * PLANE_COLS + 2] - F[b * PLANE_COLS + 2]
         sb = qs[tl] if qs[tl] > j else j
-        c = min(sb + d, n - 1)
-        # both probes are loaded before either branch
         at_sb = da * F[sb * PLANE_COLS] + db * F[sb * PLANE_COLS + 1] + dg < 0.0
-        at_c = da * F[c * PLANE_COLS] + db * F[c * PLANE_COLS + 1] + dg < 0.0
+        if known > sb:
+            # after a pop: k beats this row where the popped one took over
+            c = known
+            at_c = True
+        else:
+            c = min(sb + d, n - 1)
+            at_c = da * F[c * PLANE_COLS] + db * F[c * PLANE_COLS + 1] + dg < 0.0
         if at_sb:
+            known = sb
             tl -= 1  # k wins every column b would have won
             continue
         if c > sb and at_c:
