@@ -246,8 +246,9 @@ def _sweep_exact_sum(x, w, s):
     return np.unique(x[_dp.small_sum_levels(x, w, s, center, P, PW, Q)])
 
 
-def _exact_sum(v, wv, s):
-    """Optimal levels of sorted distinct v (n > s); layered scratch only if needed."""
+def _exact_sum(v, wv, s, filled=False):
+    """Optimal levels of sorted distinct v (n > s); layered scratch only if
+    needed.  ``filled``: the workspace plane table already holds v's."""
     n = v.size
     cnt = _ws.get("cnt", n, np.int32)
     arg1 = _ws.get("arg1", n, np.int32)
@@ -256,11 +257,11 @@ def _exact_sum(v, wv, s):
     q = _ws.get("q", n, np.int32)
     qs = _ws.get("qs", n, np.int32)
     if s > _dp.LAYERED_MAX_S:
-        lv = _dp.exact_sum_levels(v, wv, s, T, D, np.empty((0, n), np.int32), q, qs, cnt, arg1)
+        lv = _dp.exact_sum_levels(v, wv, s, T, D, np.empty((0, n), np.int32), q, qs, cnt, arg1, filled)
         if lv.size:
             return lv
     arg = _ws.get("arg", (max(s - 3, 0), n), np.int32)
-    return _dp.exact_sum_levels(v, wv, s, T, D, arg, q, qs, cnt[:0], arg1[:0])
+    return _dp.exact_sum_levels(v, wv, s, T, D, arg, q, qs, cnt[:0], arg1[:0], filled)
 
 
 # ---------------------------------------------------------------------------
@@ -311,6 +312,12 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
         if distinct <= s:
             return np.unique(x)
         return _dp.minimax_levels(x, w, s, float(tol))
+    if objective == "sum" and w.size == 0 and x.size > 4 * (s + 1):
+        # sorted distinct input (the common case for continuous data): the
+        # plane table is filled while checking, no separate pass
+        T = _ws.get("T", (x.size, _dp.PLANE_COLS), np.float64)
+        if _dp.fill_plane_increasing(x, x[x.size // 2], T):
+            return _exact_sum(x, w, s, filled=True)
     v, wv = _sorted_distinct(x, w, objective == "max")
     if v.size <= s:
         return v.copy()

@@ -120,6 +120,35 @@ def fill_plane_points(v, w, center, T):
 
 
 @kernel
+def fill_plane_increasing(x, center, T):
+    """:func:`fill_plane_points` with unit weights for x that should be
+    strictly increasing; returns False (T partly written) at the first
+    pair that is not, so sorted distinct input needs no separate check."""
+    S1 = 0.0
+    S2 = 0.0
+    e1 = 0.0
+    e2 = 0.0
+    prev = -INF
+    for i in range(x.shape[0]):
+        xi = x[i]
+        if not (xi > prev):
+            return False
+        prev = xi
+        y = xi - center
+        t2 = y * y
+        s1n = S1 + y
+        b1 = s1n - S1
+        e1 += (S1 - (s1n - b1)) + (y - b1)
+        S1 = s1n
+        s2n = S2 + t2
+        b2 = s2n - S2
+        e2 += (S2 - (s2n - b2)) + (t2 - b2)
+        S2 = s2n
+        _plane_row(T, i, y, i + 1.0, S1 + e1, S2 + e2)
+    return True
+
+
+@kernel
 def sorted_count(x):
     """``(sorted, distinct)``: whether x is non-decreasing, and if so its
     number of distinct values (one branch-free pass)."""
@@ -979,11 +1008,13 @@ def table_levels(T, n, s, D, arg, q, qs, cnt, arg1):
 
 
 @kernel
-def exact_sum_levels(v, w, s, T, D, arg, q, qs, cnt, arg1):
+def exact_sum_levels(v, w, s, T, D, arg, q, qs, cnt, arg1, filled=False):
     """Optimal (weighted) ASQ levels of sorted distinct values v (n > s);
-    empty when the layered fallback is needed but ``arg`` is too small."""
+    empty when the layered fallback is needed but ``arg`` is too small.
+    ``filled``: T already holds the plane table of v (centred at v[n // 2])."""
     n = v.shape[0]
-    fill_plane_points(v, w, v[n // 2], T)
+    if not filled:
+        fill_plane_points(v, w, v[n // 2], T)
     idx = table_levels(T, n, s, D, arg, q, qs, cnt, arg1)
     out = np.empty(idx.shape[0], np.float64)
     for i in range(idx.shape[0]):
