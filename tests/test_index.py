@@ -534,23 +534,36 @@ def test_ivf_concurrent_searches_with_different_nprobe():
         np.testing.assert_array_equal(ids, alone[p])
 
 
-def test_ivf_probes_are_the_top_inner_product_lists():
-    """The numba probe kernel (float32 sums, heap selection) picks the lists
-    with the largest <q, c_l>, serial and parallel, as a float64 reference."""
-    rng = np.random.default_rng(11)
-    X = rng.standard_normal((3000, 24)).astype(np.float32)
-    ivf = ipq_index.index_factory(24, "IVF40,ASQ4").train(X)
-    Q = rng.standard_normal((20, 24)).astype(np.float32) * 3
-    ref = Q.astype(np.float64) @ ivf.centroids.astype(np.float64).T
-    for nq in (3, 20):  # serial kernel below 8 queries, parallel above
-        for nprobe in (1, 7, 40):
-            P = ivf._probes(Q[:nq], nprobe)
-            assert P.shape == (nq, nprobe)
-            for q in range(nq):
-                assert len(set(P[q])) == nprobe
-                kth = np.sort(ref[q])[::-1][nprobe - 1]
-                # every probed list scores at least the nprobe-th best (float32 slack)
-                assert (ref[q, P[q]] >= kth - 1e-4 * np.abs(ref[q]).max()).all()
+def test_ivf_probes_are_the_top_inner_product_lists(monkeypatch):
+    """The probe kernel (transformed space, float32 sums, heap selection)
+    picks the lists with the largest <q, c_l> of a float64 reference, serial
+    and parallel, with and without PCA; keeping only the dimensions that
+    order the lists (PROBE_COVERAGE) changes almost nothing."""
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train[:4000], ds.test[:20]
+    for spec in ("IVF40,ASQ4", "PCA,IVF40,ASQ4"):
+        ivf = ipq_index.index_factory(X.shape[1], spec).train(X)
+        ref = Q.astype(np.float64) @ ivf.centroids.astype(np.float64).T
+        Y = ivf.encoder.rotate_queries(Q)
+        monkeypatch.setattr(index_mod, "PROBE_COVERAGE", 1.0)
+        ivf._cent_t = None
+        assert ivf._probe_space()[0].size == X.shape[1]
+        for nq in (3, 20):  # serial kernel below 8 queries, parallel above
+            for nprobe in (1, 7, 40):
+                P = ivf._probes(Y[:nq], nprobe)
+                assert P.shape == (nq, nprobe)
+                for q in range(nq):
+                    assert len(set(P[q])) == nprobe
+                    kth = np.sort(ref[q])[::-1][nprobe - 1]
+                    # every probed list scores at least the nprobe-th best (float32 slack)
+                    assert (ref[q, P[q]] >= kth - 1e-4 * np.abs(ref[q]).max()).all()
+        monkeypatch.undo()
+        ivf._cent_t = None
+        kept = ivf._probe_space()[0].size
+        P = ivf._probes(Y, 8)
+        top = np.argsort(-ref, axis=1)[:, :8]
+        overlap = np.mean([len(set(a) & set(b)) / 8 for a, b in zip(P, top)])
+        assert overlap >= 0.97, (spec, kept, overlap)
 
 
 def test_index_coverage_setting_is_used_saved_and_checked(tmp_path):
