@@ -246,9 +246,10 @@ def _sweep_exact_sum(x, w, s):
     return np.unique(x[_dp.small_sum_levels(x, w, s, center, P, PW, Q)])
 
 
-def _exact_sum(v, wv, s, filled=False):
+def _exact_sum(v, wv, s, filled=False, span=0.0):
     """Optimal levels of sorted distinct v (n > s); layered scratch only if
-    needed.  ``filled``: the workspace plane table already holds v's."""
+    needed.  ``filled``: the workspace plane table already holds v's (with
+    ``span``)."""
     n = v.size
     cnt = _ws.get("cnt", n, np.int32)
     arg1 = _ws.get("arg1", n, np.int32)
@@ -257,11 +258,11 @@ def _exact_sum(v, wv, s, filled=False):
     q = _ws.get("q", n, np.int32)
     qs = _ws.get("qs", n, np.int32)
     if s > _dp.LAYERED_MAX_S:
-        lv = _dp.exact_sum_levels(v, wv, s, T, D, np.empty((0, n), np.int32), q, qs, cnt, arg1, filled)
+        lv = _dp.exact_sum_levels(v, wv, s, T, D, np.empty((0, n), np.int32), q, qs, cnt, arg1, filled, span)
         if lv.size:
             return lv
     arg = _ws.get("arg", (max(s - 3, 0), n), np.int32)
-    return _dp.exact_sum_levels(v, wv, s, T, D, arg, q, qs, cnt[:0], arg1[:0], filled)
+    return _dp.exact_sum_levels(v, wv, s, T, D, arg, q, qs, cnt[:0], arg1[:0], filled, span)
 
 
 # ---------------------------------------------------------------------------
@@ -316,8 +317,9 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
         # sorted distinct input (the common case for continuous data): the
         # plane table is filled while checking, no separate pass
         T = _ws.get("T", (x.size, _dp.PLANE_COLS), np.float64)
-        if _dp.fill_plane_increasing(x, x[x.size // 2], T):
-            return _exact_sum(x, w, s, filled=True)
+        span = _dp.fill_plane_increasing(x, x[x.size // 2], T)
+        if span == span:  # not NaN: x was strictly increasing
+            return _exact_sum(x, w, s, filled=True, span=span)
     v, wv = _sorted_distinct(x, w, objective == "max")
     if v.size <= s:
         return v.copy()
@@ -367,16 +369,16 @@ def solve_all(x, s_max, *, weights=None, objective="sum", method="exact", grid=N
         P, pos, _exact = _dp.grid_table(x, w, lo, hi, center, _grid(grid, x.size, s_max))
         n = P.shape[0]
         T, D, arg, q, qs = _exact_scratch(n, s_max)
-        _dp.fill_plane_prefix(P, T)
+        span = _dp.fill_plane_prefix(P, T)
     else:
         v, wv = _sorted_distinct(x, w, False)
         pos = v.copy()
         n = pos.size
         T, D, arg, q, qs = _exact_scratch(n, s_max)
-        _dp.fill_plane_points(v, wv, v[n // 2], T)
+        span = _dp.fill_plane_points(v, wv, v[n // 2], T)
     top = min(s_max, n - 1)  # budgets >= n use every candidate
     if top >= 2:
-        dp_costs, arg_last = _dp.dp_layers(T, n, top, D, arg, q, qs)
+        dp_costs, arg_last = _dp.dp_layers(T, n, top, D, arg, q, qs, span)
     every = cost(x, pos, weights=weights) if n > 1 else 0.0  # 0 unless grid cells are coarse
     for i, b in enumerate(all_budgets):
         costs[i] = max(dp_costs[b], 0.0) if b <= top else every

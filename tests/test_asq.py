@@ -378,7 +378,7 @@ def test_sweep_matches_layered_dp(s):
 
 def _layers_arg(dp, T, n, s):
     arg = np.empty((max(s - 3, 0), n), np.int32)
-    _c, arg_last = dp.dp_layers(T, n, s, np.empty(n), arg, np.empty(n, np.int32), np.empty(n, np.int32))
+    _c, arg_last = dp.dp_layers(T, n, s, np.empty(n), arg, np.empty(n, np.int32), np.empty(n, np.int32), 0.0)
     return arg, arg_last
 
 

@@ -10,16 +10,16 @@ adjacent levels, the points in (k, j] cost
 
     C(k, j) = -p_j p_k (W_j - W_k) + (p_j + p_k)(S1_j - S1_k) - (S2_j - S2_k)
 
-and a DP entry D(k) + C(k, j) takes the *plane form*
+that is C(k, j) = a_j - a_k - p_j c_k + c_j p_k with
+a_j = p_j S1_j - S2_j and c_j = S1_j - p_j W_j.  The a terms telescope along
+a level set, so the DPs keep shifted values D'(j) = D(j) - a_j + a_0:
 
-    a_j + p_j alpha_k + c_j p_k + gamma_k,
-    a_j = p_j S1_j - S2_j,  c_j = S1_j - p_j W_j,
-    alpha_k = p_k W_k - S1_k,  gamma_k = D(k) + delta_k,  delta_k = S2_k - p_k S1_k
+    D'(j) = min_k D'(k) - p_j c_k + c_j p_k      (the *plane form*)
 
-so one entry costs two multiply-adds.  The *plane table* T (n x 4 float64)
-holds, per candidate:
-T[:, 0] = p, 1 = c, 2 = gamma (set per layer), 3 = a; alpha = -c and
-delta = -a are not stored (32 bytes per candidate).
+and one entry costs two multiply-adds; a cost is D'(N) + a_N - a_0 (the
+"span", returned by the table fills).  The *plane table* T (n x 3 float64,
+24 bytes per candidate) holds T[:, 0] = p, 1 = c, 2 = gamma (the row's
+D'(k), plus the level price in the Lagrangian passes, set per pass).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from numba import prange
 from .._numba import inline_kernel, kernel, parallel_kernel
 
 INF = np.inf
-PLANE_COLS = 4
+PLANE_COLS = 3
 #: budgets up to this use the layered DP; larger ones the Lagrangian search
 LAYERED_MAX_S = 5
 #: bisection steps on each end of the sub-instance's price interval
@@ -85,17 +85,17 @@ def weighted_mean(v, w):
 
 
 @kernel
-def _plane_row(T, l, p, W, S1, S2):
+def _plane_row(T, l, p, W, S1):
     T[l, 0] = p
     T[l, 1] = S1 - p * W
-    T[l, 3] = p * S1 - S2
 
 
 @kernel
 def fill_plane_points(v, w, center, T):
     """Plane table for candidates = the points themselves (``w`` empty = unit
-    weights).  S1 and S2 are compensated (TwoSum: the running sums keep a
-    one-add dependency chain, the error terms are accumulated aside)."""
+    weights); returns the span a_N - a_0.  S1 and S2 are compensated
+    (TwoSum: the running sums keep a one-add dependency chain, the error
+    terms are accumulated aside)."""
     has_w = w.shape[0] > 0
     W = 0.0
     S1 = 0.0
@@ -116,14 +116,18 @@ def fill_plane_points(v, w, center, T):
         b2 = s2n - S2
         e2 += (S2 - (s2n - b2)) + (t2 - b2)
         S2 = s2n
-        _plane_row(T, i, y, W, S1 + e1, S2 + e2)
+        _plane_row(T, i, y, W, S1 + e1)
+    # a_0 = y_0 (w_0 y_0) - (w_0 y_0) y_0 = 0
+    n = v.shape[0]
+    return (v[n - 1] - center) * (S1 + e1) - (S2 + e2)
 
 
 @kernel
 def fill_plane_increasing(x, center, T):
     """:func:`fill_plane_points` with unit weights for x that should be
-    strictly increasing; returns False (T partly written) at the first
-    pair that is not, so sorted distinct input needs no separate check."""
+    strictly increasing; returns the span, or NaN (T partly written) at the
+    first pair that is not, so sorted distinct input needs no separate
+    check."""
     S1 = 0.0
     S2 = 0.0
     e1 = 0.0
@@ -132,7 +136,7 @@ def fill_plane_increasing(x, center, T):
     for i in range(x.shape[0]):
         xi = x[i]
         if not (xi > prev):
-            return False
+            return np.nan
         prev = xi
         y = xi - center
         t2 = y * y
@@ -144,8 +148,9 @@ def fill_plane_increasing(x, center, T):
         b2 = s2n - S2
         e2 += (S2 - (s2n - b2)) + (t2 - b2)
         S2 = s2n
-        _plane_row(T, i, y, i + 1.0, S1 + e1, S2 + e2)
-    return True
+        _plane_row(T, i, y, i + 1.0, S1 + e1)
+    # a_0 = y_0 S1_0 - S2_0 = 0 exactly for unit weights
+    return (x[x.shape[0] - 1] - center) * (S1 + e1) - (S2 + e2)
 
 
 @kernel
@@ -166,9 +171,14 @@ def sorted_count(x):
 
 @kernel
 def fill_plane_prefix(P, T):
-    """Plane table from a prefix table P (n x 4: position, W, S1, S2)."""
-    for l in range(P.shape[0]):
-        _plane_row(T, l, P[l, 0], P[l, 1], P[l, 2], P[l, 3])
+    """Plane table from a prefix table P (n x 4: position, W, S1, S2);
+    returns the span a_N - a_0."""
+    n = P.shape[0]
+    for l in range(n):
+        _plane_row(T, l, P[l, 0], P[l, 1], P[l, 2])
+    aN = P[n - 1, 0] * P[n - 1, 2] - P[n - 1, 3]
+    a0 = P[0, 0] * P[0, 2] - P[0, 3]
+    return aN - a0
 
 
 # --------------------------------------------------------------------------
@@ -273,20 +283,20 @@ def envelope_layer(T, n, D, argcur, q, qs):
     h = 0
     d = 1
     tl = -1
-    F[2] = D[0] - F[3]
+    F[2] = D[0]
     D[0] = INF
     argcur[0] = 0
     for j in range(1, n):
         rj = j * PLANE_COLS
         # row j's gamma uses the previous layer's D[j], overwritten below
-        F[rj + 2] = D[j] - F[rj + 3]
+        F[rj + 2] = D[j]
         tl, d = _queue_insert(F, n, j - 1, j, q, qs, h, tl, d)
         while tl > h and qs[h + 1] <= j:
             h += 1
         kb = q[h]
         argcur[j] = kb
         rk = kb * PLANE_COLS
-        D[j] = F[rj + 3] - F[rj] * F[rk + 1] + F[rj + 1] * F[rk] + F[rk + 2]
+        D[j] = F[rk + 2] - F[rj] * F[rk + 1] + F[rj + 1] * F[rk]
 
 
 @kernel
@@ -304,7 +314,7 @@ def penalized_levels(T, n, lam, E, arg, cnt, q, qs):
     d = 1
     tl = -1
     arg[0] = 0
-    F[2] = -F[3] + lam
+    F[2] = lam
     for j in range(1, n):
         tl, d = _queue_insert(F, n, j - 1, j, q, qs, h, tl, d)
         while tl > h and qs[h + 1] <= j:
@@ -313,8 +323,7 @@ def penalized_levels(T, n, lam, E, arg, cnt, q, qs):
         arg[j] = kb
         rj = j * PLANE_COLS
         rk = kb * PLANE_COLS
-        Ej = F[rj + 3] - F[rj] * F[rk + 1] + F[rj + 1] * F[rk] + F[rk + 2]
-        F[rj + 2] = Ej - F[rj + 3] + lam
+        F[rj + 2] = F[rk + 2] - F[rj] * F[rk + 1] + F[rj + 1] * F[rk] + lam
     count = 1
     j = n - 1
     while j > 0:
@@ -369,36 +378,36 @@ def lagrangian_levels(T, n, s, lam0, max_iter, E, arg, cnt, q, qs):
 
 
 @kernel
-def dp_layers(T, n, s_max, D, arg, q, qs):
+def dp_layers(T, n, s_max, D, arg, q, qs, span):
     """Layered ASQ DP over the first n candidates of plane table T.
 
     Requires n > s_max >= 2.  Returns ``(costs, arg_last)``: ``costs[t]`` is
     the optimal cost with t levels (t = 2..s_max; entries 0, 1 are +inf);
     on return ``arg[t-3, j]`` is the previous level of the best t-level
     solution ending at j (t = 3..s_max-1) and ``arg_last`` the previous level
-    of the best s_max-level solution.  ``D``, ``q``, ``qs`` are scratch (>= n).
+    of the best s_max-level solution.  ``D``, ``q``, ``qs`` are scratch (>= n);
+    ``span`` = a_N - a_0 of the table (only shifts the costs).
     """
     costs = np.full(s_max + 1, INF)
     # two levels: 0 and j
-    g0 = -T[0, 3]
     for j in range(1, n):
-        D[j] = T[j, 3] - T[j, 0] * T[0, 1] + T[j, 1] * T[0, 0] + g0
+        D[j] = T[j, 1] * T[0, 0] - T[j, 0] * T[0, 1]
     D[0] = INF
-    costs[2] = D[n - 1]
+    costs[2] = D[n - 1] + span
     arg_last = 0
     if s_max >= 3:
         for t in range(3, s_max):
             envelope_layer(T, n, D, arg[t - 3], q, qs)
-            costs[t] = D[n - 1]
+            costs[t] = D[n - 1] + span
         # last layer: only the final column is needed
         j = n - 1
         best = INF
         for k in range(1, j):
-            val = T[j, 3] - T[j, 0] * T[k, 1] + T[j, 1] * T[k, 0] + D[k] - T[k, 3]
+            val = D[k] - T[j, 0] * T[k, 1] + T[j, 1] * T[k, 0]
             if val < best:
                 best = val
                 arg_last = k
-        costs[s_max] = best
+        costs[s_max] = best + span
     return costs, arg_last
 
 
@@ -860,43 +869,6 @@ def minimax_levels(v, w, s, rtol):
 
 
 @kernel
-def _price_from_small_solve(T, n, s):
-    s0 = min(8, n - 1)
-    D = np.empty(n, np.float64)
-    arg = np.empty((max(s0 - 3, 0), n), np.int32)
-    q = np.empty(n, np.int32)
-    qs = np.empty(n, np.int32)
-    Tc = T[:n].copy()
-    costs, _ = dp_layers(Tc, n, s0, D, arg, q, qs)
-    return 2.0 * costs[s0] * (s0 * s0) / (s * s * s)
-
-
-@kernel
-def price_estimate(T, n, s, m_c):
-    """Estimate the marginal cost of the s-th level, (OPT(s-1) - OPT(s+1)) / 2,
-    from the layered DP on ``m_c`` evenly spread candidates (row terms of a
-    candidate do not depend on the others, so a subset is a valid instance)."""
-    m_c = min(m_c, n)
-    if m_c < 4 * (s + 1):
-        # instance too small for a coarse copy: OPT(s) ~ C / s^2 (smooth data),
-        # so the marginal cost ~ 2 OPT(s) / s; C from a cheap 8-level solve
-        return _price_from_small_solve(T, n, s)
-    sel = np.empty(m_c, np.int64)
-    for i in range(m_c):
-        sel[i] = (i * (n - 1)) // (m_c - 1)
-    Tc = np.empty((m_c, PLANE_COLS), np.float64)
-    for i in range(m_c):
-        for c in range(PLANE_COLS):
-            Tc[i, c] = T[sel[i], c]
-    D = np.empty(m_c, np.float64)
-    arg = np.empty((s + 1 - 3, m_c), np.int32)
-    q = np.empty(m_c, np.int32)
-    qs = np.empty(m_c, np.int32)
-    costs, _ = dp_layers(Tc, m_c, s + 1, D, arg, q, qs)
-    return 0.5 * (costs[s - 1] - costs[s + 1])
-
-
-@kernel
 def sub_instance(T, n, m):
     """Rows of T for about m candidates: m/2 evenly spaced in rank and the
     ones next to m/2 evenly spaced positions (the tails of skewed data get
@@ -941,7 +913,7 @@ def sub_instance(T, n, m):
 
 
 @kernel
-def sub_instance_price(T, n, s, per_level=64):
+def sub_instance_price(T, n, s, span, per_level=64):
     """A price per level that gives s levels on a sub-instance of about
     min(max(min(4096, n / 8), per_level s), n / 4) candidates (cheap passes), used to start the full
     search: it nearly always gives exactly s levels on the full instance."""
@@ -949,7 +921,7 @@ def sub_instance_price(T, n, s, per_level=64):
     # the marginal cost of a level for smooth data, from the 2-level cost:
     # OPT(s) ~ OPT(2) / (s - 1)^2, so lam ~ 2 OPT(2) / (s - 1)^3
     j = n - 1
-    c2 = T[j, 3] - T[j, 0] * T[0, 1] + T[j, 1] * T[0, 0] - T[0, 3]
+    c2 = T[j, 1] * T[0, 0] - T[j, 0] * T[0, 1] + span
     lam0 = 2.0 * max(c2, 1e-300) / ((s - 1.0) ** 3)
     if n <= 2 * m:
         return lam0
@@ -986,7 +958,7 @@ def sub_instance_price(T, n, s, per_level=64):
 
 
 @kernel
-def table_levels(T, n, s, D, arg, q, qs, cnt, arg1):
+def table_levels(T, n, s, D, arg, q, qs, cnt, arg1, span):
     """Indices of the optimal s levels among the n candidates of T (n > s).
 
     Small budgets (s <= LAYERED_MAX_S): the layered DP, s - 3 queue layers.
@@ -997,25 +969,26 @@ def table_levels(T, n, s, D, arg, q, qs, cnt, arg1):
     only by the Lagrangian search.
     """
     if s > LAYERED_MAX_S and n > 4 * (s + 1) and cnt.shape[0] >= n and arg1.shape[0] >= n:
-        lam0 = sub_instance_price(T, n, s)
+        lam0 = sub_instance_price(T, n, s, span)
         idx, _lam, _lo, _hi = lagrangian_levels(T, n, s, lam0, LAGRANGE_MAX_ITER, D, arg1, cnt, q, qs)
         if idx.shape[0] == s:
             return idx
     if arg.shape[0] < s - 3:
         return np.empty(0, np.int64)  # the caller must provide the layered scratch
-    costs, arg_last = dp_layers(T, n, s, D, arg, q, qs)
+    costs, arg_last = dp_layers(T, n, s, D, arg, q, qs, span)
     return backtrack(arg, arg_last, s, s, n)
 
 
 @kernel
-def exact_sum_levels(v, w, s, T, D, arg, q, qs, cnt, arg1, filled=False):
+def exact_sum_levels(v, w, s, T, D, arg, q, qs, cnt, arg1, filled=False, span=0.0):
     """Optimal (weighted) ASQ levels of sorted distinct values v (n > s);
     empty when the layered fallback is needed but ``arg`` is too small.
-    ``filled``: T already holds the plane table of v (centred at v[n // 2])."""
+    ``filled``: T already holds the plane table of v (centred at v[n // 2])
+    and ``span`` its span."""
     n = v.shape[0]
     if not filled:
-        fill_plane_points(v, w, v[n // 2], T)
-    idx = table_levels(T, n, s, D, arg, q, qs, cnt, arg1)
+        span = fill_plane_points(v, w, v[n // 2], T)
+    idx = table_levels(T, n, s, D, arg, q, qs, cnt, arg1, span)
     out = np.empty(idx.shape[0], np.float64)
     for i in range(idx.shape[0]):
         out[i] = v[idx[i]]
@@ -1041,15 +1014,16 @@ def approx_sum_levels(x, w, s, m):
     if nc <= s:
         return pos
     T = np.empty((nc, PLANE_COLS), np.float64)
-    fill_plane_prefix(P, T)
+    span = fill_plane_prefix(P, T)
     D = np.empty(nc, np.float64)
     q = np.empty(nc, np.int32)
     qs = np.empty(nc, np.int32)
     cnt = np.empty(nc, np.int32)
     arg1 = np.empty(nc, np.int32)
-    idx = table_levels(T, nc, s, D, np.empty((0, nc), np.int32), q, qs, cnt, arg1)
+    idx = table_levels(T, nc, s, D, np.empty((0, nc), np.int32), q, qs, cnt, arg1, span)
     if idx.shape[0] == 0:
-        idx = table_levels(T, nc, s, D, np.empty((max(s - 3, 0), nc), np.int32), q, qs, cnt[:0], arg1)
+        idx = table_levels(T, nc, s, D, np.empty((max(s - 3, 0), nc), np.int32), q, qs, cnt[:0], arg1,
+                           span)
     return pos[idx]
 
 
