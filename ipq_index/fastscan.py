@@ -217,10 +217,7 @@ class FastScanner:
         [g, c] is the coarse score of code byte g = c (low nibble: group 2g,
         high nibble: group 2g + 1), so a row's coarse score is a sum of M/2
         lookups (the same ADC kernels as the full codes)."""
-        Yv = self.virtual_queries(Y).reshape(Y.shape[0], self.M, DSUB)
-        lut = np.einsum("mcs,qms->qmc", self.cent, Yv, optimize=False)  # (nq, M, 16)
-        T = lut[:, 1::2, :, None] + lut[:, 0::2, None, :]  # [q, g, hi, lo]
-        return np.ascontiguousarray(T.reshape(Y.shape[0], self.M // 2, 256), np.float32)
+        return _adc.coarse_byte_tables(self.virtual_queries(Y), self.cent)
 
     def virtual_queries(self, Y):
         """Map rotated queries (nq, d) to the virtual (nq, M * 4) space."""

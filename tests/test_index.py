@@ -595,3 +595,25 @@ def test_index_coverage_setting_is_used_saved_and_checked(tmp_path):
     assert ipq_index.index_factory(X.shape[1], "PCA,ASQ4", coverage=0.9).coverage == 0.9
     idx.coverage = None
     assert idx.coverage == fastscan.COVERAGE and idx._fast_scanner().M == m_default
+
+
+def test_coarse_byte_tables_score_the_packed_nibbles(sample, built):
+    """The graph walk's coarse tables: a row's sum of byte lookups equals
+    the sum over its 4-bit sub-codes of <centroid, query slice> (float64
+    reference from the packed codes)."""
+    idx = built["PCA,ASQ4"]
+    sc = fastscan.FastScanner(idx.encoder, np.asarray(idx.codes), lists="codes")
+    X, Q = sample
+    Y = idx.encoder.rotate_queries(Q[:5])
+    T = sc.byte_tables(Y)
+    assert T.shape == (5, sc.M // 2, 256) and T.dtype == np.float32
+    Yv = sc.virtual_queries(Y).astype(np.float64).reshape(5, sc.M, fastscan.DSUB)
+    rows = np.random.default_rng(4).integers(0, idx.ntotal, 30)
+    codes = sc.codes[rows]
+    nib = np.empty((rows.size, sc.M), np.int64)
+    nib[:, 0::2] = codes & 15
+    nib[:, 1::2] = codes >> 4
+    for q in range(5):
+        got = T[q, np.arange(sc.M // 2)[None, :], codes].astype(np.float64).sum(axis=1)
+        ref = np.einsum("rms,ms->r", sc.cent.astype(np.float64)[np.arange(sc.M)[None, :], nib], Yv[q])
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)

@@ -474,6 +474,34 @@ def gather_columns(Y, sel):
 
 
 @kernel
+def coarse_byte_tables(Yv, cent):
+    """(nq, M/2, 256) float32 tables of 4-bit PQ codes packed two per byte:
+    T[q, g, hi << 4 | lo] = lut[2g + 1, hi] + lut[2g, lo] with lut[m, c] =
+    sum_s cent[m, c, s] * Yv[q, m * dsub + s] (cent: (M, 16, dsub))."""
+    M, ncent, dsub = cent.shape
+    nq = Yv.shape[0]
+    out = np.empty((nq, M // 2, 256), np.float32)
+    lut = np.empty((M, ncent), np.float32)
+    row = np.empty(16, np.float32)
+    for q in range(nq):
+        for m in range(M):
+            for c in range(ncent):
+                acc = np.float32(0.0)
+                for t in range(dsub):
+                    acc += cent[m, c, t] * Yv[q, m * dsub + t]
+                lut[m, c] = acc
+        for g in range(M // 2):
+            for lo in range(16):
+                row[lo] = lut[2 * g, lo]
+            T = out[q, g]
+            for hi in range(16):
+                h = lut[2 * g + 1, hi]
+                for lo in range(16):
+                    T[hi * 16 + lo] = h + row[lo]
+    return out
+
+
+@kernel
 def rotate_rows_serial(Q, R):
     """Q @ R for a few rows (float32)."""
     out = np.empty((Q.shape[0], R.shape[1]), np.float32)
