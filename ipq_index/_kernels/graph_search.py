@@ -61,6 +61,27 @@ def _max_heap_pop(hv, hi, size):
 
 
 @inline_kernel
+def _score4(T, codes, scales, has_scale, r0, r1, r2, r3):
+    """ADC scores of four rows with four independent sums (one row's adds
+    form a dependency chain; interleaving four rows keeps the adder busy)."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for g in range(codes.shape[1]):
+        s0 += T[g, codes[r0, g]]
+        s1 += T[g, codes[r1, g]]
+        s2 += T[g, codes[r2, g]]
+        s3 += T[g, codes[r3, g]]
+    if has_scale:
+        s0 *= scales[r0]
+        s1 *= scales[r1]
+        s2 *= scales[r2]
+        s3 *= scales[r3]
+    return s0, s1, s2, s3
+
+
+@inline_kernel
 def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited, tag,
               out_v, out_i):
     """One query: greedy descent through the upper levels, then a beam of
@@ -85,6 +106,8 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
                     changed = True
     cv = np.empty(cap, np.float32)
     ci = np.empty(cap, np.int64)
+    fresh = np.empty(cum[1] - cum[0], np.int64)
+    sc4 = np.empty(4, np.float32)
     rv = np.full(ef, -np.inf, np.float32)
     ri = np.full(ef, -1, np.int64)
     csize = _max_heap_push(cv, ci, 0, cur_s, cur)
@@ -98,6 +121,7 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
             break
         csize = _max_heap_pop(cv, ci, csize)
         base = offsets[c]
+        nn = 0  # unvisited neighbours, scored four at a time (independent sums)
         for t in range(base + cum[0], base + cum[1]):
             nb = neighbors[t]
             if nb < 0:
@@ -105,13 +129,20 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
             if visited[nb] == tag:
                 continue
             visited[nb] = tag
-            s = row_score(T, codes, scales, has_scale, nb)
-            if nres < ef or s > rv[0]:
-                if csize < cap:
-                    csize = _max_heap_push(cv, ci, csize, s, nb)
-                heap_offer(rv, ri, s, nb)
-                if nres < ef:
-                    nres += 1
+            fresh[nn] = nb
+            nn += 1
+        for u in range(0, nn, 4):
+            sc4[0], sc4[1], sc4[2], sc4[3] = _score4(T, codes, scales, has_scale, fresh[u], fresh[min(u + 1, nn - 1)],
+                                                     fresh[min(u + 2, nn - 1)], fresh[min(u + 3, nn - 1)])
+            for w in range(min(4, nn - u)):
+                s = sc4[w]
+                nb = fresh[u + w]
+                if nres < ef or s > rv[0]:
+                    if csize < cap:
+                        csize = _max_heap_push(cv, ci, csize, s, nb)
+                    heap_offer(rv, ri, s, nb)
+                    if nres < ef:
+                        nres += 1
     heap_to_sorted(rv, ri)
     for t in range(min(out_v.shape[0], ef)):
         out_v[t] = rv[t]
