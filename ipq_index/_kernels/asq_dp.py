@@ -224,11 +224,11 @@ def _queue_insert(F, n, k, j, q, qs, h, tl, d):
         else:
             c = min(sb + d, n - 1)
             at_c = da * F[c * PLANE_COLS] + db * F[c * PLANE_COLS + 1] + dg < 0.0
-        if at_sb:
-            known = sb
-            tl -= 1  # k wins every column b would have won
-            continue
         if c > sb and at_c:
+            if at_sb:
+                known = sb
+                tl -= 1  # k wins every column b would have won
+                continue
             # take-over in (sb, c]: gallop back from c
             lo = sb
             hi = c
@@ -242,6 +242,10 @@ def _queue_insert(F, n, k, j, q, qs, h, tl, d):
                     lo = t
                     break
         else:
+            if at_sb:
+                known = sb
+                tl -= 1
+                continue
             lo = c
             step = 1
             hi = lo + 1
