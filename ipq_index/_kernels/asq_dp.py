@@ -947,7 +947,8 @@ def sub_instance_price(T, n, s, span, per_level=64):
     lo = lo if lo > 0.0 else lam / 8.0
     b = lam  # highest price known to give s
     hi = hi if hi < INF else lam * 8.0
-    for it in range(SUB_REFINE):
+    # (a miss costs one more full pass: refine less when that is cheap)
+    for it in range(SUB_REFINE if n >= 16 * mc else 1):
         mid = np.sqrt(lo * a)
         if penalized_levels(Tc, mc, mid, E, arg, cnt, q, qs) == s:
             a = mid
