@@ -617,3 +617,37 @@ def test_coarse_byte_tables_score_the_packed_nibbles(sample, built):
         got = T[q, np.arange(sc.M // 2)[None, :], codes].astype(np.float64).sum(axis=1)
         ref = np.einsum("rms,ms->r", sc.cent.astype(np.float64)[np.arange(sc.M)[None, :], nib], Yv[q])
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_direct_exact_rerank_of_coarse_candidates(monkeypatch):
+    """When exact dot products are cheaper than the ADC pass, re-ranking
+    indexes send the coarse candidates straight to the exact re-rank: the
+    results are then the exact top-k of those candidates (float64 reference),
+    and recall is at least the ADC-filtered path's."""
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:60]
+    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4,Rerank2").train(X).add(X)
+    assert idx.ntotal >= index_mod.FASTSCAN_MIN_ROWS
+    _, gt = exact_topk(X, Q, 10)
+    monkeypatch.setattr(index_mod, "EXACT_NS_PER_DIM", 1e9)  # never direct
+    D_adc, I_adc = idx.search(Q, 10, fs=2)
+    monkeypatch.setattr(index_mod, "EXACT_NS_PER_DIM", 1e-9)  # always direct
+    D_dir, I_dir = idx.search(Q, 10, fs=2)
+    for nt in (1, 2):  # serial (few queries) and parallel kernels
+        np.testing.assert_array_equal(idx.search(Q[:3], 10, fs=2, num_threads=nt)[1], I_dir[:3])
+    # the direct results are the exact top-10 of the fast-scan candidates
+    qb = index_mod._QueryBatch(idx.encoder, Q)
+    cand = idx._fast_scanner().candidates(qb.Y, idx._coarse_count(2, 20), 1)
+    for q in range(len(Q)):
+        ip = X[cand[q]].astype(np.float64) @ Q[q].astype(np.float64)
+        top = cand[q][np.argsort(-ip, kind="stable")[:10]]
+        assert set(top) == set(I_dir[q]) or np.allclose(np.sort(ip)[::-1][:10], D_dir[q], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(D_dir, np.einsum("qkd,qd->qk", X[I_dir].astype(np.float64), Q.astype(np.float64)),
+                               rtol=1e-2, atol=1e-2)  # float16 copy
+    assert recall(I_dir, gt) >= recall(I_adc, gt) - 1e-9
+    # the choice itself: candidates pass through untouched only when re-ranking
+    codes, none = np.asarray(idx.codes), np.zeros(0, np.float32)
+    v, r = index_mod._QueryBatch(idx.encoder, Q, exact_ns=1e-9).rescore(cand, 20, codes, none)
+    assert v is None and r is cand
+    v, r = index_mod._QueryBatch(idx.encoder, Q).rescore(cand, 20, codes, none)
+    assert v.shape == (len(Q), 20) and np.isin(r, cand).all()
