@@ -583,7 +583,8 @@ class IVFIndex(FlatIndex):
             Cr = np.asarray(self.centroids, np.float64) - enc.mean
             if enc.rotation is not None:
                 Cr = Cr @ np.asarray(enc.rotation, np.float64)
-            share = np.asarray(enc.energy, np.float64) * Cr.var(axis=0)
+            energy = np.ones(self.d) if enc.energy is None else np.asarray(enc.energy, np.float64)
+            share = energy * Cr.var(axis=0)
             dims = np.arange(self.d)
             if PROBE_COVERAGE < 1.0 and share.sum() > 0:
                 order = np.argsort(-share, kind="stable")
@@ -760,7 +761,8 @@ class GraphIndex(FlatIndex):
 #: table-free ADC, one table entry built, one table lookup, one dimension of
 #: an exact dot product with the stored copy (memory bound: 1.2 ns while the
 #: copy fits the caches, measured 50k x 384 float16; ~2.4 ns for a copy far
-#: larger, measured 10^6 x 384 float16 = 768 MB), and the copy size between
+#: larger, measured 10^6 x 384 float16 = 768 MB), and the copy size up to
+#: which the first applies
 FIELD_NS, ENTRY_NS, LOOKUP_NS = 1.5, 1.0, 1.5
 EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 1.2, 2.4, 128 << 20
 
