@@ -281,13 +281,34 @@ def _touch_rows(codes, cand, qi):
 
 
 @inline_kernel
+def rows4_sums(T, codes, r0, r1, r2, r3):
+    """Table-ADC sums of four rows with four independent accumulators (one
+    row's adds form a dependency chain: one row at a time ran at the add
+    latency)."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for g in range(codes.shape[1]):
+        s0 += T[g, codes[r0, g]]
+        s1 += T[g, codes[r1, g]]
+        s2 += T[g, codes[r2, g]]
+        s3 += T[g, codes[r3, g]]
+    return s0, s1, s2, s3
+
+
+@inline_kernel
+def scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale):
+    """Four scores times their rows' scales (unchanged without scales)."""
+    if has_scale:
+        return s0 * scales[r0], s1 * scales[r1], s2 * scales[r2], s3 * scales[r3]
+    return s0, s1, s2, s3
+
+
+@inline_kernel
 def _offer4(hv, hi, s0, s1, s2, s3, r0, r1, r2, r3, n, scales, has_scale):
     """Offer the first n (1..4) of four scored rows to the heap."""
-    if has_scale:
-        s0 *= scales[r0]
-        s1 *= scales[r1]
-        s2 *= scales[r2]
-        s3 *= scales[r3]
+    s0, s1, s2, s3 = scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale)
     heap_offer(hv, hi, s0, r0)
     if n > 1:
         heap_offer(hv, hi, s1, r1)
@@ -310,9 +331,7 @@ def _valid_rows(cand, qi, nc):
 
 @inline_kernel
 def _rescore_one(tables, codes, scales, cand, qi, hv, hi):
-    """Table ADC of query qi's candidate rows, four rows at a time (four
-    independent float64 sums: the adds of one row form a dependency chain,
-    so one row at a time ran at the add latency)."""
+    """Table ADC of query qi's candidate rows, four rows at a time."""
     has_scale = scales.shape[0] > 0
     nc = _touch_rows(codes, cand, qi)
     rows = _valid_rows(cand, qi, nc)
@@ -322,15 +341,7 @@ def _rescore_one(tables, codes, scales, cand, qi, hv, hi):
         r1 = rows[min(t + 1, nc - 1)]
         r2 = rows[min(t + 2, nc - 1)]
         r3 = rows[min(t + 3, nc - 1)]
-        s0 = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        s3 = 0.0
-        for g in range(codes.shape[1]):
-            s0 += T[g, codes[r0, g]]
-            s1 += T[g, codes[r1, g]]
-            s2 += T[g, codes[r2, g]]
-            s3 += T[g, codes[r3, g]]
+        s0, s1, s2, s3 = rows4_sums(T, codes, r0, r1, r2, r3)
         _offer4(hv, hi, s0, s1, s2, s3, r0, r1, r2, r3, nc - t, scales, has_scale)
     heap_to_sorted(hv, hi)
 

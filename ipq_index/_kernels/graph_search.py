@@ -11,7 +11,7 @@ import numpy as np
 from numba import prange
 
 from .._numba import inline_kernel, kernel, parallel_kernel
-from .adc import heap_offer, heap_to_sorted, row_score
+from .adc import heap_offer, heap_to_sorted, row_score, rows4_sums, scale4
 
 
 @inline_kernel
@@ -58,27 +58,6 @@ def _max_heap_pop(hv, hi, size):
         else:
             break
     return size
-
-
-@inline_kernel
-def _score4(T, codes, scales, has_scale, r0, r1, r2, r3):
-    """ADC scores of four rows with four independent sums (one row's adds
-    form a dependency chain; interleaving four rows keeps the adder busy)."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    for g in range(codes.shape[1]):
-        s0 += T[g, codes[r0, g]]
-        s1 += T[g, codes[r1, g]]
-        s2 += T[g, codes[r2, g]]
-        s3 += T[g, codes[r3, g]]
-    if has_scale:
-        s0 *= scales[r0]
-        s1 *= scales[r1]
-        s2 *= scales[r2]
-        s3 *= scales[r3]
-    return s0, s1, s2, s3
 
 
 @inline_kernel
@@ -132,8 +111,9 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
             fresh[nn] = nb
             nn += 1
         for u in range(0, nn, 4):
-            sc4[0], sc4[1], sc4[2], sc4[3] = _score4(T, codes, scales, has_scale, fresh[u], fresh[min(u + 1, nn - 1)],
-                                                     fresh[min(u + 2, nn - 1)], fresh[min(u + 3, nn - 1)])
+            r0, r1, r2, r3 = fresh[u], fresh[min(u + 1, nn - 1)], fresh[min(u + 2, nn - 1)], fresh[min(u + 3, nn - 1)]
+            s0, s1, s2, s3 = rows4_sums(T, codes, r0, r1, r2, r3)
+            sc4[0], sc4[1], sc4[2], sc4[3] = scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale)
             for w in range(min(4, nn - u)):
                 s = sc4[w]
                 nb = fresh[u + w]
