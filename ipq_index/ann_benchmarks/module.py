@@ -102,7 +102,7 @@ class IpqIndex(_Base):
         ipq_index factory string, e.g. ``"PCA,ASQ4,Rerank4"``.
     build_args : dict, optional
         Extra keyword arguments for ``index_factory`` (encoder overrides such as
-        ``seed`` or ``sample_size``).
+        ``seed`` or ``sample_size``, or the fast-scan ``coverage``).
     query_arg_names : sequence of str or comma-separated str, optional
         Names given to bare positional query arguments (default
         :data:`QUERY_ARG_NAMES`).
