@@ -531,13 +531,23 @@ def grid_table(x, w, lo, hi, center, m):
                 P[r, 3] = S2
                 r += 1
         return P, pos, True
+    occupied = np.empty(m, np.bool_)
+    for b in range(m):
+        occupied[b] = stats[b, 3] <= stats[b, 4]
+    P, pos = _edge_table(stats[:, 0], stats[:, 1], stats[:, 2], occupied, lo, hi, center)
+    return P, pos, False
+
+
+@inline_kernel
+def _edge_table(cw, cs1, cs2, occupied, lo, hi, center):
+    """Prefix table over the m + 1 grid edges (cell sums cw, cs1, cs2 of
+    w, w y, w y^2); edges with empty cells on both sides are dropped, the
+    end edges are always kept.  Returns ``(P, pos)``."""
+    m = cw.shape[0]
     width = (hi - lo) / m
     keep = 0
     for l in range(m + 1):
-        left = l > 0 and stats[l - 1, 3] <= stats[l - 1, 4]
-        right = l < m and stats[l, 3] <= stats[l, 4]
-        if l == 0 or l == m or left or right:
-            keep += 1
+        keep += l == 0 or l == m or occupied[l - 1] or occupied[l]
     P = np.empty((keep, 4), np.float64)
     pos = np.empty(keep, np.float64)
     W = 0.0
@@ -546,25 +556,18 @@ def grid_table(x, w, lo, hi, center, m):
     r = 0
     for l in range(m + 1):
         if l > 0:
-            W += stats[l - 1, 0]
-            S1 += stats[l - 1, 1]
-            S2 += stats[l - 1, 2]
-        left = l > 0 and stats[l - 1, 3] <= stats[l - 1, 4]
-        right = l < m and stats[l, 3] <= stats[l, 4]
-        if l == 0 or l == m or left or right:
-            if l == 0:
-                g = lo
-            elif l == m:
-                g = hi
-            else:
-                g = lo + l * width
+            W += cw[l - 1]
+            S1 += cs1[l - 1]
+            S2 += cs2[l - 1]
+        if l == 0 or l == m or occupied[l - 1] or occupied[l]:
+            g = lo if l == 0 else (hi if l == m else lo + l * width)
             pos[r] = g
             P[r, 0] = g - center
             P[r, 1] = W
             P[r, 2] = S1
             P[r, 3] = S2
             r += 1
-    return P, pos, False
+    return P, pos
 
 
 @kernel
@@ -642,33 +645,13 @@ def grid_table_unit(x, lo, hi, m):
                 P[r, 3] = S2
                 r += 1
         return P, pos, True
-    width = (hi - lo) / m
-    keep = 0
-    for l in range(m + 1):
-        left = l > 0 and st[l - 1, 0] > 0.0
-        right = l < m and st[l, 0] > 0.0
-        keep += l == 0 or l == m or left or right
-    P = np.empty((keep, 4), np.float64)
-    pos = np.empty(keep, np.float64)
-    W = 0.0
-    S1 = 0.0
-    S2 = 0.0
-    r = 0
-    for l in range(m + 1):
-        if l > 0 and st[l - 1, 0] > 0.0:
-            W += st[l - 1, 0]
-            S1 += st[l - 1, 1]
-            S2 += st[l - 1, 1] * st[l - 1, 1] / st[l - 1, 0]
-        left = l > 0 and st[l - 1, 0] > 0.0
-        right = l < m and st[l, 0] > 0.0
-        if l == 0 or l == m or left or right:
-            g = lo if l == 0 else (hi if l == m else lo + l * width)
-            pos[r] = g
-            P[r, 0] = g - center
-            P[r, 1] = W
-            P[r, 2] = S1
-            P[r, 3] = S2
-            r += 1
+    occupied = np.empty(m, np.bool_)
+    cs2 = np.zeros(m, np.float64)
+    for b in range(m):
+        occupied[b] = st[b, 0] > 0.0
+        if occupied[b]:
+            cs2[b] = st[b, 1] * st[b, 1] / st[b, 0]
+    P, pos = _edge_table(st[:, 0], st[:, 1], cs2, occupied, lo, hi, center)
     return P, pos, False
 
 
