@@ -133,6 +133,7 @@ class ASQEncoder:
     _fields: tuple | None = field(default=None, repr=False)  # per-byte field lists (derived)
     _vmax: np.ndarray | None = field(default=None, repr=False)  # variance bound per level (derived)
     _field_rows: np.ndarray | None = field(default=None, repr=False)  # see field_table (derived)
+    _levels32: np.ndarray | None = field(default=None, repr=False)  # see levels32 (derived)
 
     @property
     def is_trained(self) -> bool:
@@ -238,6 +239,7 @@ class ASQEncoder:
         self._fields = None
         self._vmax = None
         self._field_rows = None
+        self._levels32 = None
         self.bits, self.byte_of, self.shift_of, self.nbytes = allocate_bits(
             energy, costs, int(round(cfg.bits * self.d)), min_bits)
         levels, off = [], [0]
@@ -330,7 +332,7 @@ class ASQEncoder:
         Y = self.rotate_queries(Q) if Y is None else Y
         ptr, order = self._byte_fields()
         build = _adc.build_tables if Y.shape[0] >= 8 else _adc.build_tables_serial
-        tables = build(Y, self.levels, self.level_off, self.bits, ptr, order, self.nbytes)
+        tables = build(Y, self.levels32(), self.level_off, self.bits, ptr, order, self.nbytes)
         return tables, Q.astype(np.float64) @ self.mean
 
     def _byte_fields(self):
@@ -341,6 +343,12 @@ class ASQEncoder:
             ptr = np.searchsorted(self.byte_of[order], np.arange(self.nbytes + 1))
             self._fields = (ptr.astype(np.int64), order.astype(np.int64))
         return self._fields
+
+    def levels32(self) -> np.ndarray:
+        """The levels as float32 (what the lookup-table builder multiplies)."""
+        if self._levels32 is None or self._levels32.size != self.levels.size:
+            self._levels32 = np.ascontiguousarray(self.levels, np.float32)
+        return self._levels32
 
     def field_table(self) -> np.ndarray:
         """(nfields, 5) int64 rows (dim, byte, shift, mask, level offset) of
@@ -371,7 +379,7 @@ class ASQEncoder:
         Y2 = np.ascontiguousarray(np.asarray(Y, np.float64) ** 2, np.float32)
         build = _adc.build_tables if Y2.shape[0] >= 8 else _adc.build_tables_serial
         ptr, order = self._byte_fields()
-        return build(Y2, self._vmax, self.level_off, self.bits, ptr, order, self.nbytes)
+        return build(Y2, self._vmax.astype(np.float32), self.level_off, self.bits, ptr, order, self.nbytes)
 
     # -- persistence ------------------------------------------------------
     def state(self) -> tuple[dict, dict]:

@@ -763,7 +763,7 @@ class GraphIndex(FlatIndex):
 #: copy fits the caches, measured 50k x 384 float16; ~2.4 ns for a copy far
 #: larger, measured 10^6 x 384 float16 = 768 MB), and the copy size up to
 #: which the first applies
-FIELD_NS, ENTRY_NS, LOOKUP_NS = 1.5, 1.0, 1.5
+FIELD_NS, ENTRY_NS, LOOKUP_NS = 1.5, 0.4, 1.5
 EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 1.2, 2.4, 128 << 20
 
 

@@ -85,30 +85,41 @@ def decode(codes, levels, level_off, bits, byte_of, shift_of, d):
 
 @inline_kernel
 def _build_table(Y, qi, T2, levels, level_off, bits, field_ptr, field_dim, nbytes, prev):
-    """Query qi's tables into T2 (nbytes, 256); ``prev`` is a 256-float
-    scratch row (reading the previous stage from a separate array lets the
-    expansion loop vectorise)."""
+    """Query qi's tables into T2 (nbytes, 256) from float32 ``levels``.
+
+    A byte's first field fills T[c] = y_j L_j[c]; each further field of b
+    bits extends the 2^s filled entries to 2^(s+b) as T[c_hi << s | c_lo] =
+    prev[c_lo] + y_j L_j[c_hi] (``prev``: a 256-float scratch copy of the
+    previous stage, so the expansion loop vectorises: 44 -> 18 us for 192
+    bytes at 10^6).  Entries above the byte's used bits are 0 (codes never
+    set those bits); a byte without fields scores 0."""
     for g in range(nbytes):
         T = T2[g]
+        f0 = field_ptr[g]
+        f1 = field_ptr[g + 1]
         size = 1
-        prev[0] = 0.0
-        T[0] = 0.0  # a byte without fields scores 0
-        for f in range(field_ptr[g], field_ptr[g + 1]):
-            j = field_dim[f]
-            b = bits[j]
-            y = Y[qi, j]
+        if f1 == f0:
+            T[0] = 0.0
+        else:
+            j = field_dim[f0]
+            y = np.float32(Y[qi, j])
             lo = level_off[j]
-            for c_hi in range(1 << b):
-                add = y * levels[lo + c_hi]
-                base = c_hi * size
-                for c_lo in range(size):
-                    T[base + c_lo] = prev[c_lo] + add
-            size <<= b
-            if f + 1 < field_ptr[g + 1]:
-                for c in range(size):
-                    prev[c] = T[c]
-        for c in range(size, 256):
-            T[c] = T[c - size]
+            size = 1 << bits[j]
+            for c in range(size):
+                T[c] = y * levels[lo + c]
+            for f in range(f0 + 1, f1):
+                j = field_dim[f]
+                y = np.float32(Y[qi, j])
+                lo = level_off[j]
+                nb = 1 << bits[j]
+                prev[:size] = T[:size]
+                for c_hi in range(nb):
+                    add = y * levels[lo + c_hi]
+                    base = c_hi * size
+                    for c_lo in range(size):
+                        T[base + c_lo] = prev[c_lo] + add
+                size *= nb
+        T[size:] = 0.0
 
 
 @kernel
@@ -123,14 +134,13 @@ def build_tables_serial(Y, levels, level_off, bits, field_ptr, field_dim, nbytes
 
 @parallel_kernel
 def build_tables(Y, levels, level_off, bits, field_ptr, field_dim, nbytes):
-    """Per-query lookup tables (nq, nbytes, 256) float32 for transformed queries Y.
+    """Per-query lookup tables (nq, nbytes, 256) float32 for transformed
+    queries Y and float32 ``levels``.
 
     ``field_ptr``/``field_dim`` (CSR) list each byte's fields in increasing
-    shift order; a byte's table is built by expansion: after the fields with
-    shifts below s the table holds 2^s entries, and a field of b bits at
-    shift s extends it to 2^(s+b) entries as T[c_hi << s | c_lo] =
-    T[c_lo] + y_j L_j[c_hi].  Entries above the byte's used bits repeat (the
-    unused bits are always 0 in codes).
+    shift order; a byte's table is built by expansion (``_build_table``).
+    Entries above the byte's used bits are 0 (the unused bits are always 0
+    in codes).
     """
     tables = np.empty((Y.shape[0], nbytes, 256), np.float32)
     for qi in prange(Y.shape[0]):
