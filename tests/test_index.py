@@ -325,8 +325,9 @@ def test_ivf_fast_scan_lists_match_full_adc(tmp_path):
             D_full, I_full = ivf.search(Q, 10, nprobe=nprobe, fs=0)
             D_fast, I_fast = ivf.search(Q, 10, nprobe=nprobe, fs=200)
             np.testing.assert_allclose(D_fast, D_full, rtol=1e-5, atol=1e-5)
-            # candidates only come from the probed lists
-            probes = np.argsort(-(Q @ ivf.centroids.T), axis=1)[:, :nprobe]
+            # candidates only come from the probed lists (the probe kernel is
+            # checked against a float64 reference elsewhere)
+            probes = ivf._probes(ivf.encoder.rotate_queries(Q), nprobe)
             pos = np.searchsorted(ivf.ids, I_fast)
             assert np.all(np.isin(ivf.assign[pos], probes).reshape(len(Q), -1).all(axis=1))
         flat = ipq_index.index_factory(X.shape[1], spec.replace("IVF64,", "")).train(X).add(X)
@@ -494,25 +495,60 @@ def test_float16_rerank_copy_rejects_out_of_range_vectors(sample):
     assert idx32.ntotal == 10
 
 
-def test_coarse_codes_keep_the_high_variance_dimensions(sample, built):
-    """The fast-scan stage codes the dimensions carrying COVERAGE of the
-    estimated score variance (energy x spread of the decoded values): they
-    are the top ones by that share, their share reaches the coverage, and
-    coverage=1 keeps every coded dimension; bad values are refused."""
+def test_coarse_codes_keep_the_score_variance(sample, built):
+    """Unscaled codes: the coarse widths (<= min(b, 4) bits) keep COVERAGE
+    of the score variance -- a float64 reference of the estimated error
+    (cell means of the decoded values) is within budget, and on real queries
+    the coarse scores (byte tables of the packed coarse codes) differ from
+    the full ADC scores by about that share of their variance; coverage=1
+    gives every dimension all its coarse bits.  Scaled codes keep the
+    dimensions with the top variance shares at min(b, 4) bits.  Bad values
+    are refused."""
     from ipq_index import fastscan
     from ipq_index._kernels import adc
 
+    X, Q = sample
     idx = built["PCA,ASQ4"]
     enc, codes = idx.encoder, np.asarray(idx.codes)
-    full = fastscan.FastScanner(enc, codes, coverage=1.0)
-    np.testing.assert_array_equal(full.kept, enc.bits > 0)
-    part = fastscan.FastScanner(enc, codes)
+    maxb = np.minimum(enc.bits, 4)
+    full = fastscan.FastScanner(enc, codes, coverage=1.0, lists="codes")
+    np.testing.assert_array_equal(full.coarse_bits, maxb)
+    part = fastscan.FastScanner(enc, codes, lists="codes")
+    cb = part.coarse_bits
+    assert (cb <= maxb).all() and part.M < full.M and 0 < part.kept.sum()
+    assert np.isin(cb[cb > 0], [1, 2, 3]).mean() > 0.5  # mostly narrow fields sharing sub-quantizers
     Z = adc.decode(codes, enc.levels, enc.level_off, enc.bits, enc.byte_of, enc.shift_of, enc.d).astype(np.float64)
-    share = np.where(enc.bits > 0, enc.energy * Z.var(axis=0), 0.0)
-    assert 0 < part.kept.sum() < full.kept.sum()
-    assert share[part.kept].sum() >= fastscan.COVERAGE * share.sum() * (1 - 1e-6)
-    assert share[part.kept].min() >= share[~part.kept].max() * (1 - 1e-6)
-    assert part.M < full.M
+    w = np.asarray(enc.energy, np.float64)
+    err = 0.0
+    for j in range(enc.d):
+        if cb[j] == 0:
+            err += w[j] * np.mean(Z[:, j] ** 2)
+            continue
+        c = (codes[:, enc.byte_of[j]].astype(np.int64) >> enc.shift_of[j]) & ((1 << int(enc.bits[j])) - 1)
+        t = c >> (int(enc.bits[j]) - int(cb[j]))
+        means = np.array([Z[t == v, j].mean() if (t == v).any() else 0.0 for v in range(1 << int(cb[j]))])
+        err += w[j] * np.mean((Z[:, j] - means[t]) ** 2)
+    total = float((w * (Z ** 2).mean(axis=0)).sum())
+    assert err <= (1 - fastscan.COVERAGE) * total * 1.02, (err / total, fastscan.COVERAGE)
+    # on real queries: coarse vs full ADC scores
+    Y = enc.rotate_queries(Q[:20])
+    rows = np.random.default_rng(5).integers(0, idx.ntotal, 500)
+    T = part.byte_tables(Y)
+    coarse = np.stack([T[q][np.arange(part.M // 2)[None, :], part.codes[rows]].sum(1) for q in range(20)])
+    exact = Y.astype(np.float64) @ Z[rows].T
+    rel = np.mean((coarse - exact) ** 2) / np.mean((exact - exact.mean(axis=1, keepdims=True)) ** 2)
+    assert rel <= 1.6 * (1 - fastscan.COVERAGE), rel
+    # scaled codes: the top dimensions by variance share, min(b, 4) bits each
+    sidx = built["PCA,ASQ4s"]
+    senc, scodes, scales = sidx.encoder, np.asarray(sidx.codes), np.asarray(sidx.scales)
+    sp = fastscan.FastScanner(senc, scodes, scales, lists="codes", coverage=0.9)
+    Zs = adc.decode(scodes, senc.levels, senc.level_off, senc.bits, senc.byte_of, senc.shift_of,
+                    senc.d).astype(np.float64) * scales[:, None]
+    share = np.where(senc.bits > 0, senc.energy * Zs.var(axis=0), 0.0)
+    kept = sp.kept
+    assert share[kept].sum() >= 0.9 * share.sum() * (1 - 1e-6)
+    assert share[kept].min() >= share[~kept].max() * (1 - 1e-6)
+    np.testing.assert_array_equal(sp.coarse_bits[kept], np.minimum(senc.bits, 4)[kept])
     for bad in (0.0, 1.5, -1):
         with pytest.raises(ValueError, match="coverage"):
             fastscan.FastScanner(enc, codes, coverage=bad)
@@ -541,6 +577,7 @@ def test_ivf_probes_are_the_top_inner_product_lists(monkeypatch):
     order the lists (PROBE_COVERAGE) changes almost nothing."""
     ds = datasets.load_sample("minilm")
     X, Q = ds.train[:4000], ds.test[:20]
+    monkeypatch.setattr(index_mod, "PROBE_SPREAD_Z", 0.0)
     for spec in ("IVF40,ASQ4", "PCA,IVF40,ASQ4"):
         ivf = ipq_index.index_factory(X.shape[1], spec).train(X)
         ref = Q.astype(np.float64) @ ivf.centroids.astype(np.float64).T
@@ -557,13 +594,59 @@ def test_ivf_probes_are_the_top_inner_product_lists(monkeypatch):
                     kth = np.sort(ref[q])[::-1][nprobe - 1]
                     # every probed list scores at least the nprobe-th best (float32 slack)
                     assert (ref[q, P[q]] >= kth - 1e-4 * np.abs(ref[q]).max()).all()
-        monkeypatch.undo()
+        monkeypatch.setattr(index_mod, "PROBE_COVERAGE", 0.999)
         ivf._cent_t = None
         kept = ivf._probe_space()[0].size
         P = ivf._probes(Y, 8)
         top = np.argsort(-ref, axis=1)[:, :8]
         overlap = np.mean([len(set(a) & set(b)) / 8 for a, b in zip(P, top)])
         assert overlap >= 0.97, (spec, kept, overlap)
+
+
+def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
+    """With PROBE_SPREAD_Z > 0 a list scores <q, c_l> + z |q| s_l, s_l the
+    query-energy-weighted RMS spread of its members around the centroid:
+    the cached spreads equal a float64 reference from the reconstructed
+    vectors (scaled codes included), the probes are the top lists of the
+    reference score, and on real data they hold more of the true top-10 than
+    the centroid-only probes at the same nprobe."""
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:60]
+    monkeypatch.setattr(index_mod, "PROBE_COVERAGE", 1.0)
+    z = index_mod.PROBE_SPREAD_Z
+    assert z > 0
+    for spec in ("PCA,IVF64,ASQ4", "IVF64,ASQ4s"):
+        ivf = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
+        enc = ivf.encoder
+        R = np.eye(X.shape[1]) if enc.rotation is None else np.asarray(enc.rotation, np.float64)
+        Z = (ivf.reconstruct().astype(np.float64) - enc.mean) @ R
+        Cr = (ivf.centroids.astype(np.float64) - enc.mean) @ R
+        a = np.asarray(ivf.assign)
+        w = np.asarray(enc.energy, np.float64) / np.asarray(enc.energy, np.float64).sum()
+        per_row = ((Z - Cr[a]) ** 2 * w).sum(1)
+        s_ref = np.sqrt(np.bincount(a, per_row, 64) / np.maximum(np.bincount(a, minlength=64), 1))
+        np.testing.assert_allclose(ivf._list_spread(), z * s_ref, rtol=1e-4, atol=1e-6)
+        ref = Q.astype(np.float64) @ ivf.centroids.astype(np.float64).T
+        ucb = ref + z * np.linalg.norm(Q.astype(np.float64), axis=1)[:, None] * s_ref[None, :]
+        Y = enc.rotate_queries(Q)
+        for nq in (3, 60):
+            P = ivf._probes(Y[:nq], 6)
+            for q in range(nq):
+                kth = np.sort(ucb[q])[::-1][5]
+                assert (ucb[q, P[q]] >= kth - 1e-4 * np.abs(ucb[q]).max()).all()
+    # real data: the spread term finds more of the true top-10 per probe
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF64,ASQ4").train(X).add(X)
+    Qa = ds.test
+    true = np.argsort(-(Qa.astype(np.float64) @ X.astype(np.float64).T), axis=1)[:, :10]
+    a = np.asarray(ivf.assign)
+    Ya = ivf.encoder.rotate_queries(Qa)
+    share = {}
+    for zz in (0.0, z):
+        monkeypatch.setattr(index_mod, "PROBE_SPREAD_Z", zz)
+        ivf._spread = None
+        P = ivf._probes(Ya, 4)
+        share[zz] = np.mean([np.isin(a[t], p).mean() for t, p in zip(true, P)])
+    assert share[z] > share[0.0], share
 
 
 def test_index_coverage_setting_is_used_saved_and_checked(tmp_path):

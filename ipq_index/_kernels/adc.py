@@ -541,15 +541,23 @@ def rotate_rows(Q, R):
 
 
 @inline_kernel
-def _probe_one(Q, Ct, i, nprobe, acc, hv, hi):
-    """Lists of the ``nprobe`` largest <q_i, c_l> (float32 accumulation,
-    vectorised over the lists: the scores only order the lists)."""
+def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi):
+    """Lists of the ``nprobe`` largest <y_i[dims], Ct[:, l]> + |y_i| spread[l]
+    (float32 accumulation, vectorised over the lists: the scores only order
+    the lists)."""
     m = Ct.shape[1]
     acc[:] = 0.0
-    for t in range(Q.shape[1]):
-        q = Q[i, t]
+    for t in range(dims.shape[0]):
+        q = Y[i, dims[t]]
         for j in range(m):
             acc[j] += q * Ct[t, j]
+    if spread.shape[0] > 0:
+        nrm = 0.0
+        for t in range(Y.shape[1]):
+            nrm += np.float64(Y[i, t]) * Y[i, t]
+        qn = np.float32(np.sqrt(nrm))
+        for j in range(m):
+            acc[j] += qn * spread[j]
     hv[:] = -np.inf
     hi[:] = -1
     for j in range(m):
@@ -557,23 +565,51 @@ def _probe_one(Q, Ct, i, nprobe, acc, hv, hi):
 
 
 @kernel
-def probe_lists_serial(Q, Ct, nprobe):
+def probe_lists_serial(Y, dims, Ct, spread, nprobe):
     """``probe_lists`` without a parallel region (cheaper for a few queries)."""
-    out = np.empty((Q.shape[0], nprobe), np.int64)
+    out = np.empty((Y.shape[0], nprobe), np.int64)
     acc = np.empty(Ct.shape[1], np.float32)
     hv = np.empty(nprobe, np.float32)
-    for i in range(Q.shape[0]):
-        _probe_one(Q, Ct, i, nprobe, acc, hv, out[i])
+    for i in range(Y.shape[0]):
+        _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, out[i])
     return out
 
 
 @parallel_kernel
-def probe_lists(Q, Ct, nprobe):
-    """(nq, nprobe) ids of the lists whose centroids (columns of Ct, d x nlist)
-    have the largest inner products with each query row (unordered)."""
-    out = np.empty((Q.shape[0], nprobe), np.int64)
-    for i in prange(Q.shape[0]):
-        _probe_one(Q, Ct, i, nprobe, np.empty(Ct.shape[1], np.float32), np.empty(nprobe, np.float32), out[i])
+def probe_lists(Y, dims, Ct, spread, nprobe):
+    """(nq, nprobe) ids of the lists with the largest probe scores (unordered):
+    <y[dims], c_l> over the kept dimensions ``dims`` of each query row
+    (centroids: columns of Ct, len(dims) x nlist) plus |y| spread[l]
+    (``spread`` empty: no such term)."""
+    out = np.empty((Y.shape[0], nprobe), np.int64)
+    for i in prange(Y.shape[0]):
+        _probe_one(Y, dims, Ct, spread, i, nprobe, np.empty(Ct.shape[1], np.float32),
+                   np.empty(nprobe, np.float32), out[i])
+    return out
+
+
+@parallel_kernel
+def residual_energy(codes, scales, levels, level_off, bits, byte_of, shift_of, assign, Cr, w):
+    """Per row i: sum_j w_j (z_ij - Cr[assign[i], j])^2, z the decoded row
+    (times its scale when ``scales`` is not empty) and Cr the (nlist, d)
+    centroids in the same (transformed) space; float64."""
+    n = codes.shape[0]
+    d = Cr.shape[1]
+    out = np.empty(n, np.float64)
+    has_scale = scales.shape[0] > 0
+    for i in prange(n):
+        lst = assign[i]
+        sc = scales[i] if has_scale else np.float32(1.0)
+        s = 0.0
+        for j in range(d):
+            z = 0.0
+            b = bits[j]
+            if b > 0:
+                c = (codes[i, byte_of[j]] >> shift_of[j]) & ((1 << b) - 1)
+                z = levels[level_off[j] + c] * sc
+            r = z - Cr[lst, j]
+            s += w[j] * r * r
+        out[i] = s
     return out
 
 
