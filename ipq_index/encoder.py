@@ -330,10 +330,13 @@ class ASQEncoder:
         ``Y``: the already rotated queries, if at hand.
         """
         Y = self.rotate_queries(Q) if Y is None else Y
+        return self.rotated_tables(Y), Q.astype(np.float64) @ self.mean
+
+    def rotated_tables(self, Y) -> np.ndarray:
+        """Lookup tables (nq, nbytes, 256) float32 of already rotated queries Y."""
         ptr, order = self._byte_fields()
         build = _adc.build_tables if Y.shape[0] >= 8 else _adc.build_tables_serial
-        tables = build(Y, self.levels32(), self.level_off, self.bits, ptr, order, self.nbytes)
-        return tables, Q.astype(np.float64) @ self.mean
+        return build(Y, self.levels32(), self.level_off, self.bits, ptr, order, self.nbytes)
 
     def _byte_fields(self):
         """CSR (ptr, dims) of each code byte's fields in increasing shift order."""

@@ -829,7 +829,7 @@ class _QueryBatch:
 
     def tables(self):
         if self._tables is None:
-            self._tables = self.encoder.query_tables(self.Q, self.Y)[0]
+            self._tables = self.encoder.rotated_tables(self.Y)
         return self._tables
 
     def offsets(self):
