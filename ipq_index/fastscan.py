@@ -198,8 +198,8 @@ class FastScanner:
         until ``coverage`` of the total, each at min(b_j, 4) bits, levels from
         ``asq.solve`` (nearest rounding).  The error-driven widths above were
         measured worse here (GloVe, 32 sub-quantizers, fs=5: recall@10 0.681
-        vs 0.763): the top inner products come from a few long vectors that
-        the sample error does not weigh."""
+        vs 0.763), presumably because the top inner products come from a few
+        long vectors that the mean error over the sample hardly weighs."""
         scaled = scales is not None and scales.size > 0
         if coverage is None:
             coverage = COVERAGE_SCALED if scaled else COVERAGE
@@ -214,11 +214,12 @@ class FastScanner:
         rows = np.sort(rng.choice(n, min(n, sample), replace=False))
         C = np.ascontiguousarray(codes[rows])
         w = np.ones(d) if e.energy is None else np.maximum(np.asarray(e.energy, np.float64), 0.0)
+        row_scale = np.asarray(scales, np.float64)[rows] if scaled else None
 
         def column(j):
             fine = np.asarray(e.levels[e.level_off[j]:e.level_off[j + 1]], np.float64)
             c = ((C[:, e.byte_of[j]] >> e.shift_of[j]) & ((1 << fbits[j]) - 1)).astype(np.int64)
-            return fine, c, (fine[c] * np.asarray(scales, np.float64)[rows] if scaled else fine[c])
+            return fine, c, (fine[c] * row_scale if scaled else fine[c])
 
         cb = np.zeros(d, np.int64)
         levels = {}
