@@ -375,7 +375,7 @@ class FlatIndex:
                 if rr:
                     sc, rows = _rerank_exact(Qc, np.asarray(self.vectors), cand_r, k)
                 else:
-                    sc = (cand_v.astype(np.float64) + qb.offsets()[:, None]).astype(np.float32)
+                    sc = qb.scores(cand_v)
                     rows = cand_r
                 out_s[q0:q0 + QUERY_CHUNK] = sc
                 out_r[q0:q0 + QUERY_CHUNK] = rows
@@ -832,8 +832,10 @@ class _QueryBatch:
             self._tables = self.encoder.rotated_tables(self.Y)
         return self._tables
 
-    def offsets(self):
-        return self.Q.astype(np.float64) @ self.encoder.mean
+    def scores(self, V):
+        """ADC scores V (nq, k) of the centred codes plus <q, mean>: inner
+        products, float32 (float64 sums)."""
+        return _adc.add_offsets(V, self.Q, np.asarray(self.encoder.mean, np.float64))
 
     def rescore(self, cand, kk, codes, scales):
         """Full-ADC top-kk of candidate rows (nq, c) (-1 = none); parallel over

@@ -624,3 +624,17 @@ def table_sums(tables, codes, scales, rows):
             if rows[qi, t] >= 0:
                 out[qi, t] = row_score(tables[qi], codes, scales, has_scale, rows[qi, t])
     return out
+
+
+@kernel
+def add_offsets(V, Q, mean):
+    """float32 V[i, t] + <Q[i], mean> (the dot product accumulated in float64;
+    -inf entries stay -inf): ADC scores of centred codes -> inner products."""
+    out = np.empty(V.shape, np.float32)
+    for i in range(V.shape[0]):
+        off = 0.0
+        for j in range(Q.shape[1]):
+            off += np.float64(Q[i, j]) * mean[j]
+        for t in range(V.shape[1]):
+            out[i, t] = np.float32(np.float64(V[i, t]) + off)
+    return out
