@@ -41,6 +41,7 @@ import numpy as np
 
 from . import asq
 from ._kernels import adc as _adc
+from ._kernels import checks as _checks
 from ._kernels import rounding as _rk
 
 TRANSFORMS = ("none", "pca", "random")
@@ -98,7 +99,7 @@ def check_matrix(X, d: int | None, name: str) -> np.ndarray:
     arr = np.asarray(X)
     if arr.dtype == np.float32 and arr.ndim == 2 and arr.flags.c_contiguous and arr.shape[0] and \
             (d is None or arr.shape[1] == d):  # fast path (a search call validates every query)
-        if not np.isfinite(arr).all():
+        if not _checks.all_finite(arr):
             raise ValueError(f"{name} contains NaN or infinite values")
         return arr
     if arr.ndim != 2:
