@@ -37,8 +37,9 @@ PROBE_COVERAGE = 0.999
 #: list l's members around its centroid (query-energy weighted; see
 #: IVFIndex._list_spread): an upper-confidence score for the best inner
 #: product in the list.  Share of the true top-10 in the probed lists, 10^6
-#: synthetic, IVF1024, at 30k rows scanned: 0.941 (centroid only) -> 0.956
-#: (z = 2-3); MiniLM 50k IVF256 nprobe=8: 0.730 -> 0.762.  0 = centroid only.
+#: synthetic, IVF1024, at 30k rows scanned: 0.941 (centroid only) -> 0.954
+#: (z = 2; 0.956 at z = 3); MiniLM 50k IVF256 nprobe=8: 0.730 -> 0.762 (z = 3
+#: gained less there at larger nprobe).  0 = centroid only.
 PROBE_SPREAD_Z = 2.0
 #: k-means sample of an IVF index: 256 points per list up to this many points
 #: (at least 64 per list); IVF4096 on 10^6 vectors trains on 262,144
