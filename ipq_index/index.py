@@ -134,6 +134,7 @@ class FlatIndex:
     """Exhaustive ADC scan over ASQ codes, with optional exact re-rank."""
 
     kind = "flat"
+    _coverage_name = "COVERAGE"  # fastscan constant holding the default coverage (unscaled codes)
 
     def __init__(self, d: int, config: EncoderConfig | None = None, *, rerank: int = 0,
                  rerank_dtype: str = "float16", spec: str | None = None):
@@ -207,7 +208,7 @@ class FlatIndex:
     def _default_coverage(self) -> float:
         from . import fastscan
 
-        return fastscan.COVERAGE_SCALED if self.encoder.config.scale else fastscan.COVERAGE
+        return fastscan.COVERAGE_SCALED if self.encoder.config.scale else getattr(fastscan, self._coverage_name)
 
     @coverage.setter
     def coverage(self, value):
@@ -679,6 +680,7 @@ class GraphIndex(FlatIndex):
     """
 
     kind = "hnsw"
+    _coverage_name = "NAV_COVERAGE"  # default coverage of the navigation codes
 
     def __init__(self, d: int, M: int, config: EncoderConfig | None = None, *, rerank: int = 0,
                  rerank_dtype: str = "float16", spec: str | None = None, ef: int = 64,
@@ -764,10 +766,6 @@ class GraphIndex(FlatIndex):
     def _scan_lists(self):
         return "codes"  # plain coarse codes for navigation, no FAISS index
 
-    def _default_coverage(self) -> float:
-        from . import fastscan
-
-        return fastscan.COVERAGE_SCALED if self.encoder.config.scale else fastscan.NAV_COVERAGE
 
     @contextlib.contextmanager
     def _visited(self, slots, nq):

@@ -678,6 +678,11 @@ def test_index_coverage_setting_is_used_saved_and_checked(tmp_path):
     assert ipq_index.index_factory(X.shape[1], "PCA,ASQ4", coverage=0.9).coverage == 0.9
     idx.coverage = None
     assert idx.coverage == fastscan.COVERAGE and idx._fast_scanner().M == m_default
+    # defaults by structure and code type: graph navigation, scaled codes
+    assert ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4").coverage == fastscan.NAV_COVERAGE
+    assert ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4").coverage == fastscan.COVERAGE
+    for spec in ("PCA,ASQ4s", "PCA,HNSW16,ASQ4s"):
+        assert ipq_index.index_factory(X.shape[1], spec).coverage == fastscan.COVERAGE_SCALED
 
 
 def test_coarse_byte_tables_score_the_packed_nibbles(sample, built):
