@@ -84,6 +84,15 @@ def weighted_mean(v, w):
     return 0.5 * (v[0] + v[v.shape[0] - 1])
 
 
+@inline_kernel
+def _two_sum_add(S, e, t):
+    """S + t, with the rounding error of that addition added to the
+    compensation e (Knuth's TwoSum): returns (new sum, new compensation)."""
+    s = S + t
+    b = s - S
+    return s, e + ((S - (s - b)) + (t - b))
+
+
 @kernel
 def _plane_row(T, l, p, W, S1):
     T[l, 0] = p
@@ -108,14 +117,8 @@ def fill_plane_points(v, w, center, T):
         W += wi
         t1 = wi * y
         t2 = t1 * y
-        s1n = S1 + t1
-        b1 = s1n - S1
-        e1 += (S1 - (s1n - b1)) + (t1 - b1)
-        S1 = s1n
-        s2n = S2 + t2
-        b2 = s2n - S2
-        e2 += (S2 - (s2n - b2)) + (t2 - b2)
-        S2 = s2n
+        S1, e1 = _two_sum_add(S1, e1, t1)
+        S2, e2 = _two_sum_add(S2, e2, t2)
         _plane_row(T, i, y, W, S1 + e1)
     # a_0 = y_0 (w_0 y_0) - (w_0 y_0) y_0 = 0
     n = v.shape[0]
@@ -140,14 +143,8 @@ def fill_plane_increasing(x, center, T):
         prev = xi
         y = xi - center
         t2 = y * y
-        s1n = S1 + y
-        b1 = s1n - S1
-        e1 += (S1 - (s1n - b1)) + (y - b1)
-        S1 = s1n
-        s2n = S2 + t2
-        b2 = s2n - S2
-        e2 += (S2 - (s2n - b2)) + (t2 - b2)
-        S2 = s2n
+        S1, e1 = _two_sum_add(S1, e1, y)
+        S2, e2 = _two_sum_add(S2, e2, t2)
         _plane_row(T, i, y, i + 1.0, S1 + e1)
     # a_0 = y_0 S1_0 - S2_0 = 0 exactly for unit weights
     return (x[x.shape[0] - 1] - center) * (S1 + e1) - (S2 + e2)
