@@ -25,7 +25,8 @@ __all__ = ["FlatIndex", "IVFIndex", "GraphIndex", "index_factory", "load", "pars
 #: default candidate factor of the fast-scan stage (search parameter ``fs``),
 #: scaled by sqrt(ntotal / FASTSCAN_REF_ROWS) above that size: the coarse
 #: ranking errs more on larger corpora while rescoring stays cheap (10^6
-#: vectors: recall@10 0.931 at fs=10, 0.947 at 30, 0.949 at 100, same QPS)
+#: synthetic vectors, flat: recall@10 0.892 at fs=10, 0.941 at the default
+#: 32, QPS 626 vs 590; eval/results/scale_1m.txt)
 FASTSCAN_FACTOR = 10
 FASTSCAN_REF_ROWS = 100_000
 #: below this many vectors the exhaustive full-precision ADC scan is used
