@@ -2,6 +2,7 @@
 
     python eval/make_synthetic.py --src REAL.hdf5 --n 1000000 --out syn1m.hdf5
     python eval/bench_scale.py syn1m.hdf5 --ipq "PCA,ASQ4" "PCA,IVF1024,ASQ4" --faiss PQ384x4fs "IVF1024,SQ8"
+    python eval/bench_scale.py syn1m.hdf5 --ipq --faiss --hnswlib 32 --hnswlib-ef 64 128 256 512 1024
 
 For each method: build seconds (train + add, all threads), bytes per vector,
 and for each search setting: recall@10 and single-thread QPS over --queries
@@ -48,6 +49,9 @@ def main(argv=None):
                     help="fast-scan coverage sweep on every ipq index (default: fastscan.COVERAGE)")
     ap.add_argument("--rerank", type=int, nargs="*", default=[None],
                     help="re-rank factors to sweep on indexes built with ',Rerank' (0 = codes only)")
+    ap.add_argument("--hnswlib", type=int, nargs="*", default=[],
+                    help="hnswlib 'ip' graphs with these M (ef_construction 200, all threads to build)")
+    ap.add_argument("--hnswlib-ef", type=int, nargs="*", default=[64, 128, 256, 512], help="hnswlib ef sweep")
     args = ap.parse_args(argv)
     with h5py.File(args.data, "r") as f:
         X = f["train"][:]
@@ -98,6 +102,23 @@ def main(argv=None):
             faiss.omp_set_num_threads(prev)
             print(f"faiss {spec:22s} {'nprobe=' + str(p) if p else '-':16s} build {build:7.1f}s  "
                   f"{index.sa_code_size():7.1f} B/vec  recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}", flush=True)
+        del index
+    for m in args.hnswlib:
+        import hnswlib
+
+        t = time.perf_counter()
+        index = hnswlib.Index(space="ip", dim=d)
+        index.init_index(max_elements=X.shape[0], ef_construction=200, M=m)
+        index.set_num_threads(-1)
+        index.add_items(X, np.arange(X.shape[0]))
+        build = time.perf_counter() - t
+        index.set_num_threads(1)
+        for ef in args.hnswlib_ef:
+            index.set_ef(max(ef, args.k))
+            I = index.knn_query(Q, args.k)[0]
+            q1 = qps(lambda q: index.knn_query(q, args.k), Q)
+            print(f"hnswlib {'HNSW' + str(m) + ',efC200':20s} {'ef=' + str(ef):16s} build {build:7.1f}s  "
+                  f"{4 * d + 8 * m:7.1f} B/vec  recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}", flush=True)
         del index
 
 
