@@ -13,6 +13,7 @@ the first flat row also print their QPS as a multiple of that flat scan's.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import faiss
@@ -109,7 +110,7 @@ def main(argv=None):
         t = time.perf_counter()
         index = hnswlib.Index(space="ip", dim=d)
         index.init_index(max_elements=X.shape[0], ef_construction=200, M=m)
-        index.set_num_threads(-1)
+        index.set_num_threads(os.cpu_count() or 1)
         index.add_items(X, np.arange(X.shape[0]))
         build = time.perf_counter() - t
         index.set_num_threads(1)
