@@ -586,6 +586,13 @@ class IVFIndex(FlatIndex):
     def _scan_lists(self):
         return self._list_index()
 
+    def _transformed_centroids(self):
+        """(nlist, d) float64 centroids in the encoder's transformed space,
+        R^T (c_l - mean)."""
+        enc = self.encoder
+        Cr = np.asarray(self.centroids, np.float64) - enc.mean
+        return Cr if enc.rotation is None else Cr @ np.asarray(enc.rotation, np.float64)
+
     def _probe_space(self):
         """Centroids in the encoder's transformed space, restricted to the
         dimensions that order the lists: <q, c_l> = <q, mean> + <y, R^T (c_l -
@@ -596,9 +603,7 @@ class IVFIndex(FlatIndex):
         the centroids and the encoder, not saved."""
         if self._cent_t is None:
             enc = self.encoder
-            Cr = np.asarray(self.centroids, np.float64) - enc.mean
-            if enc.rotation is not None:
-                Cr = Cr @ np.asarray(enc.rotation, np.float64)
+            Cr = self._transformed_centroids()
             energy = np.ones(self.d) if enc.energy is None else np.asarray(enc.energy, np.float64)
             share = energy * Cr.var(axis=0)
             dims = np.arange(self.d)
@@ -620,9 +625,7 @@ class IVFIndex(FlatIndex):
             return np.zeros(0, np.float32)
         if self._spread is None or self._spread[0] != self.ntotal:
             enc = self.encoder
-            Cr = np.asarray(self.centroids, np.float64) - enc.mean
-            if enc.rotation is not None:
-                Cr = Cr @ np.asarray(enc.rotation, np.float64)
+            Cr = self._transformed_centroids()
             w = np.ones(self.d) if enc.energy is None else np.maximum(np.asarray(enc.energy, np.float64), 0)
             w = w / w.sum() if w.sum() > 0 else np.full(self.d, 1.0 / self.d)
             scales = np.asarray(self.scales) if enc.config.scale else np.zeros(0, np.float32)
