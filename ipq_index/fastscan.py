@@ -133,6 +133,7 @@ class FastScanner:
         self.lists = lists
         self._nprobe_lock = threading.Lock()
         self.cent = cent
+        self._centT = np.ascontiguousarray(cent.transpose(0, 2, 1))  # (M, DSUB, 16)
         self.codes = None
         if lists == "codes":
             self.codes = packed  # plain coarse codes, no FAISS index (graph navigation)
@@ -283,6 +284,15 @@ class FastScanner:
         high nibble: group 2g + 1), so a row's coarse score is a sum of M/2
         lookups (the same ADC kernels as the full codes)."""
         return _adc.coarse_byte_tables(self.virtual_queries(Y), self.cent)
+
+    def nav_tables(self, Y) -> np.ndarray:
+        """(nq, M/2, 256) int16 tables for ranking rows of each query by
+        their coarse score (graph navigation): the float tables of
+        ``byte_tables`` shifted per byte table and scaled by one step per
+        query (``_adc.coarse_byte_tables_i16``); sums of lookups order rows
+        as the float coarse scores do, to within M/4 steps of 1/65535 of a
+        byte table's span."""
+        return _adc.coarse_byte_tables_i16(np.ascontiguousarray(Y, np.float32), self.slot_dim, self._centT)
 
     def virtual_queries(self, Y):
         """Map rotated queries (nq, d) to the virtual (nq, M * 4) space."""

@@ -360,13 +360,11 @@ class FlatIndex:
         nthreads = resolve_threads(num_threads)
         codes = np.asarray(self.codes)
         scales = np.asarray(self.scales) if self.encoder.config.scale else np.zeros(0, np.float32)
-        out_s = np.empty((Q.shape[0], k), np.float32)
-        out_r = np.empty((Q.shape[0], k), np.int64)
-        out_std = np.zeros((Q.shape[0], k), np.float32) if return_std else None
         exact_ns = 0.0  # per-dimension cost of an exact dot product (0: no re-rank)
         if rr:
             near = np.asarray(self.vectors).nbytes <= EXACT_NEAR_BYTES
             exact_ns = EXACT_NS_PER_DIM if near else EXACT_NS_PER_DIM_FAR
+        parts = []  # [scores, rows(, std)] per chunk of queries
         # a few queries on one thread run serial kernels only: skip the
         # numba thread-count switch (~5 us, a visible share of a 100 us query)
         ctx = contextlib.nullcontext() if nthreads == 1 and Q.shape[0] < 8 else threads(num_threads)
@@ -380,21 +378,21 @@ class FlatIndex:
                 else:
                     sc = qb.scores(cand_v)
                     rows = cand_r
-                out_s[q0:q0 + QUERY_CHUNK] = sc
-                out_r[q0:q0 + QUERY_CHUNK] = rows
-                if return_std and not rr:
-                    V = self.encoder.variance_tables(qb.Y)
-                    sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
-                    out_std[q0:q0 + QUERY_CHUNK] = np.sqrt(_adc.table_sums(V, codes, sc2, rows))
-        found = out_r >= 0
-        if found.all():
-            ids, scores = np.asarray(self.ids)[out_r], out_s
-        else:
-            ids = np.where(found, np.asarray(self.ids)[np.maximum(out_r, 0)], -1)
-            scores = np.where(found, out_s, -np.inf).astype(np.float32)
-        ids = ids.astype(np.int64, copy=False)
+                part = [sc, rows]
+                if return_std:
+                    std = np.zeros(rows.shape, np.float32)
+                    if not rr:
+                        V = self.encoder.variance_tables(qb.Y)
+                        sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
+                        std = np.sqrt(_adc.table_sums(V, codes, sc2, rows)).astype(np.float32)
+                    part.append(std)
+                parts.append(part)
+        if len(parts) > 1:
+            parts = [[np.concatenate(col) for col in zip(*parts)]]
+        # ids of the rows; -inf / -1 where fewer than k were found
+        scores, ids = _adc.rows_to_ids(parts[0][0], parts[0][1], np.asarray(self.ids))
         if return_std:
-            return scores, ids, out_std
+            return scores, ids, parts[0][2]
         return scores, ids
 
     def _fast_scanner(self):
@@ -695,7 +693,7 @@ class GraphIndex(FlatIndex):
         self.ef_construction = int(ef_construction)
         self.graph_metric = GRAPH_METRIC
         self.graph = None  # dict of arrays
-        self._visit_buf = None  # visited tags reused across searches (see _visited)
+        self._visit_buf = None  # visited tags reused across searches (see _take_visited)
         self._visit_tag = 0
         self._visit_lock = threading.Lock()
 
@@ -753,16 +751,20 @@ class GraphIndex(FlatIndex):
             e = max(efv, kk)
             if nav == "coarse":
                 sc = self._fast_scanner()
-                tables, wcodes, wscales, kw = sc.byte_tables(qb.Y), sc.codes, np.zeros(0, np.float32), e
+                tables, wcodes, wscales, kw = sc.nav_tables(qb.Y), sc.codes, np.zeros(0, np.float32), e
             else:
                 tables, wcodes, wscales, kw = qb.tables(), codes, scales, kk
             cap = min(self.ntotal + 1, 64 * e + 4096)
             entry, max_level = int(gr["entry"][0]), int(gr["entry"][1])
             slots = 1 if tables.shape[0] < 8 else min(nthreads, tables.shape[0])
-            with self._visited(slots, tables.shape[0]) as (visited, tag0):
+            visited, tag0, held = self._take_visited(slots, tables.shape[0])
+            try:
                 fn = _gs.graph_search if slots > 1 else _gs.graph_search_serial
                 out = fn(tables, wcodes, wscales, gr["neighbors"], gr["offsets"], gr["cum"],
                          entry, max_level, e, kw, cap, visited, tag0)
+            finally:
+                if held:
+                    self._visit_lock.release()
             return qb.rescore(out[1], kk, codes, scales) if nav == "coarse" else out
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
@@ -771,26 +773,26 @@ class GraphIndex(FlatIndex):
         return "codes"  # plain coarse codes for navigation, no FAISS index
 
 
-    @contextlib.contextmanager
-    def _visited(self, slots, nq):
-        """Visited-tag rows (slots, n) int32 kept between searches (zeroing an
-        n-byte array per query costs more than the walk at 10^6 vectors) and
-        the first tag to use.  A concurrent search from another Python thread
-        gets fresh rows instead of sharing these."""
+    def _take_visited(self, slots, nq):
+        """(visited-tag rows (slots, n) int32, first tag, held): rows kept
+        between searches (zeroing an n-byte array per query costs more than
+        the walk at 10^6 vectors).  ``held``: the caller holds the rows' lock
+        and releases it after the walk; a concurrent search from another
+        Python thread gets fresh rows instead (held False)."""
         if not self._visit_lock.acquire(blocking=False):
-            yield np.zeros((slots, self.ntotal), np.int32), 0
-            return
+            return np.zeros((slots, self.ntotal), np.int32), 0, False
         try:
             buf = self._visit_buf
             if buf is None or buf.shape[0] < slots or buf.shape[1] != self.ntotal or \
-                    self._visit_tag + nq >= np.iinfo(np.int32).max:
+                    self._visit_tag + nq >= _TAG_MAX:
                 buf = self._visit_buf = np.zeros((max(slots, 1), self.ntotal), np.int32)
                 self._visit_tag = 0
             tag0 = self._visit_tag
             self._visit_tag += nq  # before the walk: a failed call leaves no reusable tags
-            yield buf[:slots], tag0
-        finally:
+            return buf[:slots], tag0, True
+        except BaseException:
             self._visit_lock.release()
+            raise
 
     def _warmup_params(self):
         return ({}, {"nav": "full"})
@@ -803,6 +805,9 @@ class GraphIndex(FlatIndex):
     def _load_extra(self, meta, arrays):
         self.graph = {k: arrays[f"graph.{k}"] for k in ("neighbors", "offsets", "cum", "entry")}
         self.graph_metric = meta.get("graph_metric", "ip")
+
+
+_TAG_MAX = int(np.iinfo(np.int32).max)  # visited tags wrap before this
 
 
 #: measured per-operation costs (ns; 192-byte codes, 345 fields, d = 384)

@@ -707,6 +707,55 @@ def test_coarse_byte_tables_score_the_packed_nibbles(sample, built):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
 
+def test_nav_tables_are_the_coarse_tables_in_int16_steps(sample, built):
+    """The graph walk's int16 tables: per query, a row's sum of lookups is
+    (its float64 coarse score - sum of the byte tables' minima) / step
+    + G * NAV_LOW to within G/2 + 1 (one rounding per byte table), step =
+    the largest byte-table span / NAV_SPAN, all computed here from the
+    float tables; so the walk ranks rows as the coarse scores do."""
+    from ipq_index._kernels import adc
+    idx = built["PCA,ASQ4"]
+    sc = fastscan.FastScanner(idx.encoder, np.asarray(idx.codes), lists="codes")
+    X, Q = sample
+    Y = idx.encoder.rotate_queries(Q[:8])
+    T = sc.byte_tables(Y).astype(np.float64)
+    N = sc.nav_tables(Y)
+    G = sc.M // 2
+    assert N.shape == (8, G, 256) and N.dtype == np.int16
+    rows = np.random.default_rng(6).integers(0, idx.ntotal, 300)
+    codes = sc.codes[rows]
+    for q in range(8):
+        low = T[q].min(axis=1)
+        step = (T[q].max(axis=1) - low).max() / adc.NAV_SPAN
+        ref = (T[q, np.arange(G)[None, :], codes].sum(axis=1) - low.sum()) / step + G * adc.NAV_LOW
+        got = N[q, np.arange(G)[None, :], codes].astype(np.int64).sum(axis=1)
+        assert np.abs(got - ref).max() <= G / 2 + 1, np.abs(got - ref).max()
+        assert N[q].min() == adc.NAV_LOW and N[q].max() == adc.NAV_LOW + adc.NAV_SPAN
+
+
+def test_results_are_padded_when_fewer_than_k_are_found(sample):
+    """An IVF search with nprobe=1 and k above the probed list's size: the
+    list's rows come first (the exact ADC order of the flat index restricted
+    to them), then ids -1 with scores -inf."""
+    X, Q = sample
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF64,ASQ4").train(X).add(X)
+    sizes = np.bincount(np.asarray(ivf.assign), minlength=64)
+    k = int(sizes.max()) + 3
+    D, I = ivf.search(Q[:20], k, nprobe=1)
+    Dall, Iall = ivf.search(Q[:20], ivf.ntotal, nprobe=64)
+    assign = np.asarray(ivf.assign)
+    for q in range(20):
+        found = I[q] >= 0
+        n = int(found.sum())
+        assert found[:n].all() and not found[n:].any() and n < k
+        lst = assign[I[q, 0]]
+        assert n == sizes[lst] and (assign[I[q, :n]] == lst).all()
+        assert np.isneginf(D[q, n:]).all() and np.isfinite(D[q, :n]).all()
+        keep = assign[Iall[q]] == lst  # the full ranking restricted to that list
+        np.testing.assert_array_equal(I[q, :n], Iall[q][keep])
+        np.testing.assert_allclose(D[q, :n], Dall[q][keep], rtol=1e-6, atol=1e-6)
+
+
 def test_direct_exact_rerank_of_coarse_candidates(monkeypatch):
     """When exact dot products are cheaper than the ADC pass, re-ranking
     indexes send the coarse candidates straight to the exact re-rank: the

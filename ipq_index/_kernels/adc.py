@@ -12,7 +12,8 @@ table lookups.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from .._numba import inline_kernel, kernel, parallel_kernel
 
@@ -290,15 +291,28 @@ def _touch_rows(codes, cand, qi):
     return nc if touch >= 0 else 0
 
 
+def sum_zero(T):
+    """Zero of the type that sums entries of table T: int64 for integer
+    tables (exact), float64 for float tables."""
+    return 0.0
+
+
+@overload(sum_zero, inline="always")
+def _sum_zero(T):
+    if isinstance(T.dtype, types.Integer):
+        return lambda T: np.int64(0)
+    return lambda T: 0.0
+
+
 @inline_kernel
 def rows4_sums(T, codes, r0, r1, r2, r3):
     """Table-ADC sums of four rows with four independent accumulators (one
     row's adds form a dependency chain: one row at a time ran at the add
-    latency)."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
+    latency); integer sums for integer tables."""
+    s0 = sum_zero(T)
+    s1 = sum_zero(T)
+    s2 = sum_zero(T)
+    s3 = sum_zero(T)
     for g in range(codes.shape[1]):
         s0 += T[g, codes[r0, g]]
         s1 += T[g, codes[r1, g]]
@@ -522,6 +536,60 @@ def coarse_byte_tables(Yv, cent):
     return out
 
 
+#: int16 navigation tables: entries span [NAV_LOW, NAV_LOW + NAV_SPAN]
+NAV_LOW, NAV_SPAN = -32768, 65535
+
+
+@kernel
+def coarse_byte_tables_i16(Y, slot_dim, centT):
+    """(nq, M/2, 256) int16 tables of 4-bit PQ codes packed two per byte, for
+    ranking rows of one query (graph navigation): entry [q, g, hi << 4 | lo]
+    = round((lut[2g + 1, hi] + lut[2g, lo] - min_g) / step) + NAV_LOW, with
+    lut[m, c] = sum_s centT[m, s, c] * Y[q, slot_dim[m, s]] (slot -1: none),
+    min_g the smallest entry of byte table g and step = (largest entry span
+    over g) / NAV_SPAN.  A row's sum of lookups (int32) is then its coarse
+    score / step plus a per-query constant, to within M/4 steps; half the
+    bytes of float32 tables (they stay in L1 during the walk)."""
+    M, dsub, ncent = centT.shape
+    G = M // 2
+    nq = Y.shape[0]
+    out = np.empty((nq, G, 256), np.int16)
+    lut = np.empty((M, 16), np.float32)
+    low = np.empty(G, np.float32)
+    for q in range(nq):
+        for m in range(M):
+            for c in range(16):
+                lut[m, c] = 0.0
+            for s in range(dsub):
+                j = slot_dim[m, s]
+                if j >= 0:
+                    y = Y[q, j]
+                    for c in range(16):
+                        lut[m, c] += centT[m, s, c] * y
+        span = np.float32(0.0)
+        for g in range(G):
+            lo_min = lut[2 * g, 0]
+            lo_max = lo_min
+            hi_min = lut[2 * g + 1, 0]
+            hi_max = hi_min
+            for c in range(1, 16):
+                lo_min = min(lo_min, lut[2 * g, c])
+                lo_max = max(lo_max, lut[2 * g, c])
+                hi_min = min(hi_min, lut[2 * g + 1, c])
+                hi_max = max(hi_max, lut[2 * g + 1, c])
+            low[g] = lo_min + hi_min
+            span = max(span, (lo_max + hi_max) - low[g])
+        inv = np.float32(NAV_SPAN) / span if span > 0 else np.float32(0.0)
+        for g in range(G):
+            T = out[q, g]
+            for hi in range(16):
+                h = lut[2 * g + 1, hi] - low[g]
+                for lo in range(16):
+                    v = np.int32((h + lut[2 * g, lo]) * inv + np.float32(0.5))
+                    T[hi * 16 + lo] = np.int16(min(v, NAV_SPAN) + NAV_LOW)
+    return out
+
+
 @kernel
 def rotate_rows_serial(Q, R):
     """Q @ R for a few rows (float32)."""
@@ -638,3 +706,22 @@ def add_offsets(V, Q, mean):
         for t in range(V.shape[1]):
             out[i, t] = np.float32(np.float64(V[i, t]) + off)
     return out
+
+
+@kernel
+def rows_to_ids(scores, rows, ids):
+    """(scores float32, ids int64) of result rows (nq, k): ids[rows], and
+    -inf / -1 where a row is -1 (fewer than k found)."""
+    nq, k = rows.shape
+    out_s = np.empty((nq, k), np.float32)
+    out_i = np.empty((nq, k), np.int64)
+    for i in range(nq):
+        for t in range(k):
+            r = rows[i, t]
+            if r >= 0:
+                out_s[i, t] = scores[i, t]
+                out_i[i, t] = ids[r]
+            else:
+                out_s[i, t] = -np.inf
+                out_i[i, t] = -1
+    return out_s, out_i

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .._numba import inline_kernel, kernel, parallel_kernel
+from .._numba import inline_kernel, kernel, parallel_kernel, prefetch
 from .adc import heap_offer, heap_to_sorted, row_score, rows4_sums, scale4
 
 
@@ -65,8 +65,11 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
               out_v, out_i):
     """One query: greedy descent through the upper levels, then a beam of
     width ``ef`` on level 0; ``visited[r] == tag`` marks scored rows; the best
-    min(kk, ef) go to out_v/out_i (descending)."""
+    min(kk, ef) go to out_v/out_i (descending).  T: float tables (ADC
+    scores) or integer tables (exact integer sums, e.g. the int16 navigation
+    tables)."""
     has_scale = scales.shape[0] > 0
+    last = codes.shape[1] - 1
     cur = entry
     cur_s = row_score(T, codes, scales, has_scale, cur)
     for lev in range(max_level, 0, -1):
@@ -110,6 +113,8 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
             visited[nb] = tag
             fresh[nn] = nb
             nn += 1
+            prefetch(codes, nb, 0)  # the code rows load while the list is read
+            prefetch(codes, nb, last)
         for u in range(0, nn, 4):
             r0, r1, r2, r3 = fresh[u], fresh[min(u + 1, nn - 1)], fresh[min(u + 2, nn - 1)], fresh[min(u + 3, nn - 1)]
             s0, s1, s2, s3 = rows4_sums(T, codes, r0, r1, r2, r3)
