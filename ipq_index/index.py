@@ -810,14 +810,16 @@ class GraphIndex(FlatIndex):
 _TAG_MAX = int(np.iinfo(np.int32).max)  # visited tags wrap before this
 
 
-#: measured per-operation costs (ns; 192-byte codes, 345 fields, d = 384)
+#: measured per-operation costs (ns; 192-byte codes, 345-367 fields, d = 384)
 #: behind the rescoring choices of ``_QueryBatch.rescore``: one field of the
-#: table-free ADC, one table entry built, one table lookup, one dimension of
+#: table-free ADC, one table entry built, one table lookup (the first and the
+#: last from 48-400 random candidates of 50k rows per query: fields 0.95 ns,
+#: lookups 0.58 ns + 19 us of tables; cross-over ~80 candidates), one dimension of
 #: an exact dot product with the stored copy (memory bound: 1.2 ns while the
 #: copy fits the caches, measured 50k x 384 float16; ~2.4 ns for a copy far
 #: larger, measured 10^6 x 384 float16 = 768 MB), and the copy size up to
 #: which the first applies
-FIELD_NS, ENTRY_NS, LOOKUP_NS = 1.5, 0.4, 1.5
+FIELD_NS, ENTRY_NS, LOOKUP_NS = 1.0, 0.4, 0.6
 EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 1.2, 2.4, 128 << 20
 
 
@@ -866,7 +868,7 @@ class _QueryBatch:
                 return None, cand
         if fields_ns < tables_ns:
             fn = _adc.rescore_fields if par else _adc.rescore_fields_serial
-            return fn(self.Y, enc.levels, fields, codes, scales, cand, kk)
+            return fn(self.Y, enc.levels32(), fields, codes, scales, cand, kk)
         fn = _adc.rescore_topk if par else _adc.rescore_topk_serial
         return fn(self.tables(), codes, scales, cand, kk)
 

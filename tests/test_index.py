@@ -363,7 +363,7 @@ def test_table_free_rescoring_equals_table_adc(sample, built):
         for par in (False, True):
             f_fields = adc.rescore_fields if par else adc.rescore_fields_serial
             f_tables = adc.rescore_topk if par else adc.rescore_topk_serial
-            v1, r1 = f_fields(Y, enc.levels, enc.field_table(), idx.codes, scales, cand, 12)
+            v1, r1 = f_fields(Y, enc.levels32(), enc.field_table(), idx.codes, scales, cand, 12)
             v2, r2 = f_tables(tables, idx.codes, scales, cand, 12)
             np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-5)
             assert (r1 >= 0).all() and np.isin(r1, cand).all()

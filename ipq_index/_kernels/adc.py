@@ -396,20 +396,16 @@ def rescore_topk(tables, codes, scales, cand, kk):
 @inline_kernel
 def _rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, hv, hi):
     """Direct ADC (no tables) of query qi's candidate rows: sum over fields of
-    y_j * L_j[code_j], float64, four rows at a time; ``fields`` rows are
-    (dim, byte, shift, mask, level offset), sorted by byte."""
+    y_j * L_j[code_j] (float32 levels and sums: ~1e-6 relative error, far
+    below the quantization error; float64 sums took 15% longer), four rows
+    at a time; ``fields`` rows are (dim, byte, shift, mask, level offset),
+    sorted by byte, each packed here into one int64 (one load per field)."""
     nf = fields.shape[0]
-    yf = np.empty(nf, np.float64)
-    fb = np.empty(nf, np.int64)
-    fsh = np.empty(nf, np.int64)
-    fm = np.empty(nf, np.int64)
-    fo = np.empty(nf, np.int64)
+    yf = np.empty(nf, np.float32)
+    meta = np.empty(nf, np.int64)  # byte | shift << 16 | mask << 24 | offset << 32
     for f in range(nf):
         yf[f] = Y[qi, fields[f, 0]]
-        fb[f] = fields[f, 1]
-        fsh[f] = fields[f, 2]
-        fm[f] = fields[f, 3]
-        fo[f] = fields[f, 4]
+        meta[f] = fields[f, 1] | (fields[f, 2] << 16) | (fields[f, 3] << 24) | (fields[f, 4] << 32)
     has_scale = scales.shape[0] > 0
     nc = _touch_rows(codes, cand, qi)
     rows = _valid_rows(cand, qi, nc)
@@ -418,20 +414,25 @@ def _rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, hv, hi):
         r1 = rows[min(t + 1, nc - 1)]
         r2 = rows[min(t + 2, nc - 1)]
         r3 = rows[min(t + 3, nc - 1)]
-        s0 = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        s3 = 0.0
+        c0 = codes[r0]
+        c1 = codes[r1]
+        c2 = codes[r2]
+        c3 = codes[r3]
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
         for f in range(nf):
-            g = fb[f]
-            sh = fsh[f]
-            m = fm[f]
-            o = fo[f]
+            mt = meta[f]
+            g = mt & 0xFFFF
+            sh = (mt >> 16) & 0xFF
+            m = (mt >> 24) & 0xFF
+            o = mt >> 32
             y = yf[f]
-            s0 += y * levels[o + ((np.int64(codes[r0, g]) >> sh) & m)]
-            s1 += y * levels[o + ((np.int64(codes[r1, g]) >> sh) & m)]
-            s2 += y * levels[o + ((np.int64(codes[r2, g]) >> sh) & m)]
-            s3 += y * levels[o + ((np.int64(codes[r3, g]) >> sh) & m)]
+            s0 += y * levels[o + ((np.int64(c0[g]) >> sh) & m)]
+            s1 += y * levels[o + ((np.int64(c1[g]) >> sh) & m)]
+            s2 += y * levels[o + ((np.int64(c2[g]) >> sh) & m)]
+            s3 += y * levels[o + ((np.int64(c3[g]) >> sh) & m)]
         _offer4(hv, hi, s0, s1, s2, s3, r0, r1, r2, r3, nc - t, scales, has_scale)
     heap_to_sorted(hv, hi)
 
