@@ -21,31 +21,28 @@ inline_kernel = numba.njit(inline="always", **KERNEL_OPTIONS)
 parallel_kernel = numba.njit(**PARALLEL_OPTIONS)
 
 
+def _prefetch_codegen(context, builder, signature, args):
+    """Emit ``llvm.prefetch`` (read, locality 3, data cache) for the address
+    of arr[idx...] (args: the array, then one index per dimension)."""
+    aryty = signature.args[0]
+    ary = context.make_array(aryty)(context, builder, args[0])
+    ptr = cgutils.get_item_pointer(context, builder, aryty, ary, list(args[1:]), wraparound=False)
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    # the typed-pointer name, which LLVM >= 15 upgrades to its opaque-pointer form
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    return context.get_dummy_value()
+
+
 @intrinsic
-def _llvm_prefetch(typingctx, arr, i, j):
-    """Hint the CPU to load the cache line of arr[i, j] (2-D C array) for
-    reading (``llvm.prefetch``, locality 3): no effect on results."""
+def prefetch(typingctx, arr, i, j):
+    """``prefetch(arr, i, j)`` inside kernels: hint the CPU to load the cache
+    line of arr[i, j] (2-D C array) for reading; no effect on results."""
     if not (isinstance(arr, types.Array) and arr.ndim == 2):
         return None
-    sig = types.void(arr, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], args[2]], wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-#: ``prefetch(arr, i, j)`` inside kernels: a cache hint for arr[i, j]
-#: ("llvm.prefetch.p0i8": the typed-pointer name, which LLVM >= 15 upgrades)
-prefetch = _llvm_prefetch
+    return types.void(arr, types.intp, types.intp), _prefetch_codegen
 
 
 def resolve_threads(num_threads: int | None) -> int:
