@@ -1,5 +1,7 @@
-"""Markdown table of the structures benchmark: per dataset and library, the best
-single-thread and batch QPS among settings reaching recall@k >= 0.95 and >= 0.99.
+"""Markdown tables of the structures benchmark: per dataset and library, the best
+single-thread and batch QPS among settings reaching recall@k >= 0.95 and >= 0.99
+(any memory), then the same at >= 0.95 among compressed-only settings (no
+full-precision copy of the vectors: see ``keeps_float_copy``).
 
     python eval/structures_table.py [eval/results/structures_minilm/structures_minilm.csv ...]
 
@@ -27,15 +29,32 @@ def cell(r, attr: str) -> str:
     return f"**{getattr(r, attr):,.0f}** `{what}` ({r.recall_at_k:.3f})"
 
 
-def table(paths) -> str:
-    head = ["dataset", "library"] + [f"{label} @ ≥{t}" for t in THRESHOLDS for _, label in MODES]
+def keeps_float_copy(r) -> bool:
+    """Whether a setting searches with a full-precision (float16/32) copy of the
+    vectors: ipq ``Rerank``, FAISS refine (``RFlat``) and flat-storage indexes
+    (``Flat``, ``HNSW32`` without a quantizer), ScaNN reorder, hnswlib."""
+    m = r.method
+    if r.library == "hnswlib" or any(t in m for t in ("Rerank", "RFlat", "Refine")):
+        return True
+    if r.library == "scann":
+        return "reorder" in r.params or "reorder" in m
+    if r.library == "faiss":
+        parts = m.split(",")
+        return parts[-1] == "Flat" or (parts[-1].startswith("HNSW") and len(parts) == 1)
+    return False
+
+
+def table(paths, thresholds=THRESHOLDS, compressed_only: bool = False) -> str:
+    head = ["dataset", "library"] + [f"{label} @ ≥{t}" for t in thresholds for _, label in MODES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for path in paths:
         rows = read_csv(path)
+        if compressed_only:
+            rows = [r for r in rows if not keeps_float_copy(r)]
         libs = list(dict.fromkeys(r.library for r in rows))
-        best = {(t, a): best_qps_at_recall(rows, t, a) for t in THRESHOLDS for a, _ in MODES}
+        best = {(t, a): best_qps_at_recall(rows, t, a) for t in thresholds for a, _ in MODES}
         for lib in libs:
-            cells = [cell(best[(t, a)].get(lib), a) for t in THRESHOLDS for a, _ in MODES]
+            cells = [cell(best[(t, a)].get(lib), a) for t in thresholds for a, _ in MODES]
             lines.append(f"| {rows[0].dataset} | {lib} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -47,6 +66,8 @@ def main(argv) -> int:
         print(f"no structures_*.csv under {ROOT}", file=sys.stderr)
         return 1
     print(table(paths))
+    print("\nCompressed only (no full-precision copy kept):\n")
+    print(table(paths, thresholds=(0.95,), compressed_only=True))
     return 0
 
 

@@ -84,6 +84,32 @@ def test_best_qps_at_recall():
     assert bench.best_qps_at_recall(rows, 0.999) == {}
 
 
+def test_structures_table_compressed_only_split(tmp_path):
+    """eval/structures_table.py: settings with a full-precision copy (ipq
+    Rerank, FAISS RFlat / HNSW flat / Flat, hnswlib) leave the compressed-only
+    table, so its best row per library is the best without one."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "structures_table", Path(__file__).resolve().parents[1] / "eval" / "structures_table.py")
+    st = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(st)
+    rows = [row(0.97, 900.0, method="PCA,HNSW32,ASQ6"), row(0.99, 2000.0, method="PCA,ASQ4,Rerank2"),
+            row(0.96, 800.0, library="faiss", method="HNSW32,SQ8"),
+            row(0.99, 3000.0, library="faiss", method="PQ192x4fs,RFlat"),
+            row(0.99, 2500.0, library="faiss", method="HNSW32"),
+            row(0.99, 2400.0, library="faiss", method="IVF256,Flat"),
+            row(0.99, 4000.0, library="hnswlib", method="HNSW32,efC200")]
+    assert [st.keeps_float_copy(r) for r in rows] == [False, True, False, True, True, True, True]
+    path = bench.write_csv(rows, tmp_path / "s.csv")
+    full = st.table([path])
+    comp = st.table([path], thresholds=(0.95,), compressed_only=True)
+    assert "**2,000** `PCA,ASQ4,Rerank2" in full and "**4,000**" in full
+    assert "**900** `PCA,HNSW32,ASQ6" in comp and "**800** `HNSW32,SQ8" in comp
+    assert "Rerank" not in comp and "RFlat" not in comp and "hnswlib" not in comp
+
+
 def test_pareto_csv_roundtrip_and_plot(tmp_path):
     rows = [row(r / 10, q, q * 2, lib, f"{lib}-{m}", f"p={r}")
             for (lib, m), r, q in zip(itertools.product(["ipq", "faiss", "hnswlib"], [0, 1]) , range(3, 9),
