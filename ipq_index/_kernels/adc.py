@@ -488,14 +488,29 @@ def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
 def _rotate_row(Q, R, i, out):
     """out[i] = Q[i] @ R, float32 sums vectorised over the output columns
     (relative error ~1e-6 at d = 384, far below the quantization error;
-    float64 sums took twice as long, 21 vs 10 us for 384 x 384)."""
-    m = R.shape[1]
+    float64 sums took twice as long, 21 vs 10 us for 384 x 384), eight rows
+    of R per pass over out[i] (an eighth of the loads and stores of out:
+    13.5 -> 9.5 us at 384 x 384 with R in L2)."""
+    n, m = R.shape
+    o = out[i]
     for j in range(m):
-        out[i, j] = 0.0
-    for t in range(Q.shape[1]):
-        q = Q[i, t]
+        o[j] = 0.0
+    t = 0
+    while t + 8 <= n:
+        q0, q1, q2, q3 = Q[i, t], Q[i, t + 1], Q[i, t + 2], Q[i, t + 3]
+        q4, q5, q6, q7 = Q[i, t + 4], Q[i, t + 5], Q[i, t + 6], Q[i, t + 7]
+        r0, r1, r2, r3 = R[t], R[t + 1], R[t + 2], R[t + 3]
+        r4, r5, r6, r7 = R[t + 4], R[t + 5], R[t + 6], R[t + 7]
         for j in range(m):
-            out[i, j] += q * R[t, j]
+            o[j] += ((q0 * r0[j] + q1 * r1[j]) + (q2 * r2[j] + q3 * r3[j])) + \
+                ((q4 * r4[j] + q5 * r5[j]) + (q6 * r6[j] + q7 * r7[j]))
+        t += 8
+    while t < n:
+        q = Q[i, t]
+        r = R[t]
+        for j in range(m):
+            o[j] += q * r[j]
+        t += 1
 
 
 @kernel
