@@ -61,7 +61,8 @@ class FastScanner:
     rows ``order[ptr[l]:ptr[l+1]]``); then candidates come only from the
     probed lists (FAISS ``IndexIVFPQFastScan`` with injected codes).
     ``lists="codes"`` keeps the coarse codes as a plain (n, M/2) array
-    (``codes``) scored by ``byte_tables`` (graph navigation), no FAISS index.
+    (``codes``) scored by ``nav_tables`` (graph navigation; ``byte_tables``:
+    the same in float32), no FAISS index.
     """
 
     def __init__(self, encoder, codes, scales=None, lists=None, chunk: int = 65536, sample: int = 100_000,

@@ -735,9 +735,12 @@ class GraphIndex(FlatIndex):
         index's; raised to the candidate count when smaller).
 
         ``nav``: the scores that steer the walk.  ``"coarse"`` (default)
-        scores nodes on the fast-scan coarse codes (~M/2 table lookups per
-        node instead of one per code byte) and rescores the ``ef`` best with
-        the full ADC; ``"full"`` walks on the full ADC.
+        scores nodes on the fast-scan coarse codes (~M/2 lookups per node in
+        int16 tables, ``FastScanner.nav_tables``, instead of one float
+        lookup per code byte) and rescores the ``ef`` best with the full ADC;
+        ``"full"`` walks on the full ADC.  Codes of 6-8 bits rescore the
+        beam more precisely than 4-bit ones at the same walk cost, so they
+        reach a recall at a smaller ``ef`` (README, Structures).
         """
         efv = self.ef if ef is None else _nonneg_int(ef, "ef")
         if efv < 1:
