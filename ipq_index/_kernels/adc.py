@@ -485,20 +485,17 @@ def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
 
 
 @inline_kernel
-def _rotate_row(Q, R, i, out):
-    """out[i] = Q[i] @ R, float32 sums vectorised over the output columns
-    (relative error ~1e-6 at d = 384, far below the quantization error;
-    float64 sums took twice as long, 21 vs 10 us for 384 x 384), eight rows
-    of R per pass over out[i] (an eighth of the loads and stores of out:
-    13.5 -> 9.5 us at 384 x 384 with R in L2)."""
+def _weighted_row_sum(qv, R, o):
+    """o[j] = sum_t qv[t] R[t, j]: float32 sums vectorised over j, eight rows
+    of R per pass over o (an eighth of the loads and stores of o: 13.5 -> 9.5
+    us at 384 x 384 with R in L2)."""
     n, m = R.shape
-    o = out[i]
     for j in range(m):
         o[j] = 0.0
     t = 0
     while t + 8 <= n:
-        q0, q1, q2, q3 = Q[i, t], Q[i, t + 1], Q[i, t + 2], Q[i, t + 3]
-        q4, q5, q6, q7 = Q[i, t + 4], Q[i, t + 5], Q[i, t + 6], Q[i, t + 7]
+        q0, q1, q2, q3 = qv[t], qv[t + 1], qv[t + 2], qv[t + 3]
+        q4, q5, q6, q7 = qv[t + 4], qv[t + 5], qv[t + 6], qv[t + 7]
         r0, r1, r2, r3 = R[t], R[t + 1], R[t + 2], R[t + 3]
         r4, r5, r6, r7 = R[t + 4], R[t + 5], R[t + 6], R[t + 7]
         for j in range(m):
@@ -506,11 +503,18 @@ def _rotate_row(Q, R, i, out):
                 ((q4 * r4[j] + q5 * r5[j]) + (q6 * r6[j] + q7 * r7[j]))
         t += 8
     while t < n:
-        q = Q[i, t]
+        q = qv[t]
         r = R[t]
         for j in range(m):
             o[j] += q * r[j]
         t += 1
+
+
+@inline_kernel
+def _rotate_row(Q, R, i, out):
+    """out[i] = Q[i] @ R (float32 sums: relative error ~1e-6 at d = 384, far
+    below the quantization error; float64 sums took twice as long)."""
+    _weighted_row_sum(Q[i], R, out[i])
 
 
 @kernel
@@ -630,11 +634,10 @@ def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi):
     (float32 accumulation, vectorised over the lists: the scores only order
     the lists)."""
     m = Ct.shape[1]
-    acc[:] = 0.0
+    qd = np.empty(dims.shape[0], np.float32)
     for t in range(dims.shape[0]):
-        q = Y[i, dims[t]]
-        for j in range(m):
-            acc[j] += q * Ct[t, j]
+        qd[t] = Y[i, dims[t]]
+    _weighted_row_sum(qd, Ct, acc)
     if spread.shape[0] > 0:
         nrm = 0.0
         for t in range(Y.shape[1]):
