@@ -379,13 +379,12 @@ class FlatIndex:
                     sc = qb.scores(cand_v)
                     rows = cand_r
                 part = [sc, rows]
-                if return_std:
-                    std = np.zeros(rows.shape, np.float32)
-                    if not rr:
-                        V = self.encoder.variance_tables(qb.Y)
-                        sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
-                        std = np.sqrt(_adc.table_sums(V, codes, sc2, rows)).astype(np.float32)
-                    part.append(std)
+                if return_std and rr:
+                    part.append(np.zeros(rows.shape, np.float32))  # exactly re-ranked scores
+                elif return_std:
+                    V = self.encoder.variance_tables(qb.Y)
+                    sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
+                    part.append(np.sqrt(_adc.table_sums(V, codes, sc2, rows)).astype(np.float32))
                 parts.append(part)
         if len(parts) > 1:
             parts = [[np.concatenate(col) for col in zip(*parts)]]
