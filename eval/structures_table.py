@@ -36,8 +36,8 @@ def keeps_float_copy(r) -> bool:
     m = r.method
     if r.library == "hnswlib" or any(t in m for t in ("Rerank", "RFlat", "Refine")):
         return True
-    if r.library == "scann":
-        return "reorder" in r.params or "reorder" in m
+    if r.library == "scann":  # reorders with the float vectors unless reorder=0 (default 100)
+        return "reorder=0" not in r.params.split(",")
     if r.library == "faiss":
         parts = m.split(",")
         return parts[-1] == "Flat" or (parts[-1].startswith("HNSW") and len(parts) == 1)

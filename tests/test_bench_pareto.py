@@ -102,6 +102,9 @@ def test_structures_table_compressed_only_split(tmp_path):
             row(0.99, 2400.0, library="faiss", method="IVF256,Flat"),
             row(0.99, 4000.0, library="hnswlib", method="HNSW32,efC200")]
     assert [st.keeps_float_copy(r) for r in rows] == [False, True, False, True, True, True, True]
+    assert st.keeps_float_copy(row(0.9, 1.0, library="scann", params="leaves_to_search=10,reorder=50"))
+    assert not st.keeps_float_copy(row(0.9, 1.0, library="scann", params="leaves_to_search=10,reorder=0"))
+    assert st.keeps_float_copy(row(0.9, 1.0, library="scann", params="leaves_to_search=10"))
     path = bench.write_csv(rows, tmp_path / "s.csv")
     full = st.table([path])
     comp = st.table([path], thresholds=(0.95,), compressed_only=True)
