@@ -284,7 +284,7 @@ class FastScanner:
         [g, c] is the coarse score of code byte g = c (low nibble: group 2g,
         high nibble: group 2g + 1), so a row's coarse score is a sum of M/2
         lookups (the same ADC kernels as the full codes)."""
-        return _adc.coarse_byte_tables(self.virtual_queries(Y), self.cent)
+        return _adc.coarse_byte_tables(np.ascontiguousarray(Y, np.float32), self.slot_dim, self._centT)
 
     def nav_tables(self, Y) -> np.ndarray:
         """(nq, M/2, 256) int16 tables for ranking rows of each query by

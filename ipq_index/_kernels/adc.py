@@ -528,31 +528,38 @@ def gather_columns(Y, sel):
     return out
 
 
+@inline_kernel
+def _coarse_luts(Y, q, slot_dim, centT, lut):
+    """lut[m, c] = sum_s centT[m, s, c] * Y[q, slot_dim[m, s]] (slot -1: none):
+    query q's scores of the 16 centroids of each 4-bit sub-quantizer m."""
+    M, dsub, ncent = centT.shape
+    for m in range(M):
+        for c in range(ncent):
+            lut[m, c] = 0.0
+        for s in range(dsub):
+            j = slot_dim[m, s]
+            if j >= 0:
+                y = Y[q, j]
+                for c in range(ncent):
+                    lut[m, c] += centT[m, s, c] * y
+
+
 @kernel
-def coarse_byte_tables(Yv, cent):
+def coarse_byte_tables(Y, slot_dim, centT):
     """(nq, M/2, 256) float32 tables of 4-bit PQ codes packed two per byte:
-    T[q, g, hi << 4 | lo] = lut[2g + 1, hi] + lut[2g, lo] with lut[m, c] =
-    sum_s cent[m, c, s] * Yv[q, m * dsub + s] (cent: (M, 16, dsub))."""
-    M, ncent, dsub = cent.shape
-    nq = Yv.shape[0]
+    T[q, g, hi << 4 | lo] = lut[2g + 1, hi] + lut[2g, lo] (lut: ``_coarse_luts``)."""
+    M = centT.shape[0]
+    nq = Y.shape[0]
     out = np.empty((nq, M // 2, 256), np.float32)
-    lut = np.empty((M, ncent), np.float32)
-    row = np.empty(16, np.float32)
+    lut = np.empty((M, 16), np.float32)
     for q in range(nq):
-        for m in range(M):
-            for c in range(ncent):
-                acc = np.float32(0.0)
-                for t in range(dsub):
-                    acc += cent[m, c, t] * Yv[q, m * dsub + t]
-                lut[m, c] = acc
+        _coarse_luts(Y, q, slot_dim, centT, lut)
         for g in range(M // 2):
-            for lo in range(16):
-                row[lo] = lut[2 * g, lo]
             T = out[q, g]
             for hi in range(16):
                 h = lut[2 * g + 1, hi]
                 for lo in range(16):
-                    T[hi * 16 + lo] = h + row[lo]
+                    T[hi * 16 + lo] = h + lut[2 * g, lo]
     return out
 
 
@@ -564,28 +571,19 @@ NAV_LOW, NAV_SPAN = -32768, 65535
 def coarse_byte_tables_i16(Y, slot_dim, centT):
     """(nq, M/2, 256) int16 tables of 4-bit PQ codes packed two per byte, for
     ranking rows of one query (graph navigation): entry [q, g, hi << 4 | lo]
-    = round((lut[2g + 1, hi] + lut[2g, lo] - min_g) / step) + NAV_LOW, with
-    lut[m, c] = sum_s centT[m, s, c] * Y[q, slot_dim[m, s]] (slot -1: none),
-    min_g the smallest entry of byte table g and step = (largest entry span
-    over g) / NAV_SPAN.  A row's sum of lookups (int32) is then its coarse
+    = round((lut[2g + 1, hi] + lut[2g, lo] - min_g) / step) + NAV_LOW (lut:
+    ``_coarse_luts``, as in ``coarse_byte_tables``), min_g the smallest
+    entry of byte table g and step = (largest entry span over g) / NAV_SPAN.  A row's sum of lookups (int32) is then its coarse
     score / step plus a per-query constant, to within M/4 steps; half the
     bytes of float32 tables (they stay in L1 during the walk)."""
-    M, dsub, ncent = centT.shape
+    M = centT.shape[0]
     G = M // 2
     nq = Y.shape[0]
     out = np.empty((nq, G, 256), np.int16)
     lut = np.empty((M, 16), np.float32)
     low = np.empty(G, np.float32)
     for q in range(nq):
-        for m in range(M):
-            for c in range(16):
-                lut[m, c] = 0.0
-            for s in range(dsub):
-                j = slot_dim[m, s]
-                if j >= 0:
-                    y = Y[q, j]
-                    for c in range(16):
-                        lut[m, c] += centT[m, s, c] * y
+        _coarse_luts(Y, q, slot_dim, centT, lut)
         span = np.float32(0.0)
         for g in range(G):
             lo_min = lut[2 * g, 0]
