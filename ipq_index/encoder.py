@@ -325,6 +325,13 @@ class ASQEncoder:
         rot = _adc.rotate_rows if Q.shape[0] >= 8 else _adc.rotate_rows_serial
         return rot(Q, np.ascontiguousarray(self.rotation, np.float32))
 
+    def rotation32(self) -> np.ndarray:
+        """The rotation as a C-contiguous float32 (d, d) array, or a (0, 0)
+        array for the identity (what the fused search kernels take)."""
+        if self.rotation is None:
+            return np.zeros((0, 0), np.float32)
+        return np.ascontiguousarray(self.rotation, np.float32)
+
     def query_tables(self, Q, Y=None):
         """(tables (nq, nbytes, 256) float32, offsets (nq,) float64 = <q, mean>).
 

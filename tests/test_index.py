@@ -390,6 +390,42 @@ def test_graph_search_reuses_visited_tags_safely(sample):
         np.testing.assert_array_equal(out, I_b)
 
 
+@pytest.mark.parametrize("spec", ["PCA,HNSW16,ASQ4", "HNSW16,ASQ6", "PCA,HNSW16,ASQ4s,Rerank2"])
+def test_graph_fused_single_query_path_matches_staged(monkeypatch, sample, spec):
+    """A few queries on one thread run the whole walk in one kernel
+    (``GraphIndex._search_fused``): same scores and ids as the staged path,
+    with and without rotation, with scaled codes, ADC rescoring or the exact
+    re-rank of the whole beam, and -1 / -inf padding on a tiny index."""
+    from ipq_index import index as im
+
+    X, Q = sample
+    g = ipq_index.index_factory(X.shape[1], spec).train(X[:1200]).add(X[:1200])
+    calls = []
+    fused = im.GraphIndex._search_fused
+    monkeypatch.setattr(im.GraphIndex, "_search_fused", lambda self, *a: calls.append(a) or fused(self, *a))
+    params = [dict(ef=24), dict(ef=64)] + ([dict(ef=64, rerank=0), dict(ef=24, rerank=1), dict(ef=48, rerank=4)] if g.rerank else [])
+    for p in params:
+        one = [g.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(12)]
+        n_fused = len(calls)
+        monkeypatch.setattr(im, "SERIAL_QUERIES", 0)
+        ref = [g.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(12)]
+        monkeypatch.setattr(im, "SERIAL_QUERIES", 8)
+        assert len(calls) == n_fused  # the staged path ran
+        for (d1, i1), (d2, i2) in zip(one, ref):
+            np.testing.assert_array_equal(i1, i2)
+            np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 12 * len(params)
+    if g.rerank:  # both plans of the fused path ran: ADC rescoring and the exact re-rank of the beam
+        assert {a[-1] for a in calls} == {True, False}
+    tiny = ipq_index.index_factory(X.shape[1], spec.replace("HNSW16", "HNSW4")).train(X[:1200]).add(X[:12])
+    d, i = tiny.search(Q[:2], 12, ef=4, num_threads=1)
+    monkeypatch.setattr(im, "SERIAL_QUERIES", 0)
+    d2, i2 = tiny.search(Q[:2], 12, ef=4, num_threads=1)
+    np.testing.assert_array_equal(i, i2)
+    np.testing.assert_allclose(d, d2, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(i >= 0, np.isfinite(d))
+
+
 def test_graph_large_ef_reproduces_flat_and_roundtrips(tmp_path, sample):
     X, Q = sample
     X = X[:2000]

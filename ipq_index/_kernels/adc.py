@@ -394,7 +394,7 @@ def rescore_topk(tables, codes, scales, cand, kk):
 
 
 @inline_kernel
-def _rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, hv, hi):
+def rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, hv, hi):
     """Direct ADC (no tables) of query qi's candidate rows: sum over fields of
     y_j * L_j[code_j] (float32 levels and sums: ~1e-6 relative error, far
     below the quantization error; float64 sums took 15% longer), four rows
@@ -444,7 +444,7 @@ def rescore_fields_serial(Y, levels, fields, codes, scales, cand, kk):
     out_v = np.full((nq, kk), -np.inf, np.float32)
     out_i = np.full((nq, kk), -1, np.int64)
     for qi in range(nq):
-        _rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, out_v[qi], out_i[qi])
+        rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, out_v[qi], out_i[qi])
     return out_v, out_i
 
 
@@ -458,7 +458,7 @@ def rescore_fields(Y, levels, fields, codes, scales, cand, kk):
     out_v = np.full((nq, kk), -np.inf, np.float32)
     out_i = np.full((nq, kk), -1, np.int64)
     for qi in prange(nq):
-        _rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, out_v[qi], out_i[qi])
+        rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, out_v[qi], out_i[qi])
     return out_v, out_i
 
 
@@ -485,7 +485,7 @@ def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
 
 
 @inline_kernel
-def _weighted_row_sum(qv, R, o):
+def weighted_row_sum(qv, R, o):
     """o[j] = sum_t qv[t] R[t, j]: float32 sums vectorised over j, eight rows
     of R per pass over o (an eighth of the loads and stores of o: 13.5 -> 9.5
     us at 384 x 384 with R in L2)."""
@@ -514,7 +514,7 @@ def _weighted_row_sum(qv, R, o):
 def _rotate_row(Q, R, i, out):
     """out[i] = Q[i] @ R (float32 sums: relative error ~1e-6 at d = 384, far
     below the quantization error; float64 sums took twice as long)."""
-    _weighted_row_sum(Q[i], R, out[i])
+    weighted_row_sum(Q[i], R, out[i])
 
 
 @kernel
@@ -567,15 +567,46 @@ def coarse_byte_tables(Y, slot_dim, centT):
 NAV_LOW, NAV_SPAN = -32768, 65535
 
 
+@inline_kernel
+def nav_table_one(Y, q, slot_dim, centT, lut, low, T):
+    """Query q's int16 navigation tables into T (M/2, 256) (see
+    ``coarse_byte_tables_i16``); lut (M, 16) and low (M/2,) float32 scratch."""
+    M = centT.shape[0]
+    G = M // 2
+    _coarse_luts(Y, q, slot_dim, centT, lut)
+    span = np.float32(0.0)
+    for g in range(G):
+        lo_min = lut[2 * g, 0]
+        lo_max = lo_min
+        hi_min = lut[2 * g + 1, 0]
+        hi_max = hi_min
+        for c in range(1, 16):
+            lo_min = min(lo_min, lut[2 * g, c])
+            lo_max = max(lo_max, lut[2 * g, c])
+            hi_min = min(hi_min, lut[2 * g + 1, c])
+            hi_max = max(hi_max, lut[2 * g + 1, c])
+        low[g] = lo_min + hi_min
+        span = max(span, (lo_max + hi_max) - low[g])
+    inv = np.float32(NAV_SPAN) / span if span > 0 else np.float32(0.0)
+    for g in range(G):
+        Tg = T[g]
+        for hi in range(16):
+            h = lut[2 * g + 1, hi] - low[g]
+            for lo in range(16):
+                v = np.int32((h + lut[2 * g, lo]) * inv + np.float32(0.5))
+                Tg[hi * 16 + lo] = np.int16(min(v, NAV_SPAN) + NAV_LOW)
+
+
 @kernel
 def coarse_byte_tables_i16(Y, slot_dim, centT):
     """(nq, M/2, 256) int16 tables of 4-bit PQ codes packed two per byte, for
     ranking rows of one query (graph navigation): entry [q, g, hi << 4 | lo]
     = round((lut[2g + 1, hi] + lut[2g, lo] - min_g) / step) + NAV_LOW (lut:
     ``_coarse_luts``, as in ``coarse_byte_tables``), min_g the smallest
-    entry of byte table g and step = (largest entry span over g) / NAV_SPAN.  A row's sum of lookups (int32) is then its coarse
-    score / step plus a per-query constant, to within M/4 steps; half the
-    bytes of float32 tables (they stay in L1 during the walk)."""
+    entry of byte table g and step = (largest entry span over g) / NAV_SPAN.
+    A row's sum of lookups (int64) is then its coarse score / step plus a
+    per-query constant, to within M/4 steps; half the bytes of float32
+    tables (they stay in L1 during the walk)."""
     M = centT.shape[0]
     G = M // 2
     nq = Y.shape[0]
@@ -583,28 +614,7 @@ def coarse_byte_tables_i16(Y, slot_dim, centT):
     lut = np.empty((M, 16), np.float32)
     low = np.empty(G, np.float32)
     for q in range(nq):
-        _coarse_luts(Y, q, slot_dim, centT, lut)
-        span = np.float32(0.0)
-        for g in range(G):
-            lo_min = lut[2 * g, 0]
-            lo_max = lo_min
-            hi_min = lut[2 * g + 1, 0]
-            hi_max = hi_min
-            for c in range(1, 16):
-                lo_min = min(lo_min, lut[2 * g, c])
-                lo_max = max(lo_max, lut[2 * g, c])
-                hi_min = min(hi_min, lut[2 * g + 1, c])
-                hi_max = max(hi_max, lut[2 * g + 1, c])
-            low[g] = lo_min + hi_min
-            span = max(span, (lo_max + hi_max) - low[g])
-        inv = np.float32(NAV_SPAN) / span if span > 0 else np.float32(0.0)
-        for g in range(G):
-            T = out[q, g]
-            for hi in range(16):
-                h = lut[2 * g + 1, hi] - low[g]
-                for lo in range(16):
-                    v = np.int32((h + lut[2 * g, lo]) * inv + np.float32(0.5))
-                    T[hi * 16 + lo] = np.int16(min(v, NAV_SPAN) + NAV_LOW)
+        nav_table_one(Y, q, slot_dim, centT, lut, low, out[q])
     return out
 
 
@@ -635,7 +645,7 @@ def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi):
     qd = np.empty(dims.shape[0], np.float32)
     for t in range(dims.shape[0]):
         qd[t] = Y[i, dims[t]]
-    _weighted_row_sum(qd, Ct, acc)
+    weighted_row_sum(qd, Ct, acc)
     if spread.shape[0] > 0:
         nrm = 0.0
         for t in range(Y.shape[1]):

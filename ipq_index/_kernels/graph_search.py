@@ -11,7 +11,8 @@ import numpy as np
 from numba import prange
 
 from .._numba import inline_kernel, kernel, parallel_kernel, prefetch
-from .adc import heap_offer, heap_to_sorted, row_score, rows4_sums, scale4
+from .adc import (heap_offer, heap_to_sorted, nav_table_one, rescore_fields_one, row_score, rows4_sums, scale4,
+                  weighted_row_sum)
 
 
 @inline_kernel
@@ -164,3 +165,62 @@ def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_leve
             _beam_one(tables[qi], codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap,
                       visited[sl], tag0 + qi + 1, out_v[qi], out_i[qi])
     return out_v, out_i
+
+
+@kernel
+def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offsets, cum, entry, max_level,
+                       ef, cap, visited, tag0, levels, fields, codes, scales, kk, rescore, ids):
+    """The whole single-thread graph search of a few queries in one call
+    (each step alone is a few microseconds, and so was the Python between
+    them): rotate (``R`` (d, d); (0, 0): none), int16 navigation tables,
+    beam of width ``ef`` on the navigation codes (``_beam_one``), then
+
+    - ``rescore``: table-free full ADC of the beam (``rescore_fields_one``),
+      top-kk, plus <q, mean> (float64): inner-product estimates;
+    - otherwise: the beam's rows as they are (for an exact re-rank).
+
+    Returns (scores float32, rows int64, out_ids int64), each (nq, width)
+    (width kk if ``rescore`` else ef); out_ids = ids[rows], -1 (score -inf)
+    for empty slots.  Visited tags as in ``graph_search`` (one row)."""
+    nq, d = Q.shape
+    width = kk if rescore else ef
+    out_v = np.full((nq, width), -np.inf, np.float32)
+    out_r = np.full((nq, width), -1, np.int64)
+    out_ids = np.full((nq, width), -1, np.int64)
+    Y = np.empty((1, d), np.float32)
+    M = centT.shape[0]
+    T = np.empty((M // 2, 256), np.int16)
+    lut = np.empty((M, 16), np.float32)
+    low = np.empty(M // 2, np.float32)
+    beam_v = np.empty(ef, np.float32)
+    beam_r = np.full((1, ef), -1, np.int64)
+    no_scales = np.zeros(0, np.float32)
+    for qi in range(nq):
+        if R.shape[0] > 0:
+            weighted_row_sum(Q[qi], R, Y[0])
+        else:
+            Y[0] = Q[qi]
+        nav_table_one(Y, 0, slot_dim, centT, lut, low, T)
+        beam_v[:] = -np.inf
+        beam_r[0] = -1
+        _beam_one(T, nav_codes, no_scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited[0],
+                  tag0 + qi + 1, beam_v, beam_r[0])
+        if rescore:
+            rescore_fields_one(Y, 0, levels, fields, codes, scales, beam_r, out_v[qi], out_r[qi])
+            off = 0.0
+            for j in range(d):
+                off += np.float64(Q[qi, j]) * mean[j]
+            for t in range(kk):
+                if out_r[qi, t] >= 0:
+                    out_v[qi, t] = np.float32(np.float64(out_v[qi, t]) + off)
+        else:
+            for t in range(ef):
+                out_v[qi, t] = beam_v[t]
+                out_r[qi, t] = beam_r[0, t]
+        for t in range(width):
+            r = out_r[qi, t]
+            if r >= 0:
+                out_ids[qi, t] = ids[r]
+            else:
+                out_v[qi, t] = -np.inf
+    return out_v, out_r, out_ids
