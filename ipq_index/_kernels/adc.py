@@ -588,13 +588,21 @@ def nav_table_one(Y, q, slot_dim, centT, lut, low, T):
         low[g] = lo_min + hi_min
         span = max(span, (lo_max + hi_max) - low[g])
     inv = np.float32(NAV_SPAN) / span if span > 0 else np.float32(0.0)
+    # the trip count read at run time (not the constant 16) keeps LLVM from
+    # unrolling the inner loop and vectorising the outer one with scattered
+    # 2-byte stores: fill 4.7 -> 3.1 us for 56 tables
+    nc = centT.shape[2]  # 16, but from an argument: a constant would be unrolled again
+    ls = np.empty(nc, np.float32)
     for g in range(G):
         Tg = T[g]
-        for hi in range(16):
-            h = lut[2 * g + 1, hi] - low[g]
-            for lo in range(16):
-                v = np.int32((h + lut[2 * g, lo]) * inv + np.float32(0.5))
-                Tg[hi * 16 + lo] = np.int16(min(v, NAV_SPAN) + NAV_LOW)
+        for lo in range(nc):
+            ls[lo] = lut[2 * g, lo] * inv
+        for hi in range(nc):
+            h = (lut[2 * g + 1, hi] - low[g]) * inv + np.float32(0.5)
+            base = hi * nc
+            for lo in range(nc):
+                v = np.int32(h + ls[lo])
+                Tg[base + lo] = np.int16(min(v, NAV_SPAN) + NAV_LOW)
 
 
 @kernel
