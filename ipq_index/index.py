@@ -229,7 +229,7 @@ class FlatIndex:
         return self.encoder.code_size
 
     def __repr__(self):
-        return f"FlatIndex(d={self.d}, spec={self.spec!r}, ntotal={self.ntotal}, trained={self.is_trained})"
+        return f"{type(self).__name__}(d={self.d}, spec={self.spec!r}, ntotal={self.ntotal}, trained={self.is_trained})"
 
     # -- build ----------------------------------------------------------------
     def train(self, X, queries=None, *, weights=None, num_threads=-1):

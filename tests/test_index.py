@@ -431,7 +431,7 @@ def test_graph_large_ef_reproduces_flat_and_roundtrips(tmp_path, sample):
     X = X[:2000]
     flat = ipq_index.index_factory(X.shape[1], "PCA,ASQ4").train(X).add(X)
     g = ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4").train(X).add(X)
-    assert type(g).__name__ == "GraphIndex"
+    assert type(g).__name__ == "GraphIndex" and repr(g).startswith("GraphIndex(d=")
     D_flat, _ = flat.search(Q, 10, fs=0)
     for nav in ("coarse", "full"):
         D_g, _ = g.search(Q, 10, ef=2000, nav=nav)  # the beam covers the whole graph
