@@ -860,17 +860,17 @@ _TAG_MAX = int(np.iinfo(np.int32).max)  # visited tags wrap before this
 #: table-free ADC, one table entry built, one table lookup (the first and the
 #: last from 48-400 random candidates of 50k rows per query: fields 0.95 ns,
 #: lookups 0.58 ns + 19 us of tables; cross-over ~80 candidates), one dimension of
-#: an exact dot product with the stored copy (memory bound: 1.2 ns while the
-#: copy fits the caches, measured 50k x 384 float16; ~2.4 ns for a copy far
-#: larger, measured 10^6 x 384 float16 = 768 MB), and the copy size up to
-#: which the first applies
+#: an exact dot product with the stored copy (random float16 rows, all
+#: prefetched first, vectorised float64 sums: 0.42-0.76 ns for 200-20 rows of
+#: a 50k x 384 copy; 0.57-0.89 ns for a 10^6 x 384 copy = 768 MB), and the
+#: copy size up to which the first applies
 FIELD_NS, ENTRY_NS, LOOKUP_NS = 1.0, 0.4, 0.6
-EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 1.2, 2.4, 128 << 20
+EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 0.45, 0.6, 128 << 20
 #: exact re-rank of all coarse candidates is chosen up to this many times the
 #: estimated cost of ADC rescoring + exact re-rank of the best: it returns the
 #: exact top-k of a superset (shipped sample, 10k rows, rerank=1, 100 coarse
 #: candidates: exact 0.998 recall @ 8,278 QPS, ADC path 0.983 @ 8,272, the
-#: model giving 46 vs 36 us)
+#: model then giving 46 vs 36 us, before the re-rank kernel got 2-3x faster)
 EXACT_PREFERENCE = 1.3
 
 
@@ -935,21 +935,12 @@ class _QueryBatch:
         return fn(self.tables(), codes, scales, cand, kk)
 
 
-_HALF_TABLE = None
-
-
 def _rerank_exact(Q, vectors, cand, k):
     """Exact inner products of each query with its candidate rows (-1 = none),
     accumulated in float64; top-k (scores float32 descending, rows -1 padded)."""
-    global _HALF_TABLE
-    if vectors.dtype == np.float16:
-        if _HALF_TABLE is None:
-            _HALF_TABLE = _rr.half_table()
-        V, lut = vectors.view(np.uint16), _HALF_TABLE
-    else:
-        V, lut = vectors, np.zeros(0, np.float32)
+    V = vectors.view(np.uint16) if vectors.dtype == np.float16 else vectors
     fn = _rr.rerank if cand.shape[0] >= 8 else _rr.rerank_serial
-    return fn(np.ascontiguousarray(Q, np.float32), V, lut, np.ascontiguousarray(cand, np.int64), k)
+    return fn(np.ascontiguousarray(Q, np.float32), V, np.ascontiguousarray(cand, np.int64), k)
 
 
 _KINDS = {"flat": FlatIndex, "ivf": IVFIndex, "hnsw": GraphIndex}

@@ -503,12 +503,14 @@ def test_failed_retrain_keeps_the_trained_state(sample):
 
 
 def test_exact_rerank_kernels_match_float64_reference():
-    """float16 (widened through the bit-pattern table) and float32 copies,
-    serial and parallel paths, -1 candidates skipped."""
+    """float16 (widened from the bit patterns) and float32 copies, serial
+    and parallel paths, -1 candidates skipped, a width that is not a
+    multiple of the vector lanes, zeros, subnormals and the largest halves."""
     rng = np.random.default_rng(5)
     for dt in (np.float16, np.float32):
-        V = rng.standard_normal((3000, 48)).astype(dt)
-        Q = rng.standard_normal((20, 48)).astype(np.float32)
+        V = rng.standard_normal((3000, 45)).astype(dt)
+        V[:40, :4] = np.array([0.0, -0.0, 6e-8, -3e-5, 1e-4, 65504.0, -65504.0, 0.5], dt).reshape(2, 4).repeat(20, 0)
+        Q = rng.standard_normal((20, 45)).astype(np.float32)
         cand = rng.integers(-1, 3000, (20, 25))
         for nq in (3, 20):
             v, r = index_mod._rerank_exact(Q[:nq], V, cand[:nq], 7)
@@ -517,6 +519,23 @@ def test_exact_rerank_kernels_match_float64_reference():
             order = np.argsort(-S, axis=1, kind="stable")[:, :7]
             np.testing.assert_allclose(v, np.take_along_axis(S, order, 1), rtol=1e-6)
             np.testing.assert_array_equal(r, np.take_along_axis(cand[:nq], order, 1))
+
+
+def test_float16_rerank_widens_every_finite_half_exactly():
+    """One-hot queries read single components back: every finite float16 bit
+    pattern comes out as its exact value."""
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    halves = halves[np.isfinite(halves)]
+    d = 32
+    V = np.ascontiguousarray(halves[:halves.size // d * d].reshape(-1, d))
+    n = V.shape[0]
+    Q = np.eye(d, dtype=np.float32)
+    cand = np.tile(np.arange(n, dtype=np.int64), (d, 1))
+    for nq in (3, d):  # serial and parallel kernels
+        v, r = index_mod._rerank_exact(Q[:nq], V, cand[:nq], n)
+        for j in range(nq):
+            np.testing.assert_array_equal(v[j], V[r[j], j].astype(np.float32))
+            assert np.array_equal(np.sort(r[j]), np.arange(n))
 
 
 def test_float16_rerank_copy_rejects_out_of_range_vectors(sample):

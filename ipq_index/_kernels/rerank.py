@@ -1,71 +1,108 @@
 """Exact re-ranking of candidate rows with the stored float copy.
 
 The copy is float32 or float16; numba has no float16 arithmetic, so float16
-rows are read as their uint16 bit patterns and widened through a 65,536-entry
-table (exact: every half value is a float32 value).  ``_value`` picks the
-right read at compile time from the array's dtype.  Dot products accumulate
-in float64.  Each kernel exists in a parallel (queries in ``prange``) and a
-serial build (cheaper for a few queries).
+rows are read as their uint16 bit patterns and widened exactly with integer
+operations (``_widen_half``).  Dot products accumulate in float64; the
+kernels allow LLVM to reassociate those sums (``fastmath`` reassoc /
+contract / nsz only: no finite-math assumptions), which lets it vectorise
+them: 200 random rows of 50k x 384 float16, in cache, 300 -> 96 ns per row
+(the former build, a 65,536-entry float table and one sequential float64
+chain, waited on the add latency).  Each kernel exists in a parallel
+(queries in ``prange``) and a serial build (cheaper for a few queries).
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .._numba import inline_kernel, kernel, parallel_kernel
+from .._numba import KERNEL_OPTIONS, PARALLEL_OPTIONS, inline_kernel, prefetch
 from .adc import heap_offer, heap_to_sorted
 
+#: LLVM may reorder the float64 sums (and fuse multiply-adds) but assumes
+#: nothing about NaN / inf (inputs are validated finite anyway)
+_REASSOC = {"reassoc", "contract", "nsz"}
+_kernel = numba.njit(fastmath=_REASSOC, **KERNEL_OPTIONS)
+_parallel_kernel = numba.njit(fastmath=_REASSOC, **PARALLEL_OPTIONS)
 
-def half_table() -> np.ndarray:
-    """float32 value of every float16 bit pattern (index = the uint16 bits)."""
-    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-def _value(V, r, j, lut):
-    """V[r, j] as a float (uint16 rows: float16 bit patterns through ``lut``)."""
-
-
-@overload(_value, inline="always")
-def _value_impl(V, r, j, lut):
-    if isinstance(V.dtype, types.Integer):
-        return lambda V, r, j, lut: lut[V[r, j]]
-    return lambda V, r, j, lut: V[r, j]
+#: 2^112: a half's 15 magnitude bits shifted left by 13 read as a float32
+#: are the half's magnitude times 2^-112, exactly (subnormals included)
+_HALF_SCALE = 5.192296858534828e+33
 
 
 @inline_kernel
-def _rerank_one(Q, qi, V, lut, cand, hv, hi):
+def _widen_half(v, u):
+    """u (uint32 scratch) <- the float32 bit patterns of half row v (uint16
+    bits) scaled by 2^-112: sign to bit 31, the other 15 bits shifted by 13.
+    Integer-only and vectorisable; exact for every finite half."""
+    for j in range(v.shape[0]):
+        h = np.uint32(v[j])
+        u[j] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | ((h & np.uint32(0x8000)) << np.uint32(16))
+
+
+def _row_dot(V, r, q, u):
+    """float64 <V[r], q> (uint16 rows: float16 bit patterns, via scratch u)."""
+
+
+@overload(_row_dot, inline="always")
+def _row_dot_impl(V, r, q, u):
+    if isinstance(V.dtype, types.Integer):
+        def dot_half(V, r, q, u):
+            _widen_half(V[r], u)
+            f = u.view(np.float32)
+            s = 0.0
+            for j in range(q.shape[0]):
+                s += np.float64(f[j]) * q[j]
+            return s * _HALF_SCALE  # a power of two: exact
+        return dot_half
+
+    def dot_float(V, r, q, u):
+        v = V[r]
+        s = 0.0
+        for j in range(q.shape[0]):
+            s += np.float64(v[j]) * q[j]
+        return s
+    return dot_float
+
+
+@inline_kernel
+def _rerank_one(Q, qi, V, cand, hv, hi):
+    u = np.empty(Q.shape[1], np.uint32)
+    q = Q[qi]
+    step = 64 // V.itemsize  # one prefetch per cache line of every row first:
+    for t in range(cand.shape[1]):  # the (random, mostly uncached) rows load in parallel
+        r = cand[qi, t]
+        if r >= 0:
+            for j in range(0, V.shape[1], step):
+                prefetch(V, r, j)
     for t in range(cand.shape[1]):
         r = cand[qi, t]
         if r >= 0:
-            s = 0.0
-            for j in range(Q.shape[1]):
-                s += np.float64(_value(V, r, j, lut)) * Q[qi, j]
-            heap_offer(hv, hi, s, r)
+            heap_offer(hv, hi, _row_dot(V, r, q, u), r)
     heap_to_sorted(hv, hi)
 
 
-@parallel_kernel
-def rerank(Q, V, lut, cand, k):
+@_parallel_kernel
+def rerank(Q, V, cand, k):
     """Top-k rows by exact inner product <Q[q], V[r]> over each query's
     candidate rows (-1 = none): (scores float32 descending, rows -1 padded).
-    ``V``: float32 rows, or uint16 bit patterns of float16 rows with
-    ``lut = half_table()`` (ignored for float32)."""
+    ``V``: float32 rows, or the uint16 bit patterns of float16 rows."""
     nq = cand.shape[0]
     out_v = np.full((nq, k), -np.inf, np.float32)
     out_i = np.full((nq, k), -1, np.int64)
     for qi in prange(nq):
-        _rerank_one(Q, qi, V, lut, cand, out_v[qi], out_i[qi])
+        _rerank_one(Q, qi, V, cand, out_v[qi], out_i[qi])
     return out_v, out_i
 
 
-@kernel
-def rerank_serial(Q, V, lut, cand, k):
+@_kernel
+def rerank_serial(Q, V, cand, k):
     """``rerank`` without a parallel region."""
     nq = cand.shape[0]
     out_v = np.full((nq, k), -np.inf, np.float32)
     out_i = np.full((nq, k), -1, np.int64)
     for qi in range(nq):
-        _rerank_one(Q, qi, V, lut, cand, out_v[qi], out_i[qi])
+        _rerank_one(Q, qi, V, cand, out_v[qi], out_i[qi])
     return out_v, out_i
