@@ -19,6 +19,9 @@ kernel = numba.njit(**KERNEL_OPTIONS)
 #: Small helpers inlined into their callers at the numba IR level.
 inline_kernel = numba.njit(inline="always", **KERNEL_OPTIONS)
 parallel_kernel = numba.njit(**PARALLEL_OPTIONS)
+#: fewer queries than this run serial kernels (no parallel region: cheaper
+#: than starting the thread pool for a few queries)
+SERIAL_QUERIES = 8
 
 
 def _prefetch_codegen(context, builder, signature, args):

@@ -43,6 +43,7 @@ from . import asq
 from ._kernels import adc as _adc
 from ._kernels import checks as _checks
 from ._kernels import rounding as _rk
+from ._numba import SERIAL_QUERIES
 
 TRANSFORMS = ("none", "pca", "random")
 #: pre-scales tried when rounding a direction to nearest levels (scaled codes)
@@ -322,8 +323,8 @@ class ASQEncoder:
         Q = np.ascontiguousarray(Q, np.float32)
         if self.rotation is None:
             return Q
-        rot = _adc.rotate_rows if Q.shape[0] >= 8 else _adc.rotate_rows_serial
-        return rot(Q, np.ascontiguousarray(self.rotation, np.float32))
+        rot = _adc.rotate_rows if Q.shape[0] >= SERIAL_QUERIES else _adc.rotate_rows_serial
+        return rot(Q, self.rotation32())
 
     def rotation32(self) -> np.ndarray:
         """The rotation as a C-contiguous float32 (d, d) array, or a (0, 0)
@@ -343,7 +344,7 @@ class ASQEncoder:
     def rotated_tables(self, Y) -> np.ndarray:
         """Lookup tables (nq, nbytes, 256) float32 of already rotated queries Y."""
         ptr, order = self._byte_fields()
-        build = _adc.build_tables if Y.shape[0] >= 8 else _adc.build_tables_serial
+        build = _adc.build_tables if Y.shape[0] >= SERIAL_QUERIES else _adc.build_tables_serial
         return build(Y, self.levels32(), self.level_off, self.bits, ptr, order, self.nbytes)
 
     def _byte_fields(self):
@@ -388,7 +389,7 @@ class ASQEncoder:
                     np.concatenate([[0.0], gaps]), np.concatenate([gaps, [0.0]]))
             self._vmax = vm
         Y2 = np.ascontiguousarray(np.asarray(Y, np.float64) ** 2, np.float32)
-        build = _adc.build_tables if Y2.shape[0] >= 8 else _adc.build_tables_serial
+        build = _adc.build_tables if Y2.shape[0] >= SERIAL_QUERIES else _adc.build_tables_serial
         ptr, order = self._byte_fields()
         return build(Y2, self._vmax.astype(np.float32), self.level_off, self.bits, ptr, order, self.nbytes)
 

@@ -16,7 +16,7 @@ from . import storage
 from ._kernels import adc as _adc
 from ._kernels import graph_search as _gs
 from ._kernels import rerank as _rr
-from ._numba import resolve_threads, threads
+from ._numba import SERIAL_QUERIES, resolve_threads, threads
 from .encoder import ASQEncoder, EncoderConfig, check_matrix
 from .fastscan import FastScanner
 
@@ -47,8 +47,6 @@ PROBE_SPREAD_Z = 2.0
 IVF_TRAIN_POINTS = 262_144
 #: queries processed together (bounds the lookup-table memory)
 QUERY_CHUNK = 32
-#: fewer queries than this run on one thread, without a parallel region
-SERIAL_QUERIES = 8
 
 _CODEC = re.compile(r"^ASQ(?P<bits>\d+(?:\.\d+)?)(?P<flags>[a-z]*)$")
 _RERANK = re.compile(r"^Rerank(?P<factor>\d+)?(?P<dtype>F16|F32)?$")
@@ -350,7 +348,7 @@ class FlatIndex:
         parts = []  # [scores, rows(, std)] per chunk of queries
         # a few queries on one thread run serial kernels only: skip the
         # numba thread-count switch (~5 us, a visible share of a 100 us query)
-        ctx = contextlib.nullcontext() if nthreads == 1 and Q.shape[0] < 8 else threads(num_threads)
+        ctx = contextlib.nullcontext() if nthreads == 1 and Q.shape[0] < SERIAL_QUERIES else threads(num_threads)
         with ctx:
             for q0 in range(0, Q.shape[0], QUERY_CHUNK):
                 Qc = Q[q0:q0 + QUERY_CHUNK]
@@ -654,7 +652,7 @@ class IVFIndex(FlatIndex):
         milliseconds per batch on 2 cores)."""
         dims, Ct = self._probe_space()
         spread = self._list_spread()
-        fn = _adc.probe_lists if Y.shape[0] >= 8 else _adc.probe_lists_serial
+        fn = _adc.probe_lists if Y.shape[0] >= SERIAL_QUERIES else _adc.probe_lists_serial
         return fn(np.ascontiguousarray(Y, np.float32), dims, Ct, spread, int(nprobe))
 
     def _warmup_params(self):
@@ -777,7 +775,7 @@ class GraphIndex(FlatIndex):
                 tables, wcodes, wscales, kw = qb.tables(), codes, scales, kk
             cap = min(self.ntotal + 1, 64 * e + 4096)
             entry, max_level = int(gr["entry"][0]), int(gr["entry"][1])
-            slots = 1 if tables.shape[0] < 8 else min(nthreads, tables.shape[0])
+            slots = 1 if tables.shape[0] < SERIAL_QUERIES else min(nthreads, tables.shape[0])
             visited, tag0, held = self._take_visited(slots, tables.shape[0])
             try:
                 fn = _gs.graph_search if slots > 1 else _gs.graph_search_serial
@@ -924,7 +922,7 @@ class _QueryBatch:
         The exact path ranks a superset of the ADC path's candidates
         exactly, so near a tie it is the better choice (see EXACT_PREFERENCE)."""
         enc = self.encoder
-        par = cand.shape[0] >= 8
+        par = cand.shape[0] >= SERIAL_QUERIES
         plan = _rescore_plan(enc, cand.shape[1], kk, self.exact_ns, self._tables is not None)
         if plan == "exact":
             return None, cand
@@ -939,7 +937,7 @@ def _rerank_exact(Q, vectors, cand, k):
     """Exact inner products of each query with its candidate rows (-1 = none),
     accumulated in float64; top-k (scores float32 descending, rows -1 padded)."""
     V = vectors.view(np.uint16) if vectors.dtype == np.float16 else vectors
-    fn = _rr.rerank if cand.shape[0] >= 8 else _rr.rerank_serial
+    fn = _rr.rerank if cand.shape[0] >= SERIAL_QUERIES else _rr.rerank_serial
     return fn(np.ascontiguousarray(Q, np.float32), V, np.ascontiguousarray(cand, np.int64), k)
 
 
