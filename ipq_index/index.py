@@ -773,7 +773,7 @@ class GraphIndex(FlatIndex):
                 tables, wcodes, wscales, kw = sc.nav_tables(qb.Y), sc.codes, np.zeros(0, np.float32), e
             else:
                 tables, wcodes, wscales, kw = qb.tables(), codes, scales, kk
-            cap = min(self.ntotal + 1, 64 * e + 4096)
+            cap = self._beam_cap(e)
             entry, max_level = int(gr["entry"][0]), int(gr["entry"][1])
             slots = 1 if tables.shape[0] < SERIAL_QUERIES else min(nthreads, tables.shape[0])
             visited, tag0, held = self._take_visited(slots, tables.shape[0])
@@ -804,7 +804,7 @@ class GraphIndex(FlatIndex):
         try:
             v, rows, out_ids = _gs.graph_query_serial(
                 Q, R, np.asarray(enc.mean, np.float64), sc.slot_dim, sc._centT, sc.codes, gr["neighbors"], gr["offsets"], gr["cum"],
-                int(gr["entry"][0]), int(gr["entry"][1]), e, min(self.ntotal + 1, 64 * e + 4096), visited, tag0,
+                int(gr["entry"][0]), int(gr["entry"][1]), e, self._beam_cap(e), visited, tag0,
                 enc.levels32(), enc.field_table(), np.asarray(self.codes), self._scales(), kk, rescore,
                 np.asarray(self.ids))
         finally:
@@ -815,6 +815,9 @@ class GraphIndex(FlatIndex):
         sc_, rows = _rerank_exact(Q, np.asarray(self.vectors), rows, k)
         return _adc.rows_to_ids(sc_, rows, np.asarray(self.ids))
 
+    def _beam_cap(self, e):
+        """Bound of the walk's candidate heap for beam width e (pushes beyond it are dropped)."""
+        return min(self.ntotal + 1, 64 * e + 4096)
 
     def _take_visited(self, slots, nq):
         """(visited-tag rows (slots, n) int32, first tag, held): rows kept
