@@ -6,13 +6,14 @@ coarse scores within a budget (``COVERAGE``; most dimensions get 1-3 bits,
 the weakest none: the rescoring restores them).  Coarse fields are packed
 (first-fit decreasing) into 4-bit groups so that a group's value is a sum of
 independent per-field contributions.  That is exactly a product quantizer
-with 16 centroids per sub-quantizer, so FAISS's ``IndexPQFastScan`` (SIMD
-lookup tables quantized to 8 bits) scores it: each group becomes one
-sub-quantizer over a "virtual" 4-dimensional slice that holds the query
-components of the group's fields, and its centroids are the coarse levels
-(the mean of the values in each coarse cell, on a sample).  The coarse scores
-only *select* candidates; the index rescores them with the full-precision
-ADC (see ``FlatIndex.search``, parameter ``fs``).
+with 16 centroids per sub-quantizer (each group a sub-quantizer over a
+"virtual" 4-dimensional slice that holds the query components of the
+group's fields, its centroids the coarse levels: the mean of the values in
+each coarse cell, on a sample), scored by our SIMD fast-scan kernels
+(``_kernels/fastscan.py``: blocks of 32 rows, lookup tables quantized to 8
+bits in registers, a threshold collector).  The coarse scores only *select*
+candidates; the index rescores them with the full-precision ADC (see
+``FlatIndex.search``, parameter ``fs``).
 
 Per-vector scales (``ASQ..s`` codes) cannot be folded into a PQ code, so for
 scaled codes the coarse code is instead a per-dimension <= 4-bit
@@ -24,15 +25,13 @@ saved.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
+from ._numba import SERIAL_QUERIES
 from ._kernels import adc as _adc
+from ._kernels import fastscan as _fs
 
 DSUB = 4
-#: vectors per fast-scan block (FAISS's bbs)
-BLOCK = 32
 #: share of the estimated score variance the coarse scores keep (1 - the
 #: relative error of the coarse scores; see FastScanner._coarse_bits).  Bits
 #: go where they cut the error most, so most dimensions get 1-3 coarse bits:
@@ -48,10 +47,6 @@ NAV_COVERAGE = 0.98
 #: scaled codes (ASQ..s) keep the dimensions with the largest variance shares
 #: at min(b, 4) bits until this share (see FastScanner._coarse_bits)
 COVERAGE_SCALED = 0.99
-#: run the FAISS stage on one thread: its OpenMP workers otherwise keep
-#: spinning after each call and starve the numba stages that follow (on a
-#: 2-core machine batch search ran 2.5x slower); parallelism comes from numba
-FAISS_SINGLE_THREAD = True
 
 
 class FastScanner:
@@ -59,19 +54,15 @@ class FastScanner:
 
     ``lists``: optional ``(ptr, order)`` CSR of an IVF partition (list l holds
     rows ``order[ptr[l]:ptr[l+1]]``); then candidates come only from the
-    probed lists (FAISS ``IndexIVFPQFastScan`` with injected codes).
-    ``lists="codes"`` keeps the coarse codes as a plain (n, M/2) array
+    probed lists.  ``lists="codes"`` keeps the coarse codes as a plain (n, M/2) array
     (``codes``) scored by ``nav_tables`` (graph navigation; ``byte_tables``:
     the same in float32), no FAISS index.
     """
 
     def __init__(self, encoder, codes, scales=None, lists=None, chunk: int = 65536, sample: int = 100_000,
                  coverage: float | None = None):
-        import faiss
-
         from . import asq
 
-        self._faiss = faiss
         e = encoder
         n = codes.shape[0]
         codes = np.ascontiguousarray(codes)
@@ -127,59 +118,18 @@ class FastScanner:
                     cent[m, c, s] = coarse[j][(c >> nib_shift[j]) & mask]
                 self.slot_dim[m, s] = j
         self.M = M
-        self._vsel = np.ascontiguousarray(self.slot_dim.ravel())
-        self._nprobe = -1  # the nprobe last set on the FAISS IVF index
         self.dv = M * DSUB
         self.code_bytes = M // 2
         self.lists = lists
-        self._nprobe_lock = threading.Lock()
         self.cent = cent
         self._centT = np.ascontiguousarray(cent.transpose(0, 2, 1))  # (M, DSUB, 16)
+        self.ntotal = n
         self.codes = None
         if lists == "codes":
-            self.codes = packed  # plain coarse codes, no FAISS index (graph navigation)
-            self.index = None
-        elif lists is None:
-            pq = faiss.IndexPQ(self.dv, M, 4, faiss.METRIC_INNER_PRODUCT)
-            faiss.copy_array_to_vector(cent.ravel(), pq.pq.centroids)
-            pq.is_trained = True
-            faiss.copy_array_to_vector(packed.ravel(), pq.codes)
-            pq.ntotal = n
-            self.index = faiss.IndexPQFastScan(pq)
+            self.codes = packed  # plain coarse codes (graph navigation)
         else:
-            self.index = self._ivf_index(cent, packed, *lists)
-
-    def _ivf_index(self, cent, packed, ptr, order):
-        """FAISS IVF fast-scan index whose list l holds the coarse codes of
-        rows ``order[ptr[l]:ptr[l+1]]`` (labels = row numbers).  Probing is
-        ours (``search_preassigned``), so its coarse quantizer is a dummy."""
-        faiss = self._faiss
-        nlist = ptr.size - 1
-        self._quantizer = faiss.IndexFlatIP(self.dv)
-        self._quantizer.add(np.zeros((nlist, self.dv), np.float32))
-        ivf = faiss.IndexIVFPQFastScan(self._quantizer, self.dv, nlist, self.M, 4,
-                                       faiss.METRIC_INNER_PRODUCT, BLOCK)
-        ivf.by_residual = False
-        faiss.copy_array_to_vector(cent.ravel(), ivf.pq.centroids)
-        ivf.is_trained = True
-        packer = ivf.get_CodePacker()
-        bs, cs = int(packer.block_size), int(packer.code_size)
-        if cs != self.code_bytes or int(packer.nvec) != BLOCK:
-            raise RuntimeError(f"unexpected FAISS fast-scan layout (code size {cs}, block {packer.nvec})")
-        for lst in range(nlist):
-            rows = np.ascontiguousarray(order[ptr[lst]:ptr[lst + 1]], np.int64)
-            if rows.size == 0:
-                continue
-            nb = -(-rows.size // BLOCK)
-            flat = np.zeros((nb * BLOCK, cs), np.uint8)
-            flat[:rows.size] = packed[rows]
-            blocks = np.zeros(nb * bs, np.uint8)
-            for b in range(nb):
-                packer.pack_all(faiss.swig_ptr(flat[b * BLOCK:(b + 1) * BLOCK]),
-                                faiss.swig_ptr(blocks[b * bs:(b + 1) * bs]))
-            ivf.invlists.add_entries(lst, rows.size, faiss.swig_ptr(rows), faiss.swig_ptr(blocks))
-        ivf.ntotal = int(packed.shape[0])
-        return ivf
+            ptr, order = (np.array([0, n]), np.arange(n)) if lists is None else lists
+            self.blocks, self.block_rows, self.block_ptr, self.block_fill = _fs.layout_blocks(packed, ptr, order)
 
     @staticmethod
     def _coarse_bits(e, codes, scales, coverage, asq, sample: int = 100_000):
@@ -277,7 +227,7 @@ class FastScanner:
         """Bytes of the derived coarse codes (held in memory, not saved)."""
         if self.codes is not None:
             return int(self.codes.nbytes)
-        return int(self.index.ntotal) * self.code_bytes
+        return int(self.blocks.nbytes + self.block_rows.nbytes + self.block_ptr.nbytes + self.block_fill.nbytes)
 
     def byte_tables(self, Y) -> np.ndarray:
         """(nq, M/2, 256) float32 lookup tables of the coarse codes: entry
@@ -295,35 +245,17 @@ class FastScanner:
         byte table's span."""
         return _adc.coarse_byte_tables_i16(np.ascontiguousarray(Y, np.float32), self.slot_dim, self._centT)
 
-    def virtual_queries(self, Y):
-        """Map rotated queries (nq, d) to the virtual (nq, M * 4) space."""
-        return _adc.gather_columns(np.ascontiguousarray(Y, np.float32), self._vsel)
-
     def candidates(self, Y, kk: int, num_threads: int, probes=None) -> np.ndarray:
-        """Rows (nq, kk) of the best coarse scores (-1 padded); ``probes``
-        (nq, nprobe) int64: the lists to scan (IVF scanners only).  Calls the
-        SWIG entry points directly (the Python wrappers' checks and copies
-        cost ~20 us per single-query call)."""
-        faiss = self._faiss
-        sp = faiss.swig_ptr
-        Yv = self.virtual_queries(Y)
-        n = Yv.shape[0]
-        kk = min(kk, int(self.index.ntotal))
-        D = np.empty((n, kk), np.float32)
-        I = np.empty((n, kk), np.int64)
-        prev = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1 if FAISS_SINGLE_THREAD else max(1, num_threads))
-        try:
-            if self.lists is None:
-                self.index.search_c(n, sp(Yv), kk, sp(D), sp(I), None)
-            else:
-                probes = np.ascontiguousarray(probes, np.int64)
-                Dq = np.zeros(probes.shape, np.float32)
-                with self._nprobe_lock:  # nprobe is a field of the shared FAISS index
-                    if self._nprobe != probes.shape[1]:
-                        self.index.nprobe = probes.shape[1]
-                        self._nprobe = probes.shape[1]
-                    self.index.search_preassigned_c(n, sp(Yv), kk, sp(probes), sp(Dq), sp(D), sp(I), False)
-        finally:
-            faiss.omp_set_num_threads(prev)
-        return I
+        """Rows (nq, kk) of the best coarse scores of rotated queries Y, in no
+        particular order (-1 padded); ``probes`` (nq, nprobe) int64: the lists
+        to scan (IVF scanners only).  Parallel over queries when there are
+        many (``num_threads``: the numba threads in effect)."""
+        Y = np.ascontiguousarray(Y, np.float32)
+        nq = Y.shape[0]
+        kk = max(1, min(int(kk), self.ntotal))
+        if probes is None:
+            probes = np.zeros((nq, 1), np.int64)
+        probes = np.ascontiguousarray(probes, np.int64)
+        fn = _fs.scan_topk if nq >= SERIAL_QUERIES and num_threads > 1 else _fs.scan_topk_serial
+        return fn(Y, self.slot_dim, self._centT, self.blocks, self.block_rows, self.block_ptr, self.block_fill,
+                  probes, kk)

@@ -750,7 +750,7 @@ def test_coarse_byte_tables_score_the_packed_nibbles(sample, built):
     Y = idx.encoder.rotate_queries(Q[:5])
     T = sc.byte_tables(Y)
     assert T.shape == (5, sc.M // 2, 256) and T.dtype == np.float32
-    Yv = sc.virtual_queries(Y).astype(np.float64).reshape(5, sc.M, fastscan.DSUB)
+    Yv = np.where(sc.slot_dim >= 0, Y.astype(np.float64)[:, sc.slot_dim], 0.0)  # (5, M, DSUB)
     rows = np.random.default_rng(4).integers(0, idx.ntotal, 30)
     codes = sc.codes[rows]
     nib = np.empty((rows.size, sc.M), np.int64)

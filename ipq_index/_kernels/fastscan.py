@@ -1,0 +1,457 @@
+"""4-bit fast-scan kernels: blocked coarse codes scored with in-register
+lookup tables (``pshufb``), candidates kept by a threshold collector.
+
+Layout.  Coarse codes have M 4-bit sub-quantizers packed two per byte (byte g:
+low nibble sub-quantizer 2g, high nibble 2g + 1; G = M / 2 bytes per row).
+Rows are grouped by 32 into blocks stored ``blocks[b, g, v]`` = byte g of
+the block's v-th row, so one 32-byte load holds byte g of 32 rows.  An IVF
+list (or the whole flat index: one list) occupies whole blocks; padding
+slots have row -1 in ``block_rows``; G is padded to even with a zero byte.
+
+Tables.  A query's 16-entry float table of each sub-quantizer is quantized
+to uint8 (``quantize_luts``: minus its minimum, times one scale for all
+tables, 255 at the widest span), each stored twice (one 16-byte copy per
+128-bit lane, as ``pshufb`` looks up within lanes): for bytes g = 2h, 2h + 1,
+128 bytes [lo(2h) | lo(2h + 1) | hi(2h) | hi(2h + 1)], lo(g) the table of
+sub-quantizer 2g (low nibbles), hi(g) that of 2g + 1, so a 64-byte register
+holds the tables of two code bytes.  A row's score is the sum of its M
+entries (uint16, no overflow): the coarse score minus a per-query constant,
+times the scale, up to the rounding of each entry (FAISS's fast-scan
+quantizes the same way).
+
+Scoring.  ``block_scores`` sums a block's 32 scores with AVX-512BW or AVX2
+byte shuffles (LLVM's ``pshuf.b`` intrinsics) when the target has them,
+else with an equivalent scalar loop (same integers, tested equal); it returns the bit
+mask of rows scoring at least the collector's threshold, so the common case
+(no row good enough) costs one compare per block.
+
+Collector.  Rows passing the threshold go into a buffer of 2 kk; when it
+fills, the kk-th largest score t is found, the best kk kept and the threshold
+raised to t + 1 (FAISS's "reservoir" idea, without its heap).  The final
+kk are returned unordered (the rescoring ranks them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .._numba import inline_kernel, kernel, parallel_kernel
+from .adc import _coarse_luts
+
+#: rows per block
+BLOCK = 32
+#: blocks prefetched ahead of the one being scored (and of the next list)
+PREFETCH = 2
+#: bytes of quantized tables per code byte (two sub-quantizers, two lanes each)
+LUT_STRIDE = 64
+
+
+def _target_has(feature: str) -> bool:
+    """Whether numba's code generator targets a CPU with ``feature`` (honours
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES; False when it cannot tell)."""
+    try:
+        from numba.core.registry import cpu_target
+
+        feats = cpu_target.target_context.codegen()._tm_features
+    except Exception:  # pragma: no cover - numba internals moved
+        return False
+    return ("+" + feature) in str(feats).split(",")
+
+
+#: byte width of the shuffles that score blocks: 64 (AVX-512BW), 32 (AVX2)
+#: or 0 (no byte shuffles: a scalar loop with the same integers)
+SIMD_WIDTH = 64 if _target_has("avx512bw") else 32 if _target_has("avx2") else 0
+SIMD = SIMD_WIDTH > 0
+
+
+def _splat(builder, vec_t, value):
+    i32 = ir.IntType(32)
+    v = builder.insert_element(ir.Constant(vec_t, ir.Undefined), value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vec_t, ir.Undefined),
+                                  ir.Constant(ir.VectorType(i32, vec_t.count), [0] * vec_t.count))
+
+
+def _block_scores_codegen(width):
+    """LLVM IR of ``block_scores`` with ``width``-byte shuffles (32: AVX2,
+    64: AVX-512BW, two code bytes g per step)."""
+    name = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}[width]
+    per = width // BLOCK  # code bytes g per step
+
+    def codegen(context, builder, signature, args):
+        blocks_t, _, lut_t, _, out_t, _ = signature.args
+        blocks = context.make_array(blocks_t)(context, builder, args[0])
+        lut = context.make_array(lut_t)(context, builder, args[2])
+        out = context.make_array(out_t)(context, builder, args[4])
+        b, q, thr = args[1], args[3], args[5]
+        i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+        vb = ir.VectorType(i8, width)
+        vw = ir.VectorType(i16, width // 2)
+        pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vb, [vb, vb]), name)
+        zero = ir.Constant(i64, 0)
+        steps = builder.udiv(builder.extract_value(blocks.shape, 1), ir.Constant(i64, per))
+        cptr = cgutils.get_item_pointer(context, builder, blocks_t, blocks, [b, zero, zero], wraparound=False)
+        lptr = cgutils.get_item_pointer(context, builder, lut_t, lut, [q, zero], wraparound=False)
+        nib = ir.Constant(vb, [15] * width)
+        four = ir.Constant(vb, [4] * width)
+        eight = ir.Constant(vw, [8] * (width // 2))
+        # FAISS's accumulation: a byte vector read as uint16 lanes adds (even
+        # byte + 256 odd byte) to acc_all and the odd byte to acc_odd (no
+        # widening shuffles); even-byte sums = acc_all - 256 acc_odd (mod 2^16)
+        acc_all = cgutils.alloca_once_value(builder, ir.Constant(vw, None))
+        acc_odd = cgutils.alloca_once_value(builder, ir.Constant(vw, None))
+
+        def load(ptr, offset):
+            return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vb.as_pointer()), align=1)
+
+        with cgutils.for_range(builder, steps) as loop:
+            h = loop.index
+            c = load(cptr, builder.mul(h, ir.Constant(i64, width)))
+            if width == 64:  # tables of g = 2h, 2h + 1: [lo 64 B | hi 64 B]
+                lo_off = builder.mul(h, ir.Constant(i64, 2 * LUT_STRIDE))
+            else:  # g = h: lo at (g >> 1) * 128 + (g & 1) * 32, hi 64 B later
+                lo_off = builder.add(builder.mul(builder.lshr(h, ir.Constant(i64, 1)), ir.Constant(i64, 2 * LUT_STRIDE)),
+                                     builder.mul(builder.and_(h, ir.Constant(i64, 1)), ir.Constant(i64, 32)))
+            t_lo = load(lptr, lo_off)
+            t_hi = load(lptr, builder.add(lo_off, ir.Constant(i64, LUT_STRIDE)))
+            r_lo = builder.bitcast(builder.call(pshufb, [t_lo, builder.and_(c, nib)]), vw)
+            r_hi = builder.bitcast(builder.call(pshufb, [t_hi, builder.and_(builder.lshr(c, four), nib)]), vw)
+            builder.store(builder.add(builder.load(acc_all), builder.add(r_lo, r_hi)), acc_all)
+            o = builder.add(builder.lshr(r_lo, eight), builder.lshr(r_hi, eight))
+            builder.store(builder.add(builder.load(acc_odd), o), acc_odd)
+        odd = builder.load(acc_odd)
+        even = builder.sub(builder.load(acc_all), builder.shl(odd, eight))
+        if width == 64:  # lanes 16..31 hold the odd g of each step: fold them
+            def fold(v):
+                lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+                hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 16), list(range(16, 32))))
+                return builder.add(lo, hi)
+            even, odd = fold(even), fold(odd)
+        # interleave: row 2i = even[i], row 2i + 1 = odd[i]
+        total = builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(i32, 32),
+                                                              [i // 2 + 16 * (i % 2) for i in range(32)]))
+        builder.store(total, builder.bitcast(out.data, total.type.as_pointer()), align=1)
+        mask = builder.icmp_unsigned(">=", total, _splat(builder, total.type, builder.trunc(thr, i16)))
+        return builder.zext(builder.bitcast(mask, i32), i64)
+
+    return codegen
+
+
+@intrinsic
+def _block_scores_simd(typingctx, blocks, b, lut, q, out, thr):
+    ok = (isinstance(blocks, types.Array) and blocks.ndim == 3 and blocks.dtype == types.uint8
+          and blocks.layout == "C" and isinstance(lut, types.Array) and lut.ndim == 2
+          and lut.dtype == types.uint8 and lut.layout == "C" and isinstance(out, types.Array)
+          and out.dtype == types.uint16 and out.ndim == 1 and SIMD)
+    if not ok:
+        return None
+    sig = types.int64(blocks, types.int64, lut, types.int64, out, types.int64)
+    return sig, _block_scores_codegen(SIMD_WIDTH)
+
+
+def _prefetch_block_codegen(context, builder, signature, args):
+    blocks_t = signature.args[0]
+    blocks = context.make_array(blocks_t)(context, builder, args[0])
+    i8p = ir.IntType(8).as_pointer()
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    zero = ir.Constant(i64, 0)
+    base = builder.bitcast(cgutils.get_item_pointer(context, builder, blocks_t, blocks, [args[1], zero, zero],
+                                                    wraparound=False), i8p)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0i8")
+    nbytes = builder.mul(builder.extract_value(blocks.shape, 1), ir.Constant(i64, BLOCK))
+    lines = builder.udiv(nbytes, ir.Constant(i64, 64))
+    with cgutils.for_range(builder, lines) as loop:
+        p = builder.gep(base, [builder.mul(loop.index, ir.Constant(i64, 64))])
+        builder.call(fn, [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _prefetch_block(typingctx, blocks, b):
+    """Hint the CPU to load every cache line of block b (no effect on results)."""
+    if not (isinstance(blocks, types.Array) and blocks.ndim == 3 and blocks.layout == "C"):
+        return None
+    return types.void(blocks, types.int64), _prefetch_block_codegen
+
+
+def _cttz_codegen(context, builder, signature, args):
+    i64 = ir.IntType(64)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
+    return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+
+@intrinsic
+def _lowest_bit(typingctx, x):
+    """Index of the lowest set bit of int64 x != 0 (``llvm.cttz``)."""
+    if x != types.int64:
+        return None
+    return types.int64(types.int64), _cttz_codegen
+
+
+@inline_kernel
+def _block_scores_scalar(blocks, b, lut, q, out, thr):
+    for v in range(BLOCK):
+        out[v] = 0
+    for g in range(blocks.shape[1]):
+        for v in range(BLOCK):
+            c = blocks[b, g, v]
+            lo = (g >> 1) * 2 * LUT_STRIDE + (g & 1) * 32
+            out[v] += np.uint16(lut[q, lo + (c & 15)]) + np.uint16(lut[q, lo + LUT_STRIDE + (c >> 4)])
+    mask = 0
+    for v in range(BLOCK):
+        if out[v] >= thr:
+            mask |= 1 << v
+    return mask
+
+
+@inline_kernel
+def block_scores_scalar(blocks, b, lut, q, out, thr):
+    """Scalar reference of ``block_scores`` (identical integers)."""
+    return _block_scores_scalar(blocks, b, lut, q, out, thr)
+
+
+if SIMD:
+    @inline_kernel
+    def block_scores(blocks, b, lut, q, out, thr):
+        """Scores (uint16) of block b's 32 rows for query q's tables into
+        ``out``; returns the mask of rows v (bit v) with score >= thr."""
+        return _block_scores_simd(blocks, b, lut, q, out, np.int64(thr))
+else:
+    block_scores = block_scores_scalar
+
+
+@kernel
+def block_scores_all(blocks, lut, q, simd):
+    """Scores (nb * 32,) uint16 of every block for query q's tables, by the
+    SIMD kernel (simd=True, when available) or the scalar one (tests)."""
+    nb = blocks.shape[0]
+    out = np.empty(nb * BLOCK, np.uint16)
+    buf = np.empty(BLOCK, np.uint16)
+    for b in range(nb):
+        if simd:
+            block_scores(blocks, b, lut, q, buf, 0)
+        else:
+            block_scores_scalar(blocks, b, lut, q, buf, 0)
+        out[b * BLOCK:(b + 1) * BLOCK] = buf
+    return out
+
+
+def padded_bytes(M: int) -> int:
+    """Code bytes per row in the blocked layout: M / 2 rounded up to even
+    (the AVX-512 kernel takes two per step; the padding byte is 0 and its
+    tables are 0)."""
+    G = M // 2
+    return G + G % 2
+
+
+@inline_kernel
+def _quantize_one(Y, q, slot_dim, centT, lut, out):
+    """Query q's uint8 tables into out[q] (see module doc); lut (M, 16)
+    float32 scratch.  One scale for all tables: the widest span maps to 255,
+    or less when the M maxima could overflow the uint16 sums (M > 257)."""
+    M = centT.shape[0]
+    _coarse_luts(Y, q, slot_dim, centT, lut)
+    span = np.float32(0.0)
+    total = np.float64(0.0)
+    for m in range(M):
+        lo = lut[m, 0]
+        hi = lo
+        for c in range(1, 16):
+            lo = min(lo, lut[m, c])
+            hi = max(hi, lut[m, c])
+        for c in range(16):
+            lut[m, c] -= lo
+        span = max(span, hi - lo)
+        total += hi - lo
+    scale = np.float32(0.0)
+    if span > 0:
+        # rounding adds at most 1/2 per table: sums stay <= 65535
+        scale = np.float32(min(255.0 / span, (65535.0 - M) / total))
+    out[q, :] = 0
+    for m in range(M):
+        g = m >> 1
+        base = (g >> 1) * 2 * LUT_STRIDE + (g & 1) * 32 + (m & 1) * LUT_STRIDE
+        for c in range(16):
+            v = np.uint8(min(np.int32(lut[m, c] * scale + np.float32(0.5)), 255))
+            out[q, base + c] = v
+            out[q, base + 16 + c] = v
+
+
+@kernel
+def quantize_luts(Y, slot_dim, centT):
+    """(nq, padded_bytes(M) * 64) uint8 fast-scan tables of queries Y (see
+    module doc)."""
+    M = centT.shape[0]
+    nq = Y.shape[0]
+    G = M // 2
+    out = np.empty((nq, (G + G % 2) * LUT_STRIDE), np.uint8)
+    lut = np.empty((M, 16), np.float32)
+    for q in range(nq):
+        _quantize_one(Y, q, slot_dim, centT, lut, out)
+    return out
+
+
+@inline_kernel
+def _kth_largest(vals, cnt, kk):
+    """The kk-th largest of vals[:cnt] (uint16; 1 <= kk <= cnt): radix
+    select on the high byte, then the low byte (two 256-bin histograms)."""
+    hist = np.zeros(256, np.int64)
+    for j in range(cnt):
+        hist[vals[j] >> 8] += 1
+    need = kk
+    hb = 255
+    while hist[hb] < need:
+        need -= hist[hb]
+        hb -= 1
+    hist[:] = 0
+    for j in range(cnt):
+        if (vals[j] >> 8) == hb:
+            hist[vals[j] & 255] += 1
+    lb = 255
+    while hist[lb] < need:
+        need -= hist[lb]
+        lb -= 1
+    return (hb << 8) | lb
+
+
+@inline_kernel
+def _compact(res_v, res_i, cnt, kk):
+    """Keep the best kk of res[:cnt] (score; among equal scores the first
+    found) in res[:kk]; returns the kk-th best score."""
+    t = _kth_largest(res_v, cnt, kk)
+    above = 0
+    for j in range(cnt):
+        if res_v[j] > t:
+            above += 1
+    ties = kk - above
+    w = 0
+    for j in range(cnt):
+        v = res_v[j]
+        if v > t or (v == t and ties > 0):
+            if v == t:
+                ties -= 1
+            res_v[w] = v
+            res_i[w] = res_i[j]
+            w += 1
+    return t
+
+
+@inline_kernel
+def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, kk, out_i):
+    """The kk rows of query q's best quantized scores over the blocks of
+    ``lists`` into out_i, unordered (-1 padded; among equal scores at the
+    cut, the first scanned).  The buffer holds slots (block * 32 + row in
+    block), mapped to rows only for the final kk: ``block_rows`` is large
+    and cold, one lookup per passing row cost more than the scan."""
+    cap = 2 * kk + BLOCK
+    res_v = np.empty(cap, np.uint16)
+    res_i = np.empty(cap, np.int64)
+    buf = np.empty(BLOCK, np.uint16)
+    cnt = 0
+    thr = 0
+    for li in range(lists.shape[0]):
+        lst = lists[li]
+        if lst < 0:
+            continue
+        b0, b1 = block_ptr[lst], block_ptr[lst + 1]
+        for b in range(b0, b1):
+            if b + PREFETCH < b1:
+                _prefetch_block(blocks, b + PREFETCH)
+            elif b + 1 == b1 and li + 1 < lists.shape[0] and lists[li + 1] >= 0:
+                nxt = block_ptr[lists[li + 1]]
+                for t in range(min(PREFETCH, block_ptr[lists[li + 1] + 1] - nxt)):
+                    _prefetch_block(blocks, nxt + t)
+            mask = block_scores(blocks, b, lut, q, buf, thr)
+            if b + 1 == b1:  # padding slots (only in a list's last block)
+                mask &= (np.int64(1) << block_fill[lst]) - 1
+            if mask == 0:
+                continue
+            while mask != 0:  # the passing rows, lowest first
+                v = _lowest_bit(mask)
+                mask &= mask - 1
+                res_v[cnt] = buf[v]
+                res_i[cnt] = b * BLOCK + v  # a slot: rows are looked up at the end
+                cnt += 1
+            if cnt > 2 * kk:
+                t = _compact(res_v, res_i, cnt, kk)
+                cnt = kk
+                thr = min(np.int64(t) + 1, 65535)
+    if cnt > kk:
+        _compact(res_v, res_i, cnt, kk)
+        cnt = kk
+    for j in range(cnt):
+        out_i[j] = block_rows[res_i[j]]
+    for j in range(cnt, kk):
+        out_i[j] = -1
+
+
+@kernel
+def scan_tables_topk(blocks, block_rows, block_ptr, block_fill, lut, probes, kk):
+    """``scan_topk`` with given uint8 tables ``lut`` (nq, ...) (tests)."""
+    nq = probes.shape[0]
+    out = np.empty((nq, kk), np.int64)
+    for q in range(nq):
+        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, probes[q], kk, out[q])
+    return out
+
+
+@kernel
+def scan_topk_serial(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, kk):
+    """``scan_topk`` without a parallel region (a few queries)."""
+    nq = probes.shape[0]
+    out = np.empty((nq, kk), np.int64)
+    lut = quantize_luts(Y, slot_dim, centT)
+    for q in range(nq):
+        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, probes[q], kk, out[q])
+    return out
+
+
+@parallel_kernel
+def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, kk):
+    """(nq, kk) rows of the best coarse scores of queries Y (nq, d) (tables
+    from ``quantize_luts``) over the blocks of their lists ``probes`` (nq,
+    nprobe) (-1 entries skipped; a flat index is one list), in no particular
+    order (see ``_scan_one``), -1 padded."""
+    nq = probes.shape[0]
+    out = np.empty((nq, kk), np.int64)
+    M = centT.shape[0]
+    G = M // 2
+    for q in prange(nq):
+        lut = np.empty((1, (G + G % 2) * LUT_STRIDE), np.uint8)
+        scratch = np.empty((M, 16), np.float32)
+        _quantize_one(Y[q:q + 1], 0, slot_dim, centT, scratch, lut)
+        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, probes[q], kk, out[q])
+    return out
+
+
+def layout_blocks(packed: np.ndarray, ptr: np.ndarray, order: np.ndarray):
+    """Blocked layout of coarse codes ``packed`` (n, G) uint8 for lists in
+    CSR form (list l holds rows ``order[ptr[l]:ptr[l+1]]``): returns
+    ``blocks`` (nb, padded_bytes(2 G), 32) uint8, ``block_rows`` (nb * 32,) int64 (-1:
+    padding), ``block_ptr`` (nlist + 1,) int64 (list l = blocks
+    block_ptr[l]:block_ptr[l+1]) and ``block_fill`` (nlist,) int64 (rows in
+    list l's last block; padding slots come only there)."""
+    packed = np.ascontiguousarray(packed, np.uint8)
+    ptr = np.asarray(ptr, np.int64)
+    order = np.asarray(order, np.int64)
+    sizes = np.diff(ptr)
+    nblk = -(-sizes // BLOCK)
+    block_ptr = np.zeros(ptr.size, np.int64)
+    np.cumsum(nblk, out=block_ptr[1:])
+    nb = int(block_ptr[-1])
+    slot_rows = np.full(nb * BLOCK, -1, np.int64)
+    # slot of each list member: the list's first slot + its rank in the list
+    list_of = np.repeat(np.arange(sizes.size), sizes)
+    rank = np.arange(order.size) - ptr[list_of]
+    slot_rows[block_ptr[list_of] * BLOCK + rank] = order
+    G = packed.shape[1]
+    blocks = np.zeros((nb * BLOCK, G + G % 2), np.uint8)
+    valid = slot_rows >= 0
+    blocks[valid, :G] = packed[slot_rows[valid]]
+    blocks = np.ascontiguousarray(blocks.reshape(nb, BLOCK, G + G % 2).transpose(0, 2, 1))
+    block_fill = sizes - (nblk - 1) * BLOCK
+    return blocks, slot_rows, block_ptr, block_fill

@@ -1,0 +1,148 @@
+"""The 4-bit fast-scan kernels (``ipq_index/_kernels/fastscan.py``) against
+numpy references computed from the documented layout."""
+
+import platform
+
+import numpy as np
+import pytest
+
+from ipq_index import fastscan
+from ipq_index._kernels import fastscan as fk
+
+
+def _place_tables(T):
+    """uint8 tables T (M, 16) in the documented order: for code bytes g = 2h,
+    2h + 1, 128 bytes [lo(2h) | lo(2h+1) | hi(2h) | hi(2h+1)], each 16-entry
+    table written twice (lo(g): sub-quantizer 2g, hi(g): 2g + 1)."""
+    M = T.shape[0]
+    out = np.zeros(fk.padded_bytes(M) * 64, np.uint8)
+    for m in range(M):
+        g = m // 2
+        base = (g // 2) * 128 + (g % 2) * 32 + (m % 2) * 64
+        out[base:base + 16] = T[m]
+        out[base + 16:base + 32] = T[m]
+    return out
+
+
+def _scores(packed, T):
+    """int64 score of every row: sum over code bytes of the low nibble's entry
+    of table 2g and the high nibble's entry of table 2g + 1."""
+    s = np.zeros(packed.shape[0], np.int64)
+    for g in range(packed.shape[1]):
+        s += T[2 * g].astype(np.int64)[packed[:, g] & 15] + T[2 * g + 1].astype(np.int64)[packed[:, g] >> 4]
+    return s
+
+
+@pytest.mark.parametrize("n,G", [(1000, 33), (77, 1), (4096, 32)])
+def test_block_scores_simd_and_scalar_equal_the_reference(n, G):
+    rng = np.random.default_rng(n + G)
+    packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
+    blocks, rows, bptr, fill = fk.layout_blocks(packed, np.array([0, n]), np.arange(n))
+    assert blocks.shape == (-(-n // 32), G + G % 2, 32) and bptr.tolist() == [0, blocks.shape[0]]
+    assert (np.sort(rows[rows >= 0]) == np.arange(n)).all() and fill.tolist() == [n - 32 * (blocks.shape[0] - 1)]
+    T = rng.integers(0, 256, (2 * G, 16), dtype=np.uint8)
+    lut = _place_tables(T)[None, :]
+    ref = _scores(packed, T)
+    simd = fk.block_scores_all(blocks, lut, 0, True)
+    scalar = fk.block_scores_all(blocks, lut, 0, False)
+    assert (simd == scalar).all()
+    assert (simd[rows >= 0].astype(np.int64) == ref[rows[rows >= 0]]).all()
+    # padding rows hold code 0 (the scan masks them out); the padding byte adds 0
+    assert (simd[rows < 0].astype(np.int64) == T[:, 0].astype(np.int64).sum()).all()
+
+
+def test_scan_keeps_the_best_scores_of_the_probed_lists():
+    """Top-kk by score over uneven lists (one empty), with -1 probes skipped,
+    kk above the probed rows (-1 padding), serial == parallel; ties make the
+    row set ambiguous, so scores are compared as multisets."""
+    rng = np.random.default_rng(3)
+    n, G, nlist = 5000, 8, 12
+    packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
+    assign = rng.integers(0, nlist - 1, n)  # list nlist - 1 stays empty
+    order = np.argsort(assign, kind="stable")
+    ptr = np.searchsorted(assign[order], np.arange(nlist + 1))
+    blocks, rows, bptr, fill = fk.layout_blocks(packed, ptr, order)
+    nq = 10
+    T = rng.integers(0, 256, (nq, 2 * G, 16), dtype=np.uint8)
+    lut = np.stack([_place_tables(t) for t in T])
+    probes = np.stack([rng.permutation(nlist)[:5] for _ in range(nq)]).astype(np.int64)
+    probes[0, 1] = -1
+    probes[1, :] = [nlist - 1, -1, 0, -1, -1]
+    for kk in (1, 37, 400, n):
+        got = fk.scan_tables_topk(blocks, rows, bptr, fill, lut, probes, kk)
+        assert got.shape == (nq, kk)
+        for q in range(nq):
+            lists = probes[q][probes[q] >= 0]
+            members = np.concatenate([order[ptr[lst]:ptr[lst + 1]] for lst in lists])
+            s = _scores(packed, T[q])
+            want = np.sort(s[members])[::-1][:kk]
+            kept = got[q][got[q] >= 0]
+            assert kept.size == min(kk, members.size) and (got[q][kept.size:] == -1).all()
+            assert np.unique(kept).size == kept.size and np.isin(kept, members).all()
+            assert (np.sort(s[kept])[::-1] == want).all()
+
+
+def test_quantized_tables_round_the_float_tables():
+    """quantize_luts: each sub-quantizer's 16 float scores of the query
+    (numpy float64 from the centroids), minus their minimum, times one
+    scale = min(255 / widest span, (65535 - M) / sum of spans), rounded;
+    also for M > 257, where the uint16 sums would otherwise overflow."""
+    rng = np.random.default_rng(5)
+    for M, d in ((6, 10), (300, 600)):
+        slot_dim = rng.integers(-1, d, (M, fastscan.DSUB)).astype(np.int64)
+        cent = rng.standard_normal((M, 16, fastscan.DSUB)).astype(np.float32)
+        centT = np.ascontiguousarray(cent.transpose(0, 2, 1))
+        Y = rng.standard_normal((3, d)).astype(np.float32)
+        got = fk.quantize_luts(Y, slot_dim, centT)
+        for q in range(3):
+            yv = np.where(slot_dim >= 0, Y[q].astype(np.float64)[slot_dim], 0.0)
+            F = np.einsum("mcs,ms->mc", cent.astype(np.float64), yv)
+            F -= F.min(axis=1, keepdims=True)
+            span = F.max(axis=1)
+            scale = min(255 / span.max(), (65535 - M) / span.sum())
+            want = _place_tables(np.clip(np.round(F * scale), 0, 255).astype(np.uint8))
+            diff = np.abs(got[q].astype(np.int64) - want.astype(np.int64))
+            # float32 arithmetic may round a value at .5 the other way
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+            Tq = np.stack([got[q][(m // 4) * 128 + (m // 2 % 2) * 32 + (m % 2) * 64:][:16] for m in range(M)])
+            assert int(Tq.max(axis=1).astype(np.int64).sum()) <= 65535
+
+
+_OTHER_TARGET = """
+import sys, numpy as np
+from ipq_index._kernels import fastscan as fk
+assert fk.SIMD_WIDTH == int(sys.argv[1]), fk.SIMD_WIDTH
+d = np.load(sys.argv[2])
+print(fk.block_scores_all(d["blocks"], d["lut"], 0, True).tolist())
+print(fk.scan_tables_topk(d["blocks"], d["rows"], d["bptr"], d["fill"], d["lut"], np.zeros((1, 1), np.int64), 50)[0].tolist())
+"""
+
+
+_HASWELL = "+64bit,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+avx,+avx2,+fma,+bmi,+bmi2,+lzcnt,+movbe"
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="x86 targets (AVX2 and baseline x86-64) are compiled only on x86 hosts")
+@pytest.mark.parametrize("cpu,features,width", [("haswell", _HASWELL, 32), ("x86-64", "+64bit,+sse,+sse2", 0)])
+def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
+    """The AVX2 (32-byte) kernel and the scalar fallback (a CPU without AVX2)
+    are what other machines run: compiled for those targets in a subprocess
+    (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES), they give this machine's scores and candidates."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(9)
+    n, G = 999, 21
+    packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
+    blocks, rows, bptr, fill = fk.layout_blocks(packed, np.array([0, n]), np.arange(n))
+    lut = _place_tables(rng.integers(0, 256, (2 * G, 16), dtype=np.uint8))[None, :]
+    np.savez(tmp_path / "d.npz", blocks=blocks, rows=rows, bptr=bptr, fill=fill, lut=lut)
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    res = subprocess.run([sys.executable, "-c", _OTHER_TARGET, str(width), str(tmp_path / "d.npz")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scores, cand = (eval(line) for line in res.stdout.strip().splitlines())
+    assert scores == fk.block_scores_all(blocks, lut, 0, True).tolist()
+    here = fk.scan_tables_topk(blocks, rows, bptr, fill, lut, np.zeros((1, 1), np.int64), 50)[0]
+    assert cand == here.tolist()
