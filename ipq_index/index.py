@@ -14,6 +14,7 @@ import numpy as np
 
 from . import storage
 from ._kernels import adc as _adc
+from ._kernels import fastscan as _fs
 from ._kernels import graph_search as _gs
 from ._kernels import rerank as _rr
 from ._numba import SERIAL_QUERIES, resolve_threads, threads
@@ -295,6 +296,10 @@ class FlatIndex:
         """
         fsf = self._fs_factor(fs, self.ntotal)
         use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
+        if use_fs and not return_std:
+            fused = self._try_fused(Q, k, rerank, num_threads, fsf)
+            if fused is not None:
+                return fused
 
         def candidates(qb, kk, codes, scales, nthreads):
             if use_fs:
@@ -313,6 +318,33 @@ class FlatIndex:
             return cand_v, cand_r
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
+
+    def _try_fused(self, Q, k, rerank, num_threads, fsf, probe=None):
+        """A few queries on one thread (validated here): the whole fast-scan
+        search in one kernel (``_fs.scan_query_serial``), then the exact
+        re-rank if any; None when the staged path applies (many queries, or
+        the rescoring plan wants lookup tables).  ``probe``: (dims, Ct,
+        spread, nprobe) of an IVF index.  Same results as the staged path
+        (tested); saves the Python and dispatch between the stages."""
+        Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads)
+        if Q.shape[0] >= SERIAL_QUERIES:
+            return None
+        ncand = self._coarse_count(fsf, kk)
+        plan = _rescore_plan(self.encoder, ncand, kk, exact_ns)
+        if plan == "tables":
+            return None
+        enc = self.encoder
+        sc = self._fast_scanner()
+        if probe is None:
+            probe = (np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32), 0)
+        v, rows, out_ids = _fs.scan_query_serial(
+            Q, enc.rotation32(), np.asarray(enc.mean, np.float64), sc.slot_dim, sc._centT, sc.blocks, sc.block_rows,
+            sc.block_ptr, sc.block_fill, *probe, ncand, enc.levels32(), enc.field_table(), np.asarray(self.codes),
+            self._scales(), kk, plan == "fields", np.asarray(self.ids))
+        if not rr:
+            return v[:, :k], out_ids[:, :k]
+        sc_, rows = _rerank_exact(Q, np.asarray(self.vectors), rows, k)
+        return _adc.rows_to_ids(sc_, rows, np.asarray(self.ids))
 
     @staticmethod
     def _fs_factor(fs, scanned_rows):
@@ -576,6 +608,11 @@ class IVFIndex(FlatIndex):
         fsf = self._fs_factor(fs, self.ntotal * npb / max(1, self.nlist))
         use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
         ptr, rows = self._list_index()
+        if use_fs and not return_std:
+            probe = (*self._probe_space(), self._list_spread(), npb if npb < self.nlist else 0)
+            fused = self._try_fused(Q, k, rerank, num_threads, fsf, probe)
+            if fused is not None:
+                return fused
 
         def candidates(qb, kk, codes, scales, nthreads):
             Qc = qb.Q

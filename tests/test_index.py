@@ -282,6 +282,41 @@ def test_fast_scan_stage_matches_full_adc():
         np.testing.assert_array_equal(I1, I_def)
 
 
+@pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,ASQ4s,Rerank2", "PCA,IVF32,ASQ4,Rerank4", "IVF32,ASQ6"])
+def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
+    """A few queries on one thread run the whole fast-scan search in one
+    kernel (``FlatIndex._try_fused``): same ids and scores as the staged
+    path (rotation or none, scaled codes, IVF probes, every list probed,
+    ADC rescoring and the exact re-rank of all candidates)."""
+    from ipq_index import index as im
+
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:10]
+    idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
+    assert idx.ntotal >= im.FASTSCAN_MIN_ROWS
+    plans = []
+    real = im._rescore_plan
+    monkeypatch.setattr(im, "_rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    params = [dict(fs=2), dict(fs=20)]
+    if idx.rerank:
+        params += [dict(fs=3, rerank=1), dict(fs=2, rerank=0), dict(fs=30, rerank=4)]
+    if "IVF" in spec:
+        params = [dict(p, nprobe=n) for p in params for n in (3, 32)]
+    fused = 0
+    for p in params:
+        one = [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
+        fused += sum(1 for _ in plans if _ != "tables")
+        plans.clear()
+        monkeypatch.setattr(im, "SERIAL_QUERIES", 0)  # the staged kernels
+        ref = [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
+        monkeypatch.setattr(im, "SERIAL_QUERIES", 8)
+        plans.clear()
+        for (d1, i1), (d2, i2) in zip(one, ref):
+            np.testing.assert_array_equal(i1, i2)
+            np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
+    assert fused >= len(Q) * len(params) // 2  # most calls took the fused path
+
+
 def test_ivf_full_probe_reproduces_flat_and_roundtrips(tmp_path, sample):
     X, Q = sample
     flat = ipq_index.index_factory(X.shape[1], "PCA,ASQ4").train(X).add(X)
@@ -312,8 +347,8 @@ def test_ivf_full_probe_reproduces_flat_and_roundtrips(tmp_path, sample):
 
 
 def test_ivf_fast_scan_lists_match_full_adc(tmp_path):
-    """Above FASTSCAN_MIN_ROWS the probed lists are scanned by FAISS's IVF
-    fast-scan over injected coarse codes, then rescored: with a generous
+    """Above FASTSCAN_MIN_ROWS the probed lists are scanned by the 4-bit
+    fast-scan kernels over the coarse codes, then rescored: with a generous
     factor this equals the full-ADC scan of the same lists, for direct and
     scaled codes, and with every list probed it equals the flat index."""
     ds = datasets.load_sample("minilm")

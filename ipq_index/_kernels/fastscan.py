@@ -40,7 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._numba import inline_kernel, kernel, parallel_kernel
-from .adc import _coarse_luts
+from .adc import _coarse_luts, _probe_one, rescore_fields_one, weighted_row_sum
 
 #: rows per block
 BLOCK = 32
@@ -426,6 +426,66 @@ def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, pro
         _quantize_one(Y[q:q + 1], 0, slot_dim, centT, scratch, lut)
         _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, probes[q], kk, out[q])
     return out
+
+
+@kernel
+def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, dims, Ct,
+                      spread, nprobe, ncand, levels, fields, codes, scales, kk, rescore, ids):
+    """The whole single-thread fast-scan search of a few queries in one call
+    (flat: one list and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
+    largest probe scores, ``_probe_one`` with ``dims``, ``Ct``, ``spread``;
+    ``nprobe`` = 0 scans every list): rotate (``R`` (d, d); (0, 0): none),
+    uint8 tables, the ``ncand`` best coarse scores (``_scan_one``), then
+
+    - ``rescore``: table-free full ADC of those rows (``rescore_fields_one``),
+      top-kk, plus <q, mean> (float64): inner-product estimates;
+    - otherwise: the candidate rows as they are (for an exact re-rank).
+
+    Returns (scores float32, rows int64, out_ids int64), each (nq, width)
+    (width kk if ``rescore`` else ncand); out_ids = ids[rows], -1 (score
+    -inf) for empty slots.  The same steps as the staged search (tested)."""
+    nq, d = Q.shape
+    width = kk if rescore else ncand
+    out_v = np.full((nq, width), -np.inf, np.float32)
+    out_r = np.full((nq, width), -1, np.int64)
+    out_ids = np.full((nq, width), -1, np.int64)
+    Y = np.empty((1, d), np.float32)
+    M = centT.shape[0]
+    G = M // 2
+    lut = np.empty((1, (G + G % 2) * LUT_STRIDE), np.uint8)
+    scratch = np.empty((M, 16), np.float32)
+    cand = np.empty((1, ncand), np.int64)
+    nlist = block_ptr.shape[0] - 1
+    lists = np.arange(nlist) if nprobe == 0 else np.empty(nprobe, np.int64)
+    acc = np.empty(Ct.shape[1], np.float32)
+    pv = np.empty(max(nprobe, 1), np.float32)
+    for qi in range(nq):
+        if R.shape[0] > 0:
+            weighted_row_sum(Q[qi], R, Y[0])
+        else:
+            Y[0] = Q[qi]
+        if nprobe > 0:
+            _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists)
+        _quantize_one(Y, 0, slot_dim, centT, scratch, lut)
+        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, ncand, cand[0])
+        if rescore:
+            rescore_fields_one(Y, 0, levels, fields, codes, scales, cand, out_v[qi], out_r[qi])
+            off = 0.0
+            for j in range(d):
+                off += np.float64(Q[qi, j]) * mean[j]
+            for t in range(kk):
+                if out_r[qi, t] >= 0:
+                    out_v[qi, t] = np.float32(np.float64(out_v[qi, t]) + off)
+        else:
+            for t in range(ncand):
+                out_r[qi, t] = cand[0, t]
+        for t in range(width):
+            r = out_r[qi, t]
+            if r >= 0:
+                out_ids[qi, t] = ids[r]
+            else:
+                out_v[qi, t] = -np.inf
+    return out_v, out_r, out_ids
 
 
 def layout_blocks(packed: np.ndarray, ptr: np.ndarray, order: np.ndarray):
