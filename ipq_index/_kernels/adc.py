@@ -646,9 +646,9 @@ def rotate_rows(Q, R):
 
 @inline_kernel
 def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi):
-    """Lists of the ``nprobe`` largest <y_i[dims], Ct[:, l]> + |y_i| spread[l]
-    (float32 accumulation, vectorised over the lists: the scores only order
-    the lists)."""
+    """Lists of the ``nprobe`` largest <y_i[dims], Ct[:, l]> + |y_i| spread[l],
+    best first (float32 accumulation, vectorised over the lists: the scores
+    only order the lists)."""
     m = Ct.shape[1]
     qd = np.empty(dims.shape[0], np.float32)
     for t in range(dims.shape[0]):
@@ -665,6 +665,9 @@ def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi):
     hi[:] = -1
     for j in range(m):
         heap_offer(hv, hi, acc[j], j)
+    # best list first: the fast-scan collector's threshold then rises early
+    # (fewer rows pass it: 10^6 IVF1024 nprobe=40, 400 candidates, -25% scan)
+    heap_to_sorted(hv, hi)
 
 
 @kernel

@@ -45,7 +45,7 @@ from .adc import _coarse_luts, _probe_one, rescore_fields_one, weighted_row_sum
 #: rows per block
 BLOCK = 32
 #: blocks prefetched ahead of the one being scored (and of the next list)
-PREFETCH = 2
+PREFETCH = 8
 #: bytes of quantized tables per code byte (two sub-quantizers, two lanes each)
 LUT_STRIDE = 64
 
@@ -178,6 +178,47 @@ def _prefetch_block(typingctx, blocks, b):
     return types.void(blocks, types.int64), _prefetch_block_codegen
 
 
+def _append_passing_codegen(context, builder, signature, args):
+    buf_t, _, _, resv_t, resi_t, _ = signature.args
+    buf = context.make_array(buf_t)(context, builder, args[0])
+    resv = context.make_array(resv_t)(context, builder, args[3])
+    resi = context.make_array(resi_t)(context, builder, args[4])
+    mask, slot0, cnt = args[1], args[2], args[5]
+    i1, i16, i32, i64 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    v16 = ir.VectorType(i16, BLOCK)
+    v64 = ir.VectorType(i64, BLOCK)
+    vm = ir.VectorType(i1, BLOCK)
+    m = builder.bitcast(builder.trunc(mask, i32), vm)
+    scores = builder.load(builder.bitcast(buf.data, v16.as_pointer()), align=2)
+    slots = builder.add(_splat(builder, v64, slot0), ir.Constant(v64, list(range(BLOCK))))
+    for vec, arr in ((scores, resv), (slots, resi)):
+        elem = vec.type.element
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [vec.type, elem.as_pointer(), vm]),
+            f"llvm.masked.compressstore.v{BLOCK}i{elem.width}")
+        dst = builder.gep(builder.bitcast(arr.data, elem.as_pointer()), [cnt])
+        builder.call(fn, [vec, dst, m])
+    pop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+    return builder.add(cnt, builder.call(pop, [mask]))
+
+
+@intrinsic
+def _append_passing(typingctx, buf, mask, slot0, res_v, res_i, cnt):
+    """Append the rows of bit mask ``mask`` (bit v: row v of the block whose
+    first slot is ``slot0``) to the collector: scores buf[v] to res_v and
+    slots slot0 + v to res_i from position cnt, in row order (LLVM's
+    ``masked.compressstore``: one instruction per vector with AVX-512, a
+    loop elsewhere); returns the new count.  res_v / res_i need room for 32
+    more entries."""
+    ok = (isinstance(buf, types.Array) and buf.dtype == types.uint16 and buf.ndim == 1
+          and isinstance(res_v, types.Array) and res_v.dtype == types.uint16 and res_v.ndim == 1
+          and isinstance(res_i, types.Array) and res_i.dtype == types.int64 and res_i.ndim == 1)
+    if not ok:
+        return None
+    sig = types.int64(buf, types.int64, types.int64, res_v, res_i, types.int64)
+    return sig, _append_passing_codegen
+
+
 def _cttz_codegen(context, builder, signature, args):
     i64 = ir.IntType(64)
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
@@ -298,22 +339,32 @@ def quantize_luts(Y, slot_dim, centT):
 @inline_kernel
 def _kth_largest(vals, cnt, kk):
     """The kk-th largest of vals[:cnt] (uint16; 1 <= kk <= cnt): radix
-    select on the high byte, then the low byte (two 256-bin histograms)."""
-    hist = np.zeros(256, np.int64)
+    select on the high byte, then the low byte.  Each pass counts into four
+    interleaved 256-bin histograms (entry j into copy j % 4): the scores
+    crowd into a few bins, and one histogram's increments of the same bin
+    form a dependency chain."""
+    hist = np.zeros((4, 256), np.int32)
     for j in range(cnt):
-        hist[vals[j] >> 8] += 1
+        hist[j & 3, vals[j] >> 8] += 1
     need = kk
     hb = 255
-    while hist[hb] < need:
-        need -= hist[hb]
+    while True:
+        h = hist[0, hb] + hist[1, hb] + hist[2, hb] + hist[3, hb]
+        if h >= need:
+            break
+        need -= h
         hb -= 1
     hist[:] = 0
     for j in range(cnt):
-        if (vals[j] >> 8) == hb:
-            hist[vals[j] & 255] += 1
+        v = vals[j]
+        if (v >> 8) == hb:
+            hist[j & 3, v & 255] += 1
     lb = 255
-    while hist[lb] < need:
-        need -= hist[lb]
+    while True:
+        h = hist[0, lb] + hist[1, lb] + hist[2, lb] + hist[3, lb]
+        if h >= need:
+            break
+        need -= h
         lb -= 1
     return (hb << 8) | lb
 
@@ -358,24 +409,28 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, kk, out_
         if lst < 0:
             continue
         b0, b1 = block_ptr[lst], block_ptr[lst + 1]
+        # the prefetch stream runs PREFETCH blocks ahead, into the next list
+        n0, n1 = b1, b1
+        if li + 1 < lists.shape[0] and lists[li + 1] >= 0:
+            n0, n1 = block_ptr[lists[li + 1]], block_ptr[lists[li + 1] + 1]
+        if b0 == b1:
+            continue
+        if li == 0 or lists[li - 1] < 0:
+            for t in range(b0, min(b0 + PREFETCH, b1)):
+                _prefetch_block(blocks, t)
         for b in range(b0, b1):
-            if b + PREFETCH < b1:
-                _prefetch_block(blocks, b + PREFETCH)
-            elif b + 1 == b1 and li + 1 < lists.shape[0] and lists[li + 1] >= 0:
-                nxt = block_ptr[lists[li + 1]]
-                for t in range(min(PREFETCH, block_ptr[lists[li + 1] + 1] - nxt)):
-                    _prefetch_block(blocks, nxt + t)
+            ahead = b + PREFETCH
+            if ahead < b1:
+                _prefetch_block(blocks, ahead)
+            elif n0 + ahead - b1 < n1:
+                _prefetch_block(blocks, n0 + ahead - b1)
             mask = block_scores(blocks, b, lut, q, buf, thr)
             if b + 1 == b1:  # padding slots (only in a list's last block)
                 mask &= (np.int64(1) << block_fill[lst]) - 1
             if mask == 0:
                 continue
-            while mask != 0:  # the passing rows, lowest first
-                v = _lowest_bit(mask)
-                mask &= mask - 1
-                res_v[cnt] = buf[v]
-                res_i[cnt] = b * BLOCK + v  # a slot: rows are looked up at the end
-                cnt += 1
+            # slots (block * 32 + row in block): rows are looked up at the end
+            cnt = _append_passing(buf, mask, b * BLOCK, res_v, res_i, cnt)
             if cnt > 2 * kk:
                 t = _compact(res_v, res_i, cnt, kk)
                 cnt = kk
