@@ -899,11 +899,11 @@ _TAG_MAX = int(np.iinfo(np.int32).max)  # visited tags wrap before this
 #: last from 48-400 random candidates of 50k rows per query: fields 0.95 ns,
 #: lookups 0.58 ns + 19 us of tables; cross-over ~80 candidates), one dimension of
 #: an exact dot product with the stored copy (random float16 rows, all
-#: prefetched first, vectorised float64 sums: 0.42-0.76 ns for 200-20 rows of
-#: a 50k x 384 copy; 0.57-0.89 ns for a 10^6 x 384 copy = 768 MB), and the
-#: copy size up to which the first applies
+#: prefetched first, F16C widening, float64 sums: 0.32-0.66 ns for 400-20
+#: rows of a 50k x 384 copy; 0.45-0.63 ns for a 10^6 x 384 copy = 768 MB),
+#: and the copy size up to which the first applies
 FIELD_NS, ENTRY_NS, LOOKUP_NS = 1.0, 0.4, 0.6
-EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 0.45, 0.6, 128 << 20
+EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 0.35, 0.45, 128 << 20
 #: exact re-rank of all coarse candidates is chosen up to this many times the
 #: estimated cost of ADC rescoring + exact re-rank of the best: it returns the
 #: exact top-k of a superset (shipped sample, 10k rows, rerank=1, 100 coarse

@@ -115,19 +115,24 @@ assert fk.SIMD_WIDTH == int(sys.argv[1]), fk.SIMD_WIDTH
 d = np.load(sys.argv[2])
 print(fk.block_scores_all(d["blocks"], d["lut"], 0, True).tolist())
 print(fk.scan_tables_topk(d["blocks"], d["rows"], d["bptr"], d["fill"], d["lut"], np.zeros((1, 1), np.int64), 50)[0].tolist())
+from ipq_index._kernels import rerank as rr
+assert rr.HALF_SIMD == (sys.argv[1] != "0"), rr.HALF_SIMD
+v, r = rr.rerank_serial(d["Q"], d["V"], d["cand"], 5)
+print(v.tolist()); print(r.tolist())
 """
 
 
-_HASWELL = "+64bit,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+avx,+avx2,+fma,+bmi,+bmi2,+lzcnt,+movbe"
+_HASWELL = "+64bit,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+movbe"
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="x86 targets (AVX2 and baseline x86-64) are compiled only on x86 hosts")
 @pytest.mark.parametrize("cpu,features,width", [("haswell", _HASWELL, 32), ("x86-64", "+64bit,+sse,+sse2", 0)])
 def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
-    """The AVX2 (32-byte) kernel and the scalar fallback (a CPU without AVX2)
-    are what other machines run: compiled for those targets in a subprocess
-    (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES), they give this machine's scores and candidates."""
+    """The AVX2 (32-byte) kernel and the scalar fallback (a CPU without AVX2),
+    and the exact re-rank's float16 widening without F16C, are what other
+    machines run: compiled for those targets in a subprocess (NUMBA_CPU_NAME
+    / NUMBA_CPU_FEATURES), they give this machine's scores and candidates."""
     import os
     import subprocess
     import sys
@@ -137,12 +142,19 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
     blocks, rows, bptr, fill = fk.layout_blocks(packed, np.array([0, n]), np.arange(n))
     lut = _place_tables(rng.integers(0, 256, (2 * G, 16), dtype=np.uint8))[None, :]
-    np.savez(tmp_path / "d.npz", blocks=blocks, rows=rows, bptr=bptr, fill=fill, lut=lut)
+    V = rng.standard_normal((300, 37)).astype(np.float16).view(np.uint16)
+    Q = rng.standard_normal((2, 37)).astype(np.float32)
+    cand = rng.integers(-1, 300, (2, 40))
+    np.savez(tmp_path / "d.npz", blocks=blocks, rows=rows, bptr=bptr, fill=fill, lut=lut, V=V, Q=Q, cand=cand)
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     res = subprocess.run([sys.executable, "-c", _OTHER_TARGET, str(width), str(tmp_path / "d.npz")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    scores, cand = (eval(line) for line in res.stdout.strip().splitlines())
+    scores, found, rr_v, rr_r = (eval(line) for line in res.stdout.strip().splitlines())
     assert scores == fk.block_scores_all(blocks, lut, 0, True).tolist()
     here = fk.scan_tables_topk(blocks, rows, bptr, fill, lut, np.zeros((1, 1), np.int64), 50)[0]
-    assert cand == here.tolist()
+    assert found == here.tolist()
+    from ipq_index._kernels import rerank as rr
+    v, r = rr.rerank_serial(Q, V, cand, 5)
+    assert rr_r == r.tolist()
+    np.testing.assert_allclose(rr_v, v, rtol=1e-6)
