@@ -46,6 +46,8 @@ from .adc import _coarse_luts, _probe_one, rescore_fields_one, weighted_row_sum
 BLOCK = 32
 #: blocks prefetched ahead of the one being scored (and of the next list)
 PREFETCH = 8
+#: the collector keeps up to this many times kk rows before a compaction
+BUFFER = 4
 #: bytes of quantized tables per code byte (two sub-quantizers, two lanes each)
 LUT_STRIDE = 64
 
@@ -337,43 +339,48 @@ def quantize_luts(Y, slot_dim, centT):
 
 
 @inline_kernel
-def _kth_largest(vals, cnt, kk):
+def _kth_largest(vals, cnt, kk, hist):
     """The kk-th largest of vals[:cnt] (uint16; 1 <= kk <= cnt): radix
     select on the high byte, then the low byte.  Each pass counts into four
-    interleaved 256-bin histograms (entry j into copy j % 4): the scores
-    crowd into a few bins, and one histogram's increments of the same bin
-    form a dependency chain."""
-    hist = np.zeros((4, 256), np.int32)
+    interleaved 256-bin histograms (entry j into ``hist[j % 4]``, int32
+    (4, 256) scratch): the scores crowd into a few bins, and one histogram's
+    increments of the same bin form a dependency chain."""
+    hist[:] = 0
+    top = 0
     for j in range(cnt):
-        hist[j & 3, vals[j] >> 8] += 1
+        h = np.int64(vals[j]) >> 8
+        hist[j & 3, h] += 1
+        top = max(top, h)
     need = kk
-    hb = 255
+    hb = top
     while True:
-        h = hist[0, hb] + hist[1, hb] + hist[2, hb] + hist[3, hb]
-        if h >= need:
+        c = hist[0, hb] + hist[1, hb] + hist[2, hb] + hist[3, hb]
+        if c >= need:
             break
-        need -= h
+        need -= c
         hb -= 1
     hist[:] = 0
+    top = 0
     for j in range(cnt):
-        v = vals[j]
+        v = np.int64(vals[j])
         if (v >> 8) == hb:
             hist[j & 3, v & 255] += 1
-    lb = 255
+            top = max(top, v & 255)
+    lb = top
     while True:
-        h = hist[0, lb] + hist[1, lb] + hist[2, lb] + hist[3, lb]
-        if h >= need:
+        c = hist[0, lb] + hist[1, lb] + hist[2, lb] + hist[3, lb]
+        if c >= need:
             break
-        need -= h
+        need -= c
         lb -= 1
     return (hb << 8) | lb
 
 
 @inline_kernel
-def _compact(res_v, res_i, cnt, kk):
+def _compact(res_v, res_i, cnt, kk, hist):
     """Keep the best kk of res[:cnt] (score; among equal scores the first
     found) in res[:kk]; returns the kk-th best score."""
-    t = _kth_largest(res_v, cnt, kk)
+    t = _kth_largest(res_v, cnt, kk, hist)
     above = 0
     for j in range(cnt):
         if res_v[j] > t:
@@ -398,10 +405,11 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, kk, out_
     cut, the first scanned).  The buffer holds slots (block * 32 + row in
     block), mapped to rows only for the final kk: ``block_rows`` is large
     and cold, one lookup per passing row cost more than the scan."""
-    cap = 2 * kk + BLOCK
+    cap = BUFFER * kk + BLOCK
     res_v = np.empty(cap, np.uint16)
     res_i = np.empty(cap, np.int64)
     buf = np.empty(BLOCK, np.uint16)
+    hist = np.empty((4, 256), np.int32)
     cnt = 0
     thr = 0
     for li in range(lists.shape[0]):
@@ -431,12 +439,12 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, kk, out_
                 continue
             # slots (block * 32 + row in block): rows are looked up at the end
             cnt = _append_passing(buf, mask, b * BLOCK, res_v, res_i, cnt)
-            if cnt > 2 * kk:
-                t = _compact(res_v, res_i, cnt, kk)
+            if cnt > BUFFER * kk:
+                t = _compact(res_v, res_i, cnt, kk, hist)
                 cnt = kk
                 thr = min(np.int64(t) + 1, 65535)
     if cnt > kk:
-        _compact(res_v, res_i, cnt, kk)
+        _compact(res_v, res_i, cnt, kk, hist)
         cnt = kk
     for j in range(cnt):
         out_i[j] = block_rows[res_i[j]]
