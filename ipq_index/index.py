@@ -458,8 +458,14 @@ class FlatIndex:
         set-up time out of timed searches)."""
         if self.ntotal:
             q = self.reconstruct([0])
+            batch = np.repeat(q, SERIAL_QUERIES, axis=0)
+            # one query (serial kernels; fused when there are few candidates)
+            # and a batch (parallel kernels), each with few candidates and
+            # with many (lookup-table rescoring), for every search path
             for params in self._warmup_params():
-                self.search(q, 1, num_threads=1, **params)
+                for Q, nt in ((q, 1), (batch, -1)):
+                    for k in (1, min(self.ntotal, 64)):
+                        self.search(Q, k, num_threads=nt, **params)
         return self
 
     def _warmup_params(self):
@@ -693,7 +699,8 @@ class IVFIndex(FlatIndex):
         return fn(np.ascontiguousarray(Y, np.float32), dims, Ct, spread, int(nprobe))
 
     def _warmup_params(self):
-        return ({}, {"fs": 0})
+        part = max(1, self.nlist // 2)  # probes computed (every list probed skips them)
+        return ({}, {"nprobe": part}, {"fs": 0, "nprobe": part})
 
     def _extra_state(self):
         return {"nlist": self.nlist, "nprobe": self.nprobe}, {"ivf.centroids": self.centroids,
@@ -878,7 +885,8 @@ class GraphIndex(FlatIndex):
             raise
 
     def _warmup_params(self):
-        return ({}, {"nav": "full"})
+        # a wide beam rescored with lookup tables takes the staged path
+        return ({}, {"ef": 256}, {"nav": "full"})
 
     def _extra_state(self):
         meta = {"M": self.M, "ef": self.ef, "ef_construction": self.ef_construction,

@@ -646,7 +646,7 @@ def test_coarse_codes_keep_the_score_variance(sample, built):
 
 def test_ivf_concurrent_searches_with_different_nprobe():
     """Searches from several Python threads with different nprobe on one
-    IVF index (FAISS fast-scan lists) return what each returns alone."""
+    IVF index (fast-scan lists) return what each returns alone."""
     from concurrent.futures import ThreadPoolExecutor
 
     ds = datasets.load_sample("minilm")
@@ -898,3 +898,48 @@ def test_direct_exact_rerank_of_coarse_candidates(monkeypatch):
     assert v is None and r is cand
     v, r = index_mod._QueryBatch(idx.encoder, Q).rescore(cand, 20, codes, none)
     assert v.shape == (len(Q), 20) and np.isin(r, cand).all()
+
+
+_WARM_SCRIPT = """
+import sys, numpy as np, ipq_index
+from ipq_index._kernels import adc, fastscan, graph_search, rerank
+def signatures():
+    out = {}
+    for mod in (adc, fastscan, graph_search, rerank):
+        for name in dir(mod):
+            f = getattr(mod, name)
+            if hasattr(f, "signatures"):
+                out[mod.__name__ + "." + name] = len(f.signatures)
+    return out
+idx = ipq_index.load(sys.argv[1]).warmup()
+Q = np.load(sys.argv[2])
+before = signatures()
+for i in range(3):
+    idx.search(Q[i:i + 1], 10, num_threads=1)
+    idx.search(Q[i:i + 1], 10, num_threads=1, **eval(sys.argv[3]))
+idx.search(Q, 10)
+after = signatures()
+print(sorted(k for k in after if after[k] != before.get(k, 0)))
+"""
+
+
+@pytest.mark.parametrize("spec,params", [("PCA,ASQ4,Rerank2", "dict(fs=20, rerank=8)"),
+                                         ("PCA,IVF16,ASQ4", "dict(fs=30, nprobe=4)"),
+                                         ("PCA,HNSW16,ASQ4", "dict(ef=200)")])
+def test_warmup_compiles_every_search_path(tmp_path, spec, params):
+    """After ``warmup()`` single-query searches (few and many candidates:
+    the fused and the staged kernels) and a batch compile nothing: in a
+    fresh process, no kernel gains a signature (JIT stays out of timed
+    searches)."""
+    import subprocess
+    import sys
+
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train[:5000], ds.test[:20]
+    idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
+    idx.save(tmp_path / "i.ipq")
+    np.save(tmp_path / "q.npy", Q)
+    res = subprocess.run([sys.executable, "-c", _WARM_SCRIPT, str(tmp_path / "i.ipq"), str(tmp_path / "q.npy"), params],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "[]", res.stdout

@@ -25,10 +25,12 @@ else with an equivalent scalar loop (same integers, tested equal); it returns th
 mask of rows scoring at least the collector's threshold, so the common case
 (no row good enough) costs one compare per block.
 
-Collector.  Rows passing the threshold go into a buffer of 2 kk; when it
-fills, the kk-th largest score t is found, the best kk kept and the threshold
-raised to t + 1 (FAISS's "reservoir" idea, without its heap).  The final
-kk are returned unordered (the rescoring ranks them).
+Collector.  Rows passing the threshold are appended (masked compress-stores)
+to a buffer of ``BUFFER`` kk; when it fills, the kk-th largest score t is
+found (radix select), the best kk kept and the threshold raised to t + 1
+(FAISS's "reservoir" idea, without its heap).  IVF lists come best first
+(``adc._probe_one``), so the threshold rises early.  The final kk are
+returned unordered (the rescoring ranks them).
 """
 
 from __future__ import annotations
@@ -221,22 +223,9 @@ def _append_passing(typingctx, buf, mask, slot0, res_v, res_i, cnt):
     return sig, _append_passing_codegen
 
 
-def _cttz_codegen(context, builder, signature, args):
-    i64 = ir.IntType(64)
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
-    return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
-
-
-@intrinsic
-def _lowest_bit(typingctx, x):
-    """Index of the lowest set bit of int64 x != 0 (``llvm.cttz``)."""
-    if x != types.int64:
-        return None
-    return types.int64(types.int64), _cttz_codegen
-
-
 @inline_kernel
-def _block_scores_scalar(blocks, b, lut, q, out, thr):
+def block_scores_scalar(blocks, b, lut, q, out, thr):
+    """Scalar ``block_scores`` (identical integers): targets without AVX2, and the tests' reference."""
     for v in range(BLOCK):
         out[v] = 0
     for g in range(blocks.shape[1]):
@@ -249,12 +238,6 @@ def _block_scores_scalar(blocks, b, lut, q, out, thr):
         if out[v] >= thr:
             mask |= 1 << v
     return mask
-
-
-@inline_kernel
-def block_scores_scalar(blocks, b, lut, q, out, thr):
-    """Scalar reference of ``block_scores`` (identical integers)."""
-    return _block_scores_scalar(blocks, b, lut, q, out, thr)
 
 
 if SIMD:
