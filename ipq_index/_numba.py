@@ -48,6 +48,20 @@ def prefetch(typingctx, arr, i, j):
     return types.void(arr, types.intp, types.intp), _prefetch_codegen
 
 
+def target_has(feature: str) -> bool:
+    """Whether numba's code generator targets a CPU with ``feature`` (an
+    LLVM feature name such as "avx2"; honours NUMBA_CPU_NAME /
+    NUMBA_CPU_FEATURES).  False when it cannot tell: kernels then take their
+    portable form."""
+    try:
+        from numba.core.registry import cpu_target
+
+        feats = cpu_target.target_context.codegen()._tm_features
+    except Exception:  # pragma: no cover - numba internals moved
+        return False
+    return ("+" + feature) in str(feats).split(",")
+
+
 def resolve_threads(num_threads: int | None) -> int:
     """Map ``num_threads`` (``None``/``-1`` = all) to a valid numba thread count."""
     limit = numba.config.NUMBA_NUM_THREADS

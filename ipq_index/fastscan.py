@@ -54,9 +54,9 @@ class FastScanner:
 
     ``lists``: optional ``(ptr, order)`` CSR of an IVF partition (list l holds
     rows ``order[ptr[l]:ptr[l+1]]``); then candidates come only from the
-    probed lists.  ``lists="codes"`` keeps the coarse codes as a plain (n, M/2) array
-    (``codes``) scored by ``nav_tables`` (graph navigation; ``byte_tables``:
-    the same in float32), no FAISS index.
+    probed lists.  ``lists="codes"`` keeps the coarse codes as a plain (n,
+    M/2) array (``codes``) scored by ``nav_tables`` (graph navigation;
+    ``byte_tables``: the same in float32) instead of the blocked layout.
     """
 
     def __init__(self, encoder, codes, scales=None, lists=None, chunk: int = 65536, sample: int = 100_000,
@@ -118,8 +118,6 @@ class FastScanner:
                     cent[m, c, s] = coarse[j][(c >> nib_shift[j]) & mask]
                 self.slot_dim[m, s] = j
         self.M = M
-        self.dv = M * DSUB
-        self.code_bytes = M // 2
         self.lists = lists
         self.cent = cent
         self._centT = np.ascontiguousarray(cent.transpose(0, 2, 1))  # (M, DSUB, 16)

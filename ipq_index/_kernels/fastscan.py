@@ -41,7 +41,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._numba import inline_kernel, kernel, parallel_kernel
+from .._numba import inline_kernel, kernel, parallel_kernel, target_has
 from .adc import _coarse_luts, _probe_one, rescore_fields_one, weighted_row_sum
 
 #: rows per block
@@ -54,21 +54,9 @@ BUFFER = 4
 LUT_STRIDE = 64
 
 
-def _target_has(feature: str) -> bool:
-    """Whether numba's code generator targets a CPU with ``feature`` (honours
-    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES; False when it cannot tell)."""
-    try:
-        from numba.core.registry import cpu_target
-
-        feats = cpu_target.target_context.codegen()._tm_features
-    except Exception:  # pragma: no cover - numba internals moved
-        return False
-    return ("+" + feature) in str(feats).split(",")
-
-
 #: byte width of the shuffles that score blocks: 64 (AVX-512BW), 32 (AVX2)
 #: or 0 (no byte shuffles: a scalar loop with the same integers)
-SIMD_WIDTH = 64 if _target_has("avx512bw") else 32 if _target_has("avx2") else 0
+SIMD_WIDTH = 64 if target_has("avx512bw") else 32 if target_has("avx2") else 0
 SIMD = SIMD_WIDTH > 0
 
 
