@@ -158,3 +158,40 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     v, r = rr.rerank_serial(Q, V, cand, 5)
     assert rr_r == r.tolist()
     np.testing.assert_allclose(rr_v, v, rtol=1e-6)
+
+
+def test_sampled_threshold_stays_exact():
+    """Scans of many rows per candidate start from a threshold set on every
+    SAMPLE_STEP-th block; the result is the exact top-kk both when the sample
+    is representative and when it holds nearly all the best rows (the
+    threshold then aims too high and the scan is repeated from 0)."""
+    rng = np.random.default_rng(11)
+    step, kk, G = fk.SAMPLE_STEP, 40, 6
+    assert kk >= fk.SAMPLE_KK
+    n = 32 * step * 12
+    assert n >= fk.SAMPLE_MIN * kk
+    T = rng.integers(0, 200, (2 * G, 16), dtype=np.uint8)
+    lut = _place_tables(T)[None, :]
+    for adversarial in (False, True):
+        packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
+        ks = 2 * kk // step
+        if adversarial:  # ks + 1 top rows, all inside sampled blocks (block index % step == 0)
+            # (entries of T are < 200; the top rows' entries are raised to 255 below)
+            tops = (np.arange(ks + 1) * step) * 32 + 3
+            packed[tops] = np.array([T[2 * g].argmax() | (T[2 * g + 1].argmax() << 4) for g in range(G)], np.uint8)
+            T2 = T.copy()
+            for g in range(G):  # make those codes score far above every other row
+                T2[2 * g, T[2 * g].argmax()] = 255
+                T2[2 * g + 1, T[2 * g + 1].argmax()] = 255
+            lut = _place_tables(T2)[None, :]
+            scores = _scores(packed, T2)
+            sample = np.concatenate([scores[b * 32:(b + 1) * 32] for b in range(0, n // 32, step)])
+            thr = np.sort(sample)[::-1][ks - 1]
+            assert (scores >= thr).sum() < kk  # the sampled threshold must be abandoned
+        else:
+            scores = _scores(packed, T)
+            lut = _place_tables(T)[None, :]
+        blocks, rows, bptr, fill = fk.layout_blocks(packed, np.array([0, n]), np.arange(n))
+        got = fk.scan_tables_topk(blocks, rows, bptr, fill, lut, np.zeros((1, 1), np.int64), kk)[0]
+        assert np.unique(got).size == kk
+        assert (np.sort(scores[got]) == np.sort(scores)[-kk:]).all()

@@ -50,6 +50,10 @@ BLOCK = 32
 PREFETCH = 8
 #: the collector keeps up to this many times kk rows before a compaction
 BUFFER = 4
+#: a sample of every SAMPLE_STEP-th block sets the collector's first
+#: threshold when a query keeps at least SAMPLE_KK rows and scans at least
+#: SAMPLE_MIN * kk (fewer: the collector is cheap, the sample is not)
+SAMPLE_STEP, SAMPLE_MIN, SAMPLE_KK = 16, 64, 32
 #: bytes of quantized tables per code byte (two sub-quantizers, two lanes each)
 LUT_STRIDE = 64
 
@@ -370,39 +374,36 @@ def _compact(res_v, res_i, cnt, kk, hist):
 
 
 @inline_kernel
-def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, kk, out_i):
-    """The kk rows of query q's best quantized scores over the blocks of
-    ``lists`` into out_i, unordered (-1 padded; among equal scores at the
-    cut, the first scanned).  The buffer holds slots (block * 32 + row in
-    block), mapped to rows only for the final kk: ``block_rows`` is large
-    and cold, one lookup per passing row cost more than the scan."""
-    cap = BUFFER * kk + BLOCK
-    res_v = np.empty(cap, np.uint16)
-    res_i = np.empty(cap, np.int64)
-    buf = np.empty(BLOCK, np.uint16)
-    hist = np.empty((4, 256), np.int32)
+def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, kk, thr, step, res_v, res_i, hist, buf):
+    """Collect the best kk rows scoring >= thr over every ``step``-th block
+    of ``lists`` (step 1: all) into res (slots, unordered); returns
+    (count <= kk, kk-th best score or -1 when fewer than kk passed)."""
     cnt = 0
-    thr = 0
+    g = 0  # blocks seen, for the stride
     for li in range(lists.shape[0]):
         lst = lists[li]
         if lst < 0:
             continue
         b0, b1 = block_ptr[lst], block_ptr[lst + 1]
-        # the prefetch stream runs PREFETCH blocks ahead, into the next list
-        n0, n1 = b1, b1
-        if li + 1 < lists.shape[0] and lists[li + 1] >= 0:
-            n0, n1 = block_ptr[lists[li + 1]], block_ptr[lists[li + 1] + 1]
         if b0 == b1:
             continue
-        if li == 0 or lists[li - 1] < 0:
-            for t in range(b0, min(b0 + PREFETCH, b1)):
-                _prefetch_block(blocks, t)
-        for b in range(b0, b1):
-            ahead = b + PREFETCH
-            if ahead < b1:
-                _prefetch_block(blocks, ahead)
-            elif n0 + ahead - b1 < n1:
-                _prefetch_block(blocks, n0 + ahead - b1)
+        if step == 1:
+            # the prefetch stream runs PREFETCH blocks ahead, into the next list
+            n0, n1 = b1, b1
+            if li + 1 < lists.shape[0] and lists[li + 1] >= 0:
+                n0, n1 = block_ptr[lists[li + 1]], block_ptr[lists[li + 1] + 1]
+            if li == 0 or lists[li - 1] < 0:
+                for t in range(b0, min(b0 + PREFETCH, b1)):
+                    _prefetch_block(blocks, t)
+        first = b0 + (-g) % step
+        g += b1 - b0
+        for b in range(first, b1, step):
+            if step == 1:
+                ahead = b + PREFETCH
+                if ahead < b1:
+                    _prefetch_block(blocks, ahead)
+                elif n0 + ahead - b1 < n1:
+                    _prefetch_block(blocks, n0 + ahead - b1)
             mask = block_scores(blocks, b, lut, q, buf, thr)
             if b + 1 == b1:  # padding slots (only in a list's last block)
                 mask &= (np.int64(1) << block_fill[lst]) - 1
@@ -414,9 +415,44 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, kk, out_
                 t = _compact(res_v, res_i, cnt, kk, hist)
                 cnt = kk
                 thr = min(np.int64(t) + 1, 65535)
-    if cnt > kk:
-        _compact(res_v, res_i, cnt, kk, hist)
-        cnt = kk
+    if cnt < kk:
+        return cnt, -1
+    t = _compact(res_v, res_i, cnt, kk, hist)
+    return kk, np.int64(t)
+
+
+@inline_kernel
+def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, kk, out_i):
+    """The kk rows of query q's best quantized scores over the blocks of
+    ``lists`` into out_i, unordered (-1 padded; among equal scores at the
+    cut, the first scanned).  The buffer holds slots (block * 32 + row in
+    block), mapped to rows only for the final kk: ``block_rows`` is large
+    and cold, one lookup per passing row cost more than the scan.
+
+    With many rows per candidate, a first pass over every SAMPLE_STEP-th
+    block sets the starting threshold: the (2 kk / SAMPLE_STEP)-th best
+    score of the sample, about the 2 kk-th best overall, so few rows pass
+    and the buffer rarely needs cutting.  The result stays exact: when
+    fewer than kk rows reach that threshold the scan is repeated from 0."""
+    cap = BUFFER * kk + BLOCK
+    res_v = np.empty(cap, np.uint16)
+    res_i = np.empty(cap, np.int64)
+    buf = np.empty(BLOCK, np.uint16)
+    hist = np.empty((4, 256), np.int32)
+    nblk = 0
+    for li in range(lists.shape[0]):
+        if lists[li] >= 0:
+            nblk += block_ptr[lists[li] + 1] - block_ptr[lists[li]]
+    thr = 0
+    if kk >= SAMPLE_KK and nblk * BLOCK >= SAMPLE_MIN * kk:
+        ks = (2 * kk) // SAMPLE_STEP
+        got, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, ks, 0, SAMPLE_STEP,
+                            res_v, res_i, hist, buf)
+        if t >= 0:
+            thr = t
+    cnt, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, kk, thr, 1, res_v, res_i, hist, buf)
+    if t < 0 and thr > 0:  # the sample aimed too high: scan again, keeping everything
+        cnt, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, kk, 0, 1, res_v, res_i, hist, buf)
     for j in range(cnt):
         out_i[j] = block_rows[res_i[j]]
     for j in range(cnt, kk):
