@@ -437,6 +437,31 @@ def rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, hv, hi):
     heap_to_sorted(hv, hi)
 
 
+@inline_kernel
+def rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, out_v, out_r):
+    """Fused searches: table-free ADC of the candidate rows cand (1, c) of
+    rotated query Y[0] (``rescore_fields_one``), top-kk into out_v / out_r,
+    plus <Q[qi], mean> (float64): inner-product estimates."""
+    rescore_fields_one(Y, 0, levels, fields, codes, scales, cand, out_v, out_r)
+    off = 0.0
+    for j in range(Q.shape[1]):
+        off += np.float64(Q[qi, j]) * mean[j]
+    for t in range(kk):
+        if out_r[t] >= 0:
+            out_v[t] = np.float32(np.float64(out_v[t]) + off)
+
+
+@inline_kernel
+def ids_of_rows_one(out_v, out_r, out_ids, ids):
+    """out_ids = ids[out_r] for one query's result row (-1 rows: id -1, score -inf)."""
+    for t in range(out_r.shape[0]):
+        r = out_r[t]
+        if r >= 0:
+            out_ids[t] = ids[r]
+        else:
+            out_v[t] = -np.inf
+
+
 @kernel
 def rescore_fields_serial(Y, levels, fields, codes, scales, cand, kk):
     """``rescore_fields`` without a parallel region (cheaper for a few queries)."""

@@ -42,7 +42,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._numba import inline_kernel, kernel, parallel_kernel, target_has
-from .adc import _coarse_luts, _probe_one, rescore_fields_one, weighted_row_sum
+from .adc import _coarse_luts, _probe_one, ids_of_rows_one, rescore_offset_one, weighted_row_sum
 
 #: rows per block
 BLOCK = 32
@@ -539,22 +539,11 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
         _quantize_one(Y, 0, slot_dim, centT, scratch, lut)
         _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, ncand, cand[0])
         if rescore:
-            rescore_fields_one(Y, 0, levels, fields, codes, scales, cand, out_v[qi], out_r[qi])
-            off = 0.0
-            for j in range(d):
-                off += np.float64(Q[qi, j]) * mean[j]
-            for t in range(kk):
-                if out_r[qi, t] >= 0:
-                    out_v[qi, t] = np.float32(np.float64(out_v[qi, t]) + off)
+            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, out_v[qi], out_r[qi])
         else:
             for t in range(ncand):
                 out_r[qi, t] = cand[0, t]
-        for t in range(width):
-            r = out_r[qi, t]
-            if r >= 0:
-                out_ids[qi, t] = ids[r]
-            else:
-                out_v[qi, t] = -np.inf
+        ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
     return out_v, out_r, out_ids
 
 

@@ -11,8 +11,8 @@ import numpy as np
 from numba import prange
 
 from .._numba import inline_kernel, kernel, parallel_kernel, prefetch
-from .adc import (heap_offer, heap_to_sorted, nav_table_one, rescore_fields_one, row_score, rows4_sums, scale4,
-                  weighted_row_sum)
+from .adc import (heap_offer, heap_to_sorted, ids_of_rows_one, nav_table_one, rescore_offset_one, row_score,
+                  rows4_sums, scale4, weighted_row_sum)
 
 
 @inline_kernel
@@ -206,21 +206,10 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
         _beam_one(T, nav_codes, no_scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited[0],
                   tag0 + qi + 1, beam_v, beam_r[0])
         if rescore:
-            rescore_fields_one(Y, 0, levels, fields, codes, scales, beam_r, out_v[qi], out_r[qi])
-            off = 0.0
-            for j in range(d):
-                off += np.float64(Q[qi, j]) * mean[j]
-            for t in range(kk):
-                if out_r[qi, t] >= 0:
-                    out_v[qi, t] = np.float32(np.float64(out_v[qi, t]) + off)
+            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, beam_r, kk, out_v[qi], out_r[qi])
         else:
             for t in range(ef):
                 out_v[qi, t] = beam_v[t]
                 out_r[qi, t] = beam_r[0, t]
-        for t in range(width):
-            r = out_r[qi, t]
-            if r >= 0:
-                out_ids[qi, t] = ids[r]
-            else:
-                out_v[qi, t] = -np.inf
+        ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
     return out_v, out_r, out_ids
