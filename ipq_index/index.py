@@ -321,8 +321,8 @@ class FlatIndex:
 
     def _try_fused(self, Q, k, rerank, num_threads, fsf, probe=None):
         """A few queries on one thread (validated here): the whole fast-scan
-        search in one kernel (``_fs.scan_query_serial``), then the exact
-        re-rank if any; None when the staged path applies (many queries, or
+        search in one kernel (``_fs.scan_query_serial``), exact re-rank
+        included; None when the staged path applies (many queries, or
         the rescoring plan wants lookup tables).  ``probe``: (dims, Ct,
         spread, nprobe) of an IVF index.  Same results as the staged path
         (tested); saves the Python and dispatch between the stages."""
@@ -337,14 +337,14 @@ class FlatIndex:
         sc = self._fast_scanner()
         if probe is None:
             probe = (np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32), 0)
-        v, rows, out_ids = _fs.scan_query_serial(
+        # the copy's own dtype even when unused: one kernel build per index
+        V = np.zeros((0, 0), np.float32) if self.vectors is None else _copy_rows(self.vectors)
+        V = V if rr else V[:0]
+        v, _, out_ids = _fs.scan_query_serial(
             Q, enc.rotation32(), np.asarray(enc.mean, np.float64), sc.slot_dim, sc._centT, sc.blocks, sc.block_rows,
             sc.block_ptr, sc.block_fill, *probe, ncand, enc.levels32(), enc.field_table(), np.asarray(self.codes),
-            self._scales(), kk, plan == "fields", np.asarray(self.ids))
-        if not rr:
-            return v[:, :k], out_ids[:, :k]
-        sc_, rows = _rerank_exact(Q, np.asarray(self.vectors), rows, k)
-        return _adc.rows_to_ids(sc_, rows, np.asarray(self.ids))
+            self._scales(), kk, plan == "fields", np.asarray(self.ids), V, k)
+        return v[:, :k], out_ids[:, :k]
 
     @staticmethod
     def _fs_factor(fs, scanned_rows):
@@ -981,10 +981,17 @@ class _QueryBatch:
         return fn(self.tables(), codes, scales, cand, kk)
 
 
+def _copy_rows(vectors):
+    """The stored copy as the re-rank kernels read it: float32 rows, or the
+    bit patterns (uint16) of float16 rows."""
+    vectors = np.asarray(vectors)
+    return vectors.view(np.uint16) if vectors.dtype == np.float16 else vectors
+
+
 def _rerank_exact(Q, vectors, cand, k):
     """Exact inner products of each query with its candidate rows (-1 = none),
     accumulated in float64; top-k (scores float32 descending, rows -1 padded)."""
-    V = vectors.view(np.uint16) if vectors.dtype == np.float16 else vectors
+    V = _copy_rows(vectors)
     fn = _rr.rerank if cand.shape[0] >= SERIAL_QUERIES else _rr.rerank_serial
     return fn(np.ascontiguousarray(Q, np.float32), V, np.ascontiguousarray(cand, np.int64), k)
 

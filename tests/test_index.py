@@ -282,12 +282,13 @@ def test_fast_scan_stage_matches_full_adc():
         np.testing.assert_array_equal(I1, I_def)
 
 
-@pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,ASQ4s,Rerank2", "PCA,IVF32,ASQ4,Rerank4", "IVF32,ASQ6"])
+@pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,ASQ4s,Rerank2", "PCA,IVF32,ASQ4,Rerank4F32", "IVF32,ASQ6"])
 def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
     """A few queries on one thread run the whole fast-scan search in one
     kernel (``FlatIndex._try_fused``): same ids and scores as the staged
     path (rotation or none, scaled codes, IVF probes, every list probed,
-    ADC rescoring and the exact re-rank of all candidates)."""
+    ADC rescoring and the exact re-rank of all candidates, float16 and
+    float32 copies)."""
     from ipq_index import index as im
 
     ds = datasets.load_sample("minilm")

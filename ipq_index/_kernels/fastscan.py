@@ -43,6 +43,7 @@ from numba.extending import intrinsic
 
 from .._numba import inline_kernel, kernel, parallel_kernel, target_has
 from .adc import _coarse_luts, _probe_one, ids_of_rows_one, rescore_offset_one, weighted_row_sum
+from .rerank import rerank_rows
 
 #: rows per block
 BLOCK = 32
@@ -500,7 +501,7 @@ def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, pro
 
 @kernel
 def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, dims, Ct,
-                      spread, nprobe, ncand, levels, fields, codes, scales, kk, rescore, ids):
+                      spread, nprobe, ncand, levels, fields, codes, scales, kk, rescore, ids, V, k):
     """The whole single-thread fast-scan search of a few queries in one call
     (flat: one list and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
     largest probe scores, ``_probe_one`` with ``dims``, ``Ct``, ``spread``;
@@ -509,13 +510,17 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
 
     - ``rescore``: table-free full ADC of those rows (``rescore_fields_one``),
       top-kk, plus <q, mean> (float64): inner-product estimates;
-    - otherwise: the candidate rows as they are (for an exact re-rank).
+    - otherwise: the candidate rows as they are (for an exact re-rank);
 
+    then, when ``V`` (the stored copy: float32 rows or float16 bit patterns
+    as uint16) has rows, the exact top-k of those rows (``rerank_rows``).
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
-    (width kk if ``rescore`` else ncand); out_ids = ids[rows], -1 (score
-    -inf) for empty slots.  The same steps as the staged search (tested)."""
+    (width k if re-ranked, else kk if ``rescore``, else ncand); out_ids =
+    ids[rows], -1 (score -inf) for empty slots.  The same steps as the
+    staged search (tested)."""
     nq, d = Q.shape
-    width = kk if rescore else ncand
+    exact = V.shape[0] > 0
+    width = k if exact else (kk if rescore else ncand)
     out_v = np.full((nq, width), -np.inf, np.float32)
     out_r = np.full((nq, width), -1, np.int64)
     out_ids = np.full((nq, width), -1, np.int64)
@@ -529,6 +534,8 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     lists = np.arange(nlist) if nprobe == 0 else np.empty(nprobe, np.int64)
     acc = np.empty(Ct.shape[1], np.float32)
     pv = np.empty(max(nprobe, 1), np.float32)
+    hv = np.empty(kk, np.float32)  # ADC top-kk before an exact re-rank
+    hr = np.empty(kk, np.int64)
     for qi in range(nq):
         if R.shape[0] > 0:
             weighted_row_sum(Q[qi], R, Y[0])
@@ -538,7 +545,14 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
             _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists)
         _quantize_one(Y, 0, slot_dim, centT, scratch, lut)
         _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, ncand, cand[0])
-        if rescore:
+        if exact and rescore:
+            hv[:] = -np.inf
+            hr[:] = -1
+            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, hv, hr)
+            rerank_rows(Q[qi], V, hr, out_v[qi], out_r[qi])
+        elif exact:
+            rerank_rows(Q[qi], V, cand[0], out_v[qi], out_r[qi])
+        elif rescore:
             rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, out_v[qi], out_r[qi])
         else:
             for t in range(ncand):

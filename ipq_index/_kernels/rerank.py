@@ -2,7 +2,7 @@
 
 The copy is float32 or float16; numba has no float16 arithmetic, so float16
 rows are read as their uint16 bit patterns and widened exactly: by the CPU
-(F16C ``vcvtph2ps``, LLVM IR of 16-lane half vectors, ``_dot_half_simd``;
+(F16C ``vcvtph2ps``, LLVM IR of 16-lane half vectors, ``_dot_rows_simd``;
 400 random rows of 50k x 384: 146 -> 121 ns per row) when the target has
 it, else with integer operations (``_widen_half``).  Dot products
 accumulate in float64; the
@@ -53,11 +53,17 @@ HALF_SIMD = target_has("f16c") and target_has("avx2")
 _LANES = 16
 
 
-def _dot_half_codegen(context, builder, signature, args):
-    """float64 sum over j of float(half V[r, j]) * q[j]: 16 lanes per step
-    (half -> float32 -> float64, products and sums in float64, two
-    accumulators), the remainder one element at a time."""
+def _dot_rows_codegen(context, builder, signature, args):
+    """float64 sum over j of float(V[r, j]) * q[j] (q float64): 16 lanes per
+    step (uint16 rows: half bit patterns, half -> float32; float32 rows as
+    they are; then float64 multiply-adds into two accumulators), the
+    remainder one element at a time.  A float16 or float32 value times a
+    float32 query component is exact in float64, so fusing the multiply-add
+    (``llvm.fmuladd``: where the target has FMA) changes no result.
+    Explicit vectors: no fastmath needed, so kernels without it (the fused
+    scan) get the same sums as the re-rank kernels."""
     V_t, _, q_t = signature.args
+    is_half = V_t.dtype == types.uint16
     V = context.make_array(V_t)(context, builder, args[0])
     q = context.make_array(q_t)(context, builder, args[2])
     r = args[1]
@@ -73,17 +79,22 @@ def _dot_half_codegen(context, builder, signature, args):
     lo_idx = ir.Constant(ir.VectorType(i32, L // 2), list(range(L // 2)))
     hi_idx = ir.Constant(ir.VectorType(i32, L // 2), list(range(L // 2, L)))
     vd2 = ir.VectorType(dbl, L // 2)
+    fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd2, [vd2, vd2, vd2]),
+                                             f"llvm.fmuladd.v{L // 2}f64")
     acc0 = cgutils.alloca_once_value(builder, ir.Constant(vd2, None))
     acc1 = cgutils.alloca_once_value(builder, ir.Constant(vd2, None))
     with cgutils.for_range(builder, steps) as loop:
         off = builder.mul(loop.index, ir.Constant(i64, L))
-        h = builder.load(builder.bitcast(builder.gep(row, [off]), vi.as_pointer()), align=2)
-        x = builder.fpext(builder.bitcast(h, vh), vf)
-        y = builder.load(builder.bitcast(builder.gep(qp, [off]), vf.as_pointer()), align=4)
-        for idx, acc in ((lo_idx, acc0), (hi_idx, acc1)):
+        if is_half:
+            h = builder.load(builder.bitcast(builder.gep(row, [off]), vi.as_pointer()), align=2)
+            x = builder.fpext(builder.bitcast(h, vh), vf)
+        else:
+            x = builder.load(builder.bitcast(builder.gep(row, [off]), vf.as_pointer()), align=4)
+        for half_i, (idx, acc) in enumerate(((lo_idx, acc0), (hi_idx, acc1))):
+            qoff = builder.add(off, ir.Constant(i64, half_i * (L // 2)))
+            y = builder.load(builder.bitcast(builder.gep(qp, [qoff]), vd2.as_pointer()), align=8)
             xd = builder.fpext(builder.shuffle_vector(x, x, idx), vd2)
-            yd = builder.fpext(builder.shuffle_vector(y, y, idx), vd2)
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(xd, yd)), acc)
+            builder.store(builder.call(fmuladd, [xd, y, builder.load(acc)]), acc)
     tot = builder.fadd(builder.load(acc0), builder.load(acc1))
     s = builder.extract_element(tot, ir.Constant(i32, 0))
     for t in range(1, L // 2):
@@ -91,31 +102,33 @@ def _dot_half_codegen(context, builder, signature, args):
     res = cgutils.alloca_once_value(builder, s)
     with cgutils.for_range_slice(builder, builder.mul(steps, ir.Constant(i64, L)), d, ir.Constant(i64, 1)) as (j, _):
         hv = builder.load(builder.gep(row, [j]))
-        x = builder.fpext(builder.bitcast(hv, half), dbl)
-        y = builder.fpext(builder.load(builder.gep(qp, [j])), dbl)
+        x = builder.fpext(builder.bitcast(hv, half) if is_half else hv, dbl)
+        y = builder.load(builder.gep(qp, [j]))
         builder.store(builder.fadd(builder.load(res), builder.fmul(x, y)), res)
     return builder.load(res)
 
 
 @intrinsic
-def _dot_half_simd(typingctx, V, r, q):
-    ok = (isinstance(V, types.Array) and V.ndim == 2 and V.dtype == types.uint16 and V.layout == "C"
-          and isinstance(q, types.Array) and q.ndim == 1 and q.dtype == types.float32 and q.layout == "C")
+def _dot_rows_simd(typingctx, V, r, q):
+    ok = (isinstance(V, types.Array) and V.ndim == 2 and V.dtype in (types.uint16, types.float32)
+          and V.layout == "C" and isinstance(q, types.Array) and q.ndim == 1 and q.dtype == types.float64
+          and q.layout == "C")
     if not ok:
         return None
-    return types.float64(V, types.int64, q), _dot_half_codegen
+    return types.float64(V, types.int64, q), _dot_rows_codegen
 
 
 def _row_dot(V, r, q, u):
-    """float64 <V[r], q> (uint16 rows: float16 bit patterns, via scratch u)."""
+    """float64 <V[r], q> (q float64; uint16 rows: float16 bit patterns, via
+    scratch u)."""
 
 
 @overload(_row_dot, inline="always")
 def _row_dot_impl(V, r, q, u):
-    if isinstance(V.dtype, types.Integer) and HALF_SIMD:
-        def dot_half_simd(V, r, q, u):
-            return _dot_half_simd(V, r, q)
-        return dot_half_simd
+    if (V.dtype == types.float32 or HALF_SIMD) and V.layout == "C" and q.layout == "C":
+        def dot_simd(V, r, q, u):
+            return _dot_rows_simd(V, r, q)
+        return dot_simd
     if isinstance(V.dtype, types.Integer):
         def dot_half(V, r, q, u):
             _widen_half(V[r], u)
@@ -135,21 +148,41 @@ def _row_dot_impl(V, r, q, u):
     return dot_float
 
 
+#: rows prefetched ahead of the one being scored: the random, mostly
+#: uncached rows load while earlier ones are scored (prefetching every row
+#: first left the loads of the last rows to the L2 and gave no overlap)
+PREFETCH_ROWS = 4
+
+
+@inline_kernel
+def _prefetch_row(V, r):
+    """Hint every cache line of row r (if >= 0) into the cache."""
+    if r >= 0:
+        for j in range(0, V.shape[1], 64 // V.itemsize):
+            prefetch(V, r, j)
+
+
+@inline_kernel
+def rerank_rows(q, V, rows, hv, hi):
+    """Top-len(hv) of candidate ``rows`` (-1 = none) by exact <q, V[r]> into
+    (hv, hi) (filled with -inf / -1 by the caller): sorted descending."""
+    u = np.empty(q.shape[0], np.uint32)
+    q64 = q.astype(np.float64)
+    n = rows.shape[0]
+    for t in range(min(PREFETCH_ROWS, n)):
+        _prefetch_row(V, rows[t])
+    for t in range(n):
+        if t + PREFETCH_ROWS < n:
+            _prefetch_row(V, rows[t + PREFETCH_ROWS])
+        r = rows[t]
+        if r >= 0:
+            heap_offer(hv, hi, _row_dot(V, r, q64, u), r)
+    heap_to_sorted(hv, hi)
+
+
 @inline_kernel
 def _rerank_one(Q, qi, V, cand, hv, hi):
-    u = np.empty(Q.shape[1], np.uint32)
-    q = Q[qi]
-    step = 64 // V.itemsize  # one prefetch per cache line of every row first:
-    for t in range(cand.shape[1]):  # the (random, mostly uncached) rows load in parallel
-        r = cand[qi, t]
-        if r >= 0:
-            for j in range(0, V.shape[1], step):
-                prefetch(V, r, j)
-    for t in range(cand.shape[1]):
-        r = cand[qi, t]
-        if r >= 0:
-            heap_offer(hv, hi, _row_dot(V, r, q, u), r)
-    heap_to_sorted(hv, hi)
+    rerank_rows(Q[qi], V, cand[qi], hv, hi)
 
 
 @_parallel_kernel
