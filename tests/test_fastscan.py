@@ -169,7 +169,7 @@ def test_sampled_threshold_stays_exact():
     step, kk, G = fk.SAMPLE_STEP, 40, 6
     assert kk >= fk.SAMPLE_KK
     n = 32 * step * 12
-    assert n >= fk.SAMPLE_MIN * kk
+    assert fk.SAMPLE_MIN * kk <= n <= fk.SAMPLE_MAX * kk
     T = rng.integers(0, 200, (2 * G, 16), dtype=np.uint8)
     lut = _place_tables(T)[None, :]
     for adversarial in (False, True):
