@@ -48,6 +48,14 @@ def prefetch(typingctx, arr, i, j):
     return types.void(arr, types.intp, types.intp), _prefetch_codegen
 
 
+@intrinsic
+def prefetch1(typingctx, arr, i):
+    """``prefetch1(arr, i)``: ``prefetch`` for the element arr[i] of a 1-D array."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1):
+        return None
+    return types.void(arr, types.intp), _prefetch_codegen
+
+
 def target_has(feature: str) -> bool:
     """Whether numba's code generator targets a CPU with ``feature`` (an
     LLVM feature name such as "avx2"; honours NUMBA_CPU_NAME /

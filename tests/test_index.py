@@ -410,8 +410,8 @@ def test_table_free_rescoring_equals_table_adc(sample, built):
 
 def test_graph_search_reuses_visited_tags_safely(sample):
     """Visited marks are kept between searches: hundreds of consecutive
-    single-query calls, a batch call and concurrent calls from Python
-    threads all return the same results."""
+    single-query calls (more than the tags before they wrap), a batch call
+    and concurrent calls from Python threads all return the same results."""
     from concurrent.futures import ThreadPoolExecutor
 
     X, Q = sample
@@ -420,6 +420,7 @@ def test_graph_search_reuses_visited_tags_safely(sample):
     for _ in range(4):
         singles = [g.search(Q[i:i + 1], 10, ef=32)[1][0] for i in range(len(Q))]
         np.testing.assert_array_equal(np.array(singles), I_b)
+    assert g._visit_tag < 5 * len(Q)  # the one-byte tags wrapped (rows zeroed) on the way
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda i: g.search(Q, 10, ef=32, num_threads=1)[1], range(8)))
     for out in outs:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .._numba import inline_kernel, kernel, parallel_kernel, prefetch
+from .._numba import inline_kernel, kernel, parallel_kernel, prefetch, prefetch1
 from .adc import (heap_offer, heap_to_sorted, ids_of_rows_one, nav_table_one, rescore_offset_one, row_score,
                   rows4_sums, scale4, weighted_row_sum)
+from .rerank import rerank_rows
 
 
 @inline_kernel
@@ -103,6 +104,10 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
         if nres >= ef and c_s < rv[0]:
             break
         csize = _max_heap_pop(cv, ci, csize)
+        if csize > 0:  # the likely next node's list loads while this one is scored
+            nxt = offsets[ci[0]]
+            for t in range(nxt + cum[0], nxt + cum[1], 16):
+                prefetch1(neighbors, t)
         base = offsets[c]
         nn = 0  # unvisited neighbours, scored four at a time (independent sums)
         for t in range(base + cum[0], base + cum[1]):
@@ -169,7 +174,7 @@ def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_leve
 
 @kernel
 def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offsets, cum, entry, max_level,
-                       ef, cap, visited, tag0, levels, fields, codes, scales, kk, rescore, ids):
+                       ef, cap, visited, tag0, levels, fields, codes, scales, kk, rescore, ids, V, k):
     """The whole single-thread graph search of a few queries in one call
     (each step alone is a few microseconds, and so was the Python between
     them): rotate (``R`` (d, d); (0, 0): none), int16 navigation tables,
@@ -177,13 +182,17 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
 
     - ``rescore``: table-free full ADC of the beam (``rescore_fields_one``),
       top-kk, plus <q, mean> (float64): inner-product estimates;
-    - otherwise: the beam's rows as they are (for an exact re-rank).
+    - otherwise: the beam's rows as they are (for an exact re-rank);
 
+    then, when ``V`` (the stored copy: float32 rows or float16 bit patterns
+    as uint16) has rows, the exact top-k of those rows (``rerank_rows``).
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
-    (width kk if ``rescore`` else ef); out_ids = ids[rows], -1 (score -inf)
-    for empty slots.  Visited tags as in ``graph_search`` (one row)."""
+    (width k if re-ranked, else kk if ``rescore``, else ef); out_ids =
+    ids[rows], -1 (score -inf) for empty slots.  Visited tags as in
+    ``graph_search`` (one row)."""
     nq, d = Q.shape
-    width = kk if rescore else ef
+    exact = V.shape[0] > 0
+    width = k if exact else (kk if rescore else ef)
     out_v = np.full((nq, width), -np.inf, np.float32)
     out_r = np.full((nq, width), -1, np.int64)
     out_ids = np.full((nq, width), -1, np.int64)
@@ -195,6 +204,8 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
     beam_v = np.empty(ef, np.float32)
     beam_r = np.full((1, ef), -1, np.int64)
     no_scales = np.zeros(0, np.float32)
+    hv = np.empty(kk, np.float32)  # ADC top-kk before an exact re-rank
+    hr = np.empty((1, kk), np.int64)
     for qi in range(nq):
         if R.shape[0] > 0:
             weighted_row_sum(Q[qi], R, Y[0])
@@ -205,7 +216,14 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
         beam_r[0] = -1
         _beam_one(T, nav_codes, no_scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited[0],
                   tag0 + qi + 1, beam_v, beam_r[0])
-        if rescore:
+        if exact and rescore:
+            hv[:] = -np.inf
+            hr[0] = -1
+            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, beam_r, kk, hv, hr[0])
+            rerank_rows(Q[qi], V, hr[0], out_v[qi], out_r[qi])
+        elif exact:
+            rerank_rows(Q[qi], V, beam_r[0], out_v[qi], out_r[qi])
+        elif rescore:
             rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, beam_r, kk, out_v[qi], out_r[qi])
         else:
             for t in range(ef):
