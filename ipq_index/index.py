@@ -153,6 +153,7 @@ class FlatIndex:
         self.vectors = None  # re-rank copy
         self._scanner = None  # fast-scan candidate generator (derived, rebuilt lazily)
         self._scanner_rows = -1
+        self._fused_args = None  # per-index arguments of the fused kernels (see _fused_arrays)
         self._coverage = None
 
     def _default_spec(self):
@@ -333,23 +334,35 @@ class FlatIndex:
         plan = _rescore_plan(self.encoder, ncand, kk, exact_ns)
         if plan == "tables":
             return None
-        enc = self.encoder
-        sc = self._fast_scanner()
+        rot, scan, adc, ids, V, no_V = self._fused_arrays()
         if probe is None:
-            probe = (np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32), 0)
-        V = self._rerank_copy(rr)
-        v, _, out_ids = _fs.scan_query_serial(
-            Q, enc.rotation32(), np.asarray(enc.mean, np.float64), sc.slot_dim, sc._centT, sc.blocks, sc.block_rows,
-            sc.block_ptr, sc.block_fill, *probe, ncand, enc.levels32(), enc.field_table(), np.asarray(self.codes),
-            self._scales(), kk, plan == "fields", np.asarray(self.ids), V, k)
+            probe = _NO_PROBE
+        v, _, out_ids = _fs.scan_query_serial(Q, *rot, *scan, *probe, ncand, *adc, kk, plan == "fields", ids,
+                                              V if rr else no_V, k)
         return v[:, :k], out_ids[:, :k]
 
-    def _rerank_copy(self, rr):
-        """The stored copy for the fused kernels' exact re-rank (``_copy_rows``),
-        no rows when ``rr`` is 0: the copy's own dtype even then (one kernel
-        build per index)."""
-        V = np.zeros((0, 0), np.float32) if self.vectors is None else _copy_rows(self.vectors)
-        return V if rr else V[:0]
+    def _fused_arrays(self):
+        """The per-index arguments of the fused single-query kernels, kept
+        between searches (gathering them cost a few microseconds per query):
+        (rotation, mean), the fast-scan layout (slot dims, centroids, blocks,
+        block rows, block pointers, fill), the ADC arrays (levels, fields,
+        codes, scales), ids, and the stored copy for the exact re-rank
+        (``_copy_rows``) with and without rows (the copy's own dtype either
+        way: one kernel build per index).  The layout is None for a graph's
+        navigation codes.  Rebuilt when the scanner, the codes or the
+        encoder change."""
+        sc = self._fast_scanner()
+        got = self._fused_args
+        if got is None or got[0] is not sc or got[1] is not self.codes or got[2] is not self.encoder:
+            enc = self.encoder
+            V = np.zeros((0, 0), np.float32) if self.vectors is None else _copy_rows(self.vectors)
+            got = self._fused_args = (sc, self.codes, enc, (
+                (enc.rotation32(), np.asarray(enc.mean, np.float64)),
+                None if sc.codes is not None else  # graph navigation codes: no blocks
+                (sc.slot_dim, sc._centT, sc.blocks, sc.block_rows, sc.block_ptr, sc.block_fill),
+                (enc.levels32(), enc.field_table(), np.asarray(self.codes), self._scales()),
+                np.asarray(self.ids), V, V[:0]))
+        return got[3]
 
     @staticmethod
     def _fs_factor(fs, scanned_rows):
@@ -845,18 +858,15 @@ class GraphIndex(FlatIndex):
         kernel (``_gs.graph_query_serial``), exact re-rank included.
         Same results as the staged path of ``search`` (tested); ~15 us less
         per query (MiniLM 50k, ef=48)."""
-        enc = self.encoder
         sc = self._fast_scanner()
         gr = self.graph
-        R = enc.rotation32()
-        V = self._rerank_copy(rr)
+        (R, mean), _, adc, ids, V, no_V = self._fused_arrays()
         visited, tag0, held = self._take_visited(1, Q.shape[0])
         try:
             v, _, out_ids = _gs.graph_query_serial(
-                Q, R, np.asarray(enc.mean, np.float64), sc.slot_dim, sc._centT, sc.codes, gr["neighbors"], gr["offsets"], gr["cum"],
+                Q, R, mean, sc.slot_dim, sc._centT, sc.codes, gr["neighbors"], gr["offsets"], gr["cum"],
                 int(gr["entry"][0]), int(gr["entry"][1]), e, self._beam_cap(e), visited, tag0,
-                enc.levels32(), enc.field_table(), np.asarray(self.codes), self._scales(), kk, rescore,
-                np.asarray(self.ids), V, k)
+                *adc, kk, rescore, ids, V if rr else no_V, k)
         finally:
             if held:
                 self._visit_lock.release()
@@ -908,6 +918,8 @@ class GraphIndex(FlatIndex):
         self.graph_metric = meta.get("graph_metric", "ip")
 
 
+#: the probe arguments of a flat index's fused scan (no lists to choose)
+_NO_PROBE = (np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32), 0)
 _TAG_DTYPE = np.uint8
 _TAG_MAX = int(np.iinfo(_TAG_DTYPE).max)  # visited tags wrap before this
 

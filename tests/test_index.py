@@ -318,6 +318,25 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
     assert fused >= len(Q) * len(params) // 2  # most calls took the fused path
 
 
+def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
+    """The fused kernels' per-index arguments are kept between searches and
+    rebuilt after ``add``: single-query searches after an add equal the
+    staged path and return rows added last."""
+    from ipq_index import index as im
+
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:8]
+    n0 = im.FASTSCAN_MIN_ROWS
+    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4,Rerank2").train(X).add(X[:n0])
+    before = [idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))]
+    idx.add(X[n0:])
+    after = np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))])
+    monkeypatch.setattr(im, "SERIAL_QUERIES", 0)  # the staged kernels
+    staged = np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))])
+    np.testing.assert_array_equal(after, staged)
+    assert (after >= n0).any() and (np.concatenate(before) < n0).all()
+
+
 def test_ivf_full_probe_reproduces_flat_and_roundtrips(tmp_path, sample):
     X, Q = sample
     flat = ipq_index.index_factory(X.shape[1], "PCA,ASQ4").train(X).add(X)
