@@ -106,7 +106,7 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
         csize = _max_heap_pop(cv, ci, csize)
         if csize > 0:  # the likely next node's list loads while this one is scored
             nxt = offsets[ci[0]]
-            for t in range(nxt + cum[0], nxt + cum[1], 16):
+            for t in range(nxt + cum[0], nxt + cum[1], 64 // neighbors.itemsize):  # one per cache line
                 prefetch1(neighbors, t)
         base = offsets[c]
         nn = 0  # unvisited neighbours (branch-free: about a third are), scored four at a time
