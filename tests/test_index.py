@@ -932,7 +932,7 @@ def signatures():
             if hasattr(f, "signatures"):
                 out[mod.__name__ + "." + name] = len(f.signatures)
     return out
-idx = ipq_index.load(sys.argv[1]).warmup()
+idx = ipq_index.load(sys.argv[1], mmap=sys.argv[4] == "1").warmup()
 Q = np.load(sys.argv[2])
 before = signatures()
 for i in range(3):
@@ -944,14 +944,15 @@ print(sorted(k for k in after if after[k] != before.get(k, 0)))
 """
 
 
-@pytest.mark.parametrize("spec,params", [("PCA,ASQ4,Rerank2", "dict(fs=20, rerank=8)"),
-                                         ("PCA,IVF16,ASQ4", "dict(fs=30, nprobe=4)"),
-                                         ("PCA,HNSW16,ASQ4", "dict(ef=200)")])
-def test_warmup_compiles_every_search_path(tmp_path, spec, params):
+@pytest.mark.parametrize("spec,params,mmap", [("PCA,ASQ4,Rerank2", "dict(fs=20, rerank=8)", True),
+                                              ("PCA,IVF16,ASQ4", "dict(fs=30, nprobe=4)", False),
+                                              ("PCA,HNSW16,ASQ4", "dict(ef=200)", False)])
+def test_warmup_compiles_every_search_path(tmp_path, spec, params, mmap):
     """After ``warmup()`` single-query searches (few and many candidates:
     the fused and the staged kernels) and a batch compile nothing: in a
     fresh process, no kernel gains a signature (JIT stays out of timed
-    searches)."""
+    searches).  Memory-mapped (read-only arrays: kernel builds of their
+    own, compiled here) and in-memory loads."""
     import subprocess
     import sys
 
@@ -960,7 +961,8 @@ def test_warmup_compiles_every_search_path(tmp_path, spec, params):
     idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
     idx.save(tmp_path / "i.ipq")
     np.save(tmp_path / "q.npy", Q)
-    res = subprocess.run([sys.executable, "-c", _WARM_SCRIPT, str(tmp_path / "i.ipq"), str(tmp_path / "q.npy"), params],
+    res = subprocess.run([sys.executable, "-c", _WARM_SCRIPT, str(tmp_path / "i.ipq"), str(tmp_path / "q.npy"), params,
+                          "1" if mmap else "0"],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == "[]", res.stdout
