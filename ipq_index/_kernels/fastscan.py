@@ -42,8 +42,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._numba import inline_kernel, kernel, parallel_kernel, target_has
-from .adc import _coarse_luts, _probe_one, ids_of_rows_one, rescore_offset_one, weighted_row_sum
-from .rerank import rerank_rows
+from .adc import _coarse_luts, _probe_one, ids_of_rows_one, weighted_row_sum
+from .rerank import rescore_rerank_one
 
 #: rows per block
 BLOCK = 32
@@ -453,7 +453,7 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, kk, out_
     thr = 0
     if kk >= SAMPLE_KK and SAMPLE_MIN * kk <= nblk * BLOCK <= SAMPLE_MAX * kk:
         ks = (2 * kk) // SAMPLE_STEP
-        got, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, ks, 0, SAMPLE_STEP,
+        _, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, ks, 0, SAMPLE_STEP,
                             res_v, res_i, hist, buf)
         if t >= 0:
             thr = t
@@ -519,7 +519,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     - otherwise: the candidate rows as they are (for an exact re-rank);
 
     then, when ``V`` (the stored copy: float32 rows or float16 bit patterns
-    as uint16) has rows, the exact top-k of those rows (``rerank_rows``).
+    as uint16) has rows, the exact top-k of those rows (``rescore_rerank_one``).
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
     (width k if re-ranked, else kk if ``rescore``, else ncand); out_ids =
     ids[rows], -1 (score -inf) for empty slots.  The same steps as the
@@ -551,16 +551,8 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
             _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists)
         _quantize_one(Y, 0, slot_dim, centT, scratch, lut)
         _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, ncand, cand[0])
-        if exact and rescore:
-            hv[:] = -np.inf
-            hr[:] = -1
-            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, hv, hr)
-            rerank_rows(Q[qi], V, hr, out_v[qi], out_r[qi])
-        elif exact:
-            rerank_rows(Q[qi], V, cand[0], out_v[qi], out_r[qi])
-        elif rescore:
-            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, out_v[qi], out_r[qi])
-        else:
+        if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, rescore, V, hv, hr,
+                                  out_v[qi], out_r[qi]):
             for t in range(ncand):
                 out_r[qi, t] = cand[0, t]
         ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)

@@ -11,9 +11,9 @@ import numpy as np
 from numba import prange
 
 from .._numba import inline_kernel, kernel, parallel_kernel, prefetch, prefetch1
-from .adc import (heap_offer, heap_to_sorted, ids_of_rows_one, nav_table_one, rescore_offset_one, row_score,
-                  rows4_sums, scale4, weighted_row_sum)
-from .rerank import rerank_rows
+from .adc import (heap_offer, heap_to_sorted, ids_of_rows_one, nav_table_one, row_score, rows4_sums, scale4,
+                  weighted_row_sum)
+from .rerank import rescore_rerank_one
 
 
 @inline_kernel
@@ -184,7 +184,7 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
     - otherwise: the beam's rows as they are (for an exact re-rank);
 
     then, when ``V`` (the stored copy: float32 rows or float16 bit patterns
-    as uint16) has rows, the exact top-k of those rows (``rerank_rows``).
+    as uint16) has rows, the exact top-k of those rows (``rescore_rerank_one``).
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
     (width k if re-ranked, else kk if ``rescore``, else ef); out_ids =
     ids[rows], -1 (score -inf) for empty slots.  Visited tags as in
@@ -204,7 +204,7 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
     beam_r = np.full((1, ef), -1, np.int64)
     no_scales = np.zeros(0, np.float32)
     hv = np.empty(kk, np.float32)  # ADC top-kk before an exact re-rank
-    hr = np.empty((1, kk), np.int64)
+    hr = np.empty(kk, np.int64)
     for qi in range(nq):
         if R.shape[0] > 0:
             weighted_row_sum(Q[qi], R, Y[0])
@@ -215,16 +215,8 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
         beam_r[0] = -1
         _beam_one(T, nav_codes, no_scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited[0],
                   tag0 + qi + 1, beam_v, beam_r[0])
-        if exact and rescore:
-            hv[:] = -np.inf
-            hr[0] = -1
-            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, beam_r, kk, hv, hr[0])
-            rerank_rows(Q[qi], V, hr[0], out_v[qi], out_r[qi])
-        elif exact:
-            rerank_rows(Q[qi], V, beam_r[0], out_v[qi], out_r[qi])
-        elif rescore:
-            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, beam_r, kk, out_v[qi], out_r[qi])
-        else:
+        if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, codes, scales, beam_r, kk, rescore, V, hv, hr,
+                                  out_v[qi], out_r[qi]):
             for t in range(ef):
                 out_v[qi, t] = beam_v[t]
                 out_r[qi, t] = beam_r[0, t]

@@ -24,7 +24,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .._numba import KERNEL_OPTIONS, PARALLEL_OPTIONS, inline_kernel, prefetch, target_has
-from .adc import heap_offer, heap_to_sorted
+from .adc import heap_offer, heap_to_sorted, rescore_offset_one
 
 #: LLVM may reorder the float64 sums (and fuse multiply-adds) but assumes
 #: nothing about NaN / inf (inputs are validated finite anyway)
@@ -178,6 +178,26 @@ def rerank_rows(q, V, rows, hv, hi):
         if r >= 0:
             heap_offer(hv, hi, _row_dot(V, r, q64, u), r)
     heap_to_sorted(hv, hi)
+
+
+@inline_kernel
+def rescore_rerank_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, rescore, V, hv, hr, out_v, out_r):
+    """The fused kernels' last step for query qi and its candidate rows cand
+    (1, c): the table-free ADC top-kk (``rescore``; scratch hv / hr of size
+    kk), then the exact top-len(out_v) when ``V`` has rows; ADC scores
+    (plus <q, mean>) when only rescoring.  Returns False (out untouched)
+    when neither applies: the caller keeps the candidates as they are."""
+    exact = V.shape[0] > 0
+    if exact and rescore:
+        hv[:] = -np.inf
+        hr[:] = -1
+        rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, hv, hr)
+        rerank_rows(Q[qi], V, hr, out_v, out_r)
+    elif exact:
+        rerank_rows(Q[qi], V, cand[0], out_v, out_r)
+    elif rescore:
+        rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, out_v, out_r)
+    return exact or rescore
 
 
 @inline_kernel
