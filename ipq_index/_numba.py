@@ -56,6 +56,29 @@ def prefetch1(typingctx, arr, i):
     return types.void(arr, types.intp), _prefetch_codegen
 
 
+class _VectorGEP(ir.Instruction):
+    """``getelementptr inbounds elem, ptr base, <n x iK> idx``: a vector of
+    element pointers from one base (llvmlite's ``gep`` takes scalar indices
+    only); a masked gather through it lowers to one indexed x86 gather."""
+
+    def __init__(self, parent, ptr, idx, elem_ty):
+        super().__init__(parent, ir.VectorType(elem_ty.as_pointer(), idx.type.count), "getelementptr",
+                         [ptr, idx])
+        self.elem_ty = elem_ty
+
+    def descr(self, buf):
+        p, i = self.operands
+        buf.append(f"getelementptr inbounds {self.elem_ty}, {p.type} {p.get_reference()}, "
+                   f"{i.type} {i.get_reference()}\n")
+
+
+def vector_gep(builder, ptr, idx, elem_ty):
+    """Emit ``_VectorGEP`` at the builder's position: pointers ptr + idx[l] (elements of elem_ty)."""
+    ins = _VectorGEP(builder.block, ptr, idx, elem_ty)
+    builder._insert(ins)
+    return ins
+
+
 def target_has(feature: str) -> bool:
     """Whether numba's code generator targets a CPU with ``feature`` (an
     LLVM feature name such as "avx2"; honours NUMBA_CPU_NAME /

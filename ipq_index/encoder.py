@@ -136,6 +136,7 @@ class ASQEncoder:
     _vmax: np.ndarray | None = field(default=None, repr=False)  # variance bound per level (derived)
     _field_rows: np.ndarray | None = field(default=None, repr=False)  # see field_table (derived)
     _levels32: np.ndarray | None = field(default=None, repr=False)  # see levels32 (derived)
+    _field_blocks: tuple | None = field(default=None, repr=False)  # see field_layout (derived)
 
     @property
     def is_trained(self) -> bool:
@@ -242,6 +243,7 @@ class ASQEncoder:
         self._vmax = None
         self._field_rows = None
         self._levels32 = None
+        self._field_blocks = None
         self.bits, self.byte_of, self.shift_of, self.nbytes = allocate_bits(
             energy, costs, int(round(cfg.bits * self.d)), min_bits)
         levels, off = [], [0]
@@ -372,6 +374,41 @@ class ASQEncoder:
                 [js, self.byte_of[js], self.shift_of[js], (1 << self.bits[js].astype(np.int64)) - 1,
                  self.level_off[js]], axis=1).astype(np.int64))
         return self._field_rows
+
+    def field_layout(self) -> tuple:
+        """The table-free ADC's view of the codes: (``field_table()``, block
+        starts int64 (nb,), lanes int32 (nb, 4, 16), lane dims int64 (nb * 16,)).
+
+        Consecutive fields (in byte order) form blocks of up to 16 whose
+        bytes lie within 16 bytes of the block's start; lane l of block b
+        reads byte starts[b] + (the l-th byte of F[b, 0]) of a code row,
+        shifts it right by F[b, 1, l], masks it with F[b, 2, l] and adds the
+        level offset F[b, 3, l]; unused lanes have dim -1 (weight 0, level
+        0).  No blocks (nb = 0) when a code row is shorter than 16 bytes or
+        the CPU lacks the byte shuffle (``_adc.FIELD_SIMD``): the ADC then
+        reads the table one field at a time."""
+        if self._field_blocks is None:
+            table = self.field_table()
+            L = _adc.FIELD_LANES
+            blocks = []
+            if _adc.FIELD_SIMD and self.nbytes >= L:
+                for f in range(table.shape[0]):
+                    if not blocks or len(blocks[-1]) == L or table[f, 1] - table[blocks[-1][0], 1] >= L:
+                        blocks.append([])
+                    blocks[-1].append(f)
+            nb = len(blocks)
+            starts = np.zeros(nb, np.int64)
+            lanes = np.zeros((nb, 4, L), np.int32)
+            dims = np.full(nb * L, -1, np.int64)
+            for b, fs in enumerate(blocks):
+                starts[b] = min(int(table[fs[0], 1]), self.nbytes - L)  # the 16-byte window stays in the row
+                offs = np.zeros(L, np.uint8)
+                offs[:len(fs)] = table[fs, 1] - starts[b]
+                lanes[b, 0, :L // 4] = offs.view(np.int32)
+                lanes[b, 1:, :len(fs)] = table[fs, 2:5].T
+                dims[b * L:b * L + len(fs)] = table[fs, 0]
+            self._field_blocks = (table, starts, lanes, dims)
+        return self._field_blocks
 
     def variance_tables(self, Y):
         """Per-byte tables of an upper bound on the variance of unbiased rounding:

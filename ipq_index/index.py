@@ -360,7 +360,7 @@ class FlatIndex:
                 (enc.rotation32(), np.asarray(enc.mean, np.float64)),
                 None if sc.codes is not None else  # graph navigation codes: no blocks
                 (sc.slot_dim, sc._centT, sc.blocks, sc.block_rows, sc.block_ptr, sc.block_fill),
-                (enc.levels32(), enc.field_table(), np.asarray(self.codes), self._scales()),
+                (enc.levels32(), enc.field_layout(), np.asarray(self.codes), self._scales()),
                 np.asarray(self.ids), V, V[:0]))
         return got[3]
 
@@ -906,7 +906,8 @@ class GraphIndex(FlatIndex):
 
     def _warmup_params(self):
         # a wide beam rescored with lookup tables takes the staged path
-        return ({}, {"ef": 256}, {"nav": "full"})
+        # (tables beat the 16-field blocks above ~200-600 rows: _rescore_plan)
+        return ({}, {"ef": 1024}, {"nav": "full"})
 
     def _extra_state(self):
         meta = {"M": self.M, "ef": self.ef, "ef_construction": self.ef_construction,
@@ -932,8 +933,11 @@ _TAG_MAX = int(np.iinfo(_TAG_DTYPE).max)  # visited tags wrap before this
 #: an exact dot product with the stored copy (random float16 rows, all
 #: prefetched first, F16C widening, float64 sums: 0.32-0.66 ns for 400-20
 #: rows of a 50k x 384 copy; 0.45-0.63 ns for a 10^6 x 384 copy = 768 MB),
-#: and the copy size up to which the first applies
-FIELD_NS, ENTRY_NS, LOOKUP_NS = 1.0, 0.4, 0.6
+#: and the copy size up to which the first applies.  FIELD_NS_BLOCKS: one
+#: field of the table-free ADC in 16-field blocks (``Encoder.field_layout``;
+#: 48-400 random candidates of 50k / 10^6 rows, 345-381 fields: 0.48-0.96 ns,
+#: against 1.08-1.41 ns one field at a time)
+FIELD_NS, FIELD_NS_BLOCKS, ENTRY_NS, LOOKUP_NS = 1.0, 0.6, 0.4, 0.6
 EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 0.35, 0.45, 128 << 20
 #: exact re-rank of all coarse candidates is chosen up to this many times the
 #: estimated cost of ADC rescoring + exact re-rank of the best: it returns the
@@ -948,7 +952,8 @@ def _rescore_plan(enc, nc, kk, exact_ns, have_tables=False):
     (hand all of them to the exact re-rank; only when ``exact_ns`` > 0),
     ``"fields"`` (table-free ADC) or ``"tables"`` (lookup tables, built
     unless ``have_tables``)."""
-    fields_ns = FIELD_NS * nc * enc.field_table().shape[0]
+    table, starts = enc.field_layout()[:2]
+    fields_ns = (FIELD_NS_BLOCKS if starts.shape[0] else FIELD_NS) * nc * table.shape[0]
     tables_ns = (0.0 if have_tables else ENTRY_NS * 256 * enc.nbytes) + LOOKUP_NS * nc * enc.nbytes
     if exact_ns > 0:
         exact = exact_ns * enc.d
@@ -999,7 +1004,7 @@ class _QueryBatch:
             return None, cand
         if plan == "fields":
             fn = _adc.rescore_fields if par else _adc.rescore_fields_serial
-            return fn(self.Y, enc.levels32(), enc.field_table(), codes, scales, cand, kk)
+            return fn(self.Y, enc.levels32(), enc.field_layout(), codes, scales, cand, kk)
         fn = _adc.rescore_topk if par else _adc.rescore_topk_serial
         return fn(self.tables(), codes, scales, cand, kk)
 

@@ -119,6 +119,11 @@ from ipq_index._kernels import rerank as rr
 assert rr.HALF_SIMD == (sys.argv[1] != "0"), rr.HALF_SIMD
 v, r = rr.rerank_serial(d["Q"], d["V"], d["cand"], 5)
 print(v.tolist()); print(r.tolist())
+from ipq_index._kernels import adc
+assert adc.FIELD_SIMD == (sys.argv[1] != "0"), adc.FIELD_SIMD
+layout = tuple(d[k] for k in ("ftable", "fstarts", "flanes", "fdims"))  # blocks (built on this host)
+v, r = adc.rescore_fields_serial(d["Y"], d["levels"], layout, d["codes"], np.zeros(0, np.float32), d["cand"], 7)
+print(v.tolist()); print(r.tolist())
 """
 
 
@@ -145,12 +150,22 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     V = rng.standard_normal((300, 37)).astype(np.float16).view(np.uint16)
     Q = rng.standard_normal((2, 37)).astype(np.float32)
     cand = rng.integers(-1, 300, (2, 40))
-    np.savez(tmp_path / "d.npz", blocks=blocks, rows=rows, bptr=bptr, fill=fill, lut=lut, V=V, Q=Q, cand=cand)
+    from ipq_index.encoder import ASQEncoder, EncoderConfig
+    from ipq_index._kernels import adc
+
+    X = rng.standard_normal((300, 37)).astype(np.float32)
+    enc = ASQEncoder(37, EncoderConfig(bits=5.0, transform="none")).train(X)  # 24 bytes: two blocks
+    codes = enc.encode(X)[0]
+    layout = enc.field_layout()
+    assert layout[1].shape[0] > 0
+    np.savez(tmp_path / "d.npz", blocks=blocks, rows=rows, bptr=bptr, fill=fill, lut=lut, V=V, Q=Q, cand=cand,
+             ftable=layout[0], fstarts=layout[1], flanes=layout[2], fdims=layout[3], codes=codes,
+             levels=enc.levels32(), Y=Q)
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     res = subprocess.run([sys.executable, "-c", _OTHER_TARGET, str(width), str(tmp_path / "d.npz")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    scores, found, rr_v, rr_r = (eval(line) for line in res.stdout.strip().splitlines())
+    scores, found, rr_v, rr_r, ad_v, ad_r = (eval(line) for line in res.stdout.strip().splitlines())
     assert scores == fk.block_scores_all(blocks, lut, 0, True).tolist()
     here = fk.scan_tables_topk(blocks, rows, bptr, fill, lut, np.zeros((1, 1), np.int64), 50)[0]
     assert found == here.tolist()
@@ -158,6 +173,10 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     v, r = rr.rerank_serial(Q, V, cand, 5)
     assert rr_r == r.tolist()
     np.testing.assert_allclose(rr_v, v, rtol=1e-6)
+    # the block ADC (AVX2 gathers / one lane at a time) against this host's
+    v, r = adc.rescore_fields_serial(Q, enc.levels32(), layout, codes, np.zeros(0, np.float32), cand, 7)
+    np.testing.assert_allclose(ad_v, v, rtol=1e-5, atol=1e-5)
+    assert sorted(ad_r[0]) == sorted(r[0].tolist())
 
 
 def test_sampled_threshold_stays_exact():

@@ -400,9 +400,10 @@ def test_ivf_fast_scan_lists_match_full_adc(tmp_path):
 
 
 def test_table_free_rescoring_equals_table_adc(sample, built):
-    """Short candidate lists are rescored field by field from the levels;
-    that equals the lookup-table ADC (and the reconstruction's inner
-    product), scaled codes included, with -1 candidates ignored."""
+    """Short candidate lists are rescored field by field from the levels (16
+    fields at a time in blocks, and one at a time without blocks); both
+    equal the lookup-table ADC (and the reconstruction's inner product),
+    scaled codes included, with -1 candidates ignored."""
     from ipq_index._kernels import adc
 
     X, Q = sample
@@ -418,9 +419,14 @@ def test_table_free_rescoring_equals_table_adc(sample, built):
         for par in (False, True):
             f_fields = adc.rescore_fields if par else adc.rescore_fields_serial
             f_tables = adc.rescore_topk if par else adc.rescore_topk_serial
-            v1, r1 = f_fields(Y, enc.levels32(), enc.field_table(), idx.codes, scales, cand, 12)
+            layout = enc.field_layout()
+            assert layout[1].shape[0] > 0 or not adc.FIELD_SIMD  # 96+ byte codes: blocks on x86
+            unblocked = (layout[0], layout[1][:0], layout[2][:0], layout[3][:0])
+            v1, r1 = f_fields(Y, enc.levels32(), layout, idx.codes, scales, cand, 12)
+            v0, _ = f_fields(Y, enc.levels32(), unblocked, idx.codes, scales, cand, 12)
             v2, r2 = f_tables(tables, idx.codes, scales, cand, 12)
             np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(v0, v2, rtol=1e-5, atol=1e-5)
             assert (r1 >= 0).all() and np.isin(r1, cand).all()
         R = idx.reconstruct(r1.ravel()).reshape(9, 12, -1)
         ip = np.einsum("qkd,qd->qk", R.astype(np.float64), Q[:9].astype(np.float64))
