@@ -345,24 +345,25 @@ class FlatIndex:
         """The per-index arguments of the fused single-query kernels, kept
         between searches (gathering them cost a few microseconds per query):
         (rotation, mean), the fast-scan layout (slot dims, centroids, blocks,
-        block rows, block pointers, fill), the ADC arrays (levels, fields,
-        codes, scales), ids, and the stored copy for the exact re-rank
+        block rows, block pointers, fill; a graph's walk arrays instead:
+        ``_fused_scan_args``), the ADC arrays (levels, fields, codes,
+        scales), ids, and the stored copy for the exact re-rank
         (``_copy_rows``) with and without rows (the copy's own dtype either
-        way: one kernel build per index).  The layout is None for a graph's
-        navigation codes.  Rebuilt when the scanner, the codes or the
-        encoder change."""
+        way: one kernel build per index).  Rebuilt when the scanner, the
+        codes or the encoder change."""
         sc = self._fast_scanner()
         got = self._fused_args
         if got is None or got[0] is not sc or got[1] is not self.codes or got[2] is not self.encoder:
             enc = self.encoder
             V = np.zeros((0, 0), np.float32) if self.vectors is None else _copy_rows(self.vectors)
             got = self._fused_args = (sc, self.codes, enc, (
-                (enc.rotation32(), np.asarray(enc.mean, np.float64)),
-                None if sc.codes is not None else  # graph navigation codes: no blocks
-                (sc.slot_dim, sc._centT, sc.blocks, sc.block_rows, sc.block_ptr, sc.block_fill),
+                (enc.rotation32(), np.asarray(enc.mean, np.float64)), self._fused_scan_args(sc),
                 (enc.levels32(), enc.field_layout(), np.asarray(self.codes), self._scales()),
                 np.asarray(self.ids), V, V[:0]))
         return got[3]
+
+    def _fused_scan_args(self, sc):
+        return (sc.slot_dim, sc._centT, sc.blocks, sc.block_rows, sc.block_ptr, sc.block_fill)
 
     @staticmethod
     def _fs_factor(fs, scanned_rows):
@@ -858,19 +859,23 @@ class GraphIndex(FlatIndex):
         kernel (``_gs.graph_query_serial``), exact re-rank included.
         Same results as the staged path of ``search`` (tested); ~15 us less
         per query (MiniLM 50k, ef=48)."""
-        sc = self._fast_scanner()
-        gr = self.graph
-        (R, mean), _, adc, ids, V, no_V = self._fused_arrays()
+        (R, mean), walk, adc, ids, V, no_V = self._fused_arrays()
         visited, tag0, held = self._take_visited(1, Q.shape[0])
         try:
-            v, _, out_ids = _gs.graph_query_serial(
-                Q, R, mean, sc.slot_dim, sc._centT, sc.codes, gr["neighbors"], gr["offsets"], gr["cum"],
-                int(gr["entry"][0]), int(gr["entry"][1]), e, self._beam_cap(e), visited, tag0,
-                *adc, kk, rescore, ids, V if rr else no_V, k)
+            v, _, out_ids = _gs.graph_query_serial(Q, R, mean, *walk, e, self._beam_cap(e), visited, tag0,
+                                                   *adc, kk, rescore, ids, V if rr else no_V, k)
         finally:
             if held:
                 self._visit_lock.release()
         return v[:, :k], out_ids[:, :k]
+
+    def _fused_scan_args(self, sc):
+        """The walk's arguments of the fused kernel: navigation layout and
+        codes, graph arrays, entry point and its level (the graph is built
+        once, with the codes, so the cache key of ``_fused_arrays`` covers it)."""
+        gr = self.graph
+        return (sc.slot_dim, sc._centT, sc.codes, gr["neighbors"], gr["offsets"], gr["cum"],
+                int(gr["entry"][0]), int(gr["entry"][1]))
 
     def _beam_cap(self, e):
         """Bound of the walk's candidate heap for beam width e (pushes beyond it are dropped)."""

@@ -72,26 +72,43 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
     tables)."""
     has_scale = scales.shape[0] > 0
     last = codes.shape[1] - 1
+    width = 0
+    for lev in range(cum.shape[0] - 1):
+        width = max(width, cum[lev + 1] - cum[lev])
+    fresh = np.empty(width, np.int64)
+    sc4 = np.empty(4, np.float32)
     cur = entry
     cur_s = row_score(T, codes, scales, has_scale, cur)
     for lev in range(max_level, 0, -1):
         changed = True
-        while changed:
+        while changed:  # move to the best neighbour while it beats the current node
             changed = False
             base = offsets[cur]
+            nn = 0
             for t in range(base + cum[lev], base + cum[lev + 1]):
                 nb = neighbors[t]
                 if nb < 0:
                     break
-                s = row_score(T, codes, scales, has_scale, nb)
-                if s > cur_s:
-                    cur_s = s
-                    cur = nb
-                    changed = True
+                fresh[nn] = nb
+                nn += 1
+                prefetch(codes, nb, 0)
+                prefetch(codes, nb, last)
+            best = cur
+            best_s = cur_s
+            for u in range(0, nn, 4):  # four rows at a time, as on level 0 (one at a time: ~3x slower)
+                r0, r1, r2, r3 = fresh[u], fresh[min(u + 1, nn - 1)], fresh[min(u + 2, nn - 1)], fresh[min(u + 3, nn - 1)]
+                s0, s1, s2, s3 = rows4_sums(T, codes, r0, r1, r2, r3)
+                sc4[0], sc4[1], sc4[2], sc4[3] = scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale)
+                for w in range(min(4, nn - u)):
+                    if sc4[w] > best_s:
+                        best_s = sc4[w]
+                        best = fresh[u + w]
+            if best != cur:
+                cur = best
+                cur_s = best_s
+                changed = True
     cv = np.empty(cap, np.float32)
     ci = np.empty(cap, np.int64)
-    fresh = np.empty(cum[1] - cum[0], np.int64)
-    sc4 = np.empty(4, np.float32)
     rv = np.full(ef, -np.inf, np.float32)
     ri = np.full(ef, -1, np.int64)
     csize = _max_heap_push(cv, ci, 0, cur_s, cur)
