@@ -461,8 +461,9 @@ def _fields_dot_simd(typingctx, codes, r, starts, F, yb, levels):
     ok = (isinstance(codes, types.Array) and codes.ndim == 2 and codes.dtype == types.uint8
           and codes.layout == "C" and isinstance(F, types.Array) and F.ndim == 3 and F.dtype == types.int32
           and F.layout == "C" and isinstance(starts, types.Array) and starts.dtype == types.int64
-          and isinstance(yb, types.Array) and yb.dtype == types.float32 and yb.layout == "C"
-          and isinstance(levels, types.Array) and levels.dtype == types.float32)
+          and starts.layout == "C" and isinstance(yb, types.Array) and yb.dtype == types.float32
+          and yb.layout == "C" and isinstance(levels, types.Array) and levels.dtype == types.float32
+          and levels.layout == "C")
     if not ok:
         return None
     return types.float32(codes, types.int64, starts, F, yb, levels), _fields_dot_codegen
@@ -475,7 +476,7 @@ def fields_dot(codes, r, starts, F, yb, levels):
 
 @overload(fields_dot, inline="always")
 def _fields_dot_impl(codes, r, starts, F, yb, levels):
-    if FIELD_SIMD and codes.layout == "C" and F.layout == "C" and yb.layout == "C":
+    if FIELD_SIMD and all(a.layout == "C" for a in (codes, starts, F, yb, levels)):
         def dot_simd(codes, r, starts, F, yb, levels):
             return _fields_dot_simd(codes, r, starts, F, yb, levels)
         return dot_simd
@@ -520,6 +521,7 @@ def rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, hv, hi):
             if r >= 0:
                 for g in range(0, codes.shape[1], 64):
                     prefetch(codes, r, g)
+                prefetch(codes, r, codes.shape[1] - 1)  # a row's last line when it straddles one more
         for t in range(cand.shape[1]):
             r = cand[qi, t]
             if r >= 0:
