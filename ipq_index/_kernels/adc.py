@@ -769,21 +769,13 @@ def nav_table_one(Y, q, slot_dim, centT, lut, low, T):
         low[g] = lo_min + hi_min
         span = max(span, (lo_max + hi_max) - low[g])
     inv = np.float32(NAV_SPAN) / span if span > 0 else np.float32(0.0)
-    nc = centT.shape[2]  # 16 (4-bit sub-quantizers)
-    ls = np.empty(nc, np.float32)
-    hs = np.empty(nc, np.float32)
+    ls = np.empty(16, np.float32)  # 16 centroids per 4-bit sub-quantizer (FastScanner)
+    hs = np.empty(16, np.float32)
     for g in range(G):
-        Tg = T[g]
-        for c in range(nc):
+        for c in range(16):
             ls[c] = lut[2 * g, c] * inv
             hs[c] = (lut[2 * g + 1, c] - low[g]) * inv + np.float32(0.5)
-        if nc == 16 and Tg.shape[0] == 256:
-            _nav_fill16(Tg, hs, ls)
-            continue
-        for hi in range(nc):  # entries are >= 0.5 before truncation: rounded half up
-            for lo in range(nc):
-                v = np.int32(hs[hi] + ls[lo])
-                Tg[hi * nc + lo] = np.int16(min(v, NAV_SPAN) + NAV_LOW)
+        _nav_fill16(T[g], hs, ls)  # entries are >= 0.5 before truncation: rounded half up
 
 
 @kernel
