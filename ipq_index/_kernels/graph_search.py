@@ -63,6 +63,15 @@ def _max_heap_pop(hv, hi, size):
 
 
 @inline_kernel
+def _score4(T, codes, scales, has_scale, rows, u, nn, sc4):
+    """sc4[w] = score of row rows[u + w] for w < min(4, nn - u) (the last row
+    repeats to fill the four interleaved sums)."""
+    r0, r1, r2, r3 = rows[u], rows[min(u + 1, nn - 1)], rows[min(u + 2, nn - 1)], rows[min(u + 3, nn - 1)]
+    s0, s1, s2, s3 = rows4_sums(T, codes, r0, r1, r2, r3)
+    sc4[0], sc4[1], sc4[2], sc4[3] = scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale)
+
+
+@inline_kernel
 def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited, tag,
               out_v, out_i):
     """One query: greedy descent through the upper levels, then a beam of
@@ -96,9 +105,7 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
             best = cur
             best_s = cur_s
             for u in range(0, nn, 4):  # four rows at a time, as on level 0 (one at a time: ~3x slower)
-                r0, r1, r2, r3 = fresh[u], fresh[min(u + 1, nn - 1)], fresh[min(u + 2, nn - 1)], fresh[min(u + 3, nn - 1)]
-                s0, s1, s2, s3 = rows4_sums(T, codes, r0, r1, r2, r3)
-                sc4[0], sc4[1], sc4[2], sc4[3] = scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale)
+                _score4(T, codes, scales, has_scale, fresh, u, nn, sc4)
                 for w in range(min(4, nn - u)):
                     if sc4[w] > best_s:
                         best_s = sc4[w]
@@ -138,9 +145,7 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
             prefetch(codes, fresh[u], 0)
             prefetch(codes, fresh[u], last)
         for u in range(0, nn, 4):
-            r0, r1, r2, r3 = fresh[u], fresh[min(u + 1, nn - 1)], fresh[min(u + 2, nn - 1)], fresh[min(u + 3, nn - 1)]
-            s0, s1, s2, s3 = rows4_sums(T, codes, r0, r1, r2, r3)
-            sc4[0], sc4[1], sc4[2], sc4[3] = scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale)
+            _score4(T, codes, scales, has_scale, fresh, u, nn, sc4)
             for w in range(min(4, nn - u)):
                 s = sc4[w]
                 nb = fresh[u + w]
