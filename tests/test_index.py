@@ -287,14 +287,20 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
     """A few queries on one thread run the whole fast-scan search in one
     kernel (``FlatIndex._try_fused``): same ids and scores as the staged
     path (rotation or none, scaled codes, IVF probes, every list probed,
-    ADC rescoring and the exact re-rank of all candidates, float16 and
-    float32 copies)."""
+    ADC rescoring and the exact re-rank of all candidates with the rotation
+    cut to its leading columns, float16 and float32 copies)."""
     from ipq_index import index as im
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:10]
     idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
     assert idx.ntotal >= im.FASTSCAN_MIN_ROWS
+    if spec.startswith("PCA"):
+        # the exact-re-rank plan rotates only the leading dimensions the
+        # coarse tables and probes read (a prefix after PCA)
+        sc = idx._fast_scanner()
+        lead = idx._lead_dims(sc)
+        assert idx._coarse_dims(sc).max() < lead < X.shape[1]
     plans = []
     real = im._rescore_plan
     monkeypatch.setattr(im, "_rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])

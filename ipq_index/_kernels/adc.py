@@ -818,10 +818,11 @@ def rotate_rows(Q, R):
 
 
 @inline_kernel
-def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi):
-    """Lists of the ``nprobe`` largest <y_i[dims], Ct[:, l]> + |y_i| spread[l],
+def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi, qv):
+    """Lists of the ``nprobe`` largest <y_i[dims], Ct[:, l]> + |qv| spread[l],
     best first (float32 accumulation, vectorised over the lists: the scores
-    only order the lists)."""
+    only order the lists).  Only the ``dims`` entries of Y's row i are read;
+    ``qv`` is the query itself (|q| = |y|: the rotation is orthogonal)."""
     m = Ct.shape[1]
     qd = np.empty(dims.shape[0], np.float32)
     for t in range(dims.shape[0]):
@@ -829,8 +830,8 @@ def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi):
     weighted_row_sum(qd, Ct, acc)
     if spread.shape[0] > 0:
         nrm = 0.0
-        for t in range(Y.shape[1]):
-            nrm += np.float64(Y[i, t]) * Y[i, t]
+        for t in range(qv.shape[0]):
+            nrm += np.float64(qv[t]) * qv[t]
         qn = np.float32(np.sqrt(nrm))
         for j in range(m):
             acc[j] += qn * spread[j]
@@ -845,26 +846,27 @@ def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi):
 
 
 @kernel
-def probe_lists_serial(Y, dims, Ct, spread, nprobe):
+def probe_lists_serial(Y, dims, Ct, spread, nprobe, Q):
     """``probe_lists`` without a parallel region (cheaper for a few queries)."""
     out = np.empty((Y.shape[0], nprobe), np.int64)
     acc = np.empty(Ct.shape[1], np.float32)
     hv = np.empty(nprobe, np.float32)
     for i in range(Y.shape[0]):
-        _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, out[i])
+        _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, out[i], Q[i])
     return out
 
 
 @parallel_kernel
-def probe_lists(Y, dims, Ct, spread, nprobe):
-    """(nq, nprobe) ids of the lists with the largest probe scores (unordered):
-    <y[dims], c_l> over the kept dimensions ``dims`` of each query row
-    (centroids: columns of Ct, len(dims) x nlist) plus |y| spread[l]
-    (``spread`` empty: no such term)."""
+def probe_lists(Y, dims, Ct, spread, nprobe, Q):
+    """(nq, nprobe) ids of the lists with the largest probe scores (best
+    first): <y[dims], c_l> over the kept dimensions ``dims`` of each
+    transformed query row (centroids: columns of Ct, len(dims) x nlist) plus
+    |q| spread[l], q the row of Q (the untransformed queries; ``spread``
+    empty: no such term)."""
     out = np.empty((Y.shape[0], nprobe), np.int64)
     for i in prange(Y.shape[0]):
         _probe_one(Y, dims, Ct, spread, i, nprobe, np.empty(Ct.shape[1], np.float32),
-                   np.empty(nprobe, np.float32), out[i])
+                   np.empty(nprobe, np.float32), out[i], Q[i])
     return out
 
 

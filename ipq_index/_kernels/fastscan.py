@@ -511,8 +511,10 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     """The whole single-thread fast-scan search of a few queries in one call
     (flat: one list and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
     largest probe scores, ``_probe_one`` with ``dims``, ``Ct``, ``spread``;
-    ``nprobe`` = 0 scans every list): rotate (``R`` (d, d); (0, 0): none),
-    uint8 tables, the ``ncand`` best coarse scores (``_scan_one``), then
+    ``nprobe`` = 0 scans every list): rotate (``R`` (d, d); (0, 0): none;
+    (d, m): the leading m transformed dimensions alone, enough without
+    ``rescore`` when the coarse tables and probes read no others; the rest
+    stay 0), uint8 tables, the ``ncand`` best coarse scores (``_scan_one``), then
 
     - ``rescore``: table-free full ADC of those rows (``rescore_fields_one``),
       top-kk, plus <q, mean> (float64): inner-product estimates;
@@ -530,7 +532,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     out_v = np.full((nq, width), -np.inf, np.float32)
     out_r = np.full((nq, width), -1, np.int64)
     out_ids = np.full((nq, width), -1, np.int64)
-    Y = np.empty((1, d), np.float32)
+    Y = np.zeros((1, d), np.float32)
     M = centT.shape[0]
     G = M // 2
     lut = np.empty((1, (G + G % 2) * LUT_STRIDE), np.uint8)
@@ -548,7 +550,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
         else:
             Y[0] = Q[qi]
         if nprobe > 0:
-            _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists)
+            _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi])
         _quantize_one(Y, 0, slot_dim, centT, scratch, lut)
         _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, ncand, cand[0])
         if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, rescore, V, hv, hr,
