@@ -883,6 +883,9 @@ class GraphIndex(FlatIndex):
     def _scan_lists(self):
         return "codes"  # plain coarse codes for navigation, no FAISS index
 
+    def _lead_dims(self, sc):
+        return self.d  # the walk rescores on every dimension: no narrowed rotation (nor its copy)
+
     def _search_fused(self, Q, k, rr, kk, e, rescore):
         """A few queries on one thread, validated: the whole walk in one
         kernel (``_gs.graph_query_serial``), exact re-rank included.
