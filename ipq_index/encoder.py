@@ -41,6 +41,7 @@ import numpy as np
 
 from . import asq
 from ._kernels import adc as _adc
+from ._kernels import cand_adc as _cand
 from ._kernels import checks as _checks
 from ._kernels import rounding as _rk
 from ._numba import SERIAL_QUERIES
@@ -137,6 +138,7 @@ class ASQEncoder:
     _field_rows: np.ndarray | None = field(default=None, repr=False)  # see field_table (derived)
     _levels32: np.ndarray | None = field(default=None, repr=False)  # see levels32 (derived)
     _field_blocks: tuple | None = field(default=None, repr=False)  # see field_layout (derived)
+    _cand_layout: tuple | None = field(default=None, repr=False)  # see candidate_layout (derived)
 
     @property
     def is_trained(self) -> bool:
@@ -244,6 +246,7 @@ class ASQEncoder:
         self._field_rows = None
         self._levels32 = None
         self._field_blocks = None
+        self._cand_layout = None
         self.bits, self.byte_of, self.shift_of, self.nbytes = allocate_bits(
             energy, costs, int(round(cfg.bits * self.d)), min_bits)
         levels, off = [], [0]
@@ -409,6 +412,21 @@ class ASQEncoder:
                 dims[b * L:b * L + len(fs)] = table[fs, 0]
             self._field_blocks = (table, starts, lanes, dims)
         return self._field_blocks
+
+    def candidate_layout(self) -> tuple | None:
+        """The SIMD candidate ADC's view of the codes
+        (``cand_adc.candidate_layout``: fields by width class, 16-bit table
+        offsets), or None when that kernel cannot serve them: the CPU lacks
+        AVX-512 VBMI, code rows are shorter than 4 bytes, no dimension is
+        coded, or some dimension's levels do not increase (the tables take
+        each field's extremes from its end levels)."""
+        if self._cand_layout is None:
+            table = self.field_table()
+            lv = np.asarray(self.levels, np.float64)
+            ok = _cand.CAND_SIMD and self.nbytes >= 4 and table.shape[0] > 0
+            ok = ok and all(np.all(np.diff(lv[self.level_off[j]:self.level_off[j + 1]]) > 0) for j in table[:, 0])
+            self._cand_layout = (_cand.candidate_layout(table, self.level_off) if ok else None,)
+        return self._cand_layout[0]
 
     def variance_tables(self, Y):
         """Per-byte tables of an upper bound on the variance of unbiased rounding:

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import storage
 from ._kernels import adc as _adc
+from ._kernels import cand_adc as _cand
 from ._kernels import fastscan as _fs
 from ._kernels import graph_search as _gs
 from ._kernels import rerank as _rr
@@ -337,10 +338,10 @@ class FlatIndex:
         rot, rot_lead, scan, adc, ids, V, no_V = self._fused_arrays()
         if probe is None:
             probe = _NO_PROBE
-        # without the full-ADC rescoring only the leading transformed
+        # without an ADC of the candidates only the leading transformed
         # dimensions are read (coarse tables, probes): rotate those alone
-        v, _, out_ids = _fs.scan_query_serial(Q, *(rot if plan == "fields" else rot_lead), *scan, *probe, ncand,
-                                              *adc, kk, plan == "fields", ids, V if rr else no_V, k)
+        v, _, out_ids = _fs.scan_query_serial(Q, *(rot_lead if plan == "exact" else rot), *scan, *probe, ncand,
+                                              *adc, kk, _PLAN_CODES[plan], ids, V if rr else no_V, k)
         return v[:, :k], out_ids[:, :k]
 
     def _fused_arrays(self):
@@ -349,9 +350,9 @@ class FlatIndex:
         (rotation, mean), the same with the rotation's leading columns alone
         (``_lead_dims``), the fast-scan layout (slot dims, centroids, blocks,
         block rows, block pointers, fill; a graph's walk arrays instead:
-        ``_fused_scan_args``), the ADC arrays (levels, fields, codes,
-        scales), ids, and the stored copy for the exact re-rank
-        (``_copy_rows``) with and without rows (the copy's own dtype either
+        ``_fused_scan_args``), the ADC arrays (levels, fields, candidate
+        layout, codes, scales), ids, and the stored copy for the exact
+        re-rank (``_copy_rows``) with and without rows (the copy's own dtype either
         way: one kernel build per index).  Rebuilt when the scanner, the
         codes or the encoder change."""
         sc = self._fast_scanner()
@@ -364,7 +365,8 @@ class FlatIndex:
             R_lead = np.ascontiguousarray(R[:, :self._lead_dims(sc)]) if R.shape[0] else R
             got = self._fused_args = (sc, self.codes, enc, (
                 (R, mean), (R_lead, mean), self._fused_scan_args(sc),
-                (enc.levels32(), enc.field_layout(), np.asarray(self.codes), self._scales()),
+                (enc.levels32(), enc.field_layout(), _cand_layout_args(enc), np.asarray(self.codes),
+                 self._scales()),
                 np.asarray(self.ids), V, V[:0]))
         return got[3]
 
@@ -856,7 +858,7 @@ class GraphIndex(FlatIndex):
                 e = max(efv, kk)
                 plan = _rescore_plan(self.encoder, e, kk, exact_ns)
                 if plan != "tables":
-                    return self._search_fused(Q, k, rr, kk, e, plan == "fields")
+                    return self._search_fused(Q, k, rr, kk, e, plan)
 
         def candidates(qb, kk, codes, scales, nthreads):
             e = max(efv, kk)
@@ -886,7 +888,7 @@ class GraphIndex(FlatIndex):
     def _lead_dims(self, sc):
         return self.d  # the walk rescores on every dimension: no narrowed rotation (nor its copy)
 
-    def _search_fused(self, Q, k, rr, kk, e, rescore):
+    def _search_fused(self, Q, k, rr, kk, e, plan):
         """A few queries on one thread, validated: the whole walk in one
         kernel (``_gs.graph_query_serial``), exact re-rank included.
         Same results as the staged path of ``search`` (tested); ~15 us less
@@ -895,7 +897,7 @@ class GraphIndex(FlatIndex):
         visited, tag0, held = self._take_visited(1, Q.shape[0])
         try:
             v, _, out_ids = _gs.graph_query_serial(Q, R, mean, *walk, e, self._beam_cap(e), visited, tag0,
-                                                   *adc, kk, rescore, ids, V if rr else no_V, k)
+                                                   *adc, kk, _PLAN_CODES[plan], ids, V if rr else no_V, k)
         finally:
             if held:
                 self._visit_lock.release()
@@ -975,6 +977,11 @@ _TAG_MAX = int(np.iinfo(_TAG_DTYPE).max)  # visited tags wrap before this
 #: 48-400 random candidates of 50k / 10^6 rows, 345-381 fields: 0.48-0.96 ns,
 #: against 1.08-1.41 ns one field at a time)
 FIELD_NS, FIELD_NS_BLOCKS, ENTRY_NS, LOOKUP_NS = 1.0, 0.6, 0.4, 0.6
+#: the SIMD candidate ADC (``_cand``; 10^6 x 384, 192-byte codes, 345
+#: fields, 22,600 table entries): per table entry built (6.2 us per query),
+#: per code byte of a row transposed (18 ns per row) and per field of a row
+#: looked up (22 ns per row), rows in cache
+CAND_ENTRY_NS, CAND_BYTE_NS, CAND_FIELD_NS = 0.28, 0.095, 0.065
 EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 0.35, 0.45, 128 << 20
 #: exact re-rank of all coarse candidates is chosen up to this many times the
 #: estimated cost of ADC rescoring + exact re-rank of the best: it returns the
@@ -987,16 +994,38 @@ EXACT_PREFERENCE = 1.3
 def _rescore_plan(enc, nc, kk, exact_ns, have_tables=False):
     """How to pick the top-kk of nc candidates (costs above): ``"exact"``
     (hand all of them to the exact re-rank; only when ``exact_ns`` > 0),
+    ``"cand"`` (SIMD candidate ADC, then the exact re-rank of kk; only when
+    ``exact_ns`` > 0 and ``Encoder.candidate_layout`` serves the codes),
     ``"fields"`` (table-free ADC) or ``"tables"`` (lookup tables, built
     unless ``have_tables``)."""
     table, starts = enc.field_layout()[:2]
     fields_ns = (FIELD_NS_BLOCKS if starts.shape[0] else FIELD_NS) * nc * table.shape[0]
     tables_ns = (0.0 if have_tables else ENTRY_NS * 256 * enc.nbytes) + LOOKUP_NS * nc * enc.nbytes
+    adc_ns = min(fields_ns, tables_ns)
+    cl = enc.candidate_layout() if exact_ns > 0 else None
+    cand_ns = np.inf
+    if cl is not None:
+        groups = -(-nc // _cand.GROUP) * _cand.GROUP
+        cand_ns = CAND_ENTRY_NS * float(cl[0][:, 2].sum()) + groups * (CAND_BYTE_NS * enc.nbytes
+                                                                       + CAND_FIELD_NS * table.shape[0])
     if exact_ns > 0:
         exact = exact_ns * enc.d
-        if exact * nc <= EXACT_PREFERENCE * (min(fields_ns, tables_ns) + exact * kk):
+        if exact * nc <= EXACT_PREFERENCE * (min(adc_ns, cand_ns) + exact * kk):
             return "exact"
+        if cand_ns <= adc_ns:
+            return "cand"
     return "fields" if fields_ns < tables_ns else "tables"
+
+
+#: the fused kernels' codes of the plans (``_rr.PLAN_*``)
+_PLAN_CODES = {"exact": _rr.PLAN_NONE, "fields": _rr.PLAN_FIELDS, "cand": _rr.PLAN_CAND}
+#: the candidate layout argument of the fused kernels when the SIMD candidate ADC does not apply
+_NO_CAND = (np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int32), np.zeros((0, 3), np.int64), 0)
+
+
+def _cand_layout_args(enc):
+    cl = enc.candidate_layout()
+    return _NO_CAND if cl is None else cl
 
 
 class _QueryBatch:
@@ -1039,6 +1068,9 @@ class _QueryBatch:
         plan = _rescore_plan(enc, cand.shape[1], kk, self.exact_ns, self._tables is not None)
         if plan == "exact":
             return None, cand
+        if plan == "cand":
+            fn = _cand.candidate_topk if par else _cand.candidate_topk_serial
+            return fn(self.Y, enc.levels32(), enc.candidate_layout(), codes, scales, cand, kk)
         if plan == "fields":
             fn = _adc.rescore_fields if par else _adc.rescore_fields_serial
             return fn(self.Y, enc.levels32(), enc.field_layout(), codes, scales, cand, kk)

@@ -124,6 +124,8 @@ assert adc.FIELD_SIMD == (sys.argv[1] != "0"), adc.FIELD_SIMD
 layout = tuple(d[k] for k in ("ftable", "fstarts", "flanes", "fdims"))  # blocks (built on this host)
 v, r = adc.rescore_fields_serial(d["Y"], d["levels"], layout, d["codes"], np.zeros(0, np.float32), d["cand"], 7)
 print(v.tolist()); print(r.tolist())
+from ipq_index._kernels import cand_adc
+assert not cand_adc.CAND_SIMD  # neither target has AVX-512 VBMI: the search plans never pick it
 """
 
 

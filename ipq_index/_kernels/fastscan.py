@@ -43,7 +43,7 @@ from numba.extending import intrinsic
 
 from .._numba import inline_kernel, kernel, parallel_kernel, target_has
 from .adc import _coarse_luts, _probe_one, ids_of_rows_one, weighted_row_sum
-from .rerank import rescore_rerank_one
+from .rerank import PLAN_FIELDS, rescore_rerank_one
 
 #: rows per block
 BLOCK = 32
@@ -507,28 +507,31 @@ def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, pro
 
 @kernel
 def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, dims, Ct,
-                      spread, nprobe, ncand, levels, fields, codes, scales, kk, rescore, ids, V, k):
+                      spread, nprobe, ncand, levels, fields, cl, codes, scales, kk, plan, ids, V, k):
     """The whole single-thread fast-scan search of a few queries in one call
     (flat: one list and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
     largest probe scores, ``_probe_one`` with ``dims``, ``Ct``, ``spread``;
     ``nprobe`` = 0 scans every list): rotate (``R`` (d, d); (0, 0): none;
-    (d, m): the leading m transformed dimensions alone, enough without
-    ``rescore`` when the coarse tables and probes read no others; the rest
-    stay 0), uint8 tables, the ``ncand`` best coarse scores (``_scan_one``), then
+    (d, m): the leading m transformed dimensions alone, enough when no ADC
+    of the candidates follows and the coarse tables and probes read no
+    others; the rest stay 0), uint8 tables, the ``ncand`` best coarse
+    scores (``_scan_one``), then (``plan``, ``rerank.PLAN_*``)
 
-    - ``rescore``: table-free full ADC of those rows (``rescore_fields_one``),
+    - PLAN_FIELDS: table-free full ADC of those rows (``rescore_fields_one``),
       top-kk, plus <q, mean> (float64): inner-product estimates;
-    - otherwise: the candidate rows as they are (for an exact re-rank);
+    - PLAN_CAND (with ``V`` only): SIMD candidate ADC (``cl``:
+      ``Encoder.candidate_layout``), top-kk;
+    - PLAN_NONE: the candidate rows as they are (for an exact re-rank);
 
     then, when ``V`` (the stored copy: float32 rows or float16 bit patterns
     as uint16) has rows, the exact top-k of those rows (``rescore_rerank_one``).
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
-    (width k if re-ranked, else kk if ``rescore``, else ncand); out_ids =
+    (width k if re-ranked, else kk if PLAN_FIELDS, else ncand); out_ids =
     ids[rows], -1 (score -inf) for empty slots.  The same steps as the
     staged search (tested)."""
     nq, d = Q.shape
     exact = V.shape[0] > 0
-    width = k if exact else (kk if rescore else ncand)
+    width = k if exact else (kk if plan == PLAN_FIELDS else ncand)
     out_v = np.full((nq, width), -np.inf, np.float32)
     out_r = np.full((nq, width), -1, np.int64)
     out_ids = np.full((nq, width), -1, np.int64)
@@ -553,7 +556,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
             _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi])
         _quantize_one(Y, 0, slot_dim, centT, scratch, lut)
         _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, ncand, cand[0])
-        if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, rescore, V, hv, hr,
+        if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, cand, kk, plan, V, hv, hr,
                                   out_v[qi], out_r[qi]):
             for t in range(ncand):
                 out_r[qi, t] = cand[0, t]

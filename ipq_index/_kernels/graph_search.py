@@ -13,7 +13,7 @@ from numba import prange
 from .._numba import inline_kernel, kernel, parallel_kernel, prefetch, prefetch1
 from .adc import (heap_offer, heap_to_sorted, ids_of_rows_one, nav_table_one, row_score, rows4_sums, scale4,
                   weighted_row_sum)
-from .rerank import rescore_rerank_one
+from .rerank import PLAN_FIELDS, rescore_rerank_one
 
 
 @inline_kernel
@@ -195,25 +195,26 @@ def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_leve
 
 @kernel
 def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offsets, cum, entry, max_level,
-                       ef, cap, visited, tag0, levels, fields, codes, scales, kk, rescore, ids, V, k):
+                       ef, cap, visited, tag0, levels, fields, cl, codes, scales, kk, plan, ids, V, k):
     """The whole single-thread graph search of a few queries in one call
     (each step alone is a few microseconds, and so was the Python between
     them): rotate (``R`` (d, d); (0, 0): none), int16 navigation tables,
     beam of width ``ef`` on the navigation codes (``_beam_one``), then
 
-    - ``rescore``: table-free full ADC of the beam (``rescore_fields_one``),
+    - PLAN_FIELDS: table-free full ADC of the beam (``rescore_fields_one``),
       top-kk, plus <q, mean> (float64): inner-product estimates;
-    - otherwise: the beam's rows as they are (for an exact re-rank);
+    - PLAN_CAND (with ``V`` only): SIMD candidate ADC (``cl``), top-kk;
+    - PLAN_NONE: the beam's rows as they are (for an exact re-rank);
 
     then, when ``V`` (the stored copy: float32 rows or float16 bit patterns
     as uint16) has rows, the exact top-k of those rows (``rescore_rerank_one``).
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
-    (width k if re-ranked, else kk if ``rescore``, else ef); out_ids =
+    (width k if re-ranked, else kk if PLAN_FIELDS, else ef); out_ids =
     ids[rows], -1 (score -inf) for empty slots.  Visited tags as in
     ``graph_search`` (one row)."""
     nq, d = Q.shape
     exact = V.shape[0] > 0
-    width = k if exact else (kk if rescore else ef)
+    width = k if exact else (kk if plan == PLAN_FIELDS else ef)
     out_v = np.full((nq, width), -np.inf, np.float32)
     out_r = np.full((nq, width), -1, np.int64)
     out_ids = np.full((nq, width), -1, np.int64)
@@ -237,7 +238,7 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
         beam_r[0] = -1
         _beam_one(T, nav_codes, no_scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited[0],
                   tag0 + qi + 1, beam_v, beam_r[0])
-        if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, codes, scales, beam_r, kk, rescore, V, hv, hr,
+        if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, beam_r, kk, plan, V, hv, hr,
                                   out_v[qi], out_r[qi]):
             for t in range(ef):
                 out_v[qi, t] = beam_v[t]

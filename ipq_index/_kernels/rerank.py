@@ -25,6 +25,7 @@ from numba.extending import intrinsic, overload
 
 from .._numba import KERNEL_OPTIONS, PARALLEL_OPTIONS, inline_kernel, prefetch, target_has
 from .adc import heap_offer, heap_to_sorted, rescore_offset_one
+from .cand_adc import candidate_topk_one
 
 #: LLVM may reorder the float64 sums (and fuse multiply-adds) but assumes
 #: nothing about NaN / inf (inputs are validated finite anyway)
@@ -180,24 +181,35 @@ def rerank_rows(q, V, rows, hv, hi):
     heap_to_sorted(hv, hi)
 
 
+#: how ``rescore_rerank_one`` narrows the candidates: not at all (all go to
+#: the exact re-rank, or are returned as they are), the table-free ADC
+#: (``adc.rescore_fields_one``), or the SIMD candidate ADC
+#: (``cand_adc.candidate_topk_one``; only before an exact re-rank)
+PLAN_NONE, PLAN_FIELDS, PLAN_CAND = 0, 1, 2
+
+
 @inline_kernel
-def rescore_rerank_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, rescore, V, hv, hr, out_v, out_r):
+def rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, cand, kk, plan, V, hv, hr, out_v, out_r):
     """The fused kernels' last step for query qi and its candidate rows cand
-    (1, c): the table-free ADC top-kk (``rescore``; scratch hv / hr of size
-    kk), then the exact top-len(out_v) when ``V`` has rows; ADC scores
-    (plus <q, mean>) when only rescoring.  Returns False (out untouched)
-    when neither applies: the caller keeps the candidates as they are."""
+    (1, c): the ADC top-kk (``plan``: PLAN_FIELDS, or PLAN_CAND with the
+    candidate layout ``cl``; scratch hv / hr of size kk), then the exact
+    top-len(out_v) when ``V`` has rows; ADC scores (plus <q, mean>) when
+    only rescoring (PLAN_FIELDS).  Returns False (out untouched) when
+    neither applies: the caller keeps the candidates as they are."""
     exact = V.shape[0] > 0
-    if exact and rescore:
+    if exact and plan != PLAN_NONE:
         hv[:] = -np.inf
         hr[:] = -1
-        rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, hv, hr)
+        if plan == PLAN_CAND:
+            candidate_topk_one(Y, 0, levels, cl, codes, scales, cand[0], hv, hr)
+        else:
+            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, hv, hr)
         rerank_rows(Q[qi], V, hr, out_v, out_r)
     elif exact:
         rerank_rows(Q[qi], V, cand[0], out_v, out_r)
-    elif rescore:
+    elif plan == PLAN_FIELDS:
         rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, out_v, out_r)
-    return exact or rescore
+    return exact or plan == PLAN_FIELDS
 
 
 @inline_kernel
