@@ -139,6 +139,7 @@ class ASQEncoder:
     _levels32: np.ndarray | None = field(default=None, repr=False)  # see levels32 (derived)
     _field_blocks: tuple | None = field(default=None, repr=False)  # see field_layout (derived)
     _cand_layout: tuple | None = field(default=None, repr=False)  # see candidate_layout (derived)
+    _plans: dict = field(default_factory=dict, repr=False)  # index._rescore_plan's choices (derived)
 
     @property
     def is_trained(self) -> bool:
@@ -247,6 +248,7 @@ class ASQEncoder:
         self._levels32 = None
         self._field_blocks = None
         self._cand_layout = None
+        self._plans = {}
         self.bits, self.byte_of, self.shift_of, self.nbytes = allocate_bits(
             energy, costs, int(round(cfg.bits * self.d)), min_bits)
         levels, off = [], [0]
