@@ -138,7 +138,7 @@ class ASQEncoder:
     _field_rows: np.ndarray | None = field(default=None, repr=False)  # see field_table (derived)
     _levels32: np.ndarray | None = field(default=None, repr=False)  # see levels32 (derived)
     _field_blocks: tuple | None = field(default=None, repr=False)  # see field_layout (derived)
-    _cand_layout: tuple | None = field(default=None, repr=False)  # see candidate_layout (derived)
+    _cand_layout: dict | None = field(default=None, repr=False)  # see candidate_layout (derived)
     _plans: dict = field(default_factory=dict, repr=False)  # index._rescore_plan's choices (derived)
 
     @property
@@ -415,20 +415,26 @@ class ASQEncoder:
             self._field_blocks = (table, starts, lanes, dims)
         return self._field_blocks
 
-    def candidate_layout(self) -> tuple | None:
+    def candidate_layout(self, keep=None) -> tuple | None:
         """The SIMD candidate ADC's view of the codes
         (``cand_adc.candidate_layout``: fields by width class, 16-bit table
-        offsets), or None when that kernel cannot serve them: the CPU lacks
-        AVX-512 VBMI, code rows are shorter than 4 bytes, no dimension is
-        coded, or some dimension's levels do not increase (the tables take
-        each field's extremes from its end levels)."""
+        offsets) for the dimensions of bool mask ``keep`` (None: all), or None
+        when that kernel cannot serve them: the CPU lacks AVX-512 VBMI, code
+        rows are shorter than 4 bytes, no kept dimension is coded, or some
+        kept dimension's levels do not increase (the tables take each
+        field's extremes from its end levels).  Cached per mask."""
+        key = None if keep is None else np.asarray(keep, bool).tobytes()
         if self._cand_layout is None:
+            self._cand_layout = {}
+        if key not in self._cand_layout:
             table = self.field_table()
+            if keep is not None:
+                table = table[np.asarray(keep, bool)[table[:, 0]]]
             lv = np.asarray(self.levels, np.float64)
             ok = _cand.CAND_SIMD and self.nbytes >= 4 and table.shape[0] > 0
             ok = ok and all(np.all(np.diff(lv[self.level_off[j]:self.level_off[j + 1]]) > 0) for j in table[:, 0])
-            self._cand_layout = (_cand.candidate_layout(table, self.level_off) if ok else None,)
-        return self._cand_layout[0]
+            self._cand_layout[key] = _cand.candidate_layout(table, self.level_off, self.nbytes) if ok else None
+        return self._cand_layout[key]
 
     def variance_tables(self, Y):
         """Per-byte tables of an upper bound on the variance of unbiased rounding:

@@ -67,8 +67,11 @@ class FastScanner:
         n = codes.shape[0]
         codes = np.ascontiguousarray(codes)
         d = e.bits.size
-        cb, coarse = self._coarse_bits(e, codes, scales, coverage, asq, sample=sample)
+        cb, coarse, share = self._coarse_bits(e, codes, scales, coverage, asq, sample=sample)
         self.coarse_bits = cb
+        #: estimated share of the score variance per dimension (E[y_j^2] E[z_j^2], or
+        #: E[y_j^2] Var(z_j) for scaled codes; 0 for uncoded dimensions), from the sample
+        self.share = share
         self.kept = cb > 0
         bits = np.where(self.kept, e.bits, 0).astype(np.int64)  # dropped dims: as if 0 bits
         nib_of = np.zeros(d, np.int32)
@@ -131,9 +134,10 @@ class FastScanner:
 
     @staticmethod
     def _coarse_bits(e, codes, scales, coverage, asq, sample: int = 100_000):
-        """Coarse width cb_j in 0..min(b_j, 4) of every dimension, and its
-        levels ({j: 2^cb_j levels} for cb_j > 0), from a seeded sample of
-        rows (z_j: decoded values, times the row scale for scaled codes).
+        """Coarse width cb_j in 0..min(b_j, 4) of every dimension, its levels
+        ({j: 2^cb_j levels} for cb_j > 0) and the dimensions' shares of the
+        score variance (below), from a seeded sample of rows (z_j: decoded
+        values, times the row scale for scaled codes).
 
         Unscaled codes: the coarse code is the top cb bits of the fine code,
         its levels the mean of z_j over each cell (so the squared error never
@@ -188,7 +192,7 @@ class FastScanner:
             for j in np.nonzero(cb)[0]:
                 L = np.asarray(asq.solve(column(j)[2], 1 << cb[j], method="approx"), np.float64)
                 levels[j] = np.concatenate([L, np.full((1 << cb[j]) - L.size, L[-1])])
-            return cb, levels
+            return cb, levels, share
         err = np.zeros((d, 5))
         cells = {}
         for j in np.nonzero(maxb)[0]:
@@ -218,7 +222,7 @@ class FastScanner:
                     break
                 cur -= w[j] * (err[j, cb[j]] - err[j, b])
                 cb[j] = b
-        return cb, {j: cells[j, cb[j]] for j in np.nonzero(cb)[0]}
+        return cb, {j: cells[j, cb[j]] for j in np.nonzero(cb)[0]}, w * err[:, 0]
 
     @property
     def nbytes(self) -> int:

@@ -305,8 +305,9 @@ class FlatIndex:
 
         def candidates(qb, kk, codes, scales, nthreads):
             if use_fs:
-                cand = self._fast_scanner().candidates(qb.Y, self._coarse_count(fsf, kk), nthreads)
-                return qb.rescore(cand, kk, codes, scales)
+                sc = self._fast_scanner()
+                cand = sc.candidates(qb.Y, self._coarse_count(fsf, kk), nthreads)
+                return qb.rescore(cand, kk, codes, scales, self._cand_layout(sc))
             tables = qb.tables()
             Qc = qb.Q
             if Qc.shape[0] >= nthreads or nthreads == 1:
@@ -332,15 +333,17 @@ class FlatIndex:
         if Q.shape[0] >= SERIAL_QUERIES:
             return None
         ncand = self._coarse_count(fsf, kk)
-        plan = _rescore_plan(self.encoder, ncand, kk, exact_ns)
+        plan = _rescore_plan(self.encoder, ncand, kk, exact_ns, cl=self._cand_layout(self._fast_scanner()))
         if plan == "tables":
             return None
-        rot, rot_lead, scan, adc, ids, V, no_V = self._fused_arrays()
+        rot, rot_lead, rot_cand, scan, adc, ids, V, no_V = self._fused_arrays()
         if probe is None:
             probe = _NO_PROBE
-        # without an ADC of the candidates only the leading transformed
-        # dimensions are read (coarse tables, probes): rotate those alone
-        v, _, out_ids = _fs.scan_query_serial(Q, *(rot_lead if plan == "exact" else rot), *scan, *probe, ncand,
+        # without the full ADC of the candidates only some leading transformed
+        # dimensions are read (coarse tables, probes, the candidate ADC's
+        # fields): rotate those alone
+        R = {"exact": rot_lead, "cand": rot_cand}.get(plan, rot)
+        v, _, out_ids = _fs.scan_query_serial(Q, *R, *scan, *probe, ncand,
                                               *adc, kk, _PLAN_CODES[plan], ids, V if rr else no_V, k)
         return v[:, :k], out_ids[:, :k]
 
@@ -348,7 +351,8 @@ class FlatIndex:
         """The per-index arguments of the fused single-query kernels, kept
         between searches (gathering them cost a few microseconds per query):
         (rotation, mean), the same with the rotation's leading columns alone
-        (``_lead_dims``), the fast-scan layout (slot dims, centroids, blocks,
+        (``_lead_dims``), and with those the candidate ADC reads too
+        (``_cand_layout``), the fast-scan layout (slot dims, centroids, blocks,
         block rows, block pointers, fill; a graph's walk arrays instead:
         ``_fused_scan_args``), the ADC arrays (levels, fields, candidate
         layout, codes, scales), ids, and the stored copy for the exact
@@ -362,10 +366,14 @@ class FlatIndex:
             V = np.zeros((0, 0), np.float32) if self.vectors is None else _copy_rows(self.vectors)
             R = enc.rotation32()
             mean = np.asarray(enc.mean, np.float64)
-            R_lead = np.ascontiguousarray(R[:, :self._lead_dims(sc)]) if R.shape[0] else R
+            lead = self._lead_dims(sc)
+            cl = self._cand_layout(sc)
+            lead_cand = lead if cl is None else max(lead, _round16(int(cl[0][:, 0].max()) + 1, self.d))
+            R_lead, R_cand = ((np.ascontiguousarray(R[:, :m]) if m < self.d else R) if R.shape[0] else R
+                              for m in (lead, lead_cand))
             got = self._fused_args = (sc, self.codes, enc, (
-                (R, mean), (R_lead, mean), self._fused_scan_args(sc),
-                (enc.levels32(), enc.field_layout(), _cand_layout_args(enc), np.asarray(self.codes),
+                (R, mean), (R_lead, mean), (R_cand, mean), self._fused_scan_args(sc),
+                (enc.levels32(), enc.field_layout(), _NO_CAND if cl is None else cl, np.asarray(self.codes),
                  self._scales()),
                 np.asarray(self.ids), V, V[:0]))
         return got[3]
@@ -389,6 +397,23 @@ class FlatIndex:
         used = self._coarse_dims(sc)
         end = int(used.max()) + 1 if used.size else 1
         return min(self.d, -(-end // 16) * 16)
+
+    def _cand_layout(self, sc):
+        """The SIMD candidate ADC's layout (``Encoder.candidate_layout``) of
+        the dimensions holding CAND_COVERAGE of the estimated score variance
+        (the fast scanner's ``share``, largest first), or None when that
+        kernel cannot serve the codes.  Cached per scanner."""
+        got = getattr(sc, "_cand_layout", None)
+        if got is None:
+            keep = None
+            share = sc.share
+            if CAND_COVERAGE < 1.0 and share.sum() > 0:
+                order = np.argsort(-share, kind="stable")
+                cum = np.cumsum(share[order]) / share.sum()
+                keep = np.zeros(self.d, bool)
+                keep[order[:int(np.searchsorted(cum, CAND_COVERAGE)) + 1]] = True
+            got = sc._cand_layout = (self.encoder.candidate_layout(keep),)
+        return got[0]
 
     @staticmethod
     def _fs_factor(fs, scanned_rows):
@@ -671,8 +696,9 @@ class IVFIndex(FlatIndex):
             else:
                 probes = np.tile(np.arange(self.nlist, dtype=np.int64), (Qc.shape[0], 1))
             if use_fs:
-                cand = self._fast_scanner().candidates(qb.Y, self._coarse_count(fsf, kk), nthreads, probes)
-                return qb.rescore(cand, kk, codes, scales)
+                sc = self._fast_scanner()
+                cand = sc.candidates(qb.Y, self._coarse_count(fsf, kk), nthreads, probes)
+                return qb.rescore(cand, kk, codes, scales, self._cand_layout(sc))
             return _adc.scan_lists_topk(qb.tables(), codes, scales, ptr, rows, probes, kk)
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
@@ -856,7 +882,7 @@ class GraphIndex(FlatIndex):
             Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads)
             if Q.shape[0] < SERIAL_QUERIES:
                 e = max(efv, kk)
-                plan = _rescore_plan(self.encoder, e, kk, exact_ns)
+                plan = _rescore_plan(self.encoder, e, kk, exact_ns, cl=self._cand_layout(self._fast_scanner()))
                 if plan != "tables":
                     return self._search_fused(Q, k, rr, kk, e, plan)
 
@@ -878,7 +904,7 @@ class GraphIndex(FlatIndex):
             finally:
                 if held:
                     self._visit_lock.release()
-            return qb.rescore(out[1], kk, codes, scales) if nav == "coarse" else out
+            return qb.rescore(out[1], kk, codes, scales, self._cand_layout(sc)) if nav == "coarse" else out
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
 
@@ -893,7 +919,7 @@ class GraphIndex(FlatIndex):
         kernel (``_gs.graph_query_serial``), exact re-rank included.
         Same results as the staged path of ``search`` (tested); ~15 us less
         per query (MiniLM 50k, ef=48)."""
-        (R, mean), _, walk, adc, ids, V, no_V = self._fused_arrays()
+        (R, mean), _, _, walk, adc, ids, V, no_V = self._fused_arrays()
         visited, tag0, held = self._take_visited(1, Q.shape[0])
         try:
             v, _, out_ids = _gs.graph_query_serial(Q, R, mean, *walk, e, self._beam_cap(e), visited, tag0,
@@ -982,6 +1008,13 @@ FIELD_NS, FIELD_NS_BLOCKS, ENTRY_NS, LOOKUP_NS = 1.0, 0.6, 0.4, 0.6
 #: per code byte of a row transposed (18 ns per row) and per field of a row
 #: looked up (22 ns per row), rows in cache
 CAND_ENTRY_NS, CAND_BYTE_NS, CAND_FIELD_NS = 0.28, 0.095, 0.065
+#: share of the estimated score variance (``FastScanner.share``) whose
+#: dimensions the candidate ADC reads: it only picks the exact re-rank's
+#: rows, and the last dimensions hardly move that choice while their fields
+#: and rotation columns cost (10^6 synthetic after PCA: 188 of 384
+#: dimensions, a prefix; picking 20 or 30 of 400 on the first 192 gave the
+#: recall of all 384, the first 160 lost 0.001 at 30 and 0.002 at 20)
+CAND_COVERAGE = 0.999
 EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 0.35, 0.45, 128 << 20
 #: exact re-rank of all coarse candidates is chosen up to this many times the
 #: estimated cost of ADC rescoring + exact re-rank of the best: it returns the
@@ -991,32 +1024,30 @@ EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 0.35, 0.45, 128 << 20
 EXACT_PREFERENCE = 1.3
 
 
-def _rescore_plan(enc, nc, kk, exact_ns, have_tables=False):
+def _rescore_plan(enc, nc, kk, exact_ns, have_tables=False, cl=None):
     """How to pick the top-kk of nc candidates (costs above): ``"exact"``
     (hand all of them to the exact re-rank; only when ``exact_ns`` > 0),
-    ``"cand"`` (SIMD candidate ADC, then the exact re-rank of kk; only when
-    ``exact_ns`` > 0 and ``Encoder.candidate_layout`` serves the codes),
+    ``"cand"`` (SIMD candidate ADC with layout ``cl``, then the exact
+    re-rank of kk; only when ``exact_ns`` > 0 and ``cl`` is not None),
     ``"fields"`` (table-free ADC) or ``"tables"`` (lookup tables, built
     unless ``have_tables``).  Memoised per encoder (a few microseconds of a
     ~200 us query)."""
-    key = (nc, kk, exact_ns, have_tables)
+    key = (nc, kk, exact_ns, have_tables, id(cl))  # layouts live in the encoder's cache
     plan = enc._plans.get(key)
     if plan is None:
-        plan = enc._plans[key] = _choose_plan(enc, nc, kk, exact_ns, have_tables)
+        plan = enc._plans[key] = _choose_plan(enc, nc, kk, exact_ns, have_tables, cl)
     return plan
 
 
-def _choose_plan(enc, nc, kk, exact_ns, have_tables):
+def _choose_plan(enc, nc, kk, exact_ns, have_tables, cl):
     table, starts = enc.field_layout()[:2]
     fields_ns = (FIELD_NS_BLOCKS if starts.shape[0] else FIELD_NS) * nc * table.shape[0]
     tables_ns = (0.0 if have_tables else ENTRY_NS * 256 * enc.nbytes) + LOOKUP_NS * nc * enc.nbytes
     adc_ns = min(fields_ns, tables_ns)
-    cl = enc.candidate_layout() if exact_ns > 0 else None
     cand_ns = np.inf
-    if cl is not None:
-        groups = -(-nc // _cand.GROUP) * _cand.GROUP
-        cand_ns = CAND_ENTRY_NS * float(cl[0][:, 2].sum()) + groups * (CAND_BYTE_NS * enc.nbytes
-                                                                       + CAND_FIELD_NS * table.shape[0])
+    if cl is not None and exact_ns > 0:
+        rows = -(-nc // _cand.GROUP) * _cand.GROUP
+        cand_ns = CAND_ENTRY_NS * float(cl[0][:, 2].sum()) + rows * (CAND_BYTE_NS * cl[4] + CAND_FIELD_NS * cl[0].shape[0])
     if exact_ns > 0:
         exact = exact_ns * enc.d
         if exact * nc <= EXACT_PREFERENCE * (min(adc_ns, cand_ns) + exact * kk):
@@ -1029,12 +1060,11 @@ def _choose_plan(enc, nc, kk, exact_ns, have_tables):
 #: the fused kernels' codes of the plans (``_rr.PLAN_*``)
 _PLAN_CODES = {"exact": _rr.PLAN_NONE, "fields": _rr.PLAN_FIELDS, "cand": _rr.PLAN_CAND}
 #: the candidate layout argument of the fused kernels when the SIMD candidate ADC does not apply
-_NO_CAND = (np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int32), np.zeros((0, 3), np.int64), 0)
+_NO_CAND = (np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int32), np.zeros((0, 3), np.int64), 0, 4)
 
 
-def _cand_layout_args(enc):
-    cl = enc.candidate_layout()
-    return _NO_CAND if cl is None else cl
+def _round16(m, d):
+    return min(d, -(-m // 16) * 16)
 
 
 class _QueryBatch:
@@ -1061,7 +1091,7 @@ class _QueryBatch:
         products, float32 (float64 sums)."""
         return _adc.add_offsets(V, self.Q, np.asarray(self.encoder.mean, np.float64))
 
-    def rescore(self, cand, kk, codes, scales):
+    def rescore(self, cand, kk, codes, scales, cl=None):
         """Full-ADC top-kk of candidate rows (nq, c) (-1 = none); parallel over
         queries when there are many.  Field by field when that is cheaper
         than building the tables and summing table lookups (costs above).
@@ -1074,12 +1104,12 @@ class _QueryBatch:
         exactly, so near a tie it is the better choice (see EXACT_PREFERENCE)."""
         enc = self.encoder
         par = cand.shape[0] >= SERIAL_QUERIES
-        plan = _rescore_plan(enc, cand.shape[1], kk, self.exact_ns, self._tables is not None)
+        plan = _rescore_plan(enc, cand.shape[1], kk, self.exact_ns, self._tables is not None, cl)
         if plan == "exact":
             return None, cand
         if plan == "cand":
             fn = _cand.candidate_topk if par else _cand.candidate_topk_serial
-            return fn(self.Y, enc.levels32(), enc.candidate_layout(), codes, scales, cand, kk)
+            return fn(self.Y, enc.levels32(), cl, codes, scales, cand, kk)
         if plan == "fields":
             fn = _adc.rescore_fields if par else _adc.rescore_fields_serial
             return fn(self.Y, enc.levels32(), enc.field_layout(), codes, scales, cand, kk)

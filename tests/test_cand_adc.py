@@ -41,14 +41,14 @@ _BITS = [np.arange(1, 9).repeat(5), np.r_[np.full(300, 2), np.full(7, 8), np.ful
 def test_tables_and_scalar_sums_match_the_float_adc(bits):
     rng = np.random.default_rng(3)
     codes, levels, level_off, table = _random_code_set(rng, bits)
-    tab_meta, fb, segs, plane = ca.candidate_layout(table, level_off)
+    tab_meta, fb, segs, plane, used = ca.candidate_layout(table, level_off, codes.shape[1])
     assert np.all(segs[:, 2] - segs[:, 1] <= ca.SEGMENT) and np.all(np.diff(segs[:, 0]) >= 0)
     assert segs[:, 2].max() == table.shape[0] and (segs[1:, 1] == segs[:-1, 2]).all()
     Y = rng.standard_normal((2, bits.size)).astype(np.float32)
     rows = rng.integers(0, codes.shape[0], 128)
     for q in range(2):
         tab, inv, bias = ca.query_tables(Y, q, tab_meta, fb, plane, levels)
-        S = ca.candidate_sums(codes, rows, tab, fb, segs, plane, False)
+        S = ca.candidate_sums(codes, rows, tab, fb, segs, plane, used, False)
         ref = _float_adc(codes, rows, levels, table, Y[q])
         # each field's entry is rounded to 1 / scale: at most nf / 2 of them
         bound = table.shape[0] * inv / 2 + 1e-5 * np.abs(ref).max()
@@ -64,13 +64,20 @@ def test_tables_and_scalar_sums_match_the_float_adc(bits):
 def test_simd_sums_equal_the_scalar_sums(bits):
     rng = np.random.default_rng(4)
     codes, levels, level_off, table = _random_code_set(rng, bits)
-    tab_meta, fb, segs, plane = ca.candidate_layout(table, level_off)
+    tab_meta, fb, segs, plane, used = ca.candidate_layout(table, level_off, codes.shape[1])
     Y = rng.standard_normal((1, bits.size)).astype(np.float32) * 100
     tab, _, _ = ca.query_tables(Y, 0, tab_meta, fb, plane, levels)
     rows = np.r_[rng.integers(0, codes.shape[0], 190), codes.shape[0] - 1, 0]  # the last row: no read past the end
     rows = np.r_[rows, rows[:256 - rows.size]]
-    simd = ca.candidate_sums(codes, rows, tab, fb, segs, plane, True)
-    np.testing.assert_array_equal(simd, ca.candidate_sums(codes, rows, tab, fb, segs, plane, False))
+    simd = ca.candidate_sums(codes, rows, tab, fb, segs, plane, used, True)
+    np.testing.assert_array_equal(simd, ca.candidate_sums(codes, rows, tab, fb, segs, plane, used, False))
+    # some fields only (the candidate ADC's leading dimensions): the bytes they lie in are transposed
+    sub = table[table[:, 1] < max(5, codes.shape[1] // 2)]
+    tab_meta, fb, segs, plane, used = ca.candidate_layout(sub, level_off, codes.shape[1])
+    assert used == min(codes.shape[1], max(4, sub[:, 1].max() + 1))
+    tab, _, _ = ca.query_tables(Y, 0, tab_meta, fb, plane, levels)
+    simd = ca.candidate_sums(codes, rows, tab, fb, segs, plane, used, True)
+    np.testing.assert_array_equal(simd, ca.candidate_sums(codes, rows, tab, fb, segs, plane, used, False))
 
 
 @needs_simd
@@ -80,7 +87,7 @@ def test_candidate_topk_ranks_by_the_estimates():
     rng = np.random.default_rng(5)
     bits = np.arange(1, 9).repeat(6)
     codes, levels, level_off, table = _random_code_set(rng, bits)
-    cl = ca.candidate_layout(table, level_off)
+    cl = ca.candidate_layout(table, level_off, codes.shape[1])
     Y = rng.standard_normal((3, bits.size)).astype(np.float32)
     cand = rng.integers(0, codes.shape[0], (3, 150))
     cand[:, ::7] = -1
@@ -113,7 +120,14 @@ def test_candidate_plan_fused_matches_staged_and_keeps_recall(monkeypatch, spec)
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:20]
     idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
-    assert idx.encoder.candidate_layout() is not None
+    sc = idx._fast_scanner()
+    cl = idx._cand_layout(sc)
+    assert cl is not None
+    # the candidate ADC reads the dimensions of the largest variance shares, not all coded ones
+    kept = np.unique(cl[0][:, 0])
+    coded = np.nonzero(idx.encoder.bits > 0)[0]
+    assert 0 < kept.size < coded.size
+    assert sc.share[kept].min() >= sc.share[np.setdiff1d(coded, kept)].max()
     gt = np.argsort(-(Q @ X.T), axis=1)[:, :10]
     p = dict(nprobe=16, fs=20) if "IVF" in spec else dict(ef=200) if "HNSW" in spec else dict(fs=20)
     plans = []
@@ -123,8 +137,8 @@ def test_candidate_plan_fused_matches_staged_and_keeps_recall(monkeypatch, spec)
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, gt)])
 
     def run(forced, serial):
-        monkeypatch.setattr(im, "_rescore_plan", lambda enc, nc, kk, ex, *a: plans.append(
-            forced if ex > 0 else real(enc, nc, kk, ex, *a)) or plans[-1])
+        monkeypatch.setattr(im, "_rescore_plan", lambda enc, nc, kk, ex, *a, **kw: plans.append(
+            forced if ex > 0 else real(enc, nc, kk, ex, *a, **kw)) or plans[-1])
         monkeypatch.setattr(im, "SERIAL_QUERIES", 8 if serial else 0)
         return [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
 

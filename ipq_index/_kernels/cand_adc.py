@@ -8,8 +8,10 @@ candidates are scored at once, one byte lane per row:
 
 Transposition.  Four bytes of 16 rows come in one 16-lane dword gather; a
 byte shuffle groups them byte by byte and 128-bit lane moves join four
-gathers, so ``T[g]`` (64 bytes) holds byte g of the 64 rows (``nbytes / 4``
-x 4 gathers per group, written to a scratch buffer that stays in L1).
+gathers, so ``T[g]`` (64 bytes) holds byte g of the 64 rows (``used / 4``
+x 4 gathers per group, written to a scratch buffer that stays in L1; the
+layout may hold some fields only, then only the leading ``used`` bytes of a
+row that hold them are read).
 
 Tables.  Per query, field f (code c, dimension j, level offset o) has the
 float entries y_j L[o + c]; they are quantized to 16 bits (minus the
@@ -52,13 +54,15 @@ CLASS_BYTES = (64, 128, 256)
 CAND_SIMD = target_has("avx512vbmi") and target_has("avx512bw")
 
 
-def candidate_layout(field_table: np.ndarray, level_off: np.ndarray):
+def candidate_layout(field_table: np.ndarray, level_off: np.ndarray, nbytes: int):
     """The candidate ADC's view of ``Encoder.field_table()`` rows (dim, byte,
-    shift, mask, level offset): fields ordered by width class (<= 6, 7, 8
-    bits).  Returns (``tab_meta`` int64 (nf, 3): dim, level offset, number of
-    levels; ``fb`` int32 (nf, 4): byte, shift, mask, table offset in a plane;
-    ``segs`` int64 (ns, 3): class, first field, end field, at most
-    ``SEGMENT`` fields each; ``plane`` bytes per table plane)."""
+    shift, mask, level offset; all fields, or some) of code rows of
+    ``nbytes`` (>= 4) bytes: fields ordered by width class (<= 6, 7, 8
+    bits).  Returns (``tab_meta`` int64 (nf, 3): dim, level offset, number
+    of levels; ``fb`` int32 (nf, 4): byte, shift, mask, table offset in a
+    plane; ``segs`` int64 (ns, 3): class, first field, end field, at most
+    ``SEGMENT`` fields each; ``plane`` bytes per table plane; ``used``: the
+    leading bytes of a row the fields lie in, at least 4, transposed)."""
     table = np.asarray(field_table, np.int64)
     width = np.zeros(table.shape[0], np.int64)
     if table.shape[0]:
@@ -81,7 +85,10 @@ def candidate_layout(field_table: np.ndarray, level_off: np.ndarray):
             part = idx[s:s + SEGMENT]
             segs.append((c, int(part[0]), int(part[-1]) + 1))
     segs = np.asarray(segs, np.int64).reshape(-1, 3)
-    return tab_meta, fb, segs, plane
+    if nbytes < 4:
+        raise ValueError("code rows of the candidate ADC need at least 4 bytes")
+    used = min(int(nbytes), max(4, int(table[:, 1].max()) + 1 if table.shape[0] else 4))
+    return tab_meta, fb, segs, plane, used
 
 
 @inline_kernel
@@ -145,15 +152,15 @@ def _splat(builder, vec_t, value):
 
 
 def _candidate_block_codegen(context, builder, signature, args):
-    codes_t, rows_t, _, T_t, tab_t, fb_t, segs_t, _, out_t = signature.args
+    codes_t, rows_t, _, T_t, tab_t, fb_t, segs_t, _, _, out_t = signature.args
     codes = context.make_array(codes_t)(context, builder, args[0])
     rows = context.make_array(rows_t)(context, builder, args[1])
     T = context.make_array(T_t)(context, builder, args[3])
     tab = context.make_array(tab_t)(context, builder, args[4])
     fb = context.make_array(fb_t)(context, builder, args[5])
     segs = context.make_array(segs_t)(context, builder, args[6])
-    out = context.make_array(out_t)(context, builder, args[8])
-    r0, plane = args[2], args[7]
+    out = context.make_array(out_t)(context, builder, args[9])
+    r0, plane, used = args[2], args[7], args[8]
     i1, i8, i16, i32, i64 = (ir.IntType(w) for w in (1, 8, 16, 32, 64))
     v64b, v32w, v32d, v16q, v16d = (ir.VectorType(t, n) for t, n in
                                     ((i8, 64), (i16, 32), (i32, 32), (i64, 16), (i32, 16)))
@@ -176,14 +183,15 @@ def _candidate_block_codegen(context, builder, signature, args):
     def load(ptr, off, vt, align=1):
         return builder.load(builder.bitcast(builder.gep(ptr, [off]), vt.as_pointer()), align=align)
 
-    # 1. transposition: T[g * 64 + v] = codes[rows[r0 + v], g]
-    ndw = builder.udiv(builder.add(nbytes, c64(3)), c64(4))
+    # 1. transposition: T[g * 64 + v] = codes[rows[r0 + v], g], g < used
+    # (4 <= used <= nbytes: the last dword, at used - 4, overlaps the one before)
+    ndw = builder.udiv(builder.add(used, c64(3)), c64(4))
     nb_splat = _splat(builder, v16q, nbytes)
     all_lanes = ir.Constant(ir.VectorType(i1, 16), [1] * 16)
     group_bytes = ir.Constant(ir.VectorType(i32, 64), [4 * (m % 16) + m // 16 for m in range(64)])
     with cgutils.for_range(builder, ndw) as loop:
-        o = builder.select(builder.icmp_unsigned("<", builder.mul(loop.index, c64(4)), builder.sub(nbytes, c64(4))),
-                           builder.mul(loop.index, c64(4)), builder.sub(nbytes, c64(4)))
+        o = builder.select(builder.icmp_unsigned("<", builder.mul(loop.index, c64(4)), builder.sub(used, c64(4))),
+                           builder.mul(loop.index, c64(4)), builder.sub(used, c64(4)))
         o_splat = _splat(builder, v16q, o)
         Z = []
         for s in range(4):
@@ -259,7 +267,7 @@ def _candidate_block_codegen(context, builder, signature, args):
 
 
 @intrinsic
-def _candidate_block_simd(typingctx, codes, rows, r0, T, tab, fb, segs, plane, out):
+def _candidate_block_simd(typingctx, codes, rows, r0, T, tab, fb, segs, plane, used, out):
     def c_array(a, dtype, ndim):
         return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim and a.layout == "C"
 
@@ -268,20 +276,21 @@ def _candidate_block_simd(typingctx, codes, rows, r0, T, tab, fb, segs, plane, o
           and c_array(segs, types.int64, 2) and c_array(out, types.uint32, 1))
     if not ok:
         return None
-    sig = types.void(codes, rows, types.int64, T, tab, fb, segs, types.int64, out)
+    sig = types.void(codes, rows, types.int64, T, tab, fb, segs, types.int64, types.int64, out)
     return sig, _candidate_block_codegen
 
 
 @inline_kernel
-def candidate_block(codes, rows, r0, T, tab, fb, segs, plane, out):
+def candidate_block(codes, rows, r0, T, tab, fb, segs, plane, used, out):
     """out[v] (uint32) = the integer sum S of row rows[r0 + v], v < 64 (rows
-    must be valid; T: uint8 scratch of codes.shape[1] * 64 bytes).  Needs
-    ``CAND_SIMD``; the codes rows must be at least 4 bytes."""
-    _candidate_block_simd(codes, rows, r0, T, tab, fb, segs, np.int64(plane), out)
+    must be valid; T: uint8 scratch of codes.shape[1] * 64 bytes; the
+    fields lie in the first ``used`` bytes, 4 <= used <= codes.shape[1]).
+    Needs ``CAND_SIMD``."""
+    _candidate_block_simd(codes, rows, r0, T, tab, fb, segs, np.int64(plane), np.int64(used), out)
 
 
 @kernel
-def candidate_sums(codes, rows, tab, fb, segs, plane, simd):
+def candidate_sums(codes, rows, tab, fb, segs, plane, used, simd):
     """Integer sums S of ``rows`` (a multiple of 64 valid rows) by the SIMD
     kernel (simd=True, needs ``CAND_SIMD``) or the scalar one (tests)."""
     n = rows.shape[0]
@@ -290,7 +299,7 @@ def candidate_sums(codes, rows, tab, fb, segs, plane, simd):
     buf = np.empty(GROUP, np.uint32)
     for r0 in range(0, n, GROUP):
         if simd:
-            candidate_block(codes, rows, r0, T, tab, fb, segs, plane, buf)
+            candidate_block(codes, rows, r0, T, tab, fb, segs, plane, used, buf)
         else:
             candidate_block_scalar(codes, rows, r0, tab, fb, plane, buf)
         out[r0:r0 + GROUP] = buf
@@ -307,11 +316,11 @@ def query_tables(Y, qi, tab_meta, fb, plane, levels):
 
 
 @inline_kernel
-def _prefetch_rows(codes, rows, r0, r1):
+def _prefetch_rows(codes, rows, r0, r1, used):
     for t in range(r0, r1):
-        for g in range(0, codes.shape[1], 64):
+        for g in range(0, used, 64):
             prefetch(codes, rows[t], g)
-        prefetch(codes, rows[t], codes.shape[1] - 1)
+        prefetch(codes, rows[t], used - 1)
 
 
 @inline_kernel
@@ -321,7 +330,7 @@ def candidate_topk_one(Y, qi, levels, cl, codes, scales, cand, hv, hr):
     with -inf / -1 by the caller), sorted descending.  ``cl``:
     ``candidate_layout``.  Scores: estimates of <y, code> (times the row's
     scale when ``scales`` has entries), without <q, mean>."""
-    tab_meta, fb, segs, plane = cl
+    tab_meta, fb, segs, plane, used = cl
     has_scale = scales.shape[0] > 0
     n = 0
     for t in range(cand.shape[0]):
@@ -336,15 +345,15 @@ def candidate_topk_one(Y, qi, levels, cl, codes, scales, cand, hv, hr):
             rows[n] = cand[t]
             n += 1
     rows[n:] = rows[0]  # padding: scored, never offered
-    _prefetch_rows(codes, rows, 0, min(n, GROUP))
+    _prefetch_rows(codes, rows, 0, min(n, GROUP), used)
     tab = np.empty(2 * plane, np.uint8)
     mins = np.empty(tab_meta.shape[0], np.float32)
     inv, bias = candidate_tables(Y, qi, tab_meta, fb, plane, levels, mins, np.empty(256, np.int32), tab)
     T = np.empty(codes.shape[1] * GROUP, np.uint8)
     out = np.empty(GROUP, np.uint32)
     for r0 in range(0, n, GROUP):
-        _prefetch_rows(codes, rows, min(r0 + GROUP, n), min(r0 + 2 * GROUP, n))
-        candidate_block(codes, rows, r0, T, tab, fb, segs, plane, out)
+        _prefetch_rows(codes, rows, min(r0 + GROUP, n), min(r0 + 2 * GROUP, n), used)
+        candidate_block(codes, rows, r0, T, tab, fb, segs, plane, used, out)
         for v in range(min(GROUP, n - r0)):
             r = rows[r0 + v]
             s = np.float64(out[v]) * inv + bias
