@@ -155,6 +155,7 @@ class FlatIndex:
         self._scanner = None  # fast-scan candidate generator (derived, rebuilt lazily)
         self._scanner_rows = -1
         self._fused_args = None  # per-index arguments of the fused kernels (see _fused_arrays)
+        self._fused_memo = {}  # per-parameter fused calls (see _memo_search)
         self._coverage = None
 
     def _default_spec(self):
@@ -296,10 +297,15 @@ class FlatIndex:
         an upper bound on the standard deviation of each returned score (0 for
         exactly re-ranked scores); see ``_search``.
         """
+        key = _memo_key(k, rerank, fs, num_threads) if not return_std else None
+        if key is not None:
+            out = self._memo_search(key, Q)
+            if out is not None:
+                return out
         fsf = self._fs_factor(fs, self.ntotal)
         use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
         if use_fs and not return_std:
-            fused = self._try_fused(Q, k, rerank, num_threads, fsf)
+            fused = self._try_fused(Q, k, rerank, num_threads, fsf, memo=key)
             if fused is not None:
                 return fused
 
@@ -322,13 +328,15 @@ class FlatIndex:
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
 
-    def _try_fused(self, Q, k, rerank, num_threads, fsf, probe=None):
+    def _try_fused(self, Q, k, rerank, num_threads, fsf, probe=None, memo=None):
         """A few queries on one thread (validated here): the whole fast-scan
         search in one kernel (``_fs.scan_query_serial``), exact re-rank
         included; None when the staged path applies (many queries, or
         the rescoring plan wants lookup tables).  ``probe``: (dims, Ct,
         spread, nprobe) of an IVF index.  Same results as the staged path
-        (tested); saves the Python and dispatch between the stages."""
+        (tested); saves the Python and dispatch between the stages.  With
+        ``memo`` (a ``_memo_key``), the call's arguments are kept for
+        ``_memo_search``."""
         Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads)
         if Q.shape[0] >= SERIAL_QUERIES:
             return None
@@ -343,8 +351,38 @@ class FlatIndex:
         # dimensions are read (coarse tables, probes, the candidate ADC's
         # fields): rotate those alone
         R = {"exact": rot_lead, "cand": rot_cand}.get(plan, rot)
-        v, _, out_ids = _fs.scan_query_serial(Q, *R, *scan, *probe, ncand,
-                                              *adc, kk, _PLAN_CODES[plan], ids, V if rr else no_V, k)
+        args = (*R, *scan, *probe, ncand, *adc, kk, _PLAN_CODES[plan], ids, V if rr else no_V, k)
+        if memo is not None:
+            if len(self._fused_memo) >= 64:
+                self._fused_memo.clear()
+            self._fused_memo[memo] = (self._memo_token(), args, k)
+        v, _, out_ids = _fs.scan_query_serial(Q, *args)
+        return v[:, :k], out_ids[:, :k]
+
+    def _memo_token(self):
+        """What a memoised fused call depends on beyond its parameters: the
+        rows, codes, encoder, fast scanner, stored copy and the defaults
+        (``rerank``, ``nprobe``); compared by identity."""
+        return (self.ntotal, self.codes, self.encoder, self._scanner, self.vectors, self.rerank,
+                getattr(self, "nprobe", None))
+
+    def _memo_search(self, key, Q):
+        """The fused search of a parameter set seen before (``_try_fused``
+        keeps its arguments; the index unchanged since): only the queries
+        are validated (their parameters passed then).  A few microseconds
+        less Python per single-query search; None when it does not apply."""
+        hit = self._fused_memo.get(key)
+        if hit is None:
+            return None
+        token, args, k = hit
+        now = self._memo_token()
+        if token[0] != now[0] or token[5:] != now[5:] or any(a is not b for a, b in zip(token[1:5], now[1:5])):
+            self._fused_memo.clear()  # stale: drop every entry (and the old arrays they hold)
+            return None
+        Q = check_matrix(Q, self.d, "queries")
+        if Q.shape[0] >= SERIAL_QUERIES:
+            return None
+        v, _, out_ids = _fs.scan_query_serial(Q, *args)
         return v[:, :k], out_ids[:, :k]
 
     def _fused_arrays(self):
@@ -676,6 +714,11 @@ class IVFIndex(FlatIndex):
         ADC (``fs``: as in ``FlatIndex.search``, the default growing with the
         rows scanned; ``fs=0`` scans the lists with the full ADC).
         """
+        key = _memo_key(k, rerank, fs, num_threads, nprobe) if not return_std else None
+        if key is not None:
+            out = self._memo_search(key, Q)
+            if out is not None:
+                return out
         npb = self.nprobe if nprobe is None else _nonneg_int(nprobe, "nprobe")
         if npb < 1:
             raise ValueError("nprobe must be >= 1")
@@ -685,7 +728,7 @@ class IVFIndex(FlatIndex):
         ptr, rows = self._list_index()
         if use_fs and not return_std:
             probe = (*self._probe_space(), self._list_spread(), npb if npb < self.nlist else 0)
-            fused = self._try_fused(Q, k, rerank, num_threads, fsf, probe)
+            fused = self._try_fused(Q, k, rerank, num_threads, fsf, probe, memo=key)
             if fused is not None:
                 return fused
 
@@ -1061,6 +1104,16 @@ def _choose_plan(enc, nc, kk, exact_ns, have_tables, cl):
 _PLAN_CODES = {"exact": _rr.PLAN_NONE, "fields": _rr.PLAN_FIELDS, "cand": _rr.PLAN_CAND}
 #: the candidate layout argument of the fused kernels when the SIMD candidate ADC does not apply
 _NO_CAND = (np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int32), np.zeros((0, 3), np.int64), 0, 4)
+
+
+def _memo_key(*params):
+    """Key of a search's parameters for ``FlatIndex._memo_search``: None unless
+    each is an int (not a bool) or None (other values take the validating
+    path every time)."""
+    for p in params:
+        if p is not None and type(p) is not int:
+            return None
+    return params
 
 
 def _round16(m, d):

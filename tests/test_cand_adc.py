@@ -132,6 +132,7 @@ def test_candidate_plan_fused_matches_staged_and_keeps_recall(monkeypatch, spec)
     p = dict(nprobe=16, fs=20) if "IVF" in spec else dict(ef=200) if "HNSW" in spec else dict(fs=20)
     plans = []
     real = im._rescore_plan
+    monkeypatch.setattr(im, "_memo_key", lambda *a: None)  # every call plans (memoised calls: test_index)
 
     def recall(I):
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, gt)])

@@ -304,6 +304,7 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
     plans = []
     real = im._rescore_plan
     monkeypatch.setattr(im, "_rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    monkeypatch.setattr(im, "_memo_key", lambda *a: None)  # every call plans (memoised calls: test_index)
     params = [dict(fs=2), dict(fs=20)]
     if idx.rerank:
         params += [dict(fs=3, rerank=1), dict(fs=2, rerank=0), dict(fs=30, rerank=4)]
@@ -341,6 +342,65 @@ def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
     staged = np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))])
     np.testing.assert_array_equal(after, staged)
     assert (after >= n0).any() and (np.concatenate(before) < n0).all()
+
+
+def test_memoised_fused_calls_follow_the_index_and_still_validate(monkeypatch):
+    """A single-query search with parameters seen before reuses the fused
+    call's arguments (``_memo_search``): same results as a fresh index; the
+    defaults (nprobe, rerank), added rows and a new coverage take effect; bad
+    queries and parameters still raise."""
+    from ipq_index import index as im
+
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:6]
+    n0 = im.FASTSCAN_MIN_ROWS
+    idx = ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4,Rerank2").train(X).add(X[:n0])
+    hits = []
+    real, real_key = im.FlatIndex._memo_search, im._memo_key
+    monkeypatch.setattr(im.FlatIndex, "_memo_search", lambda self, *a: hits.append(real(self, *a)) or hits[-1])
+    use_memo = [True]
+    monkeypatch.setattr(im, "_memo_key", lambda *a: real_key(*a) if use_memo[0] else None)
+
+    def run(**p):
+        return np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1, **p)[1] for i in range(len(Q))])
+
+    def fresh(**p):  # the validating path every time
+        use_memo[0] = False
+        try:
+            return run(**p)
+        finally:
+            use_memo[0] = True
+
+    first = run(nprobe=3)
+    again = run(nprobe=3)
+    assert sum(h is not None for h in hits) >= len(Q) - 1  # the repeats took the memo
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(again, fresh(nprobe=3))
+    idx.nprobe = 3
+    d3 = run()
+    idx.nprobe = 16
+    np.testing.assert_array_equal(run(), fresh())  # the new default, not the memoised one
+    assert not np.array_equal(d3, run())
+    idx.rerank = 0
+    np.testing.assert_array_equal(run(nprobe=3), fresh(nprobe=3))
+    idx.rerank = 2
+    idx.add(X[n0:])
+    after = run(nprobe=16)
+    np.testing.assert_array_equal(after, fresh(nprobe=16))
+    assert (after >= n0).any()
+    idx.coverage = 0.8
+    np.testing.assert_array_equal(run(nprobe=16), fresh(nprobe=16))
+    bad = Q[:1].copy()
+    bad[0, 3] = np.nan
+    with pytest.raises(ValueError, match="finite|NaN"):
+        idx.search(bad, 10, nprobe=16, num_threads=1)
+    with pytest.raises(ValueError):
+        idx.search(Q[:1, :5], 10, nprobe=16, num_threads=1)
+    with pytest.raises((ValueError, TypeError)):
+        idx.search(Q[:1], True, nprobe=16, num_threads=1)  # k=1 memoised above would not admit True
+    idx.search(Q[:1], 1, nprobe=16, num_threads=1)
+    with pytest.raises((ValueError, TypeError)):
+        idx.search(Q[:1], True, nprobe=16, num_threads=1)
 
 
 def test_ivf_full_probe_reproduces_flat_and_roundtrips(tmp_path, sample):
