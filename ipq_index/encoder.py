@@ -420,7 +420,7 @@ class ASQEncoder:
         (``cand_adc.candidate_layout``: fields by width class, 16-bit table
         offsets) for the dimensions of bool mask ``keep`` (None: all), or None
         when that kernel cannot serve them: the CPU lacks AVX-512 VBMI, code
-        rows are shorter than 4 bytes, no kept dimension is coded, or some
+        rows are shorter than 8 bytes, no kept dimension is coded, or some
         kept dimension's levels do not increase (the tables take each
         field's extremes from its end levels).  Cached per mask."""
         key = None if keep is None else np.asarray(keep, bool).tobytes()
@@ -431,7 +431,7 @@ class ASQEncoder:
             if keep is not None:
                 table = table[np.asarray(keep, bool)[table[:, 0]]]
             lv = np.asarray(self.levels, np.float64)
-            ok = _cand.CAND_SIMD and self.nbytes >= 4 and table.shape[0] > 0
+            ok = _cand.CAND_SIMD and self.nbytes >= 8 and table.shape[0] > 0
             ok = ok and all(np.all(np.diff(lv[self.level_off[j]:self.level_off[j + 1]]) > 0) for j in table[:, 0])
             self._cand_layout[key] = _cand.candidate_layout(table, self.level_off, self.nbytes) if ok else None
         return self._cand_layout[key]

@@ -1048,7 +1048,7 @@ _TAG_MAX = int(np.iinfo(_TAG_DTYPE).max)  # visited tags wrap before this
 FIELD_NS, FIELD_NS_BLOCKS, ENTRY_NS, LOOKUP_NS = 1.0, 0.6, 0.4, 0.6
 #: the SIMD candidate ADC (``_cand``; 10^6 x 384, 192-byte codes, 345
 #: fields, 22,600 table entries): per table entry built (6.2 us per query),
-#: per code byte of a row transposed (18 ns per row) and per field of a row
+#: per code byte of a row transposed (16-18 ns per row) and per field of a row
 #: looked up (22 ns per row), rows in cache
 CAND_ENTRY_NS, CAND_BYTE_NS, CAND_FIELD_NS = 0.28, 0.095, 0.065
 #: share of the estimated score variance (``FastScanner.share``) whose
@@ -1090,7 +1090,8 @@ def _choose_plan(enc, nc, kk, exact_ns, have_tables, cl):
     cand_ns = np.inf
     if cl is not None and exact_ns > 0:
         rows = -(-nc // _cand.GROUP) * _cand.GROUP
-        cand_ns = CAND_ENTRY_NS * float(cl[0][:, 2].sum()) + rows * (CAND_BYTE_NS * cl[4] + CAND_FIELD_NS * cl[0].shape[0])
+        cand_ns = CAND_ENTRY_NS * float(cl[0][:, 2].sum()) + rows * (CAND_BYTE_NS * cl[4]
+                                                                     + CAND_FIELD_NS * cl[0].shape[0])
     if exact_ns > 0:
         exact = exact_ns * enc.d
         if exact * nc <= EXACT_PREFERENCE * (min(adc_ns, cand_ns) + exact * kk):

@@ -33,8 +33,8 @@ def _float_adc(codes, rows, levels, table, y):
 
 
 # widths 1-8 (all three table classes), more fields than one uint16 segment,
-# and code rows whose length is not a multiple of 4
-_BITS = [np.arange(1, 9).repeat(5), np.r_[np.full(300, 2), np.full(7, 8), np.full(5, 7), [3]], np.full(9, 3)]
+# and code rows whose length is not a multiple of 8
+_BITS = [np.arange(1, 9).repeat(5), np.r_[np.full(300, 2), np.full(7, 8), np.full(5, 7), [3]], np.full(22, 3)]
 
 
 @pytest.mark.parametrize("bits", _BITS, ids=["all-widths", "many-fields", "short-rows"])
@@ -72,9 +72,9 @@ def test_simd_sums_equal_the_scalar_sums(bits):
     simd = ca.candidate_sums(codes, rows, tab, fb, segs, plane, used, True)
     np.testing.assert_array_equal(simd, ca.candidate_sums(codes, rows, tab, fb, segs, plane, used, False))
     # some fields only (the candidate ADC's leading dimensions): the bytes they lie in are transposed
-    sub = table[table[:, 1] < max(5, codes.shape[1] // 2)]
+    sub = table[table[:, 1] < max(9, codes.shape[1] // 2)]
     tab_meta, fb, segs, plane, used = ca.candidate_layout(sub, level_off, codes.shape[1])
-    assert used == min(codes.shape[1], max(4, sub[:, 1].max() + 1))
+    assert used == min(codes.shape[1], max(8, sub[:, 1].max() + 1))
     tab, _, _ = ca.query_tables(Y, 0, tab_meta, fb, plane, levels)
     simd = ca.candidate_sums(codes, rows, tab, fb, segs, plane, used, True)
     np.testing.assert_array_equal(simd, ca.candidate_sums(codes, rows, tab, fb, segs, plane, used, False))
