@@ -72,6 +72,14 @@ class _VectorGEP(ir.Instruction):
                    f"{i.type} {i.get_reference()}\n")
 
 
+def splat(builder, vec_t, value):
+    """Emit a vector of type ``vec_t`` with every lane ``value`` (insert + broadcast shuffle)."""
+    i32 = ir.IntType(32)
+    v = builder.insert_element(ir.Constant(vec_t, ir.Undefined), value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vec_t, ir.Undefined),
+                                  ir.Constant(ir.VectorType(i32, vec_t.count), [0] * vec_t.count))
+
+
 def vector_gep(builder, ptr, idx, elem_ty):
     """Emit ``_VectorGEP`` at the builder's position: pointers ptr + idx[l] (elements of elem_ty)."""
     ins = _VectorGEP(builder.block, ptr, idx, elem_ty)

@@ -433,8 +433,7 @@ class FlatIndex:
         the rotation's own: the values are those of the full rotation (same
         sums in the same order)."""
         used = self._coarse_dims(sc)
-        end = int(used.max()) + 1 if used.size else 1
-        return min(self.d, -(-end // 16) * 16)
+        return _round16(int(used.max()) + 1 if used.size else 1, self.d)
 
     def _cand_layout(self, sc):
         """The SIMD candidate ADC's layout (``Encoder.candidate_layout``) of
@@ -1118,6 +1117,7 @@ def _memo_key(*params):
 
 
 def _round16(m, d):
+    """m rounded up to a multiple of 16, at most d (rotation columns kept by the fused search)."""
     return min(d, -(-m // 16) * 16)
 
 

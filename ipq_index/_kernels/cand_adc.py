@@ -42,7 +42,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._numba import inline_kernel, kernel, parallel_kernel, prefetch, target_has, vector_gep
+from .._numba import inline_kernel, kernel, parallel_kernel, prefetch, splat, target_has, vector_gep
 from .adc import heap_offer, heap_to_sorted
 
 #: rows scored together (one byte lane each)
@@ -145,13 +145,6 @@ def candidate_block_scalar(codes, rows, r0, tab, fb, plane, out):
         out[v] = (hi << np.uint32(8)) + lo
 
 
-def _splat(builder, vec_t, value):
-    i32 = ir.IntType(32)
-    v = builder.insert_element(ir.Constant(vec_t, ir.Undefined), value, ir.Constant(i32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vec_t, ir.Undefined),
-                                  ir.Constant(ir.VectorType(i32, vec_t.count), [0] * vec_t.count))
-
-
 def _candidate_block_codegen(context, builder, signature, args):
     codes_t, rows_t, _, T_t, tab_t, fb_t, segs_t, _, _, out_t = signature.args
     codes = context.make_array(codes_t)(context, builder, args[0])
@@ -186,13 +179,13 @@ def _candidate_block_codegen(context, builder, signature, args):
         mod, ir.FunctionType(v8q, [ir.VectorType(i64.as_pointer(), 8), i32, ir.VectorType(i1, 8), v8q]),
         "llvm.masked.gather.v8i64.v8p0i64")
     nqw = builder.udiv(builder.add(used, c64(7)), c64(8))
-    nb_splat8 = _splat(builder, v8q, nbytes)
+    nb_splat8 = splat(builder, v8q, nbytes)
     lanes8 = ir.Constant(ir.VectorType(i1, 8), [1] * 8)
     by_byte = ir.Constant(ir.VectorType(i32, 64), [8 * (m % 8) + m // 8 for m in range(64)])
     with cgutils.for_range(builder, nqw) as loop:
         o = builder.select(builder.icmp_unsigned("<", builder.mul(loop.index, c64(8)), builder.sub(used, c64(8))),
                            builder.mul(loop.index, c64(8)), builder.sub(used, c64(8)))
-        o_splat = _splat(builder, v8q, o)
+        o_splat = splat(builder, v8q, o)
         Z = []
         for s in range(8):
             rv = load(rows_ptr, c64(8 * s), v8q, align=8)
@@ -232,8 +225,8 @@ def _candidate_block_codegen(context, builder, signature, args):
             byte, shift, mask, toff = (
                 builder.sext(builder.load(builder.gep(fb.data, [builder.add(meta, c64(k))])), i64) for k in range(4))
             t = load(tp, builder.mul(byte, c64(GROUP)), v64b)
-            x = builder.lshr(t, _splat(builder, v64b, builder.trunc(shift, i8)))
-            x = builder.and_(x, _splat(builder, v64b, builder.trunc(mask, i8)))
+            x = builder.lshr(t, splat(builder, v64b, builder.trunc(shift, i8)))
+            x = builder.and_(x, splat(builder, v64b, builder.trunc(mask, i8)))
             for p, tbase in enumerate((tab.data, tab_hi)):
                 tptr = builder.gep(tbase, [toff])
                 if cls == 0:

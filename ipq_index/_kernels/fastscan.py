@@ -41,7 +41,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._numba import inline_kernel, kernel, parallel_kernel, target_has
+from .._numba import inline_kernel, kernel, parallel_kernel, splat, target_has
 from .adc import _coarse_luts, _probe_one, ids_of_rows_one, weighted_row_sum
 from .rerank import PLAN_FIELDS, rescore_rerank_one
 
@@ -67,13 +67,6 @@ LUT_STRIDE = 64
 #: or 0 (no byte shuffles: a scalar loop with the same integers)
 SIMD_WIDTH = 64 if target_has("avx512bw") else 32 if target_has("avx2") else 0
 SIMD = SIMD_WIDTH > 0
-
-
-def _splat(builder, vec_t, value):
-    i32 = ir.IntType(32)
-    v = builder.insert_element(ir.Constant(vec_t, ir.Undefined), value, ir.Constant(i32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vec_t, ir.Undefined),
-                                  ir.Constant(ir.VectorType(i32, vec_t.count), [0] * vec_t.count))
 
 
 def _block_scores_codegen(width):
@@ -135,7 +128,7 @@ def _block_scores_codegen(width):
         total = builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(i32, 32),
                                                               [i // 2 + 16 * (i % 2) for i in range(32)]))
         builder.store(total, builder.bitcast(out.data, total.type.as_pointer()), align=1)
-        mask = builder.icmp_unsigned(">=", total, _splat(builder, total.type, builder.trunc(thr, i16)))
+        mask = builder.icmp_unsigned(">=", total, splat(builder, total.type, builder.trunc(thr, i16)))
         return builder.zext(builder.bitcast(mask, i32), i64)
 
     return codegen
@@ -191,7 +184,7 @@ def _append_passing_codegen(context, builder, signature, args):
     vm = ir.VectorType(i1, BLOCK)
     m = builder.bitcast(builder.trunc(mask, i32), vm)
     scores = builder.load(builder.bitcast(buf.data, v16.as_pointer()), align=2)
-    slots = builder.add(_splat(builder, v64, slot0), ir.Constant(v64, list(range(BLOCK))))
+    slots = builder.add(splat(builder, v64, slot0), ir.Constant(v64, list(range(BLOCK))))
     for vec, arr in ((scores, resv), (slots, resi)):
         elem = vec.type.element
         fn = cgutils.get_or_insert_function(
