@@ -402,7 +402,7 @@ class FlatIndex:
         if got is None or got[0] is not sc or got[1] is not self.codes or got[2] is not self.encoder:
             enc = self.encoder
             V = np.zeros((0, 0), np.float32) if self.vectors is None else _copy_rows(self.vectors)
-            R = enc.rotation32()
+            R = enc.rotation16() if _adc.HALF_SIMD else enc.rotation32()
             mean = np.asarray(enc.mean, np.float64)
             lead = self._lead_dims(sc)
             cl = self._cand_layout(sc)
@@ -726,7 +726,7 @@ class IVFIndex(FlatIndex):
         use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
         ptr, rows = self._list_index()
         if use_fs and not return_std:
-            probe = (*self._probe_space(), self._list_spread(), npb if npb < self.nlist else 0)
+            probe = (*self._probe_args(), self._list_spread(), npb if npb < self.nlist else 0)
             fused = self._try_fused(Q, k, rerank, num_threads, fsf, probe, memo=key)
             if fused is not None:
                 return fused
@@ -765,7 +765,9 @@ class IVFIndex(FlatIndex):
         every list.  Dimensions are kept by decreasing E[y_j^2] Var_l(c'_lj)
         until PROBE_COVERAGE of the total (after PCA a prefix: 10^6 synthetic,
         IVF4096, 128 of 384 dimensions probe the same lists).  Derived from
-        the centroids and the encoder, not saved."""
+        the centroids and the encoder, not saved.  The centroids are rounded to
+        float16 (relative error <= 2^-11: the probe scores only order the
+        lists; ``_probe_args``)."""
         if self._cent_t is None:
             enc = self.encoder
             Cr = self._transformed_centroids()
@@ -776,8 +778,16 @@ class IVFIndex(FlatIndex):
                 order = np.argsort(-share, kind="stable")
                 cum = np.cumsum(share[order]) / share.sum()
                 dims = np.sort(order[:int(np.searchsorted(cum, PROBE_COVERAGE)) + 1])
-            self._cent_t = (dims.astype(np.int64), np.ascontiguousarray(Cr[:, dims].T, np.float32))
-        return self._cent_t
+            Ct16 = np.ascontiguousarray(Cr[:, dims].T, np.float16)
+            self._cent_t = (dims.astype(np.int64), Ct16.astype(np.float32), Ct16.view(np.uint16))
+        return self._cent_t[:2]
+
+    def _probe_args(self):
+        """``_probe_space`` as the single-query kernels take it: the centroids
+        as float16 bit patterns where the CPU widens them (``HALF_SIMD``; half
+        the bytes, the same sums), else float32."""
+        dims, Ct = self._probe_space()
+        return dims, (self._cent_t[2] if _adc.HALF_SIMD else Ct)
 
     def _list_spread(self):
         """(nlist,) float32 PROBE_SPREAD_Z * s_l, s_l^2 = sum_j e_j v_lj / sum_j e_j:

@@ -121,9 +121,11 @@ v, r = rr.rerank_serial(d["Q"], d["V"], d["cand"], 5)
 print(v.tolist()); print(r.tolist())
 from ipq_index._kernels import adc
 assert adc.FIELD_SIMD == (sys.argv[1] != "0"), adc.FIELD_SIMD
+assert adc.HALF_SIMD == (sys.argv[1] != "0"), adc.HALF_SIMD
 layout = tuple(d[k] for k in ("ftable", "fstarts", "flanes", "fdims"))  # blocks (built on this host)
 v, r = adc.rescore_fields_serial(d["Y"], d["levels"], layout, d["codes"], np.zeros(0, np.float32), d["cand"], 7)
 print(v.tolist()); print(r.tolist())
+print(adc.rotate_rows_serial(d["Q"], d["R16"]).tolist())  # F16C vectors / integer widening
 from ipq_index._kernels import cand_adc
 assert not cand_adc.CAND_SIMD  # neither target has AVX-512 VBMI: the search plans never pick it
 """
@@ -137,7 +139,8 @@ _HASWELL = "+64bit,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+avx,+a
 @pytest.mark.parametrize("cpu,features,width", [("haswell", _HASWELL, 32), ("x86-64", "+64bit,+sse,+sse2", 0)])
 def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     """The AVX2 (32-byte) kernel and the scalar fallback (a CPU without AVX2),
-    and the exact re-rank's float16 widening without F16C, are what other
+    the exact re-rank's float16 widening and the float16 query rotation
+    without F16C, are what other
     machines run: compiled for those targets in a subprocess (NUMBA_CPU_NAME
     / NUMBA_CPU_FEATURES), they give this machine's scores and candidates."""
     import os
@@ -162,12 +165,12 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     assert layout[1].shape[0] > 0
     np.savez(tmp_path / "d.npz", blocks=blocks, rows=rows, bptr=bptr, fill=fill, lut=lut, V=V, Q=Q, cand=cand,
              ftable=layout[0], fstarts=layout[1], flanes=layout[2], fdims=layout[3], codes=codes,
-             levels=enc.levels32(), Y=Q)
+             levels=enc.levels32(), Y=Q, R16=rng.standard_normal((37, 21)).astype(np.float16).view(np.uint16))
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     res = subprocess.run([sys.executable, "-c", _OTHER_TARGET, str(width), str(tmp_path / "d.npz")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    scores, found, rr_v, rr_r, ad_v, ad_r = (eval(line) for line in res.stdout.strip().splitlines())
+    scores, found, rr_v, rr_r, ad_v, ad_r, rot = (eval(line) for line in res.stdout.strip().splitlines())
     assert scores == fk.block_scores_all(blocks, lut, 0, True).tolist()
     here = fk.scan_tables_topk(blocks, rows, bptr, fill, lut, np.zeros((1, 1), np.int64), 50)[0]
     assert found == here.tolist()
@@ -179,6 +182,9 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     v, r = adc.rescore_fields_serial(Q, enc.levels32(), layout, codes, np.zeros(0, np.float32), cand, 7)
     np.testing.assert_allclose(ad_v, v, rtol=1e-5, atol=1e-5)
     assert sorted(ad_r[0]) == sorted(r[0].tolist())
+    # query rotation by a float16 matrix: this host's float32 sums of the same values, bit for bit
+    R16 = np.load(tmp_path / "d.npz")["R16"]
+    assert np.array_equal(np.array(rot, np.float32), adc.rotate_rows_serial(Q, R16.view(np.float16).astype(np.float32)))
 
 
 def test_sampled_threshold_stays_exact():

@@ -790,10 +790,12 @@ def test_ivf_probes_are_the_top_inner_product_lists(monkeypatch):
 def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
     """With PROBE_SPREAD_Z > 0 a list scores <q, c_l> + z |q| s_l, s_l the
     query-energy-weighted RMS spread of its members around the centroid:
-    the cached spreads equal a float64 reference from the reconstructed
-    vectors (scaled codes included), the probes are the top lists of the
+    the cached spreads equal a float64 reference from the decoded codes
+    (scaled codes included), the probes are the top lists of the
     reference score, and on real data they hold more of the true top-10 than
     the centroid-only probes at the same nprobe."""
+    from ipq_index._kernels import adc
+
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:60]
     monkeypatch.setattr(index_mod, "PROBE_COVERAGE", 1.0)
@@ -803,7 +805,11 @@ def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
         ivf = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
         enc = ivf.encoder
         R = np.eye(X.shape[1]) if enc.rotation is None else np.asarray(enc.rotation, np.float64)
-        Z = (ivf.reconstruct().astype(np.float64) - enc.mean) @ R
+        # the decoded codes in the transformed space (scaled codes: times their scales)
+        Z = adc.decode(np.asarray(ivf.codes), enc.levels, enc.level_off, enc.bits, enc.byte_of, enc.shift_of,
+                       enc.d).astype(np.float64)
+        if enc.config.scale:
+            Z *= np.asarray(ivf.scales, np.float64)[:, None]
         Cr = (ivf.centroids.astype(np.float64) - enc.mean) @ R
         a = np.asarray(ivf.assign)
         w = np.asarray(enc.energy, np.float64) / np.asarray(enc.energy, np.float64).sum()
@@ -813,11 +819,14 @@ def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
         ref = Q.astype(np.float64) @ ivf.centroids.astype(np.float64).T
         ucb = ref + z * np.linalg.norm(Q.astype(np.float64), axis=1)[:, None] * s_ref[None, :]
         Y = enc.rotate_queries(Q)
+        # probe centroids are rounded to float16: each score within 2^-11 sum_t |y_t c_lt|
+        Cr = np.abs(ivf._transformed_centroids())
+        slack = 2.0 ** -11 * (np.abs(Y.astype(np.float64)) @ Cr.T).max(axis=1)
         for nq in (3, 60):
             P = ivf._probes(Y[:nq], 6)
             for q in range(nq):
                 kth = np.sort(ucb[q])[::-1][5]
-                assert (ucb[q, P[q]] >= kth - 1e-4 * np.abs(ucb[q]).max()).all()
+                assert (ucb[q, P[q]] >= kth - 2 * slack[q] - 1e-4 * np.abs(ucb[q]).max()).all()
     # real data: the spread term finds more of the true top-10 per probe
     ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF64,ASQ4").train(X).add(X)
     Qa = ds.test
@@ -905,10 +914,24 @@ def test_rotation_kernels_match_float64(sample, built):
             got = fn(Qr, R)
             assert got.shape == (nq, m) and got.dtype == np.float32
             np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.sqrt(n) * np.abs(ref).max())
+        # float16 matrices (uint16 bits): the same sums as float32 of the same values
+        R16 = R.astype(np.float16)
+        for fn in (adc.rotate_rows_serial, adc.rotate_rows):
+            assert np.array_equal(fn(Qr, R16.view(np.uint16)), fn(Qr, R16.astype(np.float32)))
     X, Q = sample
     enc = built["PCA,ASQ4"].encoder
-    ref = Q.astype(np.float64) @ np.asarray(enc.rotation, np.float64)
-    np.testing.assert_allclose(enc.rotate_queries(Q), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    # queries are rotated with the rotation rounded to float16: within float32
+    # sums of that, and within the rounding bound (2^-11 relative per entry) of the trained one
+    R = np.asarray(enc.rotation, np.float64)
+    R16 = R.astype(np.float16).astype(np.float64)
+    assert np.array_equal(enc.rotation32(), R16.astype(np.float32))
+    assert np.array_equal(enc.rotation16().view(np.float16).astype(np.float64), R16)
+    got = enc.rotate_queries(Q).astype(np.float64)
+    ref16 = Q.astype(np.float64) @ R16
+    np.testing.assert_allclose(got, ref16, rtol=0, atol=1e-5 * np.abs(ref16).max())
+    bound = 2.0 ** -11 * (np.abs(Q.astype(np.float64)) @ np.abs(R)) + 1e-5 * np.abs(ref16).max()
+    assert (np.abs(got - Q.astype(np.float64) @ R) <= bound).all()
+    assert np.abs(R16 - R).max() > 0  # the rounding is real: the bound above is what is tested
 
 
 def test_nav_tables_are_the_coarse_tables_in_int16_steps(sample, built):

@@ -23,8 +23,8 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .._numba import KERNEL_OPTIONS, PARALLEL_OPTIONS, inline_kernel, prefetch, target_has
-from .adc import heap_offer, heap_to_sorted, rescore_offset_one
+from .._numba import KERNEL_OPTIONS, PARALLEL_OPTIONS, inline_kernel, prefetch
+from .adc import HALF_SIMD, heap_offer, heap_to_sorted, rescore_offset_one
 from .cand_adc import candidate_topk_one
 
 #: LLVM may reorder the float64 sums (and fuse multiply-adds) but assumes
@@ -48,8 +48,6 @@ def _widen_half(v, u):
         u[j] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | ((h & np.uint32(0x8000)) << np.uint32(16))
 
 
-#: float16 rows widened by the CPU (``vcvtph2ps``) in 16-lane vectors
-HALF_SIMD = target_has("f16c") and target_has("avx2")
 #: lanes per step of the vector dot product
 _LANES = 16
 
