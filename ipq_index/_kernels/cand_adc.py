@@ -95,10 +95,13 @@ def candidate_layout(field_table: np.ndarray, level_off: np.ndarray, nbytes: int
 @inline_kernel
 def candidate_tables(Y, qi, tab_meta, fb, plane, levels, mins, u16, tab):
     """Query qi's 16-bit tables (two byte planes in ``tab``, 2 * plane bytes;
-    scratch ``mins`` float32 (nf,), ``u16`` int32 (256,)); returns (1 / scale, sum of the field
-    minima) (float64): a row's estimate is S / scale + that sum.  Each
-    field's levels are increasing (``candidate_layout`` checks), so its
-    extremes are its end entries."""
+    scratch ``mins`` float32 (nf,), ``u16`` uint16 (plane,)); returns (1 /
+    scale, sum of the field minima) (float64): a row's estimate is S / scale
+    + that sum.  Each field's levels are increasing (``candidate_layout``
+    checks), so its extremes are its end entries.  The 16-bit entries go to
+    ``u16`` field by field (one short loop each), then one pass over the
+    whole plane splits them into the byte planes (per field, three loops
+    cost 11.7 us per query for 188 fields / 23,552 entries; this 5)."""
     nf = tab_meta.shape[0]
     span = np.float32(0.0)
     bias = 0.0
@@ -117,16 +120,17 @@ def candidate_tables(Y, qi, tab_meta, fb, plane, levels, mins, u16, tab):
         n = tab_meta[f, 2]
         lv = levels[tab_meta[f, 1]:tab_meta[f, 1] + n]
         m = mins[f]
-        # (v - m) scale <= 65535 (+ rounding): the sum stays below 65536.
-        # Three simple loops vectorise (one loop with both byte stores took 4x longer)
+        out = u16[fb[f, 3]:fb[f, 3] + n]
+        # (v - m) scale <= 65535 (+ rounding): the sum stays below 65536
         for c in range(n):
-            u16[c] = np.int32((y * lv[c] - m) * scale + np.float32(0.5))
-        lo_plane = tab[fb[f, 3]:fb[f, 3] + n]
-        for c in range(n):
-            lo_plane[c] = np.uint8(u16[c] & 255)
-        hi_plane = tab[plane + fb[f, 3]:plane + fb[f, 3] + n]
-        for c in range(n):
-            hi_plane[c] = np.uint8(u16[c] >> 8)
+            out[c] = np.uint16(np.int32((y * lv[c] - m) * scale + np.float32(0.5)))
+    # entries between fields (alignment) are never looked up: whatever they hold
+    lo_plane = tab[:plane]
+    hi_plane = tab[plane:2 * plane]
+    for e in range(plane):
+        lo_plane[e] = np.uint8(u16[e] & np.uint16(255))
+    for e in range(plane):
+        hi_plane[e] = np.uint8(u16[e] >> np.uint16(8))
     return (1.0 / np.float64(scale) if scale > 0 else 0.0), bias
 
 
@@ -306,7 +310,7 @@ def query_tables(Y, qi, tab_meta, fb, plane, levels):
     """(tables uint8 (2 * plane,), 1 / scale, bias) of query qi (tests)."""
     tab = np.zeros(2 * plane, np.uint8)
     mins = np.empty(tab_meta.shape[0], np.float32)
-    inv, bias = candidate_tables(Y, qi, tab_meta, fb, plane, levels, mins, np.empty(256, np.int32), tab)
+    inv, bias = candidate_tables(Y, qi, tab_meta, fb, plane, levels, mins, np.empty(plane, np.uint16), tab)
     return tab, inv, bias
 
 
@@ -343,7 +347,7 @@ def candidate_topk_one(Y, qi, levels, cl, codes, scales, cand, hv, hr):
     _prefetch_rows(codes, rows, 0, min(n, GROUP), used)
     tab = np.empty(2 * plane, np.uint8)
     mins = np.empty(tab_meta.shape[0], np.float32)
-    inv, bias = candidate_tables(Y, qi, tab_meta, fb, plane, levels, mins, np.empty(256, np.int32), tab)
+    inv, bias = candidate_tables(Y, qi, tab_meta, fb, plane, levels, mins, np.empty(plane, np.uint16), tab)
     T = np.empty(codes.shape[1] * GROUP, np.uint8)
     out = np.empty(GROUP, np.uint32)
     for r0 in range(0, n, GROUP):
