@@ -391,9 +391,17 @@ def test_memoised_fused_calls_follow_the_index_and_still_validate(monkeypatch):
     idx.coverage = 0.8
     np.testing.assert_array_equal(run(nprobe=16), fresh(nprobe=16))
     bad = Q[:1].copy()
-    bad[0, 3] = np.nan
-    with pytest.raises(ValueError, match="finite|NaN"):
-        idx.search(bad, 10, nprobe=16, num_threads=1)
+    assert real_key(10, None, None, 1, 16) in idx._fused_memo  # memoised: the kernel checks the values
+    for v in (np.nan, np.inf, -np.inf):
+        bad[0, 3] = v
+        with pytest.raises(ValueError, match="finite|NaN"):
+            idx.search(bad, 10, nprobe=16, num_threads=1)
+    # other dtypes and layouts take the validating conversion: the same results
+    want = idx.search(Q[:2], 10, nprobe=16, num_threads=1)
+    for q in (Q[:2].astype(np.float64), np.asfortranarray(Q[:2]), np.repeat(Q[:2], 2, axis=1)[:, ::2]):
+        got = idx.search(q, 10, nprobe=16, num_threads=1)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
     with pytest.raises(ValueError):
         idx.search(Q[:1, :5], 10, nprobe=16, num_threads=1)
     with pytest.raises((ValueError, TypeError)):

@@ -43,6 +43,7 @@ from numba.extending import intrinsic
 
 from .._numba import inline_kernel, kernel, parallel_kernel, splat, target_has
 from .adc import _coarse_luts, _probe_one, ids_of_rows_one, weighted_row_sum
+from .checks import all_finite
 from .rerank import PLAN_FIELDS, rescore_rerank_one
 
 #: rows per block
@@ -521,7 +522,10 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
     (width k if re-ranked, else kk if PLAN_FIELDS, else ncand); out_ids =
     ids[rows], -1 (score -inf) for empty slots.  The same steps as the
-    staged search (tested)."""
+    staged search (tested).  Raises ValueError when Q holds NaN or inf
+    (``FlatIndex._memo_search`` leaves that check to this call)."""
+    if not all_finite(Q):
+        raise ValueError("queries contains NaN or infinite values")
     nq, d = Q.shape
     exact = V.shape[0] > 0
     width = k if exact else (kk if plan == PLAN_FIELDS else ncand)
