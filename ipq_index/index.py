@@ -44,6 +44,10 @@ PROBE_COVERAGE = 0.999
 #: (z = 2; 0.956 at z = 3); MiniLM 50k IVF256 nprobe=8: 0.730 -> 0.762 (z = 3
 #: gained less there at larger nprobe).  0 = centroid only.
 PROBE_SPREAD_Z = 2.0
+#: IVF fast-scan coarse codes quantize each row's residual to its list's
+#: centroid (``FastScanner`` ``residual``; unscaled codes), the scan adds
+#: <q, c_l> per list.  False: the rows' values, as in the flat index
+IVF_RESIDUAL = True
 #: k-means sample of an IVF index: 256 points per list up to this many points
 #: (at least 64 per list); IVF4096 on 10^6 vectors trains on 262,144
 IVF_TRAIN_POINTS = 262_144
@@ -552,12 +556,15 @@ class FlatIndex:
         if self._scanner is None or self._scanner_rows != self.ntotal:
             scales = np.asarray(self.scales) if self.encoder.config.scale else None
             self._scanner = FastScanner(self.encoder, np.asarray(self.codes), scales, self._scan_lists(),
-                                        coverage=self.coverage)
+                                        coverage=self.coverage, residual=self._scan_residual())
             self._scanner_rows = self.ntotal
         return self._scanner
 
     def _scan_lists(self):
         return None  # the flat index scans every row
+
+    def _scan_residual(self):
+        return None  # coarse codes of the rows' values
 
     def reconstruct(self, rows=None) -> np.ndarray:
         """Decoded vectors (float32, original space) of the given row positions."""
@@ -732,20 +739,24 @@ class IVFIndex(FlatIndex):
         use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
         ptr, rows = self._list_index()
         if use_fs and not return_std:
-            probe = (*self._probe_args(), self._list_spread(), npb if npb < self.nlist else 0)
+            resid = self._fast_scanner().residual
+            # residual codes need every scanned list's <q, c_l>: the probe runs even for nprobe = nlist
+            probe = (*self._probe_args(), self._list_spread(), npb if npb < self.nlist or resid else 0, resid)
             fused = self._try_fused(Q, k, rerank, num_threads, fsf, probe, memo=key)
             if fused is not None:
                 return fused
 
         def candidates(qb, kk, codes, scales, nthreads):
             Qc = qb.Q
-            if npb < self.nlist:
-                probes = self._probes(qb.Y, npb, Qc)
+            resid = use_fs and self._fast_scanner().residual
+            raw = None
+            if npb < self.nlist or resid:
+                probes, raw = self._probes(qb.Y, npb, Qc, with_raw=True)
             else:
                 probes = np.tile(np.arange(self.nlist, dtype=np.int64), (Qc.shape[0], 1))
             if use_fs:
                 sc = self._fast_scanner()
-                cand = sc.candidates(qb.Y, self._coarse_count(fsf, kk), nthreads, probes)
+                cand = sc.candidates(qb.Y, self._coarse_count(fsf, kk), nthreads, probes, raw)
                 return qb.rescore(cand, kk, codes, scales, self._cand_layout(sc))
             return _adc.scan_lists_topk(qb.tables(), codes, scales, ptr, rows, probes, kk)
 
@@ -753,6 +764,11 @@ class IVFIndex(FlatIndex):
 
     def _scan_lists(self):
         return self._list_index()
+
+    def _scan_residual(self):
+        if not IVF_RESIDUAL or self.encoder.config.scale:
+            return None
+        return self._transformed_centroids().astype(np.float32), np.asarray(self.assign)
 
     def _coarse_dims(self, sc):
         return np.union1d(super()._coarse_dims(sc), self._probe_space()[0])
@@ -819,18 +835,21 @@ class IVFIndex(FlatIndex):
             self._spread = (self.ntotal, spread.astype(np.float32))
         return self._spread[1]
 
-    def _probes(self, Y, nprobe, Q=None):
+    def _probes(self, Y, nprobe, Q=None, with_raw=False):
         """(nq, nprobe) lists with the largest probe scores <q, c_l> +
         PROBE_SPREAD_Z |q| s_l from the transformed queries Y (numba kernel,
         float32 sums: a BLAS call here fought the numba threads and cost
         milliseconds per batch on 2 cores), best first; |q| from the queries
-        ``Q`` (default: from Y, equal up to rounding)."""
+        ``Q`` (default: from Y, equal up to rounding).  ``with_raw``: also
+        their <y, c_l> (probe dimensions, float32: the list terms of residual
+        coarse codes)."""
         dims, Ct = self._probe_space()
         spread = self._list_spread()
         Y = np.ascontiguousarray(Y, np.float32)
         Q = Y if Q is None else np.ascontiguousarray(Q, np.float32)
         fn = _adc.probe_lists if Y.shape[0] >= SERIAL_QUERIES else _adc.probe_lists_serial
-        return fn(Y, dims, Ct, spread, int(nprobe), Q)
+        lists, raw = fn(Y, dims, Ct, spread, int(nprobe), Q)
+        return (lists, raw) if with_raw else lists
 
     def _warmup_params(self):
         part = max(1, self.nlist // 2)  # probes computed (every list probed skips them)
@@ -1043,7 +1062,8 @@ class GraphIndex(FlatIndex):
 
 
 #: the probe arguments of a flat index's fused scan (no lists to choose)
-_NO_PROBE = (np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32), 0)
+_NO_PROBE = (np.zeros(0, np.int64), np.zeros((0, 0), np.uint16 if _adc.HALF_SIMD else np.float32),
+             np.zeros(0, np.float32), 0, False)
 _TAG_DTYPE = np.uint8
 _TAG_MAX = int(np.iinfo(_TAG_DTYPE).max)  # visited tags wrap before this
 

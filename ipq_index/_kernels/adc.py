@@ -950,16 +950,19 @@ def rotate_rows(Q, R):
 
 
 @inline_kernel
-def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi, qv):
+def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi, qv, raw):
     """Lists of the ``nprobe`` largest <y_i[dims], Ct[:, l]> + |qv| spread[l],
     best first (float32 accumulation, vectorised over the lists: the scores
     only order the lists).  Only the ``dims`` entries of Y's row i are read;
-    ``qv`` is the query itself (|q| = |y|: the rotation is orthogonal)."""
+    ``qv`` is the query itself (|q| = |y|: the rotation is orthogonal).
+    ``raw`` (nprobe or 0 entries): the chosen lists' <y_i[dims], Ct[:, l]>
+    (without the spread term; residual coarse codes add it per list)."""
     m = Ct.shape[1]
     qd = np.empty(dims.shape[0], np.float32)
     for t in range(dims.shape[0]):
         qd[t] = Y[i, dims[t]]
     weighted_row_sum(qd, Ct, acc)
+    pre = acc.copy() if raw.shape[0] > 0 else acc[:0]
     if spread.shape[0] > 0:
         nrm = 0.0
         for t in range(qv.shape[0]):
@@ -971,6 +974,8 @@ def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi, qv):
     # fewer rows pass it (with its faster radix select, 10^6 IVF1024
     # nprobe=40 keeping 400 candidates: scan 153 -> 97 us)
     top_sorted(acc[:m], hv, hi)
+    for t in range(raw.shape[0]):
+        raw[t] = pre[hi[t]]
 
 
 #: ``top_sorted``: value bins of the histogram that bounds the survivors,
@@ -1038,11 +1043,12 @@ def top_sorted(vals, hv, hi):
 def probe_lists_serial(Y, dims, Ct, spread, nprobe, Q):
     """``probe_lists`` without a parallel region (cheaper for a few queries)."""
     out = np.empty((Y.shape[0], nprobe), np.int64)
+    raw = np.empty((Y.shape[0], nprobe), np.float32)
     acc = np.empty(Ct.shape[1], np.float32)
     hv = np.empty(nprobe, np.float32)
     for i in range(Y.shape[0]):
-        _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, out[i], Q[i])
-    return out
+        _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, out[i], Q[i], raw[i])
+    return out, raw
 
 
 @parallel_kernel
@@ -1051,12 +1057,13 @@ def probe_lists(Y, dims, Ct, spread, nprobe, Q):
     first): <y[dims], c_l> over the kept dimensions ``dims`` of each
     transformed query row (centroids: columns of Ct, len(dims) x nlist) plus
     |q| spread[l], q the row of Q (the untransformed queries; ``spread``
-    empty: no such term)."""
+    empty: no such term); and (nq, nprobe) float32 their <y[dims], c_l>."""
     out = np.empty((Y.shape[0], nprobe), np.int64)
+    raw = np.empty((Y.shape[0], nprobe), np.float32)
     for i in prange(Y.shape[0]):
         _probe_one(Y, dims, Ct, spread, i, nprobe, np.empty(Ct.shape[1], np.float32),
-                   np.empty(nprobe, np.float32), out[i], Q[i])
-    return out
+                   np.empty(nprobe, np.float32), out[i], Q[i], raw[i])
+    return out, raw
 
 
 @parallel_kernel

@@ -174,17 +174,18 @@ def _prefetch_block(typingctx, blocks, b):
 
 
 def _append_passing_codegen(context, builder, signature, args):
-    buf_t, _, _, resv_t, resi_t, _ = signature.args
+    buf_t, _, _, resv_t, resi_t, _, _ = signature.args
     buf = context.make_array(buf_t)(context, builder, args[0])
     resv = context.make_array(resv_t)(context, builder, args[3])
     resi = context.make_array(resi_t)(context, builder, args[4])
-    mask, slot0, cnt = args[1], args[2], args[5]
+    mask, slot0, cnt, add = args[1], args[2], args[5], args[6]
     i1, i16, i32, i64 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64)
     v16 = ir.VectorType(i16, BLOCK)
     v64 = ir.VectorType(i64, BLOCK)
     vm = ir.VectorType(i1, BLOCK)
     m = builder.bitcast(builder.trunc(mask, i32), vm)
     scores = builder.load(builder.bitcast(buf.data, v16.as_pointer()), align=2)
+    scores = builder.add(scores, splat(builder, v16, builder.trunc(add, i16)))
     slots = builder.add(splat(builder, v64, slot0), ir.Constant(v64, list(range(BLOCK))))
     for vec, arr in ((scores, resv), (slots, resi)):
         elem = vec.type.element
@@ -198,9 +199,10 @@ def _append_passing_codegen(context, builder, signature, args):
 
 
 @intrinsic
-def _append_passing(typingctx, buf, mask, slot0, res_v, res_i, cnt):
+def _append_passing(typingctx, buf, mask, slot0, res_v, res_i, cnt, add):
     """Append the rows of bit mask ``mask`` (bit v: row v of the block whose
-    first slot is ``slot0``) to the collector: scores buf[v] to res_v and
+    first slot is ``slot0``) to the collector: scores buf[v] + add (the
+    list's bias, no overflow: see ``_list_bias``) to res_v and
     slots slot0 + v to res_i from position cnt, in row order (LLVM's
     ``masked.compressstore``: one instruction per vector with AVX-512, a
     loop elsewhere); returns the new count.  res_v / res_i need room for 32
@@ -210,7 +212,7 @@ def _append_passing(typingctx, buf, mask, slot0, res_v, res_i, cnt):
           and isinstance(res_i, types.Array) and res_i.dtype == types.int64 and res_i.ndim == 1)
     if not ok:
         return None
-    sig = types.int64(buf, types.int64, types.int64, res_v, res_i, types.int64)
+    sig = types.int64(buf, types.int64, types.int64, res_v, res_i, types.int64, types.int64)
     return sig, _append_passing_codegen
 
 
@@ -266,10 +268,12 @@ def padded_bytes(M: int) -> int:
 
 
 @inline_kernel
-def _quantize_one(Y, q, slot_dim, centT, lut, out):
+def _quantize_one(Y, q, slot_dim, centT, lut, out, bias_span):
     """Query q's uint8 tables into out[q] (see module doc); lut (M, 16)
-    float32 scratch.  One scale for all tables: the widest span maps to 255,
-    or less when the M maxima could overflow the uint16 sums (M > 257)."""
+    float32 scratch.  One scale for all tables, returned: the widest span
+    maps to 255, or less when the M maxima plus list biases spanning
+    ``bias_span`` (residual coarse codes, ``_list_bias``; else 0) could
+    overflow the uint16 sums (M > 257, or wide biases)."""
     M = centT.shape[0]
     _coarse_luts(Y, q, slot_dim, centT, lut)
     span = np.float32(0.0)
@@ -287,7 +291,7 @@ def _quantize_one(Y, q, slot_dim, centT, lut, out):
     scale = np.float32(0.0)
     if span > 0:
         # rounding adds at most 1/2 per table: sums stay <= 65535
-        scale = np.float32(min(255.0 / span, (65535.0 - M) / total))
+        scale = np.float32(min(255.0 / span, (65535.0 - M) / (total + bias_span)))
     out[q, :] = 0
     for m in range(M):
         g = m >> 1
@@ -296,6 +300,33 @@ def _quantize_one(Y, q, slot_dim, centT, lut, out):
             v = np.uint8(min(np.int32(lut[m, c] * scale + np.float32(0.5)), 255))
             out[q, base + c] = v
             out[q, base + 16 + c] = v
+    return scale
+
+
+@inline_kernel
+def _bias_span(raw, lists):
+    """max - min of the probed lists' (``lists`` >= 0) centroid scores ``raw``."""
+    lo = np.inf
+    hi = -np.inf
+    for t in range(lists.shape[0]):
+        if lists[t] >= 0:
+            lo = min(lo, raw[t])
+            hi = max(hi, raw[t])
+    return np.float32(hi - lo) if hi >= lo else np.float32(0.0)
+
+
+@inline_kernel
+def _list_bias(raw, lists, scale, bias):
+    """Residual coarse codes score a row <y, c_l> + its code's table sum:
+    bias[t] = round((raw[t] - the smallest raw of the probed lists) * scale),
+    the list term in the tables' integer units (raw: <y, c_l> of list
+    lists[t]; ``scale`` from ``_quantize_one``, which left room for it)."""
+    lo = np.inf
+    for t in range(lists.shape[0]):
+        if lists[t] >= 0:
+            lo = min(lo, raw[t])
+    for t in range(lists.shape[0]):
+        bias[t] = np.int64((raw[t] - lo) * scale + np.float32(0.5)) if lists[t] >= 0 else 0
 
 
 @kernel
@@ -308,7 +339,7 @@ def quantize_luts(Y, slot_dim, centT):
     out = np.empty((nq, (G + G % 2) * LUT_STRIDE), np.uint8)
     lut = np.empty((M, 16), np.float32)
     for q in range(nq):
-        _quantize_one(Y, q, slot_dim, centT, lut, out)
+        _quantize_one(Y, q, slot_dim, centT, lut, out, np.float32(0.0))
     return out
 
 
@@ -373,9 +404,10 @@ def _compact(res_v, res_i, cnt, kk, hist):
 
 
 @inline_kernel
-def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, kk, thr, step, res_v, res_i, hist, buf):
+def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, step, res_v, res_i, hist, buf):
     """Collect the best kk rows scoring >= thr over every ``step``-th block
-    of ``lists`` (step 1: all) into res (slots, unordered); returns
+    of ``lists`` (step 1: all) into res (slots, unordered); a row of
+    lists[li] scores its table sum + bias[li] (``bias`` empty: + 0); returns
     (count <= kk, kk-th best score or -1 when fewer than kk passed)."""
     cnt = 0
     g = 0  # blocks seen, for the stride
@@ -396,6 +428,7 @@ def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, kk, thr, step, res_
                     _prefetch_block(blocks, t)
         first = b0 + (-g) % step
         g += b1 - b0
+        add = bias[li] if bias.shape[0] > 0 else 0
         for b in range(first, b1, step):
             if step == 1:
                 ahead = b + PREFETCH
@@ -405,13 +438,13 @@ def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, kk, thr, step, res_
                     _prefetch_block(blocks, n0 + ahead - b1)
             elif b + PREFETCH * step < b1:  # a strided sample: the hardware does not follow it
                 _prefetch_block(blocks, b + PREFETCH * step)
-            mask = block_scores(blocks, b, lut, q, buf, thr)
+            mask = block_scores(blocks, b, lut, q, buf, max(thr - add, 0))
             if b + 1 == b1:  # padding slots (only in a list's last block)
                 mask &= (np.int64(1) << block_fill[lst]) - 1
             if mask == 0:
                 continue
             # slots (block * 32 + row in block): rows are looked up at the end
-            cnt = _append_passing(buf, mask, b * BLOCK, res_v, res_i, cnt)
+            cnt = _append_passing(buf, mask, b * BLOCK, res_v, res_i, cnt, add)
             if cnt > BUFFER * kk:
                 t = _compact(res_v, res_i, cnt, kk, hist)
                 cnt = kk
@@ -423,12 +456,13 @@ def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, kk, thr, step, res_
 
 
 @inline_kernel
-def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, kk, out_i):
+def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk, out_i):
     """The kk rows of query q's best quantized scores over the blocks of
     ``lists`` into out_i, unordered (-1 padded; among equal scores at the
     cut, the first scanned).  The buffer holds slots (block * 32 + row in
     block), mapped to rows only for the final kk: ``block_rows`` is large
-    and cold, one lookup per passing row cost more than the scan.
+    and cold, one lookup per passing row cost more than the scan.  ``bias``:
+    per-list score offsets (``_scan_pass``; empty: none).
 
     With many rows per candidate, a first pass over every SAMPLE_STEP-th
     block sets the starting threshold: the (2 kk / SAMPLE_STEP)-th best
@@ -447,13 +481,13 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, kk, out_
     thr = 0
     if kk >= SAMPLE_KK and SAMPLE_MIN * kk <= nblk * BLOCK <= SAMPLE_MAX * kk:
         ks = (2 * kk) // SAMPLE_STEP
-        _, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, ks, 0, SAMPLE_STEP,
+        _, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, ks, 0, SAMPLE_STEP,
                             res_v, res_i, hist, buf)
         if t >= 0:
             thr = t
-    cnt, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, kk, thr, 1, res_v, res_i, hist, buf)
+    cnt, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, 1, res_v, res_i, hist, buf)
     if t < 0 and thr > 0:  # the sample aimed too high: scan again, keeping everything
-        cnt, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, kk, 0, 1, res_v, res_i, hist, buf)
+        cnt, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, 0, 1, res_v, res_i, hist, buf)
     for j in range(cnt):
         out_i[j] = block_rows[res_i[j]]
     for j in range(cnt, kk):
@@ -465,47 +499,63 @@ def scan_tables_topk(blocks, block_rows, block_ptr, block_fill, lut, probes, kk)
     """``scan_topk`` with given uint8 tables ``lut`` (nq, ...) (tests)."""
     nq = probes.shape[0]
     out = np.empty((nq, kk), np.int64)
+    nobias = np.zeros(0, np.int64)
     for q in range(nq):
-        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, probes[q], kk, out[q])
+        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, probes[q], nobias, kk, out[q])
     return out
 
 
+@inline_kernel
+def _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk, out):
+    """Tables and scan of query q (``scan_topk``)."""
+    M = centT.shape[0]
+    G = M // 2
+    lut = np.empty((1, (G + G % 2) * LUT_STRIDE), np.uint8)
+    scratch = np.empty((M, 16), np.float32)
+    if raw.shape[0] > 0:
+        scale = _quantize_one(Y[q:q + 1], 0, slot_dim, centT, scratch, lut, _bias_span(raw[q], probes[q]))
+        bias = np.empty(probes.shape[1], np.int64)
+        _list_bias(raw[q], probes[q], scale, bias)
+    else:
+        _quantize_one(Y[q:q + 1], 0, slot_dim, centT, scratch, lut, np.float32(0.0))
+        bias = np.zeros(0, np.int64)
+    _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, probes[q], bias, kk, out[q])
+
+
 @kernel
-def scan_topk_serial(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, kk):
+def scan_topk_serial(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk):
     """``scan_topk`` without a parallel region (a few queries)."""
     nq = probes.shape[0]
     out = np.empty((nq, kk), np.int64)
-    lut = quantize_luts(Y, slot_dim, centT)
     for q in range(nq):
-        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, probes[q], kk, out[q])
+        _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk, out)
     return out
 
 
 @parallel_kernel
-def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, kk):
+def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk):
     """(nq, kk) rows of the best coarse scores of queries Y (nq, d) (tables
     from ``quantize_luts``) over the blocks of their lists ``probes`` (nq,
     nprobe) (-1 entries skipped; a flat index is one list), in no particular
-    order (see ``_scan_one``), -1 padded."""
+    order (see ``_scan_one``), -1 padded.  ``raw`` (nq, nprobe) float32:
+    the probed lists' centroid scores <y, c_l> for residual coarse codes
+    (``_list_bias``); (0, 0): direct codes."""
     nq = probes.shape[0]
     out = np.empty((nq, kk), np.int64)
-    M = centT.shape[0]
-    G = M // 2
     for q in prange(nq):
-        lut = np.empty((1, (G + G % 2) * LUT_STRIDE), np.uint8)
-        scratch = np.empty((M, 16), np.float32)
-        _quantize_one(Y[q:q + 1], 0, slot_dim, centT, scratch, lut)
-        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, probes[q], kk, out[q])
+        _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk, out)
     return out
 
 
 @kernel
 def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, dims, Ct,
-                      spread, nprobe, ncand, levels, fields, cl, codes, scales, kk, plan, ids, V, k):
+                      spread, nprobe, resid, ncand, levels, fields, cl, codes, scales, kk, plan, ids, V, k):
     """The whole single-thread fast-scan search of a few queries in one call
     (flat: one list and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
     largest probe scores, ``_probe_one`` with ``dims``, ``Ct``, ``spread``;
-    ``nprobe`` = 0 scans every list): rotate (``R`` (d, d); (0, 0): none;
+    ``nprobe`` = 0 scans every list; ``resid``: residual coarse codes, a
+    row of list l scores <y, c_l> + its table sum, ``_list_bias``; needs
+    nprobe > 0): rotate (``R`` (d, d); (0, 0): none;
     (d, m): the leading m transformed dimensions alone, enough when no ADC
     of the candidates follows and the coarse tables and probes read no
     others; the rest stay 0), uint8 tables, the ``ncand`` best coarse
@@ -542,6 +592,8 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     lists = np.arange(nlist) if nprobe == 0 else np.empty(nprobe, np.int64)
     acc = np.empty(Ct.shape[1], np.float32)
     pv = np.empty(max(nprobe, 1), np.float32)
+    raw = np.empty(nprobe if resid else 0, np.float32)
+    bias = np.empty(nprobe if resid else 0, np.int64)
     hv = np.empty(kk, np.float32)  # ADC top-kk before an exact re-rank
     hr = np.empty(kk, np.int64)
     for qi in range(nq):
@@ -550,9 +602,13 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
         else:
             Y[0] = Q[qi]
         if nprobe > 0:
-            _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi])
-        _quantize_one(Y, 0, slot_dim, centT, scratch, lut)
-        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, ncand, cand[0])
+            _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi], raw)
+        if resid:
+            scale = _quantize_one(Y, 0, slot_dim, centT, scratch, lut, _bias_span(raw, lists))
+            _list_bias(raw, lists, scale, bias)
+        else:
+            _quantize_one(Y, 0, slot_dim, centT, scratch, lut, np.float32(0.0))
+        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, ncand, cand[0])
         if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, cand, kk, plan, V, hv, hr,
                                   out_v[qi], out_r[qi]):
             for t in range(ncand):
