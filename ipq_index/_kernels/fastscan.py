@@ -495,13 +495,16 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk
 
 
 @kernel
-def scan_tables_topk(blocks, block_rows, block_ptr, block_fill, lut, probes, kk):
-    """``scan_topk`` with given uint8 tables ``lut`` (nq, ...) (tests)."""
+def scan_tables_topk(blocks, block_rows, block_ptr, block_fill, lut, probes, kk, bias):
+    """``scan_topk`` with given uint8 tables ``lut`` (nq, ...) and per-list
+    score offsets ``bias`` (nq, nprobe) int64 (a row of list probes[q, t]
+    scores its table sum + bias[q, t]; (0, 0): none) (tests)."""
     nq = probes.shape[0]
     out = np.empty((nq, kk), np.int64)
     nobias = np.zeros(0, np.int64)
     for q in range(nq):
-        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, probes[q], nobias, kk, out[q])
+        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, probes[q],
+                  bias[q] if bias.shape[0] > 0 else nobias, kk, out[q])
     return out
 
 
