@@ -92,6 +92,8 @@ class FastScanner:
             Cr, assign = np.ascontiguousarray(residual[0], np.float32), np.asarray(residual[1], np.int64)
             if Cr.shape[1] != d or assign.shape[0] != n:
                 raise ValueError("residual centroids / assignment do not match the codes")
+            if lists is None or isinstance(lists, str):
+                raise ValueError("residual coarse codes need the IVF lists (ptr, order) they belong to")
             cov = COVERAGE if coverage is None else float(coverage)  # unscaled codes
             cb, coarse = self._residual_bits(e, codes, Cr, assign, share, cov, min(sample, 65536))
         self.coarse_bits = cb
