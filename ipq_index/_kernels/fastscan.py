@@ -304,15 +304,23 @@ def _quantize_one(Y, q, slot_dim, centT, lut, out, bias_span):
 
 
 @inline_kernel
-def _bias_span(raw, lists):
-    """max - min of the probed lists' (``lists`` >= 0) centroid scores ``raw``."""
+def _raw_range(raw, lists):
+    """(min, max) of the probed lists' (``lists`` >= 0) centroid scores
+    ``raw``; (0, 0) when none is probed."""
     lo = np.inf
     hi = -np.inf
     for t in range(lists.shape[0]):
         if lists[t] >= 0:
             lo = min(lo, raw[t])
             hi = max(hi, raw[t])
-    return np.float32(hi - lo) if hi >= lo else np.float32(0.0)
+    return (np.float32(lo), np.float32(hi)) if hi >= lo else (np.float32(0.0), np.float32(0.0))
+
+
+@inline_kernel
+def _bias_span(raw, lists):
+    """max - min of the probed lists' centroid scores ``raw``."""
+    lo, hi = _raw_range(raw, lists)
+    return hi - lo
 
 
 @inline_kernel
@@ -321,10 +329,7 @@ def _list_bias(raw, lists, scale, bias):
     bias[t] = round((raw[t] - the smallest raw of the probed lists) * scale),
     the list term in the tables' integer units (raw: <y, c_l> of list
     lists[t]; ``scale`` from ``_quantize_one``, which left room for it)."""
-    lo = np.inf
-    for t in range(lists.shape[0]):
-        if lists[t] >= 0:
-            lo = min(lo, raw[t])
+    lo, _ = _raw_range(raw, lists)
     for t in range(lists.shape[0]):
         bias[t] = np.int64((raw[t] - lo) * scale + np.float32(0.5)) if lists[t] >= 0 else 0
 
