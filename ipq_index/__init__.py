@@ -9,11 +9,11 @@ stochastic quantization (ASQ) codes.
 """
 
 from . import asq
-from ._numba import set_num_threads
+from ._numba import get_num_threads, set_num_threads
 from .encoder import ASQEncoder, EncoderConfig
-from .index import FlatIndex, index_factory, load, parse_spec
+from .index import FlatIndex, index_factory, load, parse_spec, warmup
 from .storage import FormatError
 
 __version__ = "0.1.0"
-__all__ = ["asq", "set_num_threads", "ASQEncoder", "EncoderConfig", "FlatIndex", "index_factory",
-           "load", "parse_spec", "FormatError", "__version__"]
+__all__ = ["asq", "get_num_threads", "set_num_threads", "ASQEncoder", "EncoderConfig", "FlatIndex", "index_factory",
+           "load", "parse_spec", "warmup", "FormatError", "__version__"]

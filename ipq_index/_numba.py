@@ -2,25 +2,90 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import numba.core.event
+import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 #: Options for serial kernels: cached to disk, releases the GIL.
 KERNEL_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")
-#: Options for kernels that use ``prange``.
-PARALLEL_OPTIONS = dict(cache=True, nogil=True, error_model="numpy", parallel=True)
 
-kernel = numba.njit(**KERNEL_OPTIONS)
-#: Small helpers inlined into their callers at the numba IR level.
-inline_kernel = numba.njit(inline="always", **KERNEL_OPTIONS)
-parallel_kernel = numba.njit(**PARALLEL_OPTIONS)
-#: fewer queries than this run serial kernels (no parallel region: cheaper
-#: than starting the thread pool for a few queries)
+
+
+class _CompileNotice(numba.core.event.Listener):
+    """Say on stderr (logger ``ipq_index``, once per process) that kernels are
+    being compiled, and log each kernel at INFO level: the first use of a
+    kernel compiles it (tens of seconds in all on a new machine; cached on
+    disk afterwards, see ``ipq_index.warmup``) and would otherwise look
+    like a hang."""
+
+    def __init__(self):
+        self.depth = 0
+        self.said = False
+
+    def on_start(self, event):
+        fn = getattr(event.data.get("dispatcher"), "py_func", None)
+        if fn is None or not fn.__module__.startswith("ipq_index."):
+            return
+        if self.depth == 0:
+            if not self.said:
+                self.said = True
+                logging.getLogger("ipq_index").warning(
+                    "ipq_index: compiling numba kernels on first use (once per machine: they are cached "
+                    "on disk; `ipq warmup SPEC` compiles ahead)")
+            logging.getLogger("ipq_index").info("compiling %s.%s", fn.__module__, fn.__name__)
+        self.depth += 1
+
+    def on_end(self, event):
+        fn = getattr(event.data.get("dispatcher"), "py_func", None)
+        if fn is not None and fn.__module__.startswith("ipq_index."):
+            self.depth -= 1
+
+
+numba.core.event.register("numba:compile", _CompileNotice())
+
+
+def _plain(t):
+    """The type a kernel is compiled for when another kernel passes ``t``: a
+    constant's plain type (``Literal[int](0)`` -> int64) and int64 for a
+    ``prange`` index (uint64)."""
+    t = types.unliteral(t)
+    return types.int64 if t == types.uint64 else t
+
+
+def _one_build_per_type(dispatcher):
+    """Let a kernel called from other kernels compile one version per plain
+    argument type: numba would otherwise build a separate copy for every
+    constant argument (``f(x, 0)`` and ``f(x, i)``) and for ``prange``
+    indices, each costing its full compile time on first use.  The callers'
+    values are cast to the plain types (lossless for these)."""
+    get_template = dispatcher.get_call_template
+
+    def get_call_template(args, kws):
+        return get_template(tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kws.items()})
+
+    dispatcher.get_call_template = get_call_template
+    return dispatcher
+
+
+def kernel(fn=None, **options):
+    """``njit`` with the shared options (``KERNEL_OPTIONS``, overridable), one
+    build per plain argument type.  Every kernel and helper is its own
+    compiled function: numba links the callees' LLVM IR into each caller,
+    where LLVM inlines them as it sees fit (inlining at the numba IR level,
+    ``inline="always"``, re-types every inlined body per call site: 3-7x the
+    compile time of the search kernels for the same speed)."""
+    if fn is None:
+        return lambda f: kernel(f, **options)
+    return _one_build_per_type(numba.njit(**{**KERNEL_OPTIONS, **options})(fn))
+#: fewer queries than this take the fused single-query search kernels
 SERIAL_QUERIES = 8
 
 
@@ -87,6 +152,20 @@ def vector_gep(builder, ptr, idx, elem_ty):
     return ins
 
 
+def readonly(a):
+    """``a`` as a read-only array (the array itself when it is one).  Every
+    array an index or encoder keeps is read-only, built or loaded (a
+    memory-mapped file is read-only anyway): the kernels then compile one
+    version for both instead of one per writeability."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 def target_has(feature: str) -> bool:
     """Whether numba's code generator targets a CPU with ``feature`` (an
     LLVM feature name such as "avx2"; honours NUMBA_CPU_NAME /
@@ -101,30 +180,89 @@ def target_has(feature: str) -> bool:
     return ("+" + feature) in str(feats).split(",")
 
 
+_default_threads = [0]  # set_num_threads' count (0: every core numba may use)
+
+
 def resolve_threads(num_threads: int | None) -> int:
-    """Map ``num_threads`` (``None``/``-1`` = all) to a valid numba thread count."""
+    """Map ``num_threads`` (``None``/``-1`` = the default: ``set_num_threads``,
+    else every core) to a thread count."""
     limit = numba.config.NUMBA_NUM_THREADS
     if num_threads is None or num_threads == -1:
-        return limit
-    if not isinstance(num_threads, (int,)) or num_threads < 1:
+        return _default_threads[0] or limit
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
         raise ValueError(f"num_threads must be a positive int or -1, got {num_threads!r}")
     return min(int(num_threads), limit)
 
 
-@contextlib.contextmanager
-def threads(num_threads: int | None):
-    """Run a block with ``num_threads`` numba threads, restoring the previous count."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(resolve_threads(num_threads))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
-
-
 def set_num_threads(num_threads: int) -> None:
-    """Set the default number of threads used by ipq_index kernels (-1 = all cores)."""
-    numba.set_num_threads(resolve_threads(num_threads))
+    """Set the default number of threads used by ipq_index (-1 = all cores)."""
+    _default_threads[0] = 0 if num_threads == -1 else resolve_threads(num_threads)
+
+
+def get_num_threads() -> int:
+    """The default number of threads used by ipq_index (see ``set_num_threads``)."""
+    return resolve_threads(-1)
+
+
+# --------------------------------------------------------------------------
+# Parallel work: every kernel is serial and releases the GIL; work is split
+# into chunks run on a pool of Python threads.  No numba parallel region is
+# used anywhere: no threading layer to compile (``parallel=True`` kernels cost
+# seconds of compilation each) and none of OpenMP's restrictions on fork().
+# --------------------------------------------------------------------------
+_pool = [None]  # the ThreadPoolExecutor, made on first use
+_pool_lock = threading.Lock()
+_POOL_NAME = "ipq_index_pool"
+
+
+def _reset_pool():
+    _pool[0] = None  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_reset_pool)
+
+
+def map_chunks(call, n: int, num_threads: int | None = -1, min_chunk: int = 1) -> list:
+    """``[call(a, b, p) for the chunks p = 0, 1, ... of range(n), a:b]``, run
+    concurrently on up to ``num_threads`` threads (at least ``min_chunk``
+    items each; ``call`` runs GIL-free kernels).  Results in chunk order."""
+    nthreads = resolve_threads(num_threads)
+    if threading.current_thread().name.startswith(_POOL_NAME):
+        nthreads = 1  # already on a pool thread: waiting on the pool from it could deadlock
+    parts = max(1, min(nthreads, n // max(1, min_chunk)))
+    if parts == 1:
+        return [call(0, n, 0)]
+    bounds = [n * p // parts for p in range(parts + 1)]
+    with _pool_lock:
+        if _pool[0] is None:  # parts <= resolve_threads' limit: enough workers
+            _pool[0] = ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                                          thread_name_prefix=_POOL_NAME)
+        pool = _pool[0]
+    futures = [pool.submit(call, bounds[p], bounds[p + 1], p) for p in range(1, parts)]
+    first = call(bounds[0], bounds[1], 0)  # the calling thread takes the first chunk
+    return [first] + [f.result() for f in futures]
+
+
+def concat_rows(results: list):
+    """Join ``map_chunks`` results along the first axis (arrays, or tuples of
+    arrays joined element-wise)."""
+    if len(results) == 1:
+        return results[0]
+    if isinstance(results[0], tuple):
+        return tuple(np.concatenate(col) for col in zip(*results))
+    return np.concatenate(results)
+
+
+def split_rows(kernel_fn, n: int, num_threads, args, rows, min_chunk: int = 1):
+    """``kernel_fn(*args)`` with the arguments at positions ``rows`` cut into
+    row chunks (``[a:b]``) run concurrently; outputs joined by ``concat_rows``.
+    For kernels whose rows are independent (one query, one vector each)."""
+    rows = set(rows)
+
+    def call(a, b, _part):
+        return kernel_fn(*(x[a:b] if i in rows else x for i, x in enumerate(args)))
+
+    return concat_rows(map_chunks(call, n, num_threads, min_chunk))
 
 
 def cpu_count() -> int:

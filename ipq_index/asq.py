@@ -57,7 +57,7 @@ import numpy as np
 
 from ._kernels import asq_dp as _dp
 from ._kernels import rounding as _rk
-from ._numba import threads
+from ._numba import concat_rows, map_chunks
 
 __all__ = [
     "solve",
@@ -424,10 +424,16 @@ def solve_columns(X, s, *, weights=None, objective="sum", method="exact", grid=N
     if not (0 < tol < 1):
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
     m = _grid(grid, N, int(budgets.max()))
-    with threads(num_threads):
-        levels, counts = _dp.solve_columns_kernel(
-            X, w, budgets, objective == "max", method == "approx", m, float(tol), int(block)
-        )
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    block = int(block)
+    if method == "approx" and N > m:
+        def call(j0, j1, _part):
+            return _dp.solve_columns_approx(X, w, budgets, m, block, j0, j1)
+    else:
+        def call(j0, j1, _part):
+            return _dp.solve_columns_exact(X, w, budgets, objective == "max", float(tol), block, j0, j1)
+    levels, counts = concat_rows(map_chunks(call, d, num_threads, min_chunk=block))
     return [levels[j, : counts[j]].copy() for j in range(d)]
 
 

@@ -44,7 +44,7 @@ from ._kernels import adc as _adc
 from ._kernels import cand_adc as _cand
 from ._kernels import checks as _checks
 from ._kernels import rounding as _rk
-from ._numba import SERIAL_QUERIES
+from ._numba import concat_rows, map_chunks, readonly, split_rows
 
 TRANSFORMS = ("none", "pca", "random")
 #: pre-scales tried when rounding a direction to nearest levels (scaled codes)
@@ -234,8 +234,8 @@ class ASQEncoder:
         refine = cfg.lloyd_iters if (cfg.rounding == "nearest" and cfg.objective == "sum") else 0
         set_ptr = np.arange(0, len(flat) + 1, len(widths), dtype=np.int64)
         zw = np.empty(0) if w is None else np.ascontiguousarray(w, np.float64)
-        errs = _rk.column_costs(Z, zw, levels_flat, off, set_ptr, int(refine),
-                                cfg.rounding == "nearest", cfg.objective == "max")
+        errs = column_costs(Z, zw, levels_flat, off, set_ptr, refine, cfg.rounding == "nearest",
+                            cfg.objective == "max", num_threads)
         for j in range(self.d):
             for t, b in enumerate(widths):
                 si = j * len(widths) + t
@@ -262,7 +262,15 @@ class ASQEncoder:
             off.append(off[-1] + lv.size)
         self.levels = np.concatenate(levels).astype(np.float64)
         self.level_off = np.asarray(off, np.int64)
+        self._freeze()
         return self
+
+    _STATE = ("mean", "rotation", "bits", "byte_of", "shift_of", "levels", "level_off", "energy")
+
+    def _freeze(self):
+        """Make the learnt arrays read-only (``_numba.readonly``)."""
+        for name in self._STATE:
+            setattr(self, name, readonly(getattr(self, name)))
 
     def _rotate(self, A):
         """A @ R in A's precision (float32 for bulk data, float64 for small inputs)."""
@@ -282,15 +290,28 @@ class ASQEncoder:
             Z = Z / np.where(norms > 0, norms, 1.0)[:, None]
         return np.ascontiguousarray(Z, dtype=np.float32), norms
 
-    def encode(self, X, *, row0: int = 0):
+    def _encode_rows(self, Z, unbiased, seed, row0, num_threads):
+        """Codes of transformed rows Z (``_adc.encode``), rows split across threads."""
+        def call(a, b, _part):
+            return _adc.encode(Z[a:b], self.levels, self.level_off, self.bits, self.byte_of, self.shift_of,
+                               self.nbytes, unbiased, seed, row0 + a)
+
+        return concat_rows(map_chunks(call, Z.shape[0], num_threads, min_chunk=ROWS_PER_TASK))
+
+    def _decode_rows(self, codes, num_threads=-1):
+        """Transformed values (float32) of codes (``_adc.decode``), rows split across threads."""
+        args = (self.levels, self.level_off, self.bits, self.byte_of, self.shift_of, self.d)
+        return split_rows(_adc.decode, codes.shape[0], num_threads, (codes, *args), rows=(0,),
+                          min_chunk=ROWS_PER_TASK)
+
+    def encode(self, X, *, row0: int = 0, num_threads: int | None = -1):
         """(codes uint8 (n, nbytes), scales float32 (n,) or None)."""
         self._require_trained()
         X = check_matrix(X, self.d, "vectors")
         Z, norms = self.transform(X)
-        args = (self.levels, self.level_off, self.bits, self.byte_of, self.shift_of)
         if norms is None or self.config.rounding == "unbiased":
-            codes = _adc.encode(Z, *args, self.nbytes, self.config.rounding == "unbiased",
-                                int(self.config.seed), int(row0))
+            codes = self._encode_rows(Z, self.config.rounding == "unbiased", int(self.config.seed), int(row0),
+                                      num_threads)
             return codes, (None if norms is None else norms.astype(np.float32))
         # nearest rounding of a direction: pick, per vector, the pre-scale t
         # whose rounding of t * u is best aligned with u, then store the
@@ -299,8 +320,8 @@ class ASQEncoder:
         best_cos = np.full(Z.shape[0], -np.inf)
         codes = None
         for t in SCALE_SEARCH:
-            c = _adc.encode(np.ascontiguousarray(Z * np.float32(t)), *args, self.nbytes, False, 0, 0)
-            Zh = _adc.decode(c, *args, self.d).astype(np.float64)
+            c = self._encode_rows(np.ascontiguousarray(Z * np.float32(t)), False, 0, 0, num_threads)
+            Zh = self._decode_rows(c, num_threads).astype(np.float64)
             cos = np.einsum("ij,ij->i", Zh, Zd) / np.maximum(np.linalg.norm(Zh, axis=1), 1e-300)
             better = cos > best_cos
             if codes is None:
@@ -308,7 +329,7 @@ class ASQEncoder:
             else:
                 codes[better] = c[better]
             best_cos[better] = cos[better]
-        Zh = _adc.decode(codes, *args, self.d).astype(np.float64)
+        Zh = self._decode_rows(codes, num_threads).astype(np.float64)
         num = np.einsum("ij,ij->i", Zd, Zh) * norms
         den = np.einsum("ij,ij->i", Zh, Zh)
         norms = np.where(den > 0, num / np.where(den > 0, den, 1.0), norms)
@@ -319,22 +340,21 @@ class ASQEncoder:
         with the matrix queries are rotated with (``rotation32``): <q,
         decode(c)> is the ADC score of c plus <q, mean>."""
         self._require_trained()
-        Z = _adc.decode(codes, self.levels, self.level_off, self.bits, self.byte_of, self.shift_of, self.d)
-        Z = Z.astype(np.float64)
+        Z = self._decode_rows(codes).astype(np.float64)
         if scales is not None:
             Z *= scales[:, None]
         if self.rotation is not None:
             Z = Z @ self.rotation32().T.astype(np.float64)
         return (Z + self.mean).astype(np.float32)
 
-    def rotate_queries(self, Q) -> np.ndarray:
+    def rotate_queries(self, Q, num_threads: int | None = -1) -> np.ndarray:
         """Queries in the transformed space (float32): R^T q."""
         self._require_trained()
         Q = np.ascontiguousarray(Q, np.float32)
         if self.rotation is None:
             return Q
-        rot = _adc.rotate_rows if Q.shape[0] >= SERIAL_QUERIES else _adc.rotate_rows_serial
-        return rot(Q, self.rotation16() if _adc.HALF_SIMD else self.rotation32())
+        R = self.rotation16() if _adc.HALF_SIMD else self.rotation32()
+        return split_rows(_adc.rotate_rows, Q.shape[0], num_threads, (Q, R), rows=(0,))
 
     def rotation32(self) -> np.ndarray:
         """The rotation queries are transformed with, as a C-contiguous float32
@@ -370,11 +390,11 @@ class ASQEncoder:
         Y = self.rotate_queries(Q) if Y is None else Y
         return self.rotated_tables(Y), Q.astype(np.float64) @ self.mean
 
-    def rotated_tables(self, Y) -> np.ndarray:
+    def rotated_tables(self, Y, num_threads: int | None = -1) -> np.ndarray:
         """Lookup tables (nq, nbytes, 256) float32 of already rotated queries Y."""
         ptr, order = self._byte_fields()
-        build = _adc.build_tables if Y.shape[0] >= SERIAL_QUERIES else _adc.build_tables_serial
-        return build(Y, self.levels32(), self.level_off, self.bits, ptr, order, self.nbytes)
+        return split_rows(_adc.build_tables, Y.shape[0], num_threads,
+                          (Y, self.levels32(), self.level_off, self.bits, ptr, order, self.nbytes), rows=(0,))
 
     def _byte_fields(self):
         """CSR (ptr, dims) of each code byte's fields in increasing shift order."""
@@ -474,9 +494,9 @@ class ASQEncoder:
                     np.concatenate([[0.0], gaps]), np.concatenate([gaps, [0.0]]))
             self._vmax = vm
         Y2 = np.ascontiguousarray(np.asarray(Y, np.float64) ** 2, np.float32)
-        build = _adc.build_tables if Y2.shape[0] >= SERIAL_QUERIES else _adc.build_tables_serial
         ptr, order = self._byte_fields()
-        return build(Y2, self._vmax.astype(np.float32), self.level_off, self.bits, ptr, order, self.nbytes)
+        return _adc.build_tables(Y2, self._vmax.astype(np.float32), self.level_off, self.bits, ptr, order,
+                                 self.nbytes)
 
     # -- persistence ------------------------------------------------------
     def state(self) -> tuple[dict, dict]:
@@ -496,7 +516,22 @@ class ASQEncoder:
         enc.rotation = np.asarray(arrays["enc.rotation"]) if "enc.rotation" in arrays else None
         for name in ("bits", "byte_of", "shift_of", "levels", "level_off", "energy"):
             setattr(enc, name, np.ascontiguousarray(arrays[f"enc.{name}"]))
+        enc._freeze()
         return enc
+
+
+#: rows per task when encoding or decoding on several threads
+ROWS_PER_TASK = 4096
+
+
+def column_costs(Z, w, levels, level_off, set_ptr, refine_iters, nearest, objective_max, num_threads=-1):
+    """``_rk.column_costs`` of every column of Z (level sets refined in
+    place), the columns split across threads."""
+    def call(j0, j1, _part):
+        return _rk.column_costs(Z, w, levels, level_off, set_ptr, int(refine_iters), bool(nearest),
+                                bool(objective_max), j0, j1)
+
+    return np.sum(map_chunks(call, Z.shape[1], num_threads), axis=0)
 
 
 #: field widths that always pack whole bytes exactly (first-fit decreasing)

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._numba import SERIAL_QUERIES
+from ._numba import split_rows
 from ._kernels import adc as _adc
 from ._kernels import fastscan as _fs
-from ._kernels import rounding as _rk
+from .encoder import column_costs
 
 DSUB = 4
 #: share of the estimated score variance the coarse scores keep (1 - the
@@ -120,14 +120,14 @@ class FastScanner:
         M = max(2, len(groups) + len(groups) % 2)
         groups += [[] for _ in range(M - len(groups))]
         if scales is None and residual is None:
-            packed = _adc.coarse_nibbles(codes, bits.astype(e.bits.dtype), e.byte_of, e.shift_of,
-                                         (bits - cb).astype(np.int32), nib_of, nib_shift, M)
+            packed = split_rows(_adc.coarse_nibbles, n, -1, (codes, bits.astype(e.bits.dtype), e.byte_of, e.shift_of,
+                                (bits - cb).astype(np.int32), nib_of, nib_shift, M), rows=(0,), min_chunk=4096)
         else:
             # scaled codes: quantize the decoded, rescaled vectors s * u_hat
             # per dimension (so one index ranks by approximate true scores);
             # residual: the decoded vectors minus their list's centroid
             def rescaled(rows):
-                Zh = _adc.decode(codes[rows], e.levels, e.level_off, e.bits, e.byte_of, e.shift_of, d)
+                Zh = e._decode_rows(codes[rows])
                 if residual is not None:
                     return Zh - Cr[assign[rows]]
                 return Zh * scales[rows, None]
@@ -180,8 +180,7 @@ class FastScanner:
         n, d = codes.shape[0], Cr.shape[1]
         rng = np.random.default_rng(1)
         rows = np.sort(rng.choice(n, min(n, sample), replace=False))
-        Zr = (_adc.decode(codes[rows], e.levels, e.level_off, e.bits, e.byte_of, e.shift_of, d).astype(np.float64)
-              - Cr[assign[rows]].astype(np.float64))
+        Zr = e._decode_rows(codes[rows]).astype(np.float64) - Cr[assign[rows]].astype(np.float64)
         w = np.ones(d) if e.energy is None else np.maximum(np.asarray(e.energy, np.float64), 0.0)
         maxb = np.minimum(e.bits.astype(np.int64), 4)
         maxb[share <= 0] = 0
@@ -199,8 +198,8 @@ class FastScanner:
         levels = np.concatenate([Zs[col[j], ((np.arange(1 << b) + 0.5) * Zs.shape[1] / (1 << b)).astype(np.int64)]
                                  for j, b in sets])
         set_ptr = np.concatenate([[0], np.cumsum(maxb[js])]).astype(np.int64)
-        costs = _rk.column_costs(np.ascontiguousarray(Zr[:, js]), np.zeros(0), levels, off, set_ptr,
-                                 RESIDUAL_LLOYD_ITERS, True, False)
+        costs = column_costs(np.ascontiguousarray(Zr[:, js]), np.zeros(0), levels, off, set_ptr,
+                             RESIDUAL_LLOYD_ITERS, True, False)
         for t, (j, b) in enumerate(sets):
             err[j, b] = costs[t] / Zr.shape[0]
         total = float(share.sum())
@@ -315,9 +314,8 @@ class FastScanner:
         """Rows (nq, kk) of the best coarse scores of rotated queries Y, in no
         particular order (-1 padded); ``probes`` (nq, nprobe) int64: the lists
         to scan (IVF scanners only); ``raw`` (nq, nprobe): their centroid
-        scores <y, c_l> (needed with ``residual`` codes).  Parallel over
-        queries when there are many (``num_threads``: the numba threads in
-        effect)."""
+        scores <y, c_l> (needed with ``residual`` codes).  Queries split
+        across ``num_threads`` threads."""
         Y = np.ascontiguousarray(Y, np.float32)
         nq = Y.shape[0]
         kk = max(1, min(int(kk), self.ntotal))
@@ -330,9 +328,9 @@ class FastScanner:
             raw = np.ascontiguousarray(raw, np.float32)
         else:
             raw = np.zeros((0, 0), np.float32)
-        fn = _fs.scan_topk if nq >= SERIAL_QUERIES and num_threads > 1 else _fs.scan_topk_serial
-        return fn(Y, self.slot_dim, self._centT, self.blocks, self.block_rows, self.block_ptr, self.block_fill,
-                  probes, raw, kk)
+        args = (Y, self.slot_dim, self._centT, self.blocks, self.block_rows, self.block_ptr, self.block_fill,
+                probes, raw, kk)
+        return split_rows(_fs.scan_topk, nq, num_threads, args, rows=(0, 7, 8))
 
 
 def _greedy_widths(err, w, maxb, target):

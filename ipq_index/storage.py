@@ -130,6 +130,7 @@ def load_arrays(path, mmap: bool = True, verify: bool | None = None):
             if len(buf) != e["nbytes"]:
                 raise FormatError(f"{path} is truncated (array {name!r})")
             a = np.frombuffer(buf, dtype=dtype, count=count).reshape(shape).copy()
+            a.flags.writeable = False  # as the memory-mapped arrays
         if verify and _crc(np.ascontiguousarray(a)) != e["crc32"]:
             raise FormatError(f"{path} is corrupt (checksum mismatch in array {name!r})")
         arrays[name] = a

@@ -2,19 +2,20 @@ import gzip
 import json
 from pathlib import Path
 
-import numba
 import pytest
+
+import ipq_index
 
 DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _pin_threads():
-    """Tests run with at most 2 numba threads (CI has 2 cores)."""
-    prev = numba.get_num_threads()
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    """Tests run with at most 2 threads (CI has 2 cores)."""
+    prev = ipq_index.get_num_threads()
+    ipq_index.set_num_threads(2)
     yield
-    numba.set_num_threads(prev)
+    ipq_index.set_num_threads(prev)
 
 
 def load_asq_reference():

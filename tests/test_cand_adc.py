@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ipq_index
-from ipq_index import datasets
+from ipq_index.bench import datasets
 from ipq_index._kernels import cand_adc as ca
 from ipq_index.encoder import pack_fields
 
@@ -93,7 +93,7 @@ def test_candidate_topk_ranks_by_the_estimates():
     cand[:, ::7] = -1
     cand[2, 5:] = -1  # 4 valid rows for 10 slots
     scales = np.zeros(0, np.float32)
-    for fn in (ca.candidate_topk, ca.candidate_topk_serial):
+    for fn in (ca.candidate_topk,):
         v, r = fn(Y, levels, cl, codes, scales, cand, 10)
         for q in range(3):
             valid = cand[q][cand[q] >= 0]

@@ -133,15 +133,15 @@ print(fk.scan_tables_topk(d["blocks"], d["rows"], d["bptr"], d["fill"], d["lut"]
                          np.zeros((0, 0), np.int64))[0].tolist())
 from ipq_index._kernels import rerank as rr
 assert rr.HALF_SIMD == (sys.argv[1] != "0"), rr.HALF_SIMD
-v, r = rr.rerank_serial(d["Q"], d["V"], d["cand"], 5)
+v, r = rr.rerank(d["Q"], d["V"], d["cand"], 5)
 print(v.tolist()); print(r.tolist())
 from ipq_index._kernels import adc
 assert adc.FIELD_SIMD == (sys.argv[1] != "0"), adc.FIELD_SIMD
 assert adc.HALF_SIMD == (sys.argv[1] != "0"), adc.HALF_SIMD
 layout = tuple(d[k] for k in ("ftable", "fstarts", "flanes", "fdims"))  # blocks (built on this host)
-v, r = adc.rescore_fields_serial(d["Y"], d["levels"], layout, d["codes"], np.zeros(0, np.float32), d["cand"], 7)
+v, r = adc.rescore_fields(d["Y"], d["levels"], layout, d["codes"], np.zeros(0, np.float32), d["cand"], 7)
 print(v.tolist()); print(r.tolist())
-print(adc.rotate_rows_serial(d["Q"], d["R16"]).tolist())  # F16C vectors / integer widening
+print(adc.rotate_rows(d["Q"], d["R16"]).tolist())  # F16C vectors / integer widening
 from ipq_index._kernels import cand_adc
 assert not cand_adc.CAND_SIMD  # neither target has AVX-512 VBMI: the search plans never pick it
 """
@@ -192,16 +192,16 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
                                np.zeros((0, 0), np.int64))[0]
     assert found == here.tolist()
     from ipq_index._kernels import rerank as rr
-    v, r = rr.rerank_serial(Q, V, cand, 5)
+    v, r = rr.rerank(Q, V, cand, 5)
     assert rr_r == r.tolist()
     np.testing.assert_allclose(rr_v, v, rtol=1e-6)
     # the block ADC (AVX2 gathers / one lane at a time) against this host's
-    v, r = adc.rescore_fields_serial(Q, enc.levels32(), layout, codes, np.zeros(0, np.float32), cand, 7)
+    v, r = adc.rescore_fields(Q, enc.levels32(), layout, codes, np.zeros(0, np.float32), cand, 7)
     np.testing.assert_allclose(ad_v, v, rtol=1e-5, atol=1e-5)
     assert sorted(ad_r[0]) == sorted(r[0].tolist())
     # query rotation by a float16 matrix: this host's float32 sums of the same values, bit for bit
     R16 = np.load(tmp_path / "d.npz")["R16"]
-    assert np.array_equal(np.array(rot, np.float32), adc.rotate_rows_serial(Q, R16.view(np.float16).astype(np.float32)))
+    assert np.array_equal(np.array(rot, np.float32), adc.rotate_rows(Q, R16.view(np.float16).astype(np.float32)))
 
 
 def test_sampled_threshold_stays_exact():
@@ -271,7 +271,7 @@ def test_residual_coarse_codes_rank_by_the_list_term_plus_the_residual_code(monk
     term) with fewer coarse bits (the widths are chosen on the residuals'
     errors, ``FastScanner._residual_bits``)."""
     import ipq_index
-    from ipq_index import datasets
+    from ipq_index.bench import datasets
     from ipq_index import index as im
     from ipq_index._kernels import adc
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .._numba import inline_kernel, kernel, parallel_kernel, prefetch, splat, target_has, vector_gep
+from .._numba import kernel, prefetch, splat, target_has, vector_gep
 
 #: lanes of a field block (table-free ADC, ``fields_dot``)
 FIELD_LANES = 16
@@ -27,7 +27,7 @@ FIELD_LANES = 16
 FIELD_SIMD = target_has("ssse3")
 
 
-@inline_kernel
+@kernel
 def _uniform(seed, i, j):
     """Counter-based uniform in [0, 1) from (seed, i, j): splitmix64 finaliser."""
     z = np.uint64(seed) + np.uint64(i) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(j) * np.uint64(0xBF58476D1CE4E5B9)
@@ -37,7 +37,7 @@ def _uniform(seed, i, j):
     return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
-@parallel_kernel
+@kernel
 def encode(Z, levels, level_off, bits, byte_of, shift_of, nbytes, unbiased, seed, row0):
     """Codes (n, nbytes) uint8 of the rows of Z (already transformed).
 
@@ -47,7 +47,7 @@ def encode(Z, levels, level_off, bits, byte_of, shift_of, nbytes, unbiased, seed
     """
     n, d = Z.shape
     codes = np.zeros((n, nbytes), np.uint8)
-    for i in prange(n):
+    for i in range(n):
         for j in range(d):
             b = bits[j]
             if b == 0:
@@ -78,12 +78,12 @@ def encode(Z, levels, level_off, bits, byte_of, shift_of, nbytes, unbiased, seed
     return codes
 
 
-@parallel_kernel
+@kernel
 def decode(codes, levels, level_off, bits, byte_of, shift_of, d):
     """Reconstruct (n, d) float32 values (0 for dimensions with 0 bits)."""
     n = codes.shape[0]
     out = np.zeros((n, d), np.float32)
-    for i in prange(n):
+    for i in range(n):
         for j in range(d):
             b = bits[j]
             if b == 0:
@@ -93,7 +93,7 @@ def decode(codes, levels, level_off, bits, byte_of, shift_of, d):
     return out
 
 
-@inline_kernel
+@kernel
 def _build_table(Y, qi, T2, levels, level_off, bits, field_ptr, field_dim, nbytes, prev):
     """Query qi's tables into T2 (nbytes, 256) from float32 ``levels``.
 
@@ -133,16 +133,6 @@ def _build_table(Y, qi, T2, levels, level_off, bits, field_ptr, field_dim, nbyte
 
 
 @kernel
-def build_tables_serial(Y, levels, level_off, bits, field_ptr, field_dim, nbytes):
-    """``build_tables`` without a parallel region (cheaper for a few queries)."""
-    tables = np.empty((Y.shape[0], nbytes, 256), np.float32)
-    prev = np.empty(256, np.float32)
-    for qi in range(Y.shape[0]):
-        _build_table(Y, qi, tables[qi], levels, level_off, bits, field_ptr, field_dim, nbytes, prev)
-    return tables
-
-
-@parallel_kernel
 def build_tables(Y, levels, level_off, bits, field_ptr, field_dim, nbytes):
     """Per-query lookup tables (nq, nbytes, 256) float32 for transformed
     queries Y and float32 ``levels``.
@@ -153,13 +143,13 @@ def build_tables(Y, levels, level_off, bits, field_ptr, field_dim, nbytes):
     in codes).
     """
     tables = np.empty((Y.shape[0], nbytes, 256), np.float32)
-    for qi in prange(Y.shape[0]):
-        _build_table(Y, qi, tables[qi], levels, level_off, bits, field_ptr, field_dim, nbytes,
-                     np.empty(256, np.float32))
+    prev = np.empty(256, np.float32)
+    for qi in range(Y.shape[0]):
+        _build_table(Y, qi, tables[qi], levels, level_off, bits, field_ptr, field_dim, nbytes, prev)
     return tables
 
 
-@inline_kernel
+@kernel
 def _heap_sift_down(vals, ids, pos, k):
     """Restore the min-heap property of (vals, ids)[:k] below ``pos``."""
     while True:
@@ -182,7 +172,7 @@ def _heap_sift_down(vals, ids, pos, k):
             return
 
 
-@inline_kernel
+@kernel
 def row_score(tables_q, codes, scales, has_scale, r):
     """ADC score of code row r with one query's tables (times its scale)."""
     s = 0.0
@@ -193,7 +183,7 @@ def row_score(tables_q, codes, scales, has_scale, r):
     return s
 
 
-@inline_kernel
+@kernel
 def heap_offer(hv, hi, s, r):
     """Keep (s, r) in the min-heap (hv, hi) of the best scores if it beats the worst."""
     if s > hv[0]:
@@ -216,7 +206,7 @@ def heap_to_sorted(vals, ids):
         _heap_sift_down(vals, ids, 0, end)
 
 
-@inline_kernel
+@kernel
 def _scan_rows(tables_q, codes, scales, r0, r1, heap_v, heap_i):
     """Score rows r0..r1 with one query's tables and keep the best in the heap."""
     has_scale = scales.shape[0] > 0
@@ -224,15 +214,15 @@ def _scan_rows(tables_q, codes, scales, r0, r1, heap_v, heap_i):
         heap_offer(heap_v, heap_i, row_score(tables_q, codes, scales, has_scale, i), i)
 
 
-@parallel_kernel
+@kernel
 def scan_topk_batch(tables, codes, scales, kk):
-    """Top-kk rows per query (queries in parallel): (nq, kk) scores and rows,
+    """Top-kk rows per query by full ADC over every row: (nq, kk) scores and rows,
     descending; unfilled slots have row -1 and score -inf."""
     nq = tables.shape[0]
     out_v = np.empty((nq, kk), np.float32)
     out_i = np.empty((nq, kk), np.int64)
     n = codes.shape[0]
-    for qi in prange(nq):
+    for qi in range(nq):
         hv = np.full(kk, -np.inf, np.float32)
         hi = np.full(kk, -1, np.int64)
         _scan_rows(tables[qi], codes, scales, 0, n, hv, hi)
@@ -242,29 +232,7 @@ def scan_topk_batch(tables, codes, scales, kk):
     return out_v, out_i
 
 
-@parallel_kernel
-def scan_topk_split(tables_q, codes, scales, kk, nparts):
-    """Top-kk rows for ONE query, rows split across ``nparts`` threads.
-
-    Returns per-part candidates (nparts * kk) to be merged by the caller.
-    """
-    n = codes.shape[0]
-    cand_v = np.full(nparts * kk, -np.inf, np.float32)
-    cand_i = np.full(nparts * kk, -1, np.int64)
-    chunk = (n + nparts - 1) // nparts
-    for p in prange(nparts):
-        r0 = p * chunk
-        r1 = min(n, r0 + chunk)
-        hv = np.full(kk, -np.inf, np.float32)
-        hi = np.full(kk, -1, np.int64)
-        if r0 < r1:
-            _scan_rows(tables_q, codes, scales, r0, r1, hv, hi)
-        cand_v[p * kk:(p + 1) * kk] = hv
-        cand_i[p * kk:(p + 1) * kk] = hi
-    return cand_v, cand_i
-
-
-@parallel_kernel
+@kernel
 def coarse_nibbles(codes, bits, byte_of, shift_of, rshift, nib_of, nib_shift, M):
     """Coarse 4-bit codes packed two per byte (faiss PQ layout, nibble m in
     byte m // 2, low half for even m): field j contributes its code's top
@@ -272,7 +240,7 @@ def coarse_nibbles(codes, bits, byte_of, shift_of, rshift, nib_of, nib_shift, M)
     n = codes.shape[0]
     d = bits.shape[0]
     out = np.zeros((n, M // 2), np.uint8)
-    for i in prange(n):
+    for i in range(n):
         for j in range(d):
             b = bits[j]
             if b == 0:
@@ -284,7 +252,7 @@ def coarse_nibbles(codes, bits, byte_of, shift_of, rshift, nib_of, nib_shift, M)
     return out
 
 
-@inline_kernel
+@kernel
 def _touch_rows(codes, cand, qi):
     """Read one byte per cache line of every candidate row before scoring, so
     the (random, mostly uncached) row loads overlap instead of stalling the
@@ -306,14 +274,14 @@ def sum_zero(T):
     return 0.0
 
 
-@overload(sum_zero, inline="always")
+@overload(sum_zero)
 def _sum_zero(T):
     if isinstance(T.dtype, types.Integer):
         return lambda T: np.int64(0)
     return lambda T: 0.0
 
 
-@inline_kernel
+@kernel
 def rows4_sums(T, codes, r0, r1, r2, r3):
     """Table-ADC sums of four rows with four independent accumulators (one
     row's adds form a dependency chain: one row at a time ran at the add
@@ -330,7 +298,7 @@ def rows4_sums(T, codes, r0, r1, r2, r3):
     return s0, s1, s2, s3
 
 
-@inline_kernel
+@kernel
 def scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale):
     """Four scores times their rows' scales (unchanged without scales)."""
     if has_scale:
@@ -338,7 +306,7 @@ def scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale):
     return s0, s1, s2, s3
 
 
-@inline_kernel
+@kernel
 def _offer4(hv, hi, s0, s1, s2, s3, r0, r1, r2, r3, n, scales, has_scale):
     """Offer the first n (1..4) of four scored rows to the heap."""
     s0, s1, s2, s3 = scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale)
@@ -351,7 +319,7 @@ def _offer4(hv, hi, s0, s1, s2, s3, r0, r1, r2, r3, n, scales, has_scale):
         heap_offer(hv, hi, s3, r3)
 
 
-@inline_kernel
+@kernel
 def _valid_rows(cand, qi, nc):
     rows = np.empty(nc, np.int64)
     j = 0
@@ -362,7 +330,7 @@ def _valid_rows(cand, qi, nc):
     return rows
 
 
-@inline_kernel
+@kernel
 def _rescore_one(tables, codes, scales, cand, qi, hv, hi):
     """Table ADC of query qi's candidate rows, four rows at a time."""
     has_scale = scales.shape[0] > 0
@@ -380,24 +348,13 @@ def _rescore_one(tables, codes, scales, cand, qi, hv, hi):
 
 
 @kernel
-def rescore_topk_serial(tables, codes, scales, cand, kk):
-    """``rescore_topk`` without a parallel region (cheaper for a few queries)."""
-    nq = cand.shape[0]
-    out_v = np.full((nq, kk), -np.inf, np.float32)
-    out_i = np.full((nq, kk), -1, np.int64)
-    for qi in range(nq):
-        _rescore_one(tables, codes, scales, cand, qi, out_v[qi], out_i[qi])
-    return out_v, out_i
-
-
-@parallel_kernel
 def rescore_topk(tables, codes, scales, cand, kk):
     """Full-precision ADC of each query's candidate rows (-1 = none); top-kk
     (scores descending, rows, -1 padded)."""
     nq = cand.shape[0]
     out_v = np.full((nq, kk), -np.inf, np.float32)
     out_i = np.full((nq, kk), -1, np.int64)
-    for qi in prange(nq):
+    for qi in range(nq):
         _rescore_one(tables, codes, scales, cand, qi, out_v[qi], out_i[qi])
     return out_v, out_i
 
@@ -474,7 +431,7 @@ def fields_dot(codes, r, starts, F, yb, levels):
     float32 sum of yb[16 b + l] * levels[lane l's code + offset]."""
 
 
-@overload(fields_dot, inline="always")
+@overload(fields_dot)
 def _fields_dot_impl(codes, r, starts, F, yb, levels):
     if FIELD_SIMD and all(a.layout == "C" for a in (codes, starts, F, yb, levels)):
         def dot_simd(codes, r, starts, F, yb, levels):
@@ -486,7 +443,7 @@ def _fields_dot_impl(codes, r, starts, F, yb, levels):
     return dot_lanes
 
 
-@inline_kernel
+@kernel
 def fields_dot_lanes(codes, r, starts, F, yb, levels):
     """``fields_dot`` one lane at a time (targets without the byte shuffle)."""
     s = np.float32(0.0)
@@ -498,7 +455,7 @@ def fields_dot_lanes(codes, r, starts, F, yb, levels):
     return s
 
 
-@inline_kernel
+@kernel
 def rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, hv, hi):
     """Direct ADC (no tables) of query qi's candidate rows: sum over fields of
     y_j * L_j[code_j] (float32 levels and sums: ~1e-6 relative error, far
@@ -568,7 +525,7 @@ def rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, hv, hi):
     heap_to_sorted(hv, hi)
 
 
-@inline_kernel
+@kernel
 def rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, out_v, out_r):
     """Fused searches: table-free ADC of the candidate rows cand (1, c) of
     rotated query Y[0] (``rescore_fields_one``), top-kk into out_v / out_r,
@@ -582,7 +539,7 @@ def rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, 
             out_v[t] = np.float32(np.float64(out_v[t]) + off)
 
 
-@inline_kernel
+@kernel
 def ids_of_rows_one(out_v, out_r, out_ids, ids):
     """out_ids = ids[out_r] for one query's result row (-1 rows: id -1, score -inf)."""
     for t in range(out_r.shape[0]):
@@ -594,17 +551,6 @@ def ids_of_rows_one(out_v, out_r, out_ids, ids):
 
 
 @kernel
-def rescore_fields_serial(Y, levels, fields, codes, scales, cand, kk):
-    """``rescore_fields`` without a parallel region (cheaper for a few queries)."""
-    nq = cand.shape[0]
-    out_v = np.full((nq, kk), -np.inf, np.float32)
-    out_i = np.full((nq, kk), -1, np.int64)
-    for qi in range(nq):
-        rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, out_v[qi], out_i[qi])
-    return out_v, out_i
-
-
-@parallel_kernel
 def rescore_fields(Y, levels, fields, codes, scales, cand, kk):
     """Full-precision ADC of each query's candidate rows (-1 = none) computed
     field by field from the levels, without lookup tables (cheaper than
@@ -613,12 +559,12 @@ def rescore_fields(Y, levels, fields, codes, scales, cand, kk):
     nq = cand.shape[0]
     out_v = np.full((nq, kk), -np.inf, np.float32)
     out_i = np.full((nq, kk), -1, np.int64)
-    for qi in prange(nq):
+    for qi in range(nq):
         rescore_fields_one(Y, qi, levels, fields, codes, scales, cand, out_v[qi], out_i[qi])
     return out_v, out_i
 
 
-@parallel_kernel
+@kernel
 def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
     """IVF scan: for each query, full-precision ADC over the rows of its probed
     lists (``probes`` (nq, nprobe) list ids, -1 = none); top-kk per query."""
@@ -626,7 +572,7 @@ def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
     has_scale = scales.shape[0] > 0
     out_v = np.full((nq, kk), -np.inf, np.float32)
     out_i = np.full((nq, kk), -1, np.int64)
-    for qi in prange(nq):
+    for qi in range(nq):
         hv = out_v[qi]
         hi = out_i[qi]
         for p in range(probes.shape[1]):
@@ -650,7 +596,7 @@ def _half_to_float(val):
     """float32 value of the float16 bit pattern ``val`` (uint16, finite): exact."""
 
 
-@overload(_half_to_float, inline="always")
+@overload(_half_to_float)
 def _half_to_float_impl(val):
     def impl(val):
         h = np.uint32(val)
@@ -669,7 +615,7 @@ def weighted_row_sum(qv, R, o):
     x 384 with R in L2), then one row at a time."""
 
 
-@overload(weighted_row_sum, inline="always")
+@overload(weighted_row_sum)
 def _weighted_row_sum_impl(qv, R, o):
     if R.dtype == types.uint16 and HALF_SIMD and qv.layout == "C" and R.layout == "C" and o.layout == "C":
         def half_simd(qv, R, o):
@@ -703,7 +649,7 @@ def _weighted_row_sum_impl(qv, R, o):
     return float_rows
 
 
-@inline_kernel
+@kernel
 def _row_sum_pass(qv, R, t, c, o):
     """o[j] += the sum over rows t..t+c of R (c <= 8) weighted by qv[t..t+c]:
     for c = 8 the tree of ``weighted_row_sum``, else row by row."""
@@ -798,14 +744,14 @@ def _half_row_sum(typingctx, qv, R, o):
     return types.void(qv, R, o), _half_row_sum_codegen
 
 
-@inline_kernel
+@kernel
 def _rotate_row(Q, R, i, out):
     """out[i] = Q[i] @ R (float32 sums: relative error ~1e-6 at d = 384, far
     below the quantization error; float64 sums took twice as long)."""
     weighted_row_sum(Q[i], R, out[i])
 
 
-@inline_kernel
+@kernel
 def _coarse_luts(Y, q, slot_dim, centT, lut):
     """lut[m, c] = sum_s centT[m, s, c] * Y[q, slot_dim[m, s]] (slot -1: none):
     query q's scores of the 16 centroids of each 4-bit sub-quantizer m."""
@@ -880,7 +826,7 @@ def _nav_fill16(typingctx, Tg, hs, ls):
     return types.void(Tg, hs, ls), _nav_fill_codegen
 
 
-@inline_kernel
+@kernel
 def nav_table_one(Y, q, slot_dim, centT, lut, low, T):
     """Query q's int16 navigation tables into T (M/2, 256) (see
     ``coarse_byte_tables_i16``); lut (M, 16) and low (M/2,) float32 scratch."""
@@ -932,24 +878,15 @@ def coarse_byte_tables_i16(Y, slot_dim, centT):
 
 
 @kernel
-def rotate_rows_serial(Q, R):
-    """Q @ R for a few rows (float32)."""
+def rotate_rows(Q, R):
+    """Q @ R (float32 rows; R float32, or the bit patterns of a float16 matrix)."""
     out = np.empty((Q.shape[0], R.shape[1]), np.float32)
     for i in range(Q.shape[0]):
         _rotate_row(Q, R, i, out)
     return out
 
 
-@parallel_kernel
-def rotate_rows(Q, R):
-    """Q @ R, rows in parallel (avoids BLAS thread pools fighting OpenMP)."""
-    out = np.empty((Q.shape[0], R.shape[1]), np.float32)
-    for i in prange(Q.shape[0]):
-        _rotate_row(Q, R, i, out)
-    return out
-
-
-@inline_kernel
+@kernel
 def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi, qv, raw):
     """Lists of the ``nprobe`` largest <y_i[dims], Ct[:, l]> + |qv| spread[l],
     best first (float32 accumulation, vectorised over the lists: the scores
@@ -984,7 +921,7 @@ TOP_BINS = 64
 TOP_RANKED = 512
 
 
-@inline_kernel
+@kernel
 def top_sorted(vals, hv, hi):
     """(hv, hi) <- the len(hv) largest of the finite ``vals`` and their
     indices, descending, equal values lower index first (a stable sort's
@@ -1040,8 +977,12 @@ def top_sorted(vals, hv, hi):
 
 
 @kernel
-def probe_lists_serial(Y, dims, Ct, spread, nprobe, Q):
-    """``probe_lists`` without a parallel region (cheaper for a few queries)."""
+def probe_lists(Y, dims, Ct, spread, nprobe, Q):
+    """(nq, nprobe) ids of the lists with the largest probe scores (best
+    first): <y[dims], c_l> over the kept dimensions ``dims`` of each
+    transformed query row (centroids: columns of Ct, len(dims) x nlist) plus
+    |q| spread[l], q the row of Q (the untransformed queries; ``spread``
+    empty: no such term); and (nq, nprobe) float32 their <y[dims], c_l>."""
     out = np.empty((Y.shape[0], nprobe), np.int64)
     raw = np.empty((Y.shape[0], nprobe), np.float32)
     acc = np.empty(Ct.shape[1], np.float32)
@@ -1051,22 +992,7 @@ def probe_lists_serial(Y, dims, Ct, spread, nprobe, Q):
     return out, raw
 
 
-@parallel_kernel
-def probe_lists(Y, dims, Ct, spread, nprobe, Q):
-    """(nq, nprobe) ids of the lists with the largest probe scores (best
-    first): <y[dims], c_l> over the kept dimensions ``dims`` of each
-    transformed query row (centroids: columns of Ct, len(dims) x nlist) plus
-    |q| spread[l], q the row of Q (the untransformed queries; ``spread``
-    empty: no such term); and (nq, nprobe) float32 their <y[dims], c_l>."""
-    out = np.empty((Y.shape[0], nprobe), np.int64)
-    raw = np.empty((Y.shape[0], nprobe), np.float32)
-    for i in prange(Y.shape[0]):
-        _probe_one(Y, dims, Ct, spread, i, nprobe, np.empty(Ct.shape[1], np.float32),
-                   np.empty(nprobe, np.float32), out[i], Q[i], raw[i])
-    return out, raw
-
-
-@parallel_kernel
+@kernel
 def residual_energy(codes, scales, levels, level_off, bits, byte_of, shift_of, assign, Cr, w):
     """Per row i: sum_j w_j (z_ij - Cr[assign[i], j])^2, z the decoded row
     (times its scale when ``scales`` is not empty) and Cr the (nlist, d)
@@ -1075,7 +1001,7 @@ def residual_energy(codes, scales, levels, level_off, bits, byte_of, shift_of, a
     d = Cr.shape[1]
     out = np.empty(n, np.float64)
     has_scale = scales.shape[0] > 0
-    for i in prange(n):
+    for i in range(n):
         lst = assign[i]
         sc = scales[i] if has_scale else np.float32(1.0)
         s = 0.0

@@ -25,9 +25,8 @@ D'(k), plus the level price in the Lagrangian passes, set per pass).
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
-from .._numba import inline_kernel, kernel, parallel_kernel
+from .._numba import kernel
 
 INF = np.inf
 PLANE_COLS = 3
@@ -84,7 +83,7 @@ def weighted_mean(v, w):
     return 0.5 * (v[0] + v[v.shape[0] - 1])
 
 
-@inline_kernel
+@kernel
 def _two_sum_add(S, e, t):
     """S + t, with the rounding error of that addition added to the
     compensation e (Knuth's TwoSum): returns (new sum, new compensation)."""
@@ -183,7 +182,7 @@ def fill_plane_prefix(P, T):
 # --------------------------------------------------------------------------
 
 
-@inline_kernel
+@kernel
 def _queue_insert(F, n, k, j, q, qs, h, tl, d):
     """Insert row k (valid from column j) into the queue q[h..tl]; returns
     the new tl and the take-over distance to predict the next one with.
@@ -535,7 +534,7 @@ def grid_table(x, w, lo, hi, center, m):
     return P, pos, False
 
 
-@inline_kernel
+@kernel
 def _edge_table(cw, cs1, cs2, occupied, lo, hi, center):
     """Prefix table over the m + 1 grid edges (cell sums cw, cs1, cs2 of
     w, w y, w y^2); edges with empty cells on both sides are dropped, the
@@ -848,7 +847,7 @@ def minimax_levels(v, w, s, rtol):
 
 
 # --------------------------------------------------------------------------
-# one complete solve (used per column in parallel)
+# one complete solve per column
 # --------------------------------------------------------------------------
 
 
@@ -1013,14 +1012,13 @@ def approx_sum_levels(x, w, s, m):
 
 
 @kernel
-def solve_one(x, w, s, objective_max, approx, m, rtol, T, D, arg, q, qs, cnt, arg1, vals, wts):
-    """Full solve of one unsorted array (x float64, w float64 or empty).
+def solve_exact(x, w, s, objective_max, rtol, T, D, arg, q, qs, cnt, arg1, vals, wts):
+    """Exact solve of one unsorted array (x float64, w float64 or empty):
+    sum objective by the DP, max objective by ``minimax_levels``.
 
     Scratch: T (>= n x 8), D, q, qs, cnt, arg1, vals, wts (>= n) and
     arg (>= (s-3) x n).
     """
-    if approx and not objective_max and x.shape[0] > m:
-        return approx_sum_levels(x, w, s, m)
     if w.shape[0] > 0:
         order = np.argsort(x, kind="mergesort")
         u = collapse_sorted(x[order], w[order], objective_max, vals, wts)
@@ -1033,47 +1031,68 @@ def solve_one(x, w, s, objective_max, approx, m, rtol, T, D, arg, q, qs, cnt, ar
     return exact_sum_levels(vals[:u], wts[:u], s, T, D, arg, q, qs, cnt, arg1)
 
 
-@parallel_kernel
-def solve_columns_kernel(X, W, budgets, objective_max, approx, m, rtol, block):
-    """Per-column solves of X (N x d), parallel over blocks of columns.
+@kernel
+def _column_block(X, j0, j1):
+    """Columns j0..j1-1 of X as contiguous float64 rows (each cache line of X read once)."""
+    N = X.shape[0]
+    buf = np.empty((j1 - j0, N), np.float64)
+    for i in range(N):
+        for j in range(j0, j1):
+            buf[j - j0, i] = X[i, j]
+    return buf
+
+
+@kernel
+def _level_rows(budgets, j_lo, j_hi):
+    """(levels NaN (j_hi - j_lo, max budget), counts) for columns j_lo..j_hi-1."""
+    smax = 0
+    for j in range(budgets.shape[0]):
+        smax = max(smax, budgets[j])
+    return np.full((j_hi - j_lo, smax), np.nan), np.zeros(j_hi - j_lo, np.int64)
+
+
+@kernel
+def solve_columns_exact(X, W, budgets, objective_max, rtol, block, j_lo, j_hi):
+    """Exact per-column solves of columns j_lo..j_hi-1 of X (N x d).
 
     ``W`` holds per-row weights (N,) shared by every column, or is empty.
-    Columns are copied block-wise into contiguous buffers so each cache line
-    of X is read once; each block reuses one set of scratch arrays.  Returns
-    (levels padded with NaN (d x max budget), counts (d,)).
-    """
-    N, d = X.shape
-    smax = 0
-    for j in range(d):
-        if budgets[j] > smax:
-            smax = budgets[j]
-    levels = np.full((d, smax), np.nan)
-    counts = np.zeros(d, np.int64)
-    nblocks = (d + block - 1) // block
-    exact_path = objective_max or not approx or N <= m
-    ns = N if exact_path else 1
-    for bi in prange(nblocks):
-        j0 = bi * block
-        j1 = min(d, j0 + block)
-        buf = np.empty((j1 - j0, N), np.float64)
-        for i in range(N):
-            for j in range(j0, j1):
-                buf[j - j0, i] = X[i, j]
-        T = np.empty((ns, PLANE_COLS), np.float64)
-        D = np.empty(ns, np.float64)
-        q = np.empty(ns, np.int32)
-        qs = np.empty(ns, np.int32)
-        vals = np.empty(ns, np.float64)
-        wts = np.empty(ns, np.float64)
-        cnt = np.empty(ns, np.int32)
-        arg1 = np.empty(ns, np.int32)
-        arg = np.empty((max(smax - 3, 0) if exact_path else 0, ns), np.int32)
+    Columns are copied ``block`` at a time into contiguous buffers; scratch
+    arrays are shared by the columns.  Returns (levels padded with NaN
+    (j_hi - j_lo, max budget), counts)."""
+    N = X.shape[0]
+    levels, counts = _level_rows(budgets, j_lo, j_hi)
+    T = np.empty((N, PLANE_COLS), np.float64)
+    D = np.empty(N, np.float64)
+    q = np.empty(N, np.int32)
+    qs = np.empty(N, np.int32)
+    vals = np.empty(N, np.float64)
+    wts = np.empty(N, np.float64)
+    cnt = np.empty(N, np.int32)
+    arg1 = np.empty(N, np.int32)
+    arg = np.empty((max(levels.shape[1] - 3, 0), N), np.int32)
+    for j0 in range(j_lo, j_hi, block):
+        j1 = min(j_hi, j0 + block)
+        buf = _column_block(X, j0, j1)
         for j in range(j0, j1):
-            lv = solve_one(buf[j - j0], W, budgets[j], objective_max, approx, m, rtol,
-                           T, D, arg, q, qs, cnt, arg1, vals, wts)
-            counts[j] = lv.shape[0]
-            for i in range(lv.shape[0]):
-                levels[j, i] = lv[i]
+            lv = solve_exact(buf[j - j0], W, budgets[j], objective_max, rtol, T, D, arg, q, qs, cnt, arg1,
+                             vals, wts)
+            counts[j - j_lo] = lv.shape[0]
+            levels[j - j_lo, :lv.shape[0]] = lv
+    return levels, counts
+
+
+@kernel
+def solve_columns_approx(X, W, budgets, m, block, j_lo, j_hi):
+    """``solve_columns_exact`` with the grid-restricted sum solver
+    (``approx_sum_levels``, grid of m points; needs N > m)."""
+    levels, counts = _level_rows(budgets, j_lo, j_hi)
+    for j0 in range(j_lo, j_hi, block):
+        j1 = min(j_hi, j0 + block)
+        buf = _column_block(X, j0, j1)
+        for j in range(j0, j1):
+            lv = approx_sum_levels(buf[j - j0], W, budgets[j], m)
+            counts[j - j_lo] = lv.shape[0]
+            levels[j - j_lo, :lv.shape[0]] = lv
     return levels, counts
 
 
@@ -1140,13 +1159,13 @@ def prefix_scan(x, w, center, P, PW, Q):
     return srt, distinct
 
 
-@inline_kernel
+@kernel
 def _seg(pk, pj, Wk, Wj, Sk, Sj):
     """Cost of the points in (k, j] up to the telescoping S2 terms."""
     return (pj + pk) * (Sj - Sk) - pj * pk * (Wj - Wk)
 
 
-@inline_kernel
+@kernel
 def _wt(PW, i):
     return i + 1.0 if PW.shape[0] == 0 else PW[i]
 

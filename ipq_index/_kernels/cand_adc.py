@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._numba import inline_kernel, kernel, parallel_kernel, prefetch, splat, target_has, vector_gep
+from .._numba import kernel, prefetch, splat, target_has, vector_gep
 from .adc import heap_offer, heap_to_sorted
 
 #: rows scored together (one byte lane each)
@@ -92,7 +92,7 @@ def candidate_layout(field_table: np.ndarray, level_off: np.ndarray, nbytes: int
     return tab_meta, fb, segs, plane, used
 
 
-@inline_kernel
+@kernel
 def candidate_tables(Y, qi, tab_meta, fb, plane, levels, mins, u16, tab):
     """Query qi's 16-bit tables (two byte planes in ``tab``, 2 * plane bytes;
     scratch ``mins`` float32 (nf,), ``u16`` uint16 (plane,)); returns (1 /
@@ -134,7 +134,7 @@ def candidate_tables(Y, qi, tab_meta, fb, plane, levels, mins, u16, tab):
     return (1.0 / np.float64(scale) if scale > 0 else 0.0), bias
 
 
-@inline_kernel
+@kernel
 def candidate_block_scalar(codes, rows, r0, tab, fb, plane, out):
     """The integer sums S (uint32) of rows[r0:r0 + 64] one row and field at a
     time: the SIMD kernel's reference."""
@@ -279,7 +279,7 @@ def _candidate_block_simd(typingctx, codes, rows, r0, T, tab, fb, segs, plane, u
     return sig, _candidate_block_codegen
 
 
-@inline_kernel
+@kernel
 def candidate_block(codes, rows, r0, T, tab, fb, segs, plane, used, out):
     """out[v] (uint32) = the integer sum S of row rows[r0 + v], v < 64 (rows
     must be valid; T: uint8 scratch of codes.shape[1] * 64 bytes; the
@@ -314,7 +314,7 @@ def query_tables(Y, qi, tab_meta, fb, plane, levels):
     return tab, inv, bias
 
 
-@inline_kernel
+@kernel
 def _prefetch_rows(codes, rows, r0, r1, used):
     for t in range(r0, r1):
         for g in range(0, used, 64):
@@ -322,7 +322,7 @@ def _prefetch_rows(codes, rows, r0, r1, used):
         prefetch(codes, rows[t], used - 1)
 
 
-@inline_kernel
+@kernel
 def candidate_topk_one(Y, qi, levels, cl, codes, scales, cand, hv, hr):
     """Top-len(hv) of query qi's candidate rows ``cand`` (1-D, -1 = none) by
     the 16-bit-table ADC (SIMD, 64 rows at a time) into (hv, hr) (filled
@@ -363,17 +363,6 @@ def candidate_topk_one(Y, qi, levels, cl, codes, scales, cand, hv, hr):
 
 
 @kernel
-def candidate_topk_serial(Y, levels, cl, codes, scales, cand, kk):
-    """``candidate_topk`` without a parallel region (a few queries)."""
-    nq = cand.shape[0]
-    out_v = np.full((nq, kk), -np.inf, np.float32)
-    out_r = np.full((nq, kk), -1, np.int64)
-    for qi in range(nq):
-        candidate_topk_one(Y, qi, levels, cl, codes, scales, cand[qi], out_v[qi], out_r[qi])
-    return out_v, out_r
-
-
-@parallel_kernel
 def candidate_topk(Y, levels, cl, codes, scales, cand, kk):
     """Top-kk of each query's candidate rows (nq, c) (-1 = none) by the SIMD
     candidate ADC (``candidate_topk_one``): (estimates float32 descending,
@@ -381,6 +370,6 @@ def candidate_topk(Y, levels, cl, codes, scales, cand, kk):
     nq = cand.shape[0]
     out_v = np.full((nq, kk), -np.inf, np.float32)
     out_r = np.full((nq, kk), -1, np.int64)
-    for qi in prange(nq):
+    for qi in range(nq):
         candidate_topk_one(Y, qi, levels, cl, codes, scales, cand[qi], out_v[qi], out_r[qi])
     return out_v, out_r

@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._numba import inline_kernel, kernel, parallel_kernel, splat, target_has
+from .._numba import kernel, splat, target_has
 from .adc import _coarse_luts, _probe_one, ids_of_rows_one, weighted_row_sum
 from .checks import all_finite
 from .rerank import PLAN_FIELDS, rescore_rerank_one
@@ -216,7 +216,7 @@ def _append_passing(typingctx, buf, mask, slot0, res_v, res_i, cnt, add):
     return sig, _append_passing_codegen
 
 
-@inline_kernel
+@kernel
 def block_scores_scalar(blocks, b, lut, q, out, thr):
     """Scalar ``block_scores`` (identical integers): targets without AVX2, and the tests' reference."""
     for v in range(BLOCK):
@@ -234,7 +234,7 @@ def block_scores_scalar(blocks, b, lut, q, out, thr):
 
 
 if SIMD:
-    @inline_kernel
+    @kernel
     def block_scores(blocks, b, lut, q, out, thr):
         """Scores (uint16) of block b's 32 rows for query q's tables into
         ``out``; returns the mask of rows v (bit v) with score >= thr."""
@@ -267,7 +267,7 @@ def padded_bytes(M: int) -> int:
     return G + G % 2
 
 
-@inline_kernel
+@kernel
 def _quantize_one(Y, q, slot_dim, centT, lut, out, bias_span):
     """Query q's uint8 tables into out[q] (see module doc); lut (M, 16)
     float32 scratch.  One scale for all tables, returned: the widest span
@@ -303,7 +303,7 @@ def _quantize_one(Y, q, slot_dim, centT, lut, out, bias_span):
     return scale
 
 
-@inline_kernel
+@kernel
 def _raw_range(raw, lists):
     """(min, max) of the probed lists' (``lists`` >= 0) centroid scores
     ``raw``; (0, 0) when none is probed."""
@@ -316,14 +316,14 @@ def _raw_range(raw, lists):
     return (np.float32(lo), np.float32(hi)) if hi >= lo else (np.float32(0.0), np.float32(0.0))
 
 
-@inline_kernel
+@kernel
 def _bias_span(raw, lists):
     """max - min of the probed lists' centroid scores ``raw``."""
     lo, hi = _raw_range(raw, lists)
     return hi - lo
 
 
-@inline_kernel
+@kernel
 def _list_bias(raw, lists, scale, bias):
     """Residual coarse codes score a row <y, c_l> + its code's table sum:
     bias[t] = round((raw[t] - the smallest raw of the probed lists) * scale),
@@ -348,7 +348,7 @@ def quantize_luts(Y, slot_dim, centT):
     return out
 
 
-@inline_kernel
+@kernel
 def _kth_largest(vals, cnt, kk, hist):
     """The kk-th largest of vals[:cnt] (uint16; 1 <= kk <= cnt): radix
     select on the high byte, then the low byte.  Each pass counts into four
@@ -386,7 +386,7 @@ def _kth_largest(vals, cnt, kk, hist):
     return (hb << 8) | lb
 
 
-@inline_kernel
+@kernel
 def _compact(res_v, res_i, cnt, kk, hist):
     """Keep the best kk of res[:cnt] (score; among equal scores the first
     found) in res[:kk]; returns the kk-th best score."""
@@ -408,7 +408,7 @@ def _compact(res_v, res_i, cnt, kk, hist):
     return t
 
 
-@inline_kernel
+@kernel
 def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, step, res_v, res_i, hist, buf):
     """Collect the best kk rows scoring >= thr over every ``step``-th block
     of ``lists`` (step 1: all) into res (slots, unordered); a row of
@@ -460,7 +460,7 @@ def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, step
     return kk, np.int64(t)
 
 
-@inline_kernel
+@kernel
 def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk, out_i):
     """The kk rows of query q's best quantized scores over the blocks of
     ``lists`` into out_i, unordered (-1 padded; among equal scores at the
@@ -513,7 +513,7 @@ def scan_tables_topk(blocks, block_rows, block_ptr, block_fill, lut, probes, kk,
     return out
 
 
-@inline_kernel
+@kernel
 def _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk, out):
     """Tables and scan of query q (``scan_topk``)."""
     M = centT.shape[0]
@@ -531,16 +531,6 @@ def _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill
 
 
 @kernel
-def scan_topk_serial(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk):
-    """``scan_topk`` without a parallel region (a few queries)."""
-    nq = probes.shape[0]
-    out = np.empty((nq, kk), np.int64)
-    for q in range(nq):
-        _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk, out)
-    return out
-
-
-@parallel_kernel
 def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk):
     """(nq, kk) rows of the best coarse scores of queries Y (nq, d) (tables
     from ``quantize_luts``) over the blocks of their lists ``probes`` (nq,
@@ -550,7 +540,7 @@ def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, pro
     (``_list_bias``); (0, 0): direct codes."""
     nq = probes.shape[0]
     out = np.empty((nq, kk), np.int64)
-    for q in prange(nq):
+    for q in range(nq):
         _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk, out)
     return out
 

@@ -8,15 +8,14 @@ slot); ``levels[i]`` is the number of levels of node i.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
-from .._numba import inline_kernel, kernel, parallel_kernel, prefetch, prefetch1
+from .._numba import kernel, prefetch, prefetch1
 from .adc import (heap_offer, heap_to_sorted, ids_of_rows_one, nav_table_one, row_score, rows4_sums, scale4,
                   weighted_row_sum)
 from .rerank import PLAN_FIELDS, rescore_rerank_one
 
 
-@inline_kernel
+@kernel
 def _max_heap_push(hv, hi, size, v, i):
     pos = size
     hv[pos] = v
@@ -36,7 +35,7 @@ def _max_heap_push(hv, hi, size, v, i):
     return size + 1
 
 
-@inline_kernel
+@kernel
 def _max_heap_pop(hv, hi, size):
     size -= 1
     hv[0] = hv[size]
@@ -62,7 +61,7 @@ def _max_heap_pop(hv, hi, size):
     return size
 
 
-@inline_kernel
+@kernel
 def _score4(T, codes, scales, has_scale, rows, u, nn, sc4):
     """sc4[w] = score of row rows[u + w] for w < min(4, nn - u) (the last row
     repeats to fill the four interleaved sums)."""
@@ -71,7 +70,7 @@ def _score4(T, codes, scales, has_scale, rows, u, nn, sc4):
     sc4[0], sc4[1], sc4[2], sc4[3] = scale4(s0, s1, s2, s3, r0, r1, r2, r3, scales, has_scale)
 
 
-@inline_kernel
+@kernel
 def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited, tag,
               out_v, out_i):
     """One query: greedy descent through the upper levels, then a beam of
@@ -162,34 +161,18 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
 
 
 @kernel
-def graph_search_serial(tables, codes, scales, neighbors, offsets, cum, entry, max_level, ef, kk, cap,
-                        visited, tag0):
-    """``graph_search`` without a parallel region (one visited row)."""
+def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_level, ef, kk, cap,
+                 visited, tag0):
+    """Top-kk rows per query by ADC score.  ``cap`` bounds the candidate heap
+    (a push beyond it is dropped).  ``visited`` (1, n) uint8 tag row, reused
+    across calls: query qi marks rows with tag0 + qi + 1, so tags must grow
+    from call to call (the caller zeroes the row before they wrap)."""
     nq = tables.shape[0]
     out_v = np.full((nq, kk), -np.inf, np.float32)
     out_i = np.full((nq, kk), -1, np.int64)
     for qi in range(nq):
         _beam_one(tables[qi], codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap,
                   visited[0], tag0 + qi + 1, out_v[qi], out_i[qi])
-    return out_v, out_i
-
-
-@parallel_kernel
-def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_level, ef, kk, cap,
-                 visited, tag0):
-    """Top-kk rows per query by ADC score (queries in parallel).  ``cap``
-    bounds the candidate heap (a push beyond it is dropped).  ``visited``
-    (slots, n) int32 rows are reused across calls: query qi uses row
-    qi % slots and marks rows with tag0 + qi + 1, so tags must grow from call
-    to call (the caller zeroes the rows before they wrap)."""
-    nq = tables.shape[0]
-    slots = visited.shape[0]
-    out_v = np.full((nq, kk), -np.inf, np.float32)
-    out_i = np.full((nq, kk), -1, np.int64)
-    for sl in prange(slots):
-        for qi in range(sl, nq, slots):
-            _beam_one(tables[qi], codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap,
-                      visited[sl], tag0 + qi + 1, out_v[qi], out_i[qi])
     return out_v, out_i
 
 

@@ -10,8 +10,7 @@ kernels allow LLVM to reassociate those sums (``fastmath`` reassoc /
 contract / nsz only: no finite-math assumptions), which lets it vectorise
 them: 200 random rows of 50k x 384 float16, in cache, 300 -> 96 ns per row
 (the former build, a 65,536-entry float table and one sequential float64
-chain, waited on the add latency).  Each kernel exists in a parallel
-(queries in ``prange``) and a serial build (cheaper for a few queries).
+chain, waited on the add latency).
 """
 
 from __future__ import annotations
@@ -19,26 +18,25 @@ from __future__ import annotations
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .._numba import KERNEL_OPTIONS, PARALLEL_OPTIONS, inline_kernel, prefetch
+from .._numba import kernel, prefetch
 from .adc import HALF_SIMD, heap_offer, heap_to_sorted, rescore_offset_one
 from .cand_adc import candidate_topk_one
 
 #: LLVM may reorder the float64 sums (and fuse multiply-adds) but assumes
 #: nothing about NaN / inf (inputs are validated finite anyway)
 _REASSOC = {"reassoc", "contract", "nsz"}
-_kernel = numba.njit(fastmath=_REASSOC, **KERNEL_OPTIONS)
-_parallel_kernel = numba.njit(fastmath=_REASSOC, **PARALLEL_OPTIONS)
+_kernel = kernel(fastmath=_REASSOC)
 
 #: 2^112: a half's 15 magnitude bits shifted left by 13 read as a float32
 #: are the half's magnitude times 2^-112, exactly (subnormals included)
 _HALF_SCALE = 5.192296858534828e+33
 
 
-@inline_kernel
+@_kernel
 def _widen_half(v, u):
     """u (uint32 scratch) <- the float32 bit patterns of half row v (uint16
     bits) scaled by 2^-112: sign to bit 31, the other 15 bits shifted by 13.
@@ -122,7 +120,7 @@ def _row_dot(V, r, q, u):
     scratch u)."""
 
 
-@overload(_row_dot, inline="always")
+@overload(_row_dot)
 def _row_dot_impl(V, r, q, u):
     if (V.dtype == types.float32 or HALF_SIMD) and V.layout == "C" and q.layout == "C":
         def dot_simd(V, r, q, u):
@@ -153,7 +151,7 @@ def _row_dot_impl(V, r, q, u):
 PREFETCH_ROWS = 4
 
 
-@inline_kernel
+@_kernel
 def _prefetch_row(V, r):
     """Hint every cache line of row r (if >= 0) into the cache."""
     if r >= 0:
@@ -161,7 +159,7 @@ def _prefetch_row(V, r):
             prefetch(V, r, j)
 
 
-@inline_kernel
+@_kernel
 def rerank_rows(q, V, rows, hv, hi):
     """Top-len(hv) of candidate ``rows`` (-1 = none) by exact <q, V[r]> into
     (hv, hi) (filled with -inf / -1 by the caller): sorted descending."""
@@ -186,7 +184,7 @@ def rerank_rows(q, V, rows, hv, hi):
 PLAN_NONE, PLAN_FIELDS, PLAN_CAND = 0, 1, 2
 
 
-@inline_kernel
+@_kernel
 def rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, cand, kk, plan, V, hv, hr, out_v, out_r):
     """The fused kernels' last step for query qi and its candidate rows cand
     (1, c): the ADC top-kk (``plan``: PLAN_FIELDS, or PLAN_CAND with the
@@ -210,27 +208,16 @@ def rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, cand, 
     return exact or plan == PLAN_FIELDS
 
 
-@inline_kernel
+@_kernel
 def _rerank_one(Q, qi, V, cand, hv, hi):
     rerank_rows(Q[qi], V, cand[qi], hv, hi)
 
 
-@_parallel_kernel
+@_kernel
 def rerank(Q, V, cand, k):
     """Top-k rows by exact inner product <Q[q], V[r]> over each query's
     candidate rows (-1 = none): (scores float32 descending, rows -1 padded).
     ``V``: float32 rows, or the uint16 bit patterns of float16 rows."""
-    nq = cand.shape[0]
-    out_v = np.full((nq, k), -np.inf, np.float32)
-    out_i = np.full((nq, k), -1, np.int64)
-    for qi in prange(nq):
-        _rerank_one(Q, qi, V, cand, out_v[qi], out_i[qi])
-    return out_v, out_i
-
-
-@_kernel
-def rerank_serial(Q, V, cand, k):
-    """``rerank`` without a parallel region."""
     nq = cand.shape[0]
     out_v = np.full((nq, k), -np.inf, np.float32)
     out_i = np.full((nq, k), -1, np.int64)

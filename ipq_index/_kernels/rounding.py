@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._numba import inline_kernel, kernel, parallel_kernel
-from numba import prange
+from .._numba import kernel
 
 
 @kernel
@@ -23,13 +22,13 @@ def _bracket(levels, xi):
     return lo
 
 
-@parallel_kernel
+@kernel
 def round_unbiased_codes(x, levels, u, codes):
     """codes[i] = index of the level x[i] is rounded to, up with probability
     (x - a) / (b - a) given uniforms u in [0, 1).  Values outside the level
     range are clipped (biased) to the end levels."""
     L = levels.shape[0]
-    for i in prange(x.shape[0]):
+    for i in range(x.shape[0]):
         xi = x[i]
         if L == 1 or xi <= levels[0]:
             codes[i] = 0
@@ -46,11 +45,11 @@ def round_unbiased_codes(x, levels, u, codes):
             codes[i] = lo
 
 
-@parallel_kernel
+@kernel
 def round_nearest_codes(x, levels, codes):
     """codes[i] = index of the level nearest to x[i] (ties go down)."""
     L = levels.shape[0]
-    for i in prange(x.shape[0]):
+    for i in range(x.shape[0]):
         xi = x[i]
         if L == 1 or xi <= levels[0]:
             codes[i] = 0
@@ -125,7 +124,7 @@ def _lloyd_sorted(xs, W, S1, levels, iters):
             break
 
 
-@inline_kernel
+@kernel
 def _cell_bounds(xs, levels, pos, nearest):
     """pos[i]..pos[i+1]: sorted positions served by cell i.  Nearest: cells
     between level midpoints (a point at a midpoint goes down); unbiased:
@@ -149,19 +148,20 @@ def _cell_bounds(xs, levels, pos, nearest):
     return ncell
 
 
-@parallel_kernel
-def column_costs(Z, w, levels, level_off, set_ptr, refine_iters, nearest, objective_max):
+@kernel
+def column_costs(Z, w, levels, level_off, set_ptr, refine_iters, nearest, objective_max, j_lo, j_hi):
     """For every column j and each of its level sets (``set_ptr[j]`` ..
     ``set_ptr[j+1]`` index into ``level_off``): optionally Lloyd-refine the
     set in place (``refine_iters`` > 0, nearest rounding), then return its
     rounding error: sum (or max) of w * squared error for nearest rounding,
     of w * (b - x)(x - a) for unbiased.  Each column is sorted once; sums use
     prefix sums of w, w x, w x^2 over the sorted column (O(L log n) per set).
-    Returns costs (n_sets,)."""
-    n, d = Z.shape
+    Only the columns j_lo..j_hi-1 are done.  Returns costs (n_sets,), 0 for
+    the sets of the other columns."""
+    n = Z.shape[0]
     has_w = w.shape[0] > 0
     costs = np.zeros(level_off.shape[0] - 1, np.float64)
-    for j in prange(d):
+    for j in range(j_lo, j_hi):
         col = np.empty(n, np.float64)
         for i in range(n):
             col[i] = Z[i, j]
