@@ -1,8 +1,8 @@
 """Flat (exhaustive-scan) MIPS benchmark: ipq_index codecs vs FAISS baselines.
 
-A thin command-line wrapper over :mod:`ipq_index.bench` (which documents the
-measurements: build time, recall@k, single-thread and batch QPS, bytes per
-vector, relative inner-product error).  ``ipq bench --config configs/NAME.yaml``
+A thin command-line wrapper over :mod:`ipq_index.bench.runner` (which documents the
+measurements: compile and build time, recall@k, single-thread and batch QPS, file
+and RAM bytes per vector, relative inner-product error).  ``ipq bench --config configs/NAME.yaml``
 runs the same measurements from a YAML config with query-argument sweeps.
 
 FAISS specs may use ``{d}`` and ``{d/2}``; specs containing ``RFlat``/``Refine``
@@ -23,15 +23,16 @@ they are passed as ``index.train(X, queries=held_out)``.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-# FAISS' idle OpenMP threads spin; on shared / few cores that distorts every timing.
-# Must be set before faiss is loaded (as the ``ipq`` command does).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from ipq_index.cli import set_thread_environment
 
-from ipq_index import bench  # noqa: E402
-from ipq_index.config import MethodConfig  # noqa: E402
+# the ``ipq`` command's thread settings (OMP_WAIT_POLICY=PASSIVE: FAISS' idle OpenMP
+# threads otherwise spin and distort every timing on shared / few cores); before faiss loads
+set_thread_environment()
+
+from ipq_index.bench import runner  # noqa: E402
+from ipq_index.bench.config import MethodConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_IPQ = ["PCA,ASQ4", "PCA,ASQ4,Rerank4"]
@@ -47,14 +48,14 @@ DEFAULT_FAISS = [
 ]
 
 # re-exported for scripts that imported them from here
-Result = bench.Result
-COLUMNS = bench.COLUMNS
-expand_spec = bench.expand_spec
-recall_at_k = bench.recall_at_k
-rel_ip_error = bench.rel_ip_error
-print_table = bench.print_table
-write_csv = bench.write_csv
-plot = bench.plot
+Result = runner.Result
+COLUMNS = runner.COLUMNS
+expand_spec = runner.expand_spec
+recall_at_k = runner.recall_at_k
+rel_ip_error = runner.rel_ip_error
+print_table = runner.print_table
+write_csv = runner.write_csv
+plot = runner.plot
 
 
 def methods_from_args(args) -> list[MethodConfig]:
@@ -67,7 +68,7 @@ def methods_from_args(args) -> list[MethodConfig]:
     return methods
 
 
-def main(argv=None) -> list[bench.Result]:
+def main(argv=None) -> list[runner.Result]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="sample:minilm",
                     help="ann-benchmarks HDF5 path, or sample:minilm / sample:glove50 (default %(default)s)")
@@ -84,7 +85,8 @@ def main(argv=None) -> list[bench.Result]:
     ap.add_argument("--k-factor", type=int, default=4, help="k_factor_rf for FAISS RFlat specs (default %(default)s)")
     ap.add_argument("--train-queries", type=int, default=0, metavar="N",
                     help="hold N train rows out of the database and pass them as ipq sample queries")
-    ap.add_argument("--no-warmup", action="store_true", help="skip the throw-away ipq warm-up build")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="do not compile ipq kernels before the timed build (compilation then counts in build_s)")
     ap.add_argument("--out", type=Path, default=None, help="CSV path (default eval/results/flat_<dataset>.csv)")
     ap.add_argument("--plot", type=Path, nargs="?", const=Path("auto"), default=None, metavar="PNG",
                     help="write a recall-vs-QPS plot (flag alone: eval/results/flat_<dataset>.png)")
@@ -92,19 +94,19 @@ def main(argv=None) -> list[bench.Result]:
     args = ap.parse_args(argv)
 
     try:
-        ds, held = bench.prepare_dataset(args.data, n_train=args.n_train, n_test=args.n_test,
+        ds, held = runner.prepare_dataset(args.data, n_train=args.n_train, n_test=args.n_test,
                                          seed=args.seed, train_queries=args.train_queries)
-        gt = bench.ground_truth_ids(ds, args.k)
+        gt = runner.ground_truth_ids(ds, args.k)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"{args.data}: {e}") from None
-    threads = args.threads or bench.available_threads()
+    threads = args.threads or runner.available_threads()
     print(f"dataset {ds.name}: {ds.n_train} x {ds.d} train, {ds.n_test} queries, metric {ds.metric}, "
           f"k={args.k}, threads={threads}" + (f", {len(held)} held-out train queries" if held is not None else ""))
     if ds.provenance:
         print(f"  provenance: {ds.provenance[:200]}")
 
     try:
-        results = bench.run_methods(methods_from_args(args), ds, gt, k=args.k, threads=threads,
+        results = runner.run_methods(methods_from_args(args), ds, gt, k=args.k, threads=threads,
                                     repeats=args.repeats, held=held, warmup=not args.no_warmup,
                                     strict=args.strict)
     except ValueError as e:
@@ -113,14 +115,14 @@ def main(argv=None) -> list[bench.Result]:
         raise SystemExit(str(e)) from None
 
     print()
-    bench.print_table(results, args.k)
-    out = args.out or RESULTS / f"flat_{bench.safe_name(ds.name)}.csv"
-    bench.write_csv(results, out)
+    runner.print_table(results, args.k)
+    out = args.out or RESULTS / f"flat_{runner.safe_name(ds.name)}.csv"
+    runner.write_csv(results, out)
     print(f"\nwrote {out}")
     if args.plot is not None:
-        png = RESULTS / f"flat_{bench.safe_name(ds.name)}.png" if str(args.plot) == "auto" else args.plot
+        png = RESULTS / f"flat_{runner.safe_name(ds.name)}.png" if str(args.plot) == "auto" else args.plot
         title = f"{ds.name}: {ds.n_train} x {ds.d}, {ds.n_test} queries (flat scan)"
-        if bench.plot(results, png, title, args.k):
+        if runner.plot(results, png, title, args.k):
             print(f"wrote {png}")
         else:
             print("matplotlib is not installed: no plot (pip install 'ipq_index[bench]')")

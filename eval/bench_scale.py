@@ -4,8 +4,11 @@
     python eval/bench_scale.py syn1m.hdf5 --ipq "PCA,ASQ4" "PCA,IVF1024,ASQ4" --faiss PQ384x4fs "IVF1024,SQ8"
     python eval/bench_scale.py syn1m.hdf5 --ipq --faiss --hnswlib 32 --hnswlib-ef 64 128 256 512 1024
 
-For each method: build seconds (train + add, all threads), bytes per vector,
-and for each search setting: recall@10 and single-thread QPS over --queries
+For each method: compile seconds (ipq: ``ipq_index.warmup(spec)``, before the
+timed build), build seconds (train + add, all threads, compilation excluded),
+RAM bytes per vector (ipq: ``index.nbytes / n``; FAISS: the code plus the 8-byte
+id where FAISS stores ids, ``ipq_index.bench.baselines.faiss_bytes_per_vector``;
+hnswlib: vector + level-0 links, an estimate), and for each search setting: recall@10 and single-thread QPS over --queries
 queries.  IVF settings sweep nprobe, graph settings sweep ef; ipq rows after
 the first flat row also print their QPS as a multiple of that flat scan's.
 """
@@ -16,11 +19,16 @@ import argparse
 import os
 import time
 
-import faiss
-import h5py
-import numpy as np
+from ipq_index.cli import set_thread_environment
 
-import ipq_index
+set_thread_environment()  # the ipq command's thread settings, before faiss loads
+
+import faiss  # noqa: E402
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+import ipq_index  # noqa: E402
+from ipq_index.bench.baselines import faiss_bytes_per_vector  # noqa: E402
 
 
 def recall(I, gt):
@@ -62,6 +70,7 @@ def main(argv=None):
     print(f"{args.data}: {X.shape[0]} x {d}, {len(Q)} queries")
     flat_qps = None  # QPS of the first flat ipq setting: the ratio's base
     for spec in args.ipq:
+        compile_s = ipq_index.warmup(spec)
         t = time.perf_counter()
         index = ipq_index.index_factory(d, spec).train(X)
         index.add(X)
@@ -82,8 +91,8 @@ def main(argv=None):
                 if flat_qps is None and "IVF" not in spec and "HNSW" not in spec:
                     flat_qps = q1
                 ratio = f"  x{q1 / flat_qps:5.1f} flat" if flat_qps else ""
-                print(f"ipq   {spec + label:22s} {str(params):16s} build {build:7.1f}s  "
-                      f"{index.nbytes / len(index):7.1f} B/vec  recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}{ratio}",
+                print(f"ipq   {spec + label:22s} {str(params):16s} compile {compile_s:5.1f}s  "
+                      f"build {build:7.1f}s  {index.nbytes / len(index):7.1f} RAM B/vec  recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}{ratio}",
                       flush=True)
         del index
     for spec in args.faiss:
@@ -101,8 +110,8 @@ def main(argv=None):
             faiss.omp_set_num_threads(1)
             q1 = qps(lambda q: index.search(q, args.k), Q)
             faiss.omp_set_num_threads(prev)
-            print(f"faiss {spec:22s} {'nprobe=' + str(p) if p else '-':16s} build {build:7.1f}s  "
-                  f"{index.sa_code_size():7.1f} B/vec  recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}", flush=True)
+            print(f"faiss {spec:22s} {'nprobe=' + str(p) if p else '-':16s} {'':16s}build {build:7.1f}s  "
+                  f"{faiss_bytes_per_vector(index):7.1f} RAM B/vec  recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}", flush=True)
         del index
     for m in args.hnswlib:
         import hnswlib
@@ -118,8 +127,8 @@ def main(argv=None):
             index.set_ef(max(ef, args.k))
             I = index.knn_query(Q, args.k)[0]
             q1 = qps(lambda q: index.knn_query(q, args.k), Q)
-            print(f"hnswlib {'HNSW' + str(m) + ',efC200':20s} {'ef=' + str(ef):16s} build {build:7.1f}s  "
-                  f"{4 * d + 8 * m:7.1f} B/vec  recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}", flush=True)
+            print(f"hnswlib {'HNSW' + str(m) + ',efC200':20s} {'ef=' + str(ef):16s} {'':16s}build {build:7.1f}s  "
+                  f"{4 * d + 8 * m:7.1f} RAM B/vec  recall {recall(I, gt):.3f}  QPS1 {q1:8.1f}", flush=True)
         del index
 
 

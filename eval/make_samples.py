@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ipq_index.datasets import GT_K, _DATA_DIR, ground_truth, load_sample
+from ipq_index.bench.datasets import GT_K, _DATA_DIR, ground_truth, load_sample
 
 #: name -> (source file, n_train, n_test)
 RECIPES = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ipq_index.bench import best_qps_at_recall, read_csv
+from ipq_index.bench.runner import best_qps_at_recall, read_csv
 
 THRESHOLDS = (0.95, 0.99)
 MODES = (("qps_single", "1 thread"), ("qps_batch", "batch"))

@@ -3,6 +3,7 @@
     ipq build DATA --index SPEC -o OUT.ipq [--n-train N] [--train-queries N] [--seed S] [--threads T]
     ipq search INDEX.ipq QUERIES --k 10 -o OUT.npy|OUT.csv [--param key=value ...] [--threads T]
     ipq info INDEX.ipq [--json]
+    ipq warmup SPEC [SPEC ...]
     ipq bench --config configs/NAME.yaml [--out DIR] [--dataset PATH] [--strict]
     ipq datasets list [--dir DIR]
     ipq datasets fetch NAME [--dir DIR]
@@ -18,6 +19,10 @@ Every user-facing failure (missing file, bad spec or parameter, wrong
 dimension, corrupt index file, unreachable network) prints one line
 ``ipq: error: ...`` on stderr and exits with status 2; unexpected errors exit
 with status 1.  See docs/cli.md.
+
+Only the standard library and numpy are imported at module level; the
+benchmark harness (``ipq_index.bench``), h5py, yaml, tqdm and FAISS are
+imported inside the commands that use them.
 """
 
 from __future__ import annotations
@@ -81,10 +86,15 @@ def _note(args, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _unit(A: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(A, axis=1, keepdims=True)
-    n[n == 0] = 1.0
-    return np.ascontiguousarray(A / n, dtype=np.float32)
+def set_thread_environment() -> None:
+    """Thread settings of the ``ipq`` command (also used by ``ipq_index.bench.demo``);
+    call before FAISS loads.  Variables already set are left alone.
+
+    ``OMP_WAIT_POLICY=PASSIVE``: FAISS' OpenMP threads otherwise spin while idle;
+    when cores are shared (numba + FAISS, or a busy machine) that slows
+    multi-threaded calls down badly.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _human(nbytes: float) -> str:
@@ -101,7 +111,7 @@ def read_vectors(spec: str, split: str) -> tuple[np.ndarray, str | None]:
     ``spec``: ``sample:<name>`` (the sample's ``split``), an HDF5 file (dataset
     ``split``), ``.npy`` (a 1-D array is one vector), ``.fvecs`` or ``.bvecs``.
     """
-    from . import datasets
+    from .bench import datasets
 
     if spec.startswith("sample:"):
         ds = datasets.load_sample(spec[len("sample:"):])
@@ -166,6 +176,8 @@ def cmd_build(args, extra=None) -> int:
 
     import ipq_index
 
+    from .bench.params import unit
+
     out = _check_output(Path(args.output))
     X, metric = read_vectors(args.data, "train")
     n_all = X.shape[0]
@@ -178,7 +190,7 @@ def cmd_build(args, extra=None) -> int:
     if args.normalize or metric in ("angular", "cosine"):
         if not args.normalize:
             _note(args, f"note: {args.data} has metric {metric!r}: vectors are L2-normalised")
-        X = _unit(X)
+        X = unit(X)
     ids = None
     queries = None
     if args.train_queries:
@@ -208,9 +220,9 @@ def cmd_build(args, extra=None) -> int:
     build_s = time.perf_counter() - t0
     index.save(out)
     n = len(index)
-    print(f"wrote {out}: {index.spec}, {n} vectors, d={X.shape[1]}, {_human(index.nbytes)} in memory "
-          f"({index.nbytes / max(1, n):.1f} B/vector), file {_human(out.stat().st_size)}, "
-          f"train {t_train:.1f} s, build {build_s:.1f} s")
+    print(f"wrote {out}: {index.spec}, {n} vectors, d={X.shape[1]}, file {_human(out.stat().st_size)}, "
+          f"{index.stored_nbytes / max(1, n):.1f} file bytes/vec (codes, scales, ids, re-rank copy, "
+          f"structure arrays), train {t_train:.1f} s, build {build_s:.1f} s")
     return 0
 
 
@@ -222,8 +234,7 @@ def cmd_search(args, extra=None) -> int:
 
     import ipq_index
 
-    from .ann_benchmarks.module import check_search_params
-    from .config import parse_params
+    from .bench.params import check_search_params, parse_params, unit
 
     out = _check_output(Path(args.output), (".npy", ".csv"))
     params = parse_params(args.param)
@@ -239,7 +250,7 @@ def cmd_search(args, extra=None) -> int:
         raise ValueError(f"queries {args.queries!r} have dimension {Q.shape[1]}, but the index "
                          f"{args.index!r} has d={d}")
     if args.normalize or metric in ("angular", "cosine"):
-        Q = _unit(Q)
+        Q = unit(Q)
     check_search_params(index, params)
     if args.k > len(index):
         raise ValueError(f"--k {args.k} exceeds the number of indexed vectors ({len(index)})")
@@ -301,7 +312,7 @@ def index_info(path) -> dict:
                    for k, e in entries.items()},
         "data_bytes": data_bytes,
         "model_bytes": sum(int(e["nbytes"]) for e in model.values()),
-        "bytes_per_vector": data_bytes / ntotal if ntotal else None,
+        "file_bytes_per_vector": data_bytes / ntotal if ntotal else None,
     }
 
 
@@ -318,8 +329,9 @@ def cmd_info(args, extra=None) -> int:
         f"spec            {meta.get('spec')}",
         f"d               {meta.get('d')}",
         f"ntotal          {meta.get('ntotal')}",
-        f"bytes           {info['data_bytes']} data (codes, ids, scales, re-rank copy)"
-        + (f" = {info['bytes_per_vector']:.1f} B/vector" if info["bytes_per_vector"] is not None else "")
+        f"bytes           {info['data_bytes']} data (codes, ids, scales, re-rank copy, structure arrays)"
+        + (f" = {info['file_bytes_per_vector']:.1f} file bytes/vec"
+           if info["file_bytes_per_vector"] is not None else "")
         + f"; {info['model_bytes']} model",
         f"search defaults {json.dumps(meta.get('search_defaults', {}), sort_keys=True)}",
     ]
@@ -341,29 +353,48 @@ def cmd_info(args, extra=None) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- warmup
+
+
+def cmd_warmup(args, extra=None) -> int:
+    import ipq_index
+
+    for spec in args.specs:  # every spec is checked before anything is compiled
+        ipq_index.parse_spec(spec)
+    total = 0.0
+    for spec in args.specs:
+        _note(args, f"compiling the kernels of {spec} ...")
+        seconds = float(ipq_index.warmup(spec))
+        total += seconds
+        print(f"{spec}: {seconds:.2f} s")
+    if len(args.specs) > 1:
+        print(f"total: {total:.2f} s")
+    return 0
+
+
 # --------------------------------------------------------------------------- bench
 
 
 def cmd_bench(args, extra=None) -> int:
-    from . import bench
-    from .config import load_config
+    from .bench import runner
+    from .bench.config import load_config
 
     cfg = load_config(args.config)
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {str(out_dir)!r} exists and is not a directory")
-    ds, results = bench.run_config(cfg, dataset=args.dataset, quiet=args.quiet, strict=args.strict)
+    ds, results = runner.run_config(cfg, dataset=args.dataset, quiet=args.quiet, strict=args.strict)
     if not results:
         raise RuntimeError("no method produced results (see the warnings above)")
-    stem = bench.safe_name(Path(args.config).stem)
+    stem = runner.safe_name(Path(args.config).stem)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = bench.write_csv(results, out_dir / f"{stem}.csv")
-    pareto_path = bench.write_pareto_csv(results, out_dir / f"{stem}_pareto.csv")
+    csv_path = runner.write_csv(results, out_dir / f"{stem}.csv")
+    pareto_path = runner.write_pareto_csv(results, out_dir / f"{stem}_pareto.csv")
     png_path = out_dir / f"{stem}.png"
-    threads = cfg.threads or bench.available_threads()
+    threads = cfg.threads or runner.available_threads()
     title = f"{cfg.name or ds.name}: {ds.n_train} x {ds.d}, {ds.n_test} queries, k={cfg.k}"
-    plotted = bench.plot(results, png_path, title, cfg.k, threads=threads)
-    print(bench.format_table(results, cfg.k))
+    plotted = runner.plot(results, png_path, title, cfg.k, threads=threads)
+    print(runner.format_table(results, cfg.k))
     print(f"\nwrote {csv_path}, {pareto_path}" + (f" and {png_path}" if plotted else
           " (no plot: matplotlib is not installed; pip install 'ipq_index[bench]')"))
     return 0
@@ -392,7 +423,7 @@ def _npz_shapes(path: Path) -> dict:
 
 
 def cmd_datasets_list(args, extra=None) -> int:
-    from . import datasets
+    from .bench import datasets
 
     print("shipped samples (use as DATA / QUERIES / dataset: sample:<name>):")
     for name in datasets.SAMPLES:
@@ -483,7 +514,7 @@ def cmd_datasets_fetch(args, extra=None) -> int:
 
 
 def cmd_demo(args, extra=None) -> int:
-    from . import demo
+    from .bench import demo
 
     demo.main(list(extra or []))
     return 0
@@ -545,6 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("warmup", parents=[common], help="compile the numba kernels of index specs",
+                       description="Call ipq_index.warmup(SPEC) for each spec: compile (or load from "
+                                   "numba's on-disk cache) every kernel an index of that spec uses to "
+                                   "build and search; print the seconds each took.")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="factory string, e.g. 'PCA,ASQ4,Rerank4'")
+    p.set_defaults(func=cmd_warmup)
+
     p = sub.add_parser("bench", parents=[common], help="run a benchmark sweep from a YAML config",
                        description="Run the methods of a config; write CSV + PNG, print a table.")
     p.add_argument("--config", required=True, metavar="CONFIG.yaml")
@@ -571,8 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_datasets_fetch)
 
     p = sub.add_parser("demo", parents=[common], add_help=False,  # --help goes to the demo itself
-                       help="the main job (python -m ipq_index.demo)",
-                       description="Runs ipq_index.demo.main; extra arguments are passed on "
+                       help="the main job (python -m ipq_index.bench.demo)",
+                       description="Runs ipq_index.bench.demo.main; extra arguments are passed on "
                                    "(e.g. --sample glove50 --k 10).")
     p.set_defaults(func=cmd_demo)
     return ap
@@ -612,9 +650,7 @@ def main(argv=None) -> int:
     Returns 0 on success; failures raise ``SystemExit`` (2 for user errors,
     1 for unexpected ones) after printing one line on stderr.
     """
-    # FAISS' OpenMP threads spin while idle; when cores are shared (numba + FAISS, or a
-    # busy machine) that slows everything down badly.  Must be set before faiss loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_thread_environment()
     from .storage import FormatError
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from importlib import resources
 
-import numba
 import numpy as np
 import pytest
 import yaml
 
-from ipq_index.ann_benchmarks.module import QUERY_ARG_NAMES, IpqIndex
-from ipq_index.baselines import FaissIndex, HnswlibIndex
-from ipq_index.config import expand_args
-from ipq_index.datasets import ground_truth, load_sample
+import ipq_index
+from ipq_index.bench.ann_benchmarks.module import IpqIndex
+from ipq_index.bench.baselines import FaissIndex, HnswlibIndex
+from ipq_index.bench.config import expand_args
+from ipq_index.bench.datasets import ground_truth, load_sample
+from ipq_index.bench.params import QUERY_ARG_NAMES
 
 K = 10
 
@@ -33,12 +34,12 @@ def _recall(results, gt):
 
 def test_fake_ann_benchmarks_loop(data):
     X, Q, gt = data
-    before = numba.get_num_threads()
+    before = ipq_index.get_num_threads()
     algo = IpqIndex("dot", "PCA,ASQ4s,Rerank4")  # constructor(*base_args, *args)
     assert "PCA,ASQ4s,Rerank4" in str(algo)
     assert algo.get_memory_usage() == 0
     algo.fit(X)
-    assert numba.get_num_threads() == 1  # single-query mode pins one thread
+    assert ipq_index.get_num_threads() == 1  # single-query mode pins one thread
     mem = algo.get_memory_usage()
     assert mem > 0 and mem == pytest.approx(algo.index.nbytes / 1024)
 
@@ -61,7 +62,7 @@ def test_fake_ann_benchmarks_loop(data):
     assert recalls["[4]"] >= 0.95
     assert recalls["[4]"] >= recalls["[{'rerank': 0}]"] - 1e-9
     algo.done()
-    assert numba.get_num_threads() == before
+    assert ipq_index.get_num_threads() == before
 
 
 def test_angular_metric_normalises(data):
@@ -115,14 +116,45 @@ def test_query_argument_errors(data):
         algo.done()
 
 
+def test_fit_compiles_the_spec_once_before_training(data, monkeypatch):
+    X = data[0][:300]
+    calls = []
+    real = ipq_index.warmup
+    monkeypatch.setattr(ipq_index, "warmup", lambda spec: calls.append(spec) or real(spec))
+    algo = IpqIndex("dot", "ASQ4", threads=1)
+    assert algo.get_additional() == {}
+    try:
+        algo.fit(X)
+        assert calls == ["ASQ4"] and algo.compile_s >= 0
+        assert algo.get_additional() == {"compile_s": algo.compile_s}
+        assert algo.file_bytes_per_vector() == algo.index.stored_nbytes / 300
+        assert algo.ram_bytes_per_vector() == algo.index.nbytes / 300
+        assert algo.file_bytes_per_vector() <= algo.ram_bytes_per_vector()
+    finally:
+        algo.done()
+    early = IpqIndex("dot", "ASQ4", threads=1)
+    seconds = early.warmup()  # what ipq bench does outside the timed fit
+    try:
+        early.fit(X)
+        assert calls == ["ASQ4", "ASQ4"] and early.compile_s == seconds
+    finally:
+        early.done()
+    lazy = IpqIndex("dot", "ASQ4", threads=1, warmup=False)
+    try:
+        lazy.fit(X)
+        assert calls == ["ASQ4", "ASQ4"] and lazy.compile_s is None
+    finally:
+        lazy.done()
+
+
 def test_packaged_ann_benchmarks_config_instantiates():
     """Expand config.yml like ann-benchmarks does and build every constructor call."""
-    text = resources.files("ipq_index.ann_benchmarks").joinpath("config.yml").read_text()
+    text = resources.files("ipq_index.bench.ann_benchmarks").joinpath("config.yml").read_text()
     doc = yaml.safe_load(text)
     assert "angular" in doc["float"] and "euclidean" not in doc["float"]
     n_calls = 0
     for definition in doc["float"]["angular"]:
-        assert definition["module"] == "ipq_index.ann_benchmarks"
+        assert definition["module"] == "ipq_index.bench.ann_benchmarks"
         assert definition["constructor"] == "IpqIndex"
         for group in definition["run_groups"].values():
             for combo in expand_args(group.get("args")):

@@ -1,5 +1,5 @@
 """Pareto fronts, the Pareto CSV, best-QPS summaries, the two-panel plot, and
-the optional-library (ScaNN) handling of ipq_index.bench."""
+the optional-library (ScaNN) handling of ipq_index.bench.runner."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ import types
 import numpy as np
 import pytest
 
-from ipq_index import bench
-from ipq_index.bench import Result
-from ipq_index.config import ConfigError, MethodConfig
+from ipq_index.bench import runner
+from ipq_index.bench.config import ConfigError, MethodConfig
+from ipq_index.bench.runner import Result
 
 
 def row(recall, qps_single, qps_batch=None, library="ipq", method="m", params=""):
-    return Result(dataset="d", library=library, method=method, params=params, build_s=0.0,
-                  recall_at_k=recall, qps_single=qps_single,
+    return Result(dataset="d", library=library, method=method, params=params, compile_s=0.0,
+                  build_s=0.0, recall_at_k=recall, qps_single=qps_single,
                   qps_batch=qps_single if qps_batch is None else qps_batch,
-                  bytes_per_vector=8.0, rel_ip_error=0.0, n_train=100, n_test=10, k=10)
+                  file_bytes_per_vector=8.0, ram_bytes_per_vector=8.0, rel_ip_error=0.0,
+                  n_train=100, n_test=10, k=10)
 
 
 def brute_force_front(rows, attr):
@@ -48,27 +49,27 @@ def test_front_equals_brute_force_on_random_sets(seed):
     q2 = rng.integers(1, 6, n) * 100.0
     rows = [row(float(a), float(b), float(c), params=str(i)) for i, (a, b, c) in enumerate(zip(rec, q1, q2))]
     for attr in ("qps_single", "qps_batch"):
-        front = bench.pareto_front(rows, attr)
+        front = runner.pareto_front(rows, attr)
         assert ids(front) == ids(brute_force_front(rows, attr))
         assert [r.recall_at_k for r in front] == sorted(r.recall_at_k for r in front)
 
 
 def test_front_small_cases():
     a, b, c, d = row(0.9, 1000), row(0.95, 500), row(0.99, 100), row(0.9, 400)
-    assert bench.pareto_front([a, b, c, d]) == [a, b, c]          # d dominated by a
+    assert runner.pareto_front([a, b, c, d]) == [a, b, c]          # d dominated by a
     e = row(0.95, 500)                                           # duplicate of b: both kept
-    assert ids(bench.pareto_front([a, b, c, e])) == ids([a, b, c, e])
+    assert ids(runner.pareto_front([a, b, c, e])) == ids([a, b, c, e])
     f = row(0.95, 501)                                           # same recall, faster: b drops
-    assert bench.pareto_front([a, b, c, f]) == [a, f, c]
+    assert runner.pareto_front([a, b, c, f]) == [a, f, c]
     nan = row(float("nan"), 10_000)
-    assert bench.pareto_front([nan, c]) == [c]
-    assert bench.pareto_front([]) == []
+    assert runner.pareto_front([nan, c]) == [c]
+    assert runner.pareto_front([]) == []
 
 
 def test_pareto_rows_are_per_library_and_per_mode():
     rows = [row(0.9, 1000, 10, "ipq"), row(0.99, 100, 500, "ipq"),
             row(0.8, 50, 50, "faiss"), row(0.7, 40, 60, "faiss")]
-    out = bench.pareto_rows(rows)
+    out = runner.pareto_rows(rows)
     single = {(r.library, r.recall_at_k) for mode, r in out if mode == "single"}
     batch = {(r.library, r.recall_at_k) for mode, r in out if mode == "batch"}
     # faiss 0.8 is on faiss' own front even though ipq dominates it
@@ -78,10 +79,10 @@ def test_pareto_rows_are_per_library_and_per_mode():
 
 def test_best_qps_at_recall():
     rows = [row(0.96, 900, 100, "ipq"), row(0.991, 300, 2000, "ipq"), row(0.94, 5000, 5000, "faiss")]
-    best = bench.best_qps_at_recall(rows, 0.95)
+    best = runner.best_qps_at_recall(rows, 0.95)
     assert set(best) == {"ipq"} and best["ipq"].qps_single == 900
-    assert bench.best_qps_at_recall(rows, 0.95, "qps_batch")["ipq"].qps_batch == 2000
-    assert bench.best_qps_at_recall(rows, 0.999) == {}
+    assert runner.best_qps_at_recall(rows, 0.95, "qps_batch")["ipq"].qps_batch == 2000
+    assert runner.best_qps_at_recall(rows, 0.999) == {}
 
 
 def test_structures_table_compressed_only_split(tmp_path):
@@ -105,7 +106,7 @@ def test_structures_table_compressed_only_split(tmp_path):
     assert st.keeps_float_copy(row(0.9, 1.0, library="scann", params="leaves_to_search=10,reorder=50"))
     assert not st.keeps_float_copy(row(0.9, 1.0, library="scann", params="leaves_to_search=10,reorder=0"))
     assert st.keeps_float_copy(row(0.9, 1.0, library="scann", params="leaves_to_search=10"))
-    path = bench.write_csv(rows, tmp_path / "s.csv")
+    path = runner.write_csv(rows, tmp_path / "s.csv")
     full = st.table([path])
     comp = st.table([path], thresholds=(0.95,), compressed_only=True)
     assert "**2,000** `PCA,ASQ4,Rerank2" in full and "**4,000**" in full
@@ -117,17 +118,17 @@ def test_pareto_csv_roundtrip_and_plot(tmp_path):
     rows = [row(r / 10, q, q * 2, lib, f"{lib}-{m}", f"p={r}")
             for (lib, m), r, q in zip(itertools.product(["ipq", "faiss", "hnswlib"], [0, 1]) , range(3, 9),
                                       [100.0, 300.0, 200.0, 900.0, 50.0, 60.0])]
-    bench.write_csv(rows, tmp_path / "x.csv")
-    assert bench.read_csv(tmp_path / "x.csv") == rows
-    path = bench.write_pareto_csv(rows, tmp_path / "x_pareto.csv")
+    runner.write_csv(rows, tmp_path / "x.csv")
+    assert runner.read_csv(tmp_path / "x.csv") == rows
+    path = runner.write_pareto_csv(rows, tmp_path / "x_pareto.csv")
     with open(path, newline="") as f:
         got = list(csv.DictReader(f))
-    assert list(got[0]) == ["front", *bench.COLUMNS]
-    assert len(got) == len(bench.pareto_rows(rows))
+    assert list(got[0]) == ["front", *runner.COLUMNS]
+    assert len(got) == len(runner.pareto_rows(rows))
     assert {g["front"] for g in got} == {"single", "batch"}
-    assert bench.read_csv(path) == [r for _, r in bench.pareto_rows(rows)]
+    assert runner.read_csv(path) == [r for _, r in runner.pareto_rows(rows)]
     png = tmp_path / "x.png"  # matplotlib is in the test extra: the plot is tested, not skipped
-    assert bench.plot(rows, png, "title", 10, threads=2)
+    assert runner.plot(rows, png, "title", 10, threads=2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -157,7 +158,7 @@ def test_missing_scann_is_skipped_with_a_note(monkeypatch):
     monkeypatch.setitem(sys.modules, "scann", None)  # makes 'import scann' raise ImportError
     keep = MethodConfig.from_dict({"library": "faiss", "spec": "Flat"})[0]
     notes = []
-    assert bench.available_methods([scann_method(), keep], note=notes.append) == [keep]
+    assert runner.available_methods([scann_method(), keep], note=notes.append) == [keep]
     assert len(notes) == 1 and "scann" in notes[0] and "not installed" in notes[0]
 
 
@@ -209,8 +210,8 @@ def test_scann_wrapper_against_a_fake_module(monkeypatch):
     Q = rng.standard_normal((5, 8)).astype(np.float32)
     gt = np.argsort(-(Q @ X.T), axis=1)[:, :10]
     m = scann_method()
-    res = bench.measure(bench.make_algorithm(m, "dot", 1), dataset="d", library="scann", method=m.name,
+    res = runner.measure(runner.make_algorithm(m, "dot", 1), dataset="d", library="scann", method=m.name,
                         X=X, Q=Q, gt=gt, k=10, query_args=m.query_args, repeats=1)
     assert [r.params for r in res] == ["leaves_to_search=2", "leaves_to_search=4"]
     assert all(r.recall_at_k == 1.0 and r.rel_ip_error < 1e-10 for r in res)
-    assert res[0].bytes_per_vector == 2 + 32 + 4
+    assert res[0].ram_bytes_per_vector == 2 + 32 + 4

@@ -20,8 +20,8 @@ import pytest
 
 import ipq_index
 from ipq_index import cli
-from ipq_index.config import load_config
-from ipq_index.datasets import load_sample
+from ipq_index.bench.config import load_config
+from ipq_index.bench.datasets import load_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -128,6 +128,13 @@ def test_bench_tiny_config(tmp_path, capsys):
     flat = next(r for r in rows if r["method"] == "Flat")
     assert float(flat["recall_at_k"]) == 1.0
     assert "recall@10" in out and "ASQ2,Rerank4" in out
+    # tiny.yaml has warmup: false, so nothing is compiled separately
+    assert all(r["compile_s"] == "nan" for r in rows)
+    for r in rows:  # ipq: the file holds a subset of what RAM holds; FAISS: one number
+        file_b, ram_b = float(r["file_bytes_per_vector"]), float(r["ram_bytes_per_vector"])
+        assert 0 < file_b <= ram_b and (r["library"] == "ipq" or file_b == ram_b)
+    assert float(flat["file_bytes_per_vector"]) == 384 * 4  # FAISS Flat: the float32 vector, implicit ids
+    assert "file B/vec" in out and "RAM B/vec" in out and "compile s" in out
     try:
         import matplotlib  # noqa: F401
     except ImportError:  # the [bench] extra is not installed: no plot, said so
@@ -250,11 +257,62 @@ def test_datasets_fetch_offline_and_local_server(tmp_path, capsys):
         server.server_close()
 
 
+def test_warmup_command(capsys):
+    code, out, err = run(["warmup", SPEC], capsys)
+    assert code == 0, err
+    spec, _, seconds = out.strip().partition(": ")
+    assert spec == SPEC and seconds.endswith(" s") and float(seconds[:-2]) >= 0
+
+
+def test_warmup_command_several_specs_and_errors(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(ipq_index, "warmup", lambda spec: calls.append(spec) or 0.5 * len(calls))
+    code, out, err = run(["warmup", "PCA,ASQ4", "ASQ2,Rerank4"], capsys)
+    assert code == 0, err
+    assert calls == ["PCA,ASQ4", "ASQ2,Rerank4"]
+    assert out.splitlines() == ["PCA,ASQ4: 0.50 s", "ASQ2,Rerank4: 1.00 s", "total: 1.50 s"]
+    code, _, err = run(["warmup"], capsys)
+    assert_one_line_error(code, err, "SPEC")
+    code, _, err = run(["warmup", "PCA,ASQ4", "PCA,FOO4"], capsys)
+    assert_one_line_error(code, err, "PCA,FOO4")
+    assert len(calls) == 2  # every spec is checked before anything is compiled
+
+
+def test_warmup_command_bad_spec(capsys):
+    code, _, err = run(["warmup", "PCA,FOO4"], capsys)
+    assert_one_line_error(code, err, "PCA,FOO4")
+
+
+def test_demo_runs_with_the_cli_thread_environment(monkeypatch, capsys):
+    import ipq_index.bench.demo as demo
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(demo, "IPQ_SPECS", ("ASQ4",))
+    monkeypatch.setattr(demo, "FAISS_SPECS", ("Flat",))
+    code, out, err = run(["demo", "--sample", "glove50", "--k", "10"], capsys)
+    assert code == 0, err
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    lines = out.splitlines()
+    notice = next(i for i, line in enumerate(lines) if "compile on first use" in line)
+    header = next(i for i, line in enumerate(lines) if line.startswith("library"))
+    assert notice < header
+    for column in ("compile s", "build s", "file bytes/vec", "RAM bytes/vec"):
+        assert column in lines[header]
+    ipq_row = lines[header + 1].split()
+    faiss_row = lines[header + 2].split()
+    assert ipq_row[:2] == ["ipq_index", "ASQ4"] and float(ipq_row[5]) >= 0
+    assert float(ipq_row[-2]) < float(ipq_row[-1])  # RAM adds the fast-scan structures
+    assert faiss_row[:2] == ["faiss", "Flat"] and faiss_row[5] == "-"
+    assert float(faiss_row[-2]) == float(faiss_row[-1]) == 50 * 4
+    assert float(faiss_row[2]) >= 0.99  # exact search (ties aside) finds the exact top-k
+    assert "file bytes/vec:" in out and "RAM bytes/vec:" in out and "compile s:" in out
+
+
 def test_demo_passes_arguments_through(monkeypatch, capsys):
-    import ipq_index.demo
+    import ipq_index.bench.demo
 
     seen = []
-    monkeypatch.setattr(ipq_index.demo, "main", lambda argv=None: seen.append(argv))
+    monkeypatch.setattr(ipq_index.bench.demo, "main", lambda argv=None: seen.append(argv))
     code, _, _ = run(["demo", "--sample", "glove50", "--k", "5"], capsys)
     assert code == 0 and seen == [["--sample", "glove50", "--k", "5"]]
 

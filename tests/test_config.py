@@ -1,4 +1,5 @@
-"""Tests of ipq_index.config: ann-benchmarks style expansion and validation."""
+"""Tests of ipq_index.bench.config (ann-benchmarks style expansion and validation)
+and of the key=value parsing in ipq_index.bench.params."""
 
 from __future__ import annotations
 
@@ -6,15 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from ipq_index.config import (
+from ipq_index.bench.config import (
     BenchConfig,
     ConfigError,
     MethodConfig,
     expand_args,
     load_config,
-    parse_params,
-    parse_value,
 )
+from ipq_index.bench.params import parse_params, parse_value
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -182,7 +182,7 @@ def test_parse_params():
 def test_collect_query_args_forms_and_errors():
     import pytest
 
-    from ipq_index.config import collect_query_args
+    from ipq_index.bench.params import collect_query_args
 
     assert collect_query_args(({"rerank": 2}, "fs=5", 7), ("ef",)) == {"rerank": 2, "fs": 5, "ef": 7}
     assert collect_query_args((None,), ("ef",)) == {}

@@ -1,4 +1,4 @@
-"""Tests of ipq_index.datasets (file formats, ground truth, shipped samples)."""
+"""Tests of ipq_index.bench.datasets (file formats, ground truth, shipped samples)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from ipq_index import datasets as dsm
-from ipq_index.datasets import (
+from ipq_index.bench import datasets as dsm
+from ipq_index.bench.datasets import (
     Dataset,
     ground_truth,
     load_sample,

@@ -16,17 +16,26 @@ Contract details honoured here:
   and every query; ``"dot"`` / ``"ip"`` / ``"inner_product"`` / ``"mips"``
   use raw inner products (ann-benchmarks itself has no ``dot`` metric; our
   own runner ``ipq bench`` has).  ``"euclidean"`` is rejected.
-* ``fit`` trains and adds (ids = row numbers of ``X``), calls
-  ``index.warmup()`` so numba compilation / cache loading stays out of the
-  timed queries, then forces one thread (``ipq_index.set_num_threads(1)``) for
-  single-query mode.  ``done()`` restores the previous thread count.
+* ``fit`` first calls :meth:`IpqIndex.warmup` (``ipq_index.warmup(spec)``:
+  compiles, or loads from numba's on-disk cache, every kernel the spec uses to
+  build and search; its seconds are ``compile_s`` and in ``get_additional()``)
+  unless it already ran for this object, then trains and adds (ids = row
+  numbers of ``X``), calls ``index.warmup()`` (derived search structures, so
+  none of that falls inside a timed query), then forces one thread
+  (``ipq_index.set_num_threads(1)``) for single-query mode.  ``done()``
+  restores the previous thread count.  ann-benchmarks times the whole ``fit``
+  as build time, so warm the numba cache first (``ipq warmup SPEC ...``) to
+  keep compilation out of it; ``ipq bench`` calls ``warmup()`` itself, outside
+  the timed ``fit``.
 * ``query`` returns at most ``n`` unique row ids, ``-1`` (empty slots) dropped.
 * ``batch_query`` uses ``threads`` threads (default: all cores);
   ``get_batch_results`` returns one id array per query, ``-1`` dropped.
-* ``get_memory_usage`` is ``index.nbytes`` in kB (not the process RSS).
+* ``get_memory_usage`` is ``index.nbytes`` in kB (not the process RSS);
+  ``file_bytes_per_vector`` / ``ram_bytes_per_vector`` are
+  ``index.stored_nbytes`` / ``index.nbytes`` divided by the number of vectors.
 * ``set_query_arguments`` accepts a dict (``{"rerank": 4}``), ``"name=value"``
   strings, or bare positional values mapped to ``query_arg_names`` (default
-  :data:`QUERY_ARG_NAMES`: ``rerank``, then ``nprobe``, then ``ef``; ``None``
+  :data:`ipq_index.bench.params.QUERY_ARG_NAMES`: ``rerank``, then ``nprobe``, then ``ef``; ``None``
   leaves a setting at the index default).  The values are passed as keyword
   arguments to ``index.search``; names the index does not accept raise
   ``ValueError``.
@@ -36,59 +45,16 @@ Contract details honoured here:
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
+
+from ..params import QUERY_ARG_NAMES, check_search_params, collect_query_args, normalize_metric, unit
 
 try:  # inside an ann-benchmarks checkout: subclass its BaseANN (duck typing works too)
     from ann_benchmarks.algorithms.base.module import BaseANN as _Base
 except Exception:  # noqa: BLE001 - ann-benchmarks is optional and not pip-installable
     _Base = object
 
-__all__ = ["IpqIndex", "QUERY_ARG_NAMES", "check_search_params", "normalize_metric"]
-
-#: Names given, in order, to bare positional query arguments.
-QUERY_ARG_NAMES = ("rerank", "nprobe", "ef")
-
-_ANGULAR = ("angular", "cosine")
-_DOT = ("dot", "ip", "inner_product", "innerproduct", "mips")
-
-
-def normalize_metric(metric) -> str:
-    """``"angular"`` or ``"dot"``; ``ValueError`` for anything else."""
-    m = str(metric).strip().lower()
-    if m in _ANGULAR:
-        return "angular"
-    if m in _DOT:
-        return "dot"
-    raise ValueError(f"metric {metric!r} is not supported by ipq_index (maximum inner product "
-                     f"search): use 'angular' (normalised) or 'dot'")
-
-
-def check_search_params(index, params: dict) -> None:
-    """Raise ``ValueError`` if ``index.search`` does not accept the keyword
-    arguments ``params`` (checked on the signature, nothing is searched)."""
-    if not params:
-        return
-    try:
-        sig = inspect.signature(index.search)
-    except (TypeError, ValueError):  # builtins without a signature: let search decide
-        return
-    try:
-        sig.bind(np.zeros((1, 1), np.float32), 1, **params)
-    except TypeError as e:
-        accepted = [p.name for p in sig.parameters.values()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        names = ", ".join(sorted(params))
-        raise ValueError(f"search parameter(s) {names} not accepted by this index "
-                         f"({getattr(index, 'spec', type(index).__name__)}); it accepts "
-                         f"{accepted} ({e})") from None
-
-
-def _unit(A: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(A, axis=1, keepdims=True)
-    n[n == 0] = 1.0
-    return np.ascontiguousarray(A / n, dtype=np.float32)
+__all__ = ["IpqIndex"]
 
 
 class IpqIndex(_Base):
@@ -109,9 +75,12 @@ class IpqIndex(_Base):
     threads : int, optional
         Threads for ``fit`` and ``batch_query`` (-1 or None: all cores).
         ``query`` always uses one.
+    warmup : bool, optional
+        ``fit`` calls :meth:`warmup` first unless it already ran (default True);
+        False leaves compilation to the first use, inside ``fit``.
     """
 
-    def __init__(self, metric, spec, build_args=None, query_arg_names=None, threads=-1):
+    def __init__(self, metric, spec, build_args=None, query_arg_names=None, threads=-1, warmup=True):
         self.metric = normalize_metric(metric)
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError(f"spec must be a non-empty ipq_index factory string, got {spec!r}")
@@ -121,6 +90,8 @@ class IpqIndex(_Base):
             query_arg_names = [n.strip() for n in query_arg_names.split(",") if n.strip()]
         self.query_arg_names = tuple(query_arg_names or QUERY_ARG_NAMES)
         self.threads = -1 if threads is None else int(threads)
+        self.warmup_in_fit = bool(warmup)
+        self.compile_s: float | None = None  #: seconds of the last warmup() call
         self.index = None
         self._query_params: dict = {}
         self._saved_threads = None
@@ -152,18 +123,29 @@ class IpqIndex(_Base):
         if X.ndim == 1:
             X = X[None, :]
         X = np.ascontiguousarray(X, dtype=np.float32)
-        return _unit(X) if self.metric == "angular" else X
+        return unit(X) if self.metric == "angular" else X
+
+    def warmup(self) -> float:
+        """Compile (or load from the numba cache) every kernel an index of this
+        spec uses to build and search: ``ipq_index.warmup(spec)``.  Returns and
+        stores (``compile_s``) its seconds."""
+        import ipq_index
+
+        self.compile_s = float(ipq_index.warmup(self.spec))
+        return self.compile_s
 
     def fit(self, X, queries=None):
-        """Train on ``X``, add ``X`` (ids = row numbers), warm up, then pin one thread.
+        """Compile the spec's kernels (:meth:`warmup`, unless it already ran),
+        train on ``X``, add ``X`` (ids = row numbers), build the derived search
+        structures (``index.warmup()``), then pin one thread.
 
         ``queries`` (our extension, not part of ann-benchmarks): sample queries
         for the bit allocation, passed to ``index.train(X, queries=...)``.
         """
-        import numba
-
         import ipq_index
 
+        if self.warmup_in_fit and self.compile_s is None:
+            self.warmup()
         X = self._prep(X)
         if queries is not None:
             queries = self._prep(queries)
@@ -174,15 +156,13 @@ class IpqIndex(_Base):
         index.warmup()
         self.index = index
         if self._saved_threads is None:
-            self._saved_threads = numba.get_num_threads()
+            self._saved_threads = ipq_index.get_num_threads()
         ipq_index.set_num_threads(1)
         return self
 
     # -- query settings -------------------------------------------------------
     def set_query_arguments(self, *args):
         """Set the search keyword arguments for the following queries (see class doc)."""
-        from ipq_index.config import collect_query_args
-
         params = collect_query_args(args, tuple(self.query_arg_names))
         if self.index is not None:
             check_search_params(self.index, params)
@@ -224,18 +204,26 @@ class IpqIndex(_Base):
         """Index size in kB (``index.nbytes / 1024``; 0 before ``fit``)."""
         return 0.0 if self.index is None else self.index.nbytes / 1024.0
 
-    def bytes_per_vector(self) -> float:
+    def file_bytes_per_vector(self) -> float:
+        """What ``save`` writes per vector (codes, scales, ids, re-rank copy,
+        structure arrays): ``index.stored_nbytes / len(index)``."""
+        return float(self.index.stored_nbytes) / max(1, len(self.index))
+
+    def ram_bytes_per_vector(self) -> float:
+        """What the index holds in memory per vector, including derived search
+        structures (built by ``fit``): ``index.nbytes / len(index)``."""
         return float(self.index.nbytes) / max(1, len(self.index))
 
     def get_additional(self):
-        return {}
+        """Extra result attributes for ann-benchmarks: ``compile_s`` once :meth:`warmup` ran."""
+        return {} if self.compile_s is None else {"compile_s": self.compile_s}
 
     def done(self):
-        """Release the index and restore the numba thread count changed by ``fit``."""
+        """Release the index and restore ipq_index's default thread count changed by ``fit``."""
         if self._saved_threads is not None:
-            import numba
+            import ipq_index
 
-            numba.set_num_threads(self._saved_threads)
+            ipq_index.set_num_threads(self._saved_threads)
             self._saved_threads = None
         self.index = None
         self._batch = None

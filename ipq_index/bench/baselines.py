@@ -1,9 +1,14 @@
 """FAISS, hnswlib and ScaNN baselines behind the same wrapper contract as
-:class:`ipq_index.ann_benchmarks.module.IpqIndex` (``fit``,
+:class:`ipq_index.bench.ann_benchmarks.module.IpqIndex` (``fit``,
 ``set_query_arguments``, ``query``, ``batch_query``, ``get_batch_results``,
 ``get_memory_usage``, ``done``, ``__str__``), so ``ipq bench`` times every
 library the same way.  All search by raw inner product; ``"angular"``
 normalises data and queries first.
+
+Bytes per vector: every wrapper has ``file_bytes_per_vector()`` and
+``ram_bytes_per_vector()``.  The baselines hold no derived search structures
+besides what they store, so both return the same number (FAISS: see
+:func:`faiss_bytes_per_vector`; hnswlib and ScaNN: estimates).
 
 * :class:`FaissIndex`: ``faiss.index_factory(d, spec, METRIC_INNER_PRODUCT)``;
   query arguments are ``faiss.ParameterSpace`` settings (``"k_factor_rf=4"``,
@@ -21,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ann_benchmarks.module import _unit, normalize_metric
+from .params import collect_query_args, normalize_metric, unit
 
-__all__ = ["FaissIndex", "HnswlibIndex", "ScannIndex", "DEFAULT_K_FACTOR_RF"]
+__all__ = ["FaissIndex", "HnswlibIndex", "ScannIndex", "DEFAULT_K_FACTOR_RF", "faiss_bytes_per_vector"]
 
 #: k_factor_rf given to FAISS refine indexes when the config sets none.
 DEFAULT_K_FACTOR_RF = 4
@@ -31,6 +36,52 @@ DEFAULT_K_FACTOR_RF = 4
 
 def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _faiss_held_bytes(index) -> float | None:
+    """Per-vector bytes of the data a FAISS index keeps for each vector, or
+    ``None`` for structures this does not model (graphs and others)."""
+    import faiss
+
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexRefine):  # base codes + refine codes
+        base, refine = _faiss_held_bytes(idx.base_index), _faiss_held_bytes(idx.refine_index)
+        return None if base is None or refine is None else base + refine
+    if isinstance(idx, faiss.IndexPreTransform):  # the transform (PCA, OPQ) is trained state
+        return _faiss_held_bytes(idx.index)
+    if isinstance(idx, faiss.IndexIDMap):  # explicit int64 ids
+        inner = _faiss_held_bytes(idx.index)
+        return None if inner is None else inner + 8
+    if isinstance(idx, faiss.IndexIVF):  # inverted lists: code + int64 id per vector
+        return float(idx.code_size + 8)
+    if isinstance(idx, (faiss.IndexFlatCodes, faiss.IndexFastScan)):  # codes only, ids implicit
+        return float(idx.sa_code_size())
+    return None
+
+
+def faiss_bytes_per_vector(index) -> float:
+    """Bytes a FAISS index holds per vector, in memory and in its file alike.
+
+    * flat codes (``Flat``, ``SQ``, ``PQ``, fast-scan, ``RaBitQ``, ...): the code,
+      ``sa_code_size()``; vectors are numbered implicitly, no ids are stored;
+    * IVF: the list code plus the 8-byte id stored next to it;
+    * refine (``RFlat``): base codes plus refine codes; a pre-transform (PCA,
+      OPQ): what the transformed index holds;
+    * anything else (e.g. HNSW, whose graph is not modelled here): the
+      serialised index size divided by ``ntotal`` (it includes the trained
+      parameters, so it overstates a little).
+
+    NaN for an empty index.
+    """
+    import faiss
+
+    n = int(index.ntotal)
+    if n == 0:
+        return float("nan")
+    held = _faiss_held_bytes(index)
+    if held is not None:
+        return held
+    return float(faiss.serialize_index(index).nbytes / n)
 
 
 class _Wrapper:
@@ -48,7 +99,7 @@ class _Wrapper:
         if X.ndim == 1:
             X = X[None, :]
         X = np.ascontiguousarray(X, dtype=np.float32)
-        return _unit(X) if self.metric == "angular" else X
+        return unit(X) if self.metric == "angular" else X
 
     @property
     def query_params(self) -> dict:
@@ -68,8 +119,17 @@ class _Wrapper:
         return self._batch
 
     def get_memory_usage(self):
+        """Index size in kB: ``ram_bytes_per_vector() * ntotal / 1024`` (0 before ``fit``)."""
         n = self._ntotal()
-        return 0.0 if n == 0 else self.bytes_per_vector() * n / 1024.0
+        return 0.0 if n == 0 else self.ram_bytes_per_vector() * n / 1024.0
+
+    def file_bytes_per_vector(self) -> float:
+        """Per-vector bytes the library writes when saving the index (= :meth:`ram_bytes_per_vector`)."""
+        return self._vector_bytes()
+
+    def ram_bytes_per_vector(self) -> float:
+        """Per-vector bytes the index holds in memory (= :meth:`file_bytes_per_vector`)."""
+        return self._vector_bytes()
 
     def get_additional(self):
         return {}
@@ -137,8 +197,6 @@ class FaissIndex(_Wrapper):
         return self
 
     def set_query_arguments(self, *args):
-        from .config import collect_query_args
-
         params = collect_query_args(args, (), "faiss query argument")
         if self.index is not None:
             self._apply({**self._defaults(), **params})
@@ -161,18 +219,9 @@ class FaissIndex(_Wrapper):
             faiss.omp_set_num_threads(1)
         self._batch = (np.asarray(D, np.float32), np.asarray(I, np.int64))
 
-    def bytes_per_vector(self) -> float:
-        """``sa_code_size()`` (per-vector code; for refine indexes it includes the
-        refine store), else the serialised size divided by ``ntotal``."""
-        import faiss
-
-        try:
-            n = faiss.downcast_index(self.index).sa_code_size()
-            if n > 0:
-                return float(n)
-        except Exception:  # noqa: BLE001 - not every index implements sa_code_size
-            pass
-        return float(faiss.serialize_index(self.index).nbytes / max(1, self.index.ntotal))
+    def _vector_bytes(self) -> float:
+        """See :func:`faiss_bytes_per_vector`."""
+        return faiss_bytes_per_vector(self.index)
 
     def done(self):
         import faiss
@@ -221,8 +270,6 @@ class HnswlibIndex(_Wrapper):
         return self
 
     def set_query_arguments(self, *args):
-        from .config import collect_query_args
-
         params = collect_query_args(args, ("ef",), "hnswlib query argument")
         bad = sorted(set(params) - {"ef"})
         if bad:
@@ -248,7 +295,7 @@ class HnswlibIndex(_Wrapper):
     def batch_query(self, X, n):
         self._batch = self._search(self._prep(X), n, self.threads or -1)
 
-    def bytes_per_vector(self) -> float:
+    def _vector_bytes(self) -> float:
         """Estimate: float32 vector + level-0 links (2M + 1 int32) + 8-byte label
         (upper graph levels, about 1/M of the nodes, are ignored)."""
         return float(4 * self.d + 4 * (2 * self.M + 1) + 8) if self.d else float("nan")
@@ -310,8 +357,6 @@ class ScannIndex(_Wrapper):
         return self
 
     def set_query_arguments(self, *args):
-        from .config import collect_query_args
-
         params = collect_query_args(args, self.QUERY_NAMES, "scann query argument")
         bad = sorted(set(params) - set(self.QUERY_NAMES))
         if bad:
@@ -339,7 +384,7 @@ class ScannIndex(_Wrapper):
         ids, scores = self.index.search_batched_parallel(self._prep(X), **self._kwargs(min(int(n), self._n)))
         self._batch = (np.asarray(scores, np.float32), np.asarray(ids, np.int64))
 
-    def bytes_per_vector(self) -> float:
+    def _vector_bytes(self) -> float:
         """Estimate: 4-bit code per ``dims_per_block`` dimensions, the float32
         re-order copy (when ``reorder``) and a 4-byte id."""
         if not self.d:

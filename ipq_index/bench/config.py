@@ -10,7 +10,7 @@ A config file describes one dataset and a list of methods to compare::
     repeats: 2                      # timing runs, best kept (default 2)
     seed: 0                         # seed of the subsampling (default 0)
     train_queries: 0                # hold N database rows out as ipq sample queries (default 0)
-    warmup: true                    # throw-away ipq build first, so numba loading is not timed
+    warmup: true                    # compile each ipq spec's kernels before its timed build (compile_s)
     methods:
       - library: ipq                # ipq | faiss | hnswlib | scann (optional)
         spec: PCA,ASQ4,Rerank4      # factory string; a list of strings sweeps builds
@@ -34,7 +34,7 @@ What the values mean per library:
 * ``ipq``: keyword arguments of ``index.search`` -- a mapping
   (``{rerank: [0, 2, 4]}``, later ``{nprobe: [...]}``, ``{ef: [...]}``),
   ``"name=value"`` strings, or bare positional values mapped to the names in
-  :data:`ipq_index.ann_benchmarks.module.QUERY_ARG_NAMES` (``rerank``,
+  :data:`ipq_index.bench.params.QUERY_ARG_NAMES` (``rerank``,
   ``nprobe``, ``ef``).  Names are checked against ``index.search`` when the
   index is built, not here (the set of index structures grows).
 * ``faiss``: ``faiss.ParameterSpace`` settings, as ``"name=value"`` strings
@@ -61,7 +61,8 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from .params import QUERY_ARG_NAMES
 
 __all__ = [
     "ConfigError",
@@ -70,8 +71,6 @@ __all__ = [
     "BenchConfig",
     "expand_args",
     "load_config",
-    "parse_params",
-    "parse_value",
 ]
 
 #: Libraries a method entry may name.
@@ -81,7 +80,7 @@ _TOP_KEYS = ("dataset", "name", "n_train", "n_test", "k", "threads", "repeats", 
              "train_queries", "warmup", "methods", "description")
 _METHOD_KEYS = ("library", "name", "spec", "args", "query_args", "disabled")
 _HNSW_ARGS = ("M", "ef_construction")
-#: ScaNN build settings -> (type, minimum); see :class:`ipq_index.baselines.ScannIndex`.
+#: ScaNN build settings -> (type, minimum); see :class:`ipq_index.bench.baselines.ScannIndex`.
 _SCANN_ARGS = {"num_leaves": (int, 1), "avq_threshold": (float, 0.0), "dims_per_block": (int, 1),
                "reorder": (int, 0), "training_sample_size": (int, 1)}
 _SCANN_QUERY = ("leaves_to_search", "reorder")
@@ -166,8 +165,6 @@ def _check_query_combo(library: str, combo: tuple, where: str) -> None:
             if isinstance(arg, bool) or not isinstance(arg, int) or arg < 1:
                 raise ConfigError(f"{where}: hnswlib ef must be a positive int, got {arg!r}")
     if library == "ipq":
-        from .ann_benchmarks.module import QUERY_ARG_NAMES
-
         bare = [a for a in combo if not isinstance(a, dict) and not (isinstance(a, str) and "=" in a)]
         if len(bare) > len(QUERY_ARG_NAMES):
             raise ConfigError(f"{where}: {len(bare)} positional query arguments, but only "
@@ -408,60 +405,3 @@ def load_config(path) -> BenchConfig:
         return BenchConfig.from_dict(raw, source=str(p))
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
-
-
-# --------------------------------------------------------------------------- key=value parameters
-
-
-def parse_value(text: str):
-    """``"4"`` -> 4, ``"0.5"`` -> 0.5, ``"true"``/``"false"`` -> bool,
-    ``"none"``/``"null"`` -> None, anything else stays a string."""
-    t = text.strip()
-    low = t.lower()
-    if low in ("none", "null"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            return conv(t)
-        except ValueError:
-            pass
-    return t
-
-
-def collect_query_args(args, names=(), where: str = "query argument") -> dict:
-    """Merge ann-benchmarks ``set_query_arguments(*args)`` into one dict.
-
-    Each argument is a dict, a ``"name=value"`` string, or a bare value taken
-    positionally by ``names``; ``None`` values are dropped.
-    """
-    params: dict = {}
-    bare = []
-    for a in args:
-        if isinstance(a, dict):
-            params.update(a)
-        elif isinstance(a, str) and "=" in a:
-            params.update(parse_params([a], where))
-        else:
-            bare.append(a)
-    if len(bare) > len(names):
-        raise ValueError(f"{where}: {len(bare)} positional value(s) {bare!r} but only "
-                         f"{len(names)} name(s) {list(names)}; pass a dict or 'name=value' strings")
-    params.update(zip(names, bare))
-    return {k: v for k, v in params.items() if v is not None}
-
-
-def parse_params(items, where: str = "--param") -> dict:
-    """Parse ``["rerank=2", "nprobe=16,ef=64"]`` into ``{"rerank": 2, "nprobe": 16, "ef": 64}``."""
-    out = {}
-    for item in items or ():
-        for part in str(item).split(","):
-            if not part.strip():
-                continue
-            key, sep, value = part.partition("=")
-            key = key.strip()
-            if not sep or not key or not key.isidentifier():
-                raise ValueError(f"{where}: expected key=value (e.g. rerank=2), got {part.strip()!r}")
-            out[key] = parse_value(value)
-    return out

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .params import unit
+
 __all__ = [
     "Dataset",
     "METRICS",
@@ -60,7 +62,7 @@ _METRIC_ALIASES = {
     "l2": "euclidean",
 }
 
-_DATA_DIR = Path(__file__).resolve().parent / "data"
+_DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # ipq_index/data
 
 #: Names of the samples shipped in ``ipq_index/data``.
 SAMPLES = ("minilm", "glove50")
@@ -345,12 +347,6 @@ def write_ivecs(path, X) -> None:
 # --------------------------------------------------------------------------- ground truth
 
 
-def _l2_normalize(X: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return np.ascontiguousarray(X / norms, dtype=np.float32)
-
-
 def ground_truth(train, test, k: int = GT_K, metric: str = "dot"):
     """Exact top-``k`` neighbours of every ``test`` row among the ``train`` rows.
 
@@ -379,7 +375,7 @@ def ground_truth(train, test, k: int = GT_K, metric: str = "dot"):
         raise ValueError(f"k={k} exceeds the number of train vectors ({X.shape[0]})")
     d = X.shape[1]
     if metric == "angular":
-        X, Q = _l2_normalize(X), _l2_normalize(Q)
+        X, Q = unit(X), unit(Q)
     if metric == "euclidean":
         index = faiss.IndexFlatL2(d)
     else:

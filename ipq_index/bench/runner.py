@@ -1,24 +1,35 @@
-"""Benchmark core: measure methods on a MIPS dataset, write CSV, plot recall vs QPS.
+"""Benchmark runner (``ipq bench``): measure methods on a MIPS dataset (query-argument
+sweeps), Pareto fronts, CSV output, recall-vs-QPS plots.
 
 Every method is driven through the ann-benchmarks wrapper contract
-(:class:`ipq_index.ann_benchmarks.module.IpqIndex` for ipq,
-:class:`ipq_index.baselines.FaissIndex` / :class:`~ipq_index.baselines.HnswlibIndex` /
-:class:`~ipq_index.baselines.ScannIndex` for the baselines; ScaNN is optional and
+(:class:`ipq_index.bench.ann_benchmarks.module.IpqIndex` for ipq,
+:class:`ipq_index.bench.baselines.FaissIndex` / :class:`~ipq_index.bench.baselines.HnswlibIndex` /
+:class:`~ipq_index.bench.baselines.ScannIndex` for the baselines; ScaNN is optional and
 skipped with a note when it does not import): ``fit`` once, then for every query-argument setting
 ``set_query_arguments``, ``batch_query`` and a loop of ``query``.  Measured per
 (method, query setting) row:
 
-* ``build_s``          ``fit`` wall time (train + add, ``time.perf_counter``), ``threads`` threads;
+* ``compile_s``        ipq: seconds of ``ipq_index.warmup(spec)``, called just before the
+                       timed ``fit``: compiles (or loads from numba's cache) every kernel the
+                       spec uses; NaN for libraries without JIT compilation and with
+                       ``warmup: false`` (compilation then falls inside ``build_s``);
+* ``build_s``          ``fit`` wall time (train + add + derived search structures,
+                       ``time.perf_counter``), ``threads`` threads, compilation excluded;
 * ``recall_at_k``      fraction of the true top-k ids found in the returned top-k
                        (ground truth: the dataset's exact inner-product ``neighbors``);
 * ``qps_single``       one ``query`` call per query vector, one thread; the whole loop
                        is timed, best of ``repeats`` runs;
 * ``qps_batch``        all queries in one ``batch_query`` call with ``threads`` threads,
                        best of ``repeats`` runs;
-* ``bytes_per_vector`` ipq: ``index.nbytes / len(index)`` (codes, scales, ids, re-rank
-                       copy); FAISS: ``sa_code_size()`` (includes a refine store), else the
-                       serialised size per vector; hnswlib: an estimate (vector + level-0
-                       links + label);
+* ``file_bytes_per_vector``  what the saved index holds per vector.  ipq:
+                       ``index.stored_nbytes / len(index)`` (codes, scales, ids, re-rank
+                       copy, structure arrays: what ``save`` writes, model excluded);
+* ``ram_bytes_per_vector``   what the index holds in memory per vector.  ipq:
+                       ``index.nbytes / len(index)`` (the above plus derived search
+                       structures such as the fast-scan coarse codes);
+                       FAISS (both columns): the code plus the 8-byte id where FAISS stores
+                       ids (IVF lists), see :func:`~ipq_index.bench.baselines.faiss_bytes_per_vector`;
+                       hnswlib, ScaNN (both columns): estimates;
 * ``rel_ip_error``     mean over queries of  sum (s_hat - s)^2 / sum s^2  over the returned
                        top-k, s_hat the returned score, s the exact inner product (0 for
                        exact scorers: Flat, a Flat re-rank, hnswlib).
@@ -28,9 +39,7 @@ Pareto-optimal rows in recall and single-thread / batch QPS, :func:`pareto_front
 and :func:`plot` (two panels, single-thread and batch, fronts highlighted).
 
 Datasets with metric ``angular`` are L2-normalised first (then searched by inner
-product); ``euclidean`` is rejected.  Before each ipq method a throw-away index
-with the same spec is built on a small low-dimensional slice, so loading /
-compiling numba kernels is not charged to the measured build.
+product); ``euclidean`` is rejected.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import numpy as np
 
 from .config import BenchConfig, MethodConfig
 from .datasets import Dataset, ground_truth, load, subsample
+from .params import unit
 
 __all__ = [
     "COLUMNS",
@@ -83,11 +93,13 @@ COLUMNS = [
     "library",
     "method",
     "params",
+    "compile_s",
     "build_s",
     "recall_at_k",
     "qps_single",
     "qps_batch",
-    "bytes_per_vector",
+    "file_bytes_per_vector",
+    "ram_bytes_per_vector",
     "rel_ip_error",
     "n_train",
     "n_test",
@@ -103,11 +115,13 @@ class Result:
     library: str
     method: str
     params: str
+    compile_s: float
     build_s: float
     recall_at_k: float
     qps_single: float
     qps_batch: float
-    bytes_per_vector: float
+    file_bytes_per_vector: float
+    ram_bytes_per_vector: float
     rel_ip_error: float
     n_train: int
     n_test: int
@@ -164,12 +178,6 @@ def best_time(fn, repeats: int) -> float:
 # --------------------------------------------------------------------------- data
 
 
-def _unit(A: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(A, axis=1, keepdims=True)
-    n[n == 0] = 1
-    return np.ascontiguousarray(A / n, dtype=np.float32)
-
-
 def prepare_dataset(dataset, *, n_train=None, n_test=None, seed: int = 0,
                     train_queries: int = 0) -> tuple[Dataset, np.ndarray | None]:
     """Load ``dataset`` (HDF5 path or ``sample:<name>``), normalise ``angular``
@@ -182,7 +190,7 @@ def prepare_dataset(dataset, *, n_train=None, n_test=None, seed: int = 0,
     if ds.metric == "euclidean":
         raise ValueError(f"{ds.name}: metric 'euclidean' is not a MIPS problem; use a dot/angular dataset")
     if ds.metric == "angular":
-        ds = Dataset(ds.name, _unit(ds.train), _unit(ds.test), ds.neighbors, ds.distances, "dot",
+        ds = Dataset(ds.name, unit(ds.train), unit(ds.test), ds.neighbors, ds.distances, "dot",
                      ds.provenance)
     held = None
     if train_queries:
@@ -212,13 +220,15 @@ def ground_truth_ids(ds: Dataset, k: int) -> np.ndarray:
 # --------------------------------------------------------------------------- methods
 
 
-def make_algorithm(method: MethodConfig, metric: str = "dot", threads: int | None = None):
-    """The wrapper-contract object for one (resolved) method."""
+def make_algorithm(method: MethodConfig, metric: str = "dot", threads: int | None = None,
+                   warmup: bool = True):
+    """The wrapper-contract object for one (resolved) method.  ``warmup=False``:
+    an ipq ``fit`` does not compile the spec's kernels first (see :func:`measure`)."""
     if method.library == "ipq":
         from .ann_benchmarks.module import IpqIndex
 
         return IpqIndex(metric, method.spec, build_args=method.args,
-                        threads=-1 if threads is None else threads)
+                        threads=-1 if threads is None else threads, warmup=warmup)
     if method.library == "faiss":
         from .baselines import FaissIndex
 
@@ -275,7 +285,8 @@ def check_method(method: MethodConfig, d: int) -> None:
         if method.library == "ipq":
             import ipq_index
 
-            from .ann_benchmarks.module import IpqIndex, check_search_params
+            from .ann_benchmarks.module import IpqIndex
+            from .params import check_search_params
 
             index = ipq_index.index_factory(d, method.spec, **method.args)
             probe = IpqIndex("dot", method.spec)
@@ -294,49 +305,37 @@ def check_method(method: MethodConfig, d: int) -> None:
         raise ValueError(f"method {method.name!r} ({method.library}): {e}") from None
 
 
-def _warmup_ipq(method: MethodConfig, ds: Dataset, k: int, threads) -> None:
-    """Throw-away build + searches on a small low-dimensional slice: loads / compiles
-    the numba kernels that spec uses (their types do not depend on d or n)."""
-    from .ann_benchmarks.module import IpqIndex
-
-    n = min(ds.n_train, 4096)  # enough rows for IVF specs up to IVF4096
-    dw = min(ds.d, 16)
-    X = np.ascontiguousarray(ds.train[:n, :dw])
-    Q = np.ascontiguousarray(ds.test[: min(ds.n_test, 16), :dw])
-    w = IpqIndex("dot", method.spec, build_args=method.args, threads=-1 if threads is None else threads)
-    try:
-        w.fit(X)
-        kw = min(k, n)
-        for combo in method.query_args:
-            w.set_query_arguments(*combo)
-            w.query(Q[0], kw)
-            w.batch_query(Q, kw)
-    finally:
-        w.done()
-
-
 def measure(algo, *, dataset: str, library: str, method: str, X: np.ndarray, Q: np.ndarray,
             gt: np.ndarray, k: int, query_args=((),), repeats: int = 2,
-            train_queries: np.ndarray | None = None, on_row=None) -> list[Result]:
+            train_queries: np.ndarray | None = None, on_row=None, warmup: bool = True) -> list[Result]:
     """Build ``algo`` on ``X`` and measure it at every query-argument setting.
 
-    ``algo`` follows the ann-benchmarks wrapper contract; ``get_batch_arrays()``
-    (scores and ids) is used when present, otherwise scores are unknown and
-    ``rel_ip_error`` is NaN.  ``on_row(result)`` is called after every row.
-    ``algo.done()`` is always called.
+    ``algo`` follows the ann-benchmarks wrapper contract.  With ``warmup`` and an
+    ``algo.warmup()`` (ipq: ``ipq_index.warmup(spec)``), that is called first and
+    its seconds are ``compile_s``; the timed ``fit`` (``build_s``) then excludes
+    compilation.  ``file_bytes_per_vector()`` / ``ram_bytes_per_vector()`` are used
+    when present, else ``get_memory_usage()`` for RAM and NaN for the file.
+    ``get_batch_arrays()`` (scores and ids) is used when present, otherwise scores
+    are unknown and ``rel_ip_error`` is NaN.  ``on_row(result)`` is called after
+    every row.  ``algo.done()`` is always called.
     """
     results = []
     try:
+        compile_s = float("nan")
+        if warmup and hasattr(algo, "warmup"):
+            compile_s = float(algo.warmup())
         t0 = time.perf_counter()
         if train_queries is not None:
             algo.fit(X, queries=train_queries)
         else:
             algo.fit(X)
         build_s = time.perf_counter() - t0
-        if hasattr(algo, "bytes_per_vector"):
-            bpv = float(algo.bytes_per_vector())
+        if hasattr(algo, "ram_bytes_per_vector"):
+            file_bpv = float(algo.file_bytes_per_vector())
+            ram_bpv = float(algo.ram_bytes_per_vector())
         else:
-            bpv = float(algo.get_memory_usage()) * 1024.0 / max(1, X.shape[0])
+            file_bpv = float("nan")
+            ram_bpv = float(algo.get_memory_usage()) * 1024.0 / max(1, X.shape[0])
         nq = Q.shape[0]
         for combo in query_args:
             if combo:
@@ -364,8 +363,9 @@ def measure(algo, *, dataset: str, library: str, method: str, X: np.ndarray, Q: 
             params = algo.query_params_str() if hasattr(algo, "query_params_str") else \
                 ",".join(map(str, combo))
             r = Result(dataset=dataset, library=library, method=method, params=params,
-                       build_s=build_s, recall_at_k=recall_at_k(ids, gt, k),
-                       qps_single=nq / t_single, qps_batch=nq / t_batch, bytes_per_vector=bpv,
+                       compile_s=compile_s, build_s=build_s, recall_at_k=recall_at_k(ids, gt, k),
+                       qps_single=nq / t_single, qps_batch=nq / t_batch,
+                       file_bytes_per_vector=file_bpv, ram_bytes_per_vector=ram_bpv,
                        rel_ip_error=err, n_train=int(X.shape[0]), n_test=int(nq), k=int(k))
             results.append(r)
             if on_row is not None:
@@ -380,9 +380,10 @@ def run_methods(methods, ds: Dataset, gt: np.ndarray, *, k: int = 10, threads: i
                 strict: bool = False, quiet: bool = False, dataset_label: str | None = None) -> list[Result]:
     """Measure every method (``MethodConfig``, ``{d}`` placeholders allowed).
 
-    Specs and query-argument names are validated first (``ValueError``).  A
-    method that fails while running is reported on stderr and skipped, unless
-    ``strict``.  Progress: a tqdm bar on stderr (hidden when ``quiet`` or when
+    Specs and query-argument names are validated first (``ValueError``).  With
+    ``warmup``, each ipq spec's kernels are compiled before its timed build
+    (``compile_s``, see :func:`measure`).  A method that fails while running is
+    reported on stderr and skipped, unless ``strict``.  Progress: a tqdm bar on stderr (hidden when ``quiet`` or when
     stderr is not a terminal); notes on stderr unless ``quiet``.
     """
     from tqdm import tqdm
@@ -408,12 +409,7 @@ def run_methods(methods, ds: Dataset, gt: np.ndarray, *, k: int = 10, threads: i
             note(f"  {m.library} {m.name} ({len(m.query_args)} setting(s)) ...")
             done_rows = []
             try:
-                if m.library == "ipq" and warmup:
-                    try:
-                        _warmup_ipq(m, ds, k, threads)
-                    except Exception as e:  # noqa: BLE001 - the real build reports real errors
-                        note(f"    (warm-up of {m.name!r} failed: {type(e).__name__}: {e})")
-                algo = make_algorithm(m, "dot", threads)
+                algo = make_algorithm(m, "dot", threads, warmup=warmup)
 
                 def on_row(r):
                     done_rows.append(r)
@@ -422,7 +418,7 @@ def run_methods(methods, ds: Dataset, gt: np.ndarray, *, k: int = 10, threads: i
                 results.extend(measure(algo, dataset=label, library=m.library, method=m.name,
                                        X=ds.train, Q=ds.test, gt=gt, k=k, query_args=m.query_args,
                                        repeats=repeats, train_queries=held if m.library == "ipq" else None,
-                                       on_row=on_row))
+                                       on_row=on_row, warmup=warmup))
             except Exception as e:  # noqa: BLE001
                 if strict:
                     raise
@@ -527,22 +523,38 @@ def best_qps_at_recall(results: list[Result], min_recall: float, attr: str = "qp
 # --------------------------------------------------------------------------- output
 
 
-def _fmt(v, spec):
-    return "nan" if isinstance(v, float) and math.isnan(v) else format(v, spec)
+def _fmt(v, spec, nan="nan"):
+    if isinstance(v, float) and math.isnan(v):
+        return format(nan, ">" + "".join(c for c in spec.split(".")[0] if c.isdigit()))
+    return format(v, spec)
+
+
+#: What the table's time and size columns mean (printed under it).
+TABLE_FOOTNOTE = (
+    "compile s: ipq_index.warmup(spec) before the build (numba compilation or cache load; "
+    "'-': none or not separated); build s: fit (train + add), compilation excluded.\n"
+    "file B/vec: what the saved index holds per vector (ipq: index.stored_nbytes / n = codes, "
+    "scales, ids, re-rank copy, structure arrays).\n"
+    "RAM B/vec: what the index holds in memory per vector (ipq: index.nbytes / n, adds derived "
+    "search structures).  FAISS, both columns: code size (sa_code_size) plus 8-byte id where "
+    "FAISS stores ids (IVF); hnswlib, ScaNN: estimates.")
 
 
 def format_table(results: list[Result], k: int) -> str:
     """A fixed-width text table of the results."""
     wm = max([24] + [len(r.method) for r in results])
     wp = max([6] + [len(r.params) for r in results])
-    head = (f"{'library':<7} {'method':<{wm}} {'params':<{wp}} {'build_s':>8} {'recall@' + str(k):>9} "
-            f"{'qps_1t':>9} {'qps_batch':>10} {'B/vec':>8} {'rel_ip_err':>10}")
+    head = (f"{'library':<7} {'method':<{wm}} {'params':<{wp}} {'compile s':>9} {'build s':>8} "
+            f"{'recall@' + str(k):>9} {'qps_1t':>9} {'qps_batch':>10} {'file B/vec':>10} "
+            f"{'RAM B/vec':>10} {'rel_ip_err':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r.library:<7} {r.method:<{wm}} {r.params or '-':<{wp}} {_fmt(r.build_s, '8.2f')} "
-            f"{_fmt(r.recall_at_k, '9.4f')} {_fmt(r.qps_single, '9.0f')} {_fmt(r.qps_batch, '10.0f')} "
-            f"{_fmt(r.bytes_per_vector, '8.1f')} {_fmt(r.rel_ip_error, '10.2e')}")
+            f"{r.library:<7} {r.method:<{wm}} {r.params or '-':<{wp}} {_fmt(r.compile_s, '9.2f', '-')} "
+            f"{_fmt(r.build_s, '8.2f')} {_fmt(r.recall_at_k, '9.4f')} {_fmt(r.qps_single, '9.0f')} "
+            f"{_fmt(r.qps_batch, '10.0f')} {_fmt(r.file_bytes_per_vector, '10.1f')} "
+            f"{_fmt(r.ram_bytes_per_vector, '10.1f')} {_fmt(r.rel_ip_error, '10.2e')}")
+    lines.append(TABLE_FOOTNOTE)
     return "\n".join(lines)
 
 
@@ -581,11 +593,22 @@ def write_pareto_csv(results: list[Result], path) -> Path:
 
 
 def read_csv(path) -> list[Result]:
-    """Rows written by :func:`write_csv` (or :func:`write_pareto_csv`, ``front`` dropped)."""
+    """Rows written by :func:`write_csv` (or :func:`write_pareto_csv`, ``front`` dropped).
+
+    Numeric columns missing from the file read as NaN: ``compile_s`` and the two
+    byte columns in files from before they existed (their single
+    ``bytes_per_vector`` column had another definition and is not read).
+    """
     types = {f: t for f, t in Result.__annotations__.items()}
     conv = {"float": float, "int": int, "str": str}
     with open(path, newline="") as f:
-        return [Result(**{c: conv[types[c]](row[c]) for c in COLUMNS}) for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        bad = [c for c in missing if types[c] != "float"]
+        if bad:
+            raise ValueError(f"{path}: not a benchmark result CSV (missing column(s) {bad})")
+        return [Result(**{c: float("nan") if c in missing else conv[types[c]](row[c]) for c in COLUMNS})
+                for row in reader]
 
 
 #: Colour of each library in the plots: its Pareto band (tab10) and the colour map
@@ -636,7 +659,7 @@ def _plot_panel(ax, results: list[Result], attr: str, colors: tuple, *, label: b
         ax.plot([r.recall_at_k for r in rows], [getattr(r, attr) for r in rows],
                 marker=markers[i % len(markers)], markersize=4, linewidth=0.9,
                 color=curves[(lib, name)], linestyle="-" if lib == "ipq" else "--",
-                label=f"{lib}: {name} ({rows[0].bytes_per_vector:.0f} B)" if label else None)
+                label=f"{lib}: {name} ({rows[0].ram_bytes_per_vector:.0f} B/vec RAM)" if label else None)
     for lib, rows in _by_library(results).items():
         front = pareto_front(rows, attr)
         ax.plot([r.recall_at_k for r in front], [getattr(r, attr) for r in front], color=bands[lib],
