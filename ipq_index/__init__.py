@@ -12,8 +12,10 @@ from . import asq
 from ._numba import get_num_threads, set_num_threads
 from .encoder import ASQEncoder, EncoderConfig
 from .index import FlatIndex, index_factory, load, parse_spec, warmup
+from .settings import FlatSettings, GraphSettings, IVFSettings
 from .storage import FormatError
 
 __version__ = "0.1.0"
 __all__ = ["asq", "get_num_threads", "set_num_threads", "ASQEncoder", "EncoderConfig", "FlatIndex", "index_factory",
-           "load", "parse_spec", "warmup", "FormatError", "__version__"]
+           "load", "parse_spec", "warmup", "FlatSettings", "IVFSettings", "GraphSettings", "FormatError",
+           "__version__"]

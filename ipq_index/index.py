@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from . import storage
+from . import cost_model, storage
 from ._kernels import adc as _adc
 from ._kernels import cand_adc as _cand
 from ._kernels import fastscan as _fs
@@ -20,40 +20,16 @@ from ._kernels import rerank as _rr
 from ._numba import SERIAL_QUERIES, concat_rows, map_chunks, readonly, resolve_threads, split_rows
 from .encoder import ASQEncoder, EncoderConfig, check_matrix
 from .fastscan import FastScanner
+from .settings import NAVS, FlatSettings, GraphSettings, IVFSettings
 
 __all__ = ["FlatIndex", "IVFIndex", "GraphIndex", "index_factory", "load", "parse_spec", "warmup"]
 
-#: default candidate factor of the fast-scan stage (search parameter ``fs``),
-#: scaled by sqrt(ntotal / FASTSCAN_REF_ROWS) above that size: the coarse
-#: ranking errs more on larger corpora while rescoring stays cheap (10^6
-#: synthetic vectors, flat: recall@10 0.892 at fs=10, 0.941 at the default
-#: 32, QPS 626 vs 590; eval/results/scale_1m.txt)
-FASTSCAN_FACTOR = 10
-FASTSCAN_REF_ROWS = 100_000
-#: below this many vectors the exhaustive full-precision ADC scan is used
-FASTSCAN_MIN_ROWS = 4096
-#: share of the list-ordering variance the IVF probe scores keep (see
-#: IVFIndex._probe_space); 1.0 scores lists on every dimension
-PROBE_COVERAGE = 0.999
-#: IVF probe score <q, c_l> + PROBE_SPREAD_Z |q| s_l, s_l the RMS spread of
-#: list l's members around its centroid (query-energy weighted; see
-#: IVFIndex._list_spread): an upper-confidence score for the best inner
-#: product in the list.  Share of the true top-10 in the probed lists, 10^6
-#: synthetic, IVF1024, at 30k rows scanned: 0.941 (centroid only) -> 0.954
-#: (z = 2; 0.956 at z = 3); MiniLM 50k IVF256 nprobe=8: 0.730 -> 0.762 (z = 3
-#: gained less there at larger nprobe).  0 = centroid only.
-PROBE_SPREAD_Z = 2.0
-#: IVF fast-scan coarse codes quantize each row's residual to its list's
-#: centroid (``FastScanner`` ``residual``; unscaled codes), the scan adds
-#: <q, c_l> per list (10^6 synthetic IVF1024, 1,000 single queries,
-#: nprobe=44 rerank=2: direct codes, coverage 0.92, fs=25 0.943 @ 179 us;
-#: residual, coverage 0.95, fs=10 0.953 @ 140 us; MiniLM 50k IVF256: equal
-#: or +0.01 recall at equal QPS).  False:
-#: the rows' values, as in the flat index
-IVF_RESIDUAL = True
-#: k-means sample of an IVF index: 256 points per list up to this many points
-#: (at least 64 per list); IVF4096 on 10^6 vectors trains on 262,144
-IVF_TRAIN_POINTS = 262_144
+#: the default fast-scan candidate factor (setting ``fs``) grows as
+#: sqrt(rows scanned / FS_REF_ROWS) above that many rows: the coarse ranking
+#: errs more on larger corpora while rescoring stays cheap (10^6 synthetic
+#: vectors, flat: recall@10 0.892 at fs=10, 0.941 at 32, QPS 626 vs 590;
+#: eval/results/flat_ivf1024_1m_synthetic_fs_coverage_rerank_sweep.txt)
+FS_REF_ROWS = 100_000
 #: queries processed together (bounds the lookup-table memory)
 QUERY_CHUNK = 32
 
@@ -117,27 +93,30 @@ def parse_spec(spec: str) -> dict:
     return out
 
 
-def index_factory(d: int, spec: str, *, coverage: float | None = None, **encoder_overrides) -> "FlatIndex":
+def index_factory(d: int, spec: str, **options) -> "FlatIndex":
     """Build an untrained index from a factory string (see :func:`parse_spec`).
 
-    ``coverage`` sets the index's fast-scan coverage (see
-    ``FlatIndex.coverage``); ``encoder_overrides`` set :class:`EncoderConfig`
-    fields (e.g. ``seed``, ``sample_size``, ``method``).
+    ``options``: per-index settings (``FlatSettings`` / ``IVFSettings`` /
+    ``GraphSettings`` fields of the spec's structure, e.g. ``coverage``,
+    ``nprobe``, ``ef``) and :class:`EncoderConfig` fields (e.g. ``seed``,
+    ``sample_size``, ``method``).
     """
     if not isinstance(d, (int, np.integer)) or d < 1:
         raise ValueError(f"dimension d must be a positive int, got {d!r}")
     p = parse_spec(spec)
+    cls = {"hnsw": GraphIndex, "ivf": IVFIndex}.get(p["structure"], FlatIndex)
+    names = cls.settings_class.names()
+    unknown = set(options) - set(names) - set(EncoderConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)} for {spec!r}: settings of a {cls.__name__} are "
+                         f"{', '.join(names)}; encoder options are {', '.join(EncoderConfig.__dataclass_fields__)}")
+    settings = cls.settings_class().replace(**{k: v for k, v in options.items() if k in names})
     cfg = EncoderConfig.from_dict({"bits": p["bits"], "transform": p["transform"],
-                                   "rounding": p["rounding"], "scale": p["scale"],
-                                   "objective": p["objective"], **encoder_overrides})
-    if p["structure"] == "hnsw":
-        index = GraphIndex(int(d), p["M"], cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
-    elif p["structure"] == "ivf":
-        index = IVFIndex(int(d), p["nlist"], cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
-    else:
-        index = FlatIndex(int(d), cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec)
-    index.coverage = coverage
-    return index
+                                   "rounding": p["rounding"], "scale": p["scale"], "objective": p["objective"],
+                                   **{k: v for k, v in options.items() if k not in names}})
+    size = {"hnsw": (p.get("M"),), "ivf": (p.get("nlist"),)}.get(p["structure"], ())
+    return cls(int(d), *size, cfg, rerank=p["rerank"], rerank_dtype=p["rerank_dtype"], spec=spec,
+               settings=settings)
 
 
 def warmup(spec: str, d: int = 64) -> float:
@@ -155,7 +134,7 @@ def warmup(spec: str, d: int = 64) -> float:
     small = ",".join(f"IVF{min(p['nlist'], 16)}" if _IVF.match(t.strip()) else
                      f"HNSW{min(p['M'], 8)}" if _HNSW.match(t.strip()) else t.strip() for t in spec.split(","))
     rng = np.random.default_rng(0)
-    n = FASTSCAN_MIN_ROWS + 904  # reaches the fast-scan path
+    n = FlatSettings().fastscan_min_rows + 904  # reaches the fast-scan path
     X = (rng.standard_normal((n, d)) * np.linspace(2.0, 0.1, d)).astype(np.float32)
     index = index_factory(d, small)
     index.train(X)
@@ -168,11 +147,15 @@ class FlatIndex:
     """Exhaustive ADC scan over ASQ codes, with optional exact re-rank."""
 
     kind = "flat"
+    settings_class = FlatSettings
     _coverage_name = "COVERAGE"  # fastscan constant holding the default coverage (unscaled codes)
 
     def __init__(self, d: int, config: EncoderConfig | None = None, *, rerank: int = 0,
-                 rerank_dtype: str = "float16", spec: str | None = None):
+                 rerank_dtype: str = "float16", spec: str | None = None, settings: FlatSettings | None = None):
         self.d = int(d)
+        if settings is not None and not isinstance(settings, self.settings_class):
+            raise TypeError(f"settings of a {type(self).__name__} must be a {self.settings_class.__name__}")
+        self.settings = settings if settings is not None else self.settings_class()
         self.encoder = ASQEncoder(self.d, config or EncoderConfig())
         if rerank_dtype not in ("float16", "float32"):
             raise ValueError(f"rerank_dtype must be float16 or float32, got {rerank_dtype!r}")
@@ -186,8 +169,6 @@ class FlatIndex:
         self._scanner = None  # fast-scan candidate generator (derived, rebuilt lazily)
         self._scanner_rows = -1
         self._fused_args = None  # per-index arguments of the fused kernels (see _fused_arrays)
-        self._fused_memo = {}  # per-parameter fused calls (see _memo_search)
-        self._coverage = None
 
     def _default_spec(self):
         c = self.encoder.config
@@ -230,31 +211,41 @@ class FlatIndex:
         total += sum(int(np.asarray(a).nbytes) for a in self._extra_state()[1].values())
         return int(total)
 
+    def configure(self, **settings) -> "FlatIndex":
+        """Change per-index settings (see ``settings_class``; validated, saved
+        with the index); derived search structures are rebuilt on the next
+        search.  Returns the index."""
+        self.settings = self.settings.replace(**settings)
+        self._reset_derived()
+        return self
+
+    def _reset_derived(self):
+        """Drop what is derived from the codes and settings (rebuilt lazily)."""
+        self._scanner = None
+        self._fused_args = None
+        self.encoder._plans = {}
+
+    def resolved_settings(self) -> dict:
+        """The settings with automatic values resolved (what ``ipq info``
+        shows and ``save`` writes)."""
+        return {**self.settings.to_dict(), "coverage": self.coverage}
+
     @property
     def coverage(self) -> float:
         """Share of the estimated score variance the fast-scan coarse scores
-        keep (see ``FastScanner._coarse_bits``; default
-        ``fastscan.COVERAGE``, ``fastscan.COVERAGE_SCALED`` for scaled codes,
-        ``fastscan.NAV_COVERAGE`` for a graph's navigation codes).  Lower
-        values scan fewer bytes per row but rank candidates more coarsely
-        (raise ``fs`` to compensate).  Setting it rebuilds the derived
-        fast-scan structure on the next search; it is saved with the index."""
-        return self._default_coverage() if self._coverage is None else self._coverage
-
-    def _default_coverage(self) -> float:
+        keep (setting ``coverage``; automatic: ``fastscan.COVERAGE``,
+        ``fastscan.COVERAGE_SCALED`` for scaled codes, ``fastscan.NAV_COVERAGE``
+        for a graph's navigation codes).  Lower values scan fewer bytes per
+        row but rank candidates more coarsely (raise ``fs`` to compensate)."""
+        if self.settings.coverage is not None:
+            return self.settings.coverage
         from . import fastscan
 
         return fastscan.COVERAGE_SCALED if self.encoder.config.scale else getattr(fastscan, self._coverage_name)
 
     @coverage.setter
     def coverage(self, value):
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or \
-                    not 0.0 < float(value) <= 1.0:
-                raise ValueError(f"coverage must be a number in (0, 1], got {value!r}")
-            value = float(value)
-        self._coverage = value
-        self._scanner = None
+        self.configure(coverage=value)
 
     @property
     def code_size(self) -> int:
@@ -320,22 +311,17 @@ class FlatIndex:
         copy (default: the spec's factor; 0 disables).  ``fs``: candidate
         factor of the SIMD fast-scan stage (the best ``fs * max(k, rerank * k)``
         coarse scores are rescored with the full ADC; 0 scans every code with
-        the full ADC; default ``FASTSCAN_FACTOR``, growing as sqrt(n / 100,000)
+        the full ADC; default: the setting ``fs``, growing as sqrt(n / 100,000)
         above 100,000 vectors; used when the index holds at least
-        ``FASTSCAN_MIN_ROWS`` vectors).  Slots beyond the index size hold
+        ``fastscan_min_rows`` vectors).  Slots beyond the index size hold
         id -1 and score -inf.  ``return_std`` (unbiased codes only): also return
         an upper bound on the standard deviation of each returned score (0 for
         exactly re-ranked scores); see ``_search``.
         """
-        key = _memo_key(k, rerank, fs, num_threads) if not return_std else None
-        if key is not None:
-            out = self._memo_search(key, Q)
-            if out is not None:
-                return out
         fsf = self._fs_factor(fs, self.ntotal)
-        use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
+        use_fs = fsf > 0 and self.ntotal >= self.settings.fastscan_min_rows
         if use_fs and not return_std:
-            fused = self._try_fused(Q, k, rerank, num_threads, fsf, memo=key)
+            fused = self._try_fused(Q, k, rerank, num_threads, fsf)
             if fused is not None:
                 return fused
 
@@ -348,20 +334,19 @@ class FlatIndex:
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
 
-    def _try_fused(self, Q, k, rerank, num_threads, fsf, probe=None, memo=None):
+    def _try_fused(self, Q, k, rerank, num_threads, fsf, probe=None):
         """A few queries on one thread (validated here): the whole fast-scan
         search in one kernel (``_fs.scan_query_serial``), exact re-rank
         included; None when the staged path applies (many queries, or
         the rescoring plan wants lookup tables).  ``probe``: (dims, Ct,
         spread, nprobe) of an IVF index.  Same results as the staged path
-        (tested); saves the Python and dispatch between the stages.  With
-        ``memo`` (a ``_memo_key``), the call's arguments are kept for
-        ``_memo_search``."""
+        (tested); saves the Python and dispatch between the stages."""
         Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads)
         if Q.shape[0] >= SERIAL_QUERIES:
             return None
         ncand = self._coarse_count(fsf, kk)
-        plan = _rescore_plan(self.encoder, ncand, kk, exact_ns, cl=self._cand_layout(self._fast_scanner()))
+        plan = cost_model.rescore_plan(self.encoder, ncand, kk, exact_ns, self.settings.exact_preference,
+                             cl=self._cand_layout(self._fast_scanner()))
         if plan == "tables":
             return None
         rot, rot_lead, rot_cand, scan, adc, ids, V, no_V = self._fused_arrays()
@@ -372,43 +357,7 @@ class FlatIndex:
         # fields): rotate those alone
         R = {"exact": rot_lead, "cand": rot_cand}.get(plan, rot)
         args = (*R, *scan, *probe, ncand, *adc, kk, _PLAN_CODES[plan], ids, V if rr else no_V, k)
-        if memo is not None:
-            if len(self._fused_memo) >= 64:
-                self._fused_memo.clear()
-            self._fused_memo[memo] = (self._memo_token(), args, k)
         v, _, out_ids = _fs.scan_query_serial(Q, *args)
-        return v[:, :k], out_ids[:, :k]
-
-    def _memo_token(self):
-        """What a memoised fused call depends on beyond its parameters: the
-        rows, codes, encoder, fast scanner, stored copy (compared by
-        identity) and the defaults (``rerank``, ``nprobe``)."""
-        return (self.ids.shape[0], self.codes, self.encoder, self._scanner, self.vectors, self.rerank,
-                getattr(self, "nprobe", None))
-
-    def _memo_search(self, key, Q):
-        """The fused search of a parameter set seen before (``_try_fused``
-        keeps its arguments; the index unchanged since): only the queries
-        are validated (their parameters passed then; a float32 C-contiguous
-        (n, d) array of a few rows is passed as it is and the kernel checks
-        its values).  Several microseconds less Python per single-query
-        search (10^6 IVF: 7 -> ~3 us over the kernel call); None when it
-        does not apply."""
-        hit = self._fused_memo.get(key)
-        if hit is None:
-            return None
-        t, args, k = hit
-        if (t[0] != self.ids.shape[0] or t[1] is not self.codes or t[2] is not self.encoder
-                or t[3] is not self._scanner or t[4] is not self.vectors or t[5] != self.rerank
-                or t[6] != getattr(self, "nprobe", None)):
-            self._fused_memo.clear()  # stale: drop every entry (and the old arrays they hold)
-            return None
-        if not (type(Q) is np.ndarray and Q.dtype is _FLOAT32 and Q.ndim == 2 and Q.shape[1] == self.d
-                and 0 < Q.shape[0] < SERIAL_QUERIES and Q.flags.c_contiguous):
-            Q = check_matrix(Q, self.d, "queries")
-            if Q.shape[0] >= SERIAL_QUERIES:
-                return None
-        v, _, out_ids = _fs.scan_query_serial(Q, *args)  # raises ValueError on NaN / inf queries
         return v[:, :k], out_ids[:, :k]
 
     def _fused_arrays(self):
@@ -463,28 +412,28 @@ class FlatIndex:
 
     def _cand_layout(self, sc):
         """The SIMD candidate ADC's layout (``Encoder.candidate_layout``) of
-        the dimensions holding CAND_COVERAGE of the estimated score variance
+        the dimensions holding ``cand_coverage`` (setting) of the estimated score variance
         (the fast scanner's ``share``, largest first), or None when that
         kernel cannot serve the codes.  Cached per scanner."""
         got = getattr(sc, "_cand_layout", None)
         if got is None:
             keep = None
             share = sc.share
-            if CAND_COVERAGE < 1.0 and share.sum() > 0:
+            cover = self.settings.cand_coverage
+            if cover < 1.0 and share.sum() > 0:
                 order = np.argsort(-share, kind="stable")
                 cum = np.cumsum(share[order]) / share.sum()
                 keep = np.zeros(self.d, bool)
-                keep[order[:int(np.searchsorted(cum, CAND_COVERAGE)) + 1]] = True
+                keep[order[:int(np.searchsorted(cum, cover)) + 1]] = True
             got = sc._cand_layout = (self.encoder.candidate_layout(keep),)
         return got[0]
 
-    @staticmethod
-    def _fs_factor(fs, scanned_rows):
-        """Fast-scan candidate factor: ``fs`` if given, else FASTSCAN_FACTOR
-        grown by sqrt(rows scanned / FASTSCAN_REF_ROWS) above that size."""
+    def _fs_factor(self, fs, scanned_rows):
+        """Fast-scan candidate factor: ``fs`` if given, else the setting
+        ``fs`` grown by sqrt(rows scanned / FS_REF_ROWS) above that size."""
         if fs is not None:
             return _nonneg_int(fs, "fs")
-        return int(np.ceil(FASTSCAN_FACTOR * max(1.0, np.sqrt(scanned_rows / FASTSCAN_REF_ROWS))))
+        return int(np.ceil(self.settings.fs * max(1.0, np.sqrt(scanned_rows / FS_REF_ROWS))))
 
     def _coarse_count(self, fsf, kk):
         """Candidates the fast-scan stage passes to the full ADC: ``fs`` times
@@ -515,7 +464,8 @@ class FlatIndex:
             out = []  # (scores, rows(, std)) per chunk
             for q0 in range(a, b, QUERY_CHUNK):
                 Qc = Q[q0:min(b, q0 + QUERY_CHUNK)]
-                qb = _QueryBatch(self.encoder, Qc, exact_ns=exact_ns, part=part, q0=q0)
+                qb = _QueryBatch(self.encoder, Qc, exact_ns=exact_ns, part=part, q0=q0,
+                                 preference=self.settings.exact_preference)
                 cand_v, cand_r = candidates(qb, kk, codes, scales)
                 if rr:
                     sc, rows = _rerank_exact(Qc, np.asarray(self.vectors), cand_r, k)
@@ -561,8 +511,7 @@ class FlatIndex:
         nthreads = resolve_threads(num_threads)
         exact_ns = 0.0
         if rr:
-            near = np.asarray(self.vectors).nbytes <= EXACT_NEAR_BYTES
-            exact_ns = EXACT_NS_PER_DIM if near else EXACT_NS_PER_DIM_FAR
+            exact_ns = cost_model.exact_ns_per_dim(np.asarray(self.vectors).nbytes)
         return Q, rr, kk, nthreads, exact_ns
 
     def _scales(self):
@@ -614,8 +563,9 @@ class FlatIndex:
         enc_meta, arrays = self.encoder.state()
         meta = {"kind": self.kind, "spec": self.spec, "d": self.d, "ntotal": self.ntotal,
                 "encoder": enc_meta, "rerank": self.rerank, "rerank_dtype": self.rerank_dtype,
-                "search_defaults": {"rerank": self.rerank}, "library": "ipq_index",
-                "coverage": self._coverage}
+                "settings": self.resolved_settings(), "library": "ipq_index"}
+        meta["search_defaults"] = {"rerank": self.rerank, **{k: v for k, v in meta["settings"].items()
+                                                              if k in ("fs", "nprobe", "ef", "nav")}}
         arrays.update({"codes": np.asarray(self.codes), "ids": np.asarray(self.ids)})
         if self.encoder.config.scale:
             arrays["scales"] = np.asarray(self.scales)
@@ -623,7 +573,6 @@ class FlatIndex:
             arrays["vectors"] = np.asarray(self.vectors)
         extra_meta, extra_arrays = self._extra_state()
         meta.update(extra_meta)
-        meta["search_defaults"].update({k: v for k, v in extra_meta.items() if k in ("nprobe", "ef")})
         arrays.update(extra_arrays)
         storage.save_arrays(path, meta, arrays)
 
@@ -636,18 +585,19 @@ class FlatIndex:
     @classmethod
     def _from_state(cls, meta, arrays):
         enc = ASQEncoder.from_state(meta["encoder"], arrays)
-        if cls.kind == "ivf":
-            idx = cls(int(meta["d"]), int(meta["nlist"]), enc.config, rerank=int(meta["rerank"]),
-                      rerank_dtype=meta["rerank_dtype"], spec=meta["spec"], nprobe=int(meta["nprobe"]))
-        elif cls.kind == "hnsw":
-            idx = cls(int(meta["d"]), int(meta["M"]), enc.config, rerank=int(meta["rerank"]),
-                      rerank_dtype=meta["rerank_dtype"], spec=meta["spec"], ef=int(meta["ef"]),
-                      ef_construction=int(meta["ef_construction"]))
-        else:
-            idx = cls(int(meta["d"]), enc.config, rerank=int(meta["rerank"]),
-                      rerank_dtype=meta["rerank_dtype"], spec=meta["spec"])
+        if "settings" in meta:
+            saved = meta["settings"]
+        else:  # files written before settings were saved as one record
+            names = cls.settings_class.names()
+            saved = {k: meta[k] for k in ("coverage", "nprobe", "ef", "ef_construction") if k in meta and k in names}
+        try:
+            settings = cls.settings_class.from_dict(saved)
+        except (TypeError, ValueError) as e:
+            raise storage.FormatError(f"index file has bad settings: {e}") from None
+        size = {"ivf": (int(meta.get("nlist", 0)),), "hnsw": (int(meta.get("M", 0)),)}.get(cls.kind, ())
+        idx = cls(int(meta["d"]), *size, enc.config, rerank=int(meta["rerank"]), rerank_dtype=meta["rerank_dtype"],
+                  spec=meta["spec"], settings=settings)
         idx.encoder = enc
-        idx.coverage = meta.get("coverage")
         idx.codes = arrays["codes"]
         idx.ids = arrays["ids"]
         if enc.config.scale:
@@ -659,8 +609,10 @@ class FlatIndex:
         return idx
 
     def config_dict(self) -> dict:
+        """Everything that defines the index: spec, encoder options, default
+        re-rank factor and the (resolved) settings."""
         return {"spec": self.spec, "encoder": asdict(self.encoder.config), "rerank": self.rerank,
-                "coverage": self.coverage}
+                "settings": self.resolved_settings()}
 
 
 def _nonneg_int(value, name):
@@ -677,23 +629,37 @@ class IVFIndex(FlatIndex):
     The stored codes are *direct* (the same global encoder as the flat
     index, not residuals), so one encoder serves every list and scores are
     comparable across lists.  The fast-scan coarse codes derived from them
-    (not saved) are *residual* for unscaled codes (``IVF_RESIDUAL``): they
+    (not saved) are *residual* for unscaled codes (setting ``residual``): they
     quantize each row's decoded vector minus its list's centroid, and the
     scan adds <q, c_l> per probed list.
     """
 
     kind = "ivf"
+    settings_class = IVFSettings
 
     def __init__(self, d: int, nlist: int, config: EncoderConfig | None = None, *, rerank: int = 0,
-                 rerank_dtype: str = "float16", spec: str | None = None, nprobe: int = 16):
-        super().__init__(d, config, rerank=rerank, rerank_dtype=rerank_dtype, spec=spec)
+                 rerank_dtype: str = "float16", spec: str | None = None, settings: IVFSettings | None = None):
+        super().__init__(d, config, rerank=rerank, rerank_dtype=rerank_dtype, spec=spec, settings=settings)
         self.nlist = int(nlist)
-        self.nprobe = int(nprobe)
         self.centroids = None
         self._cent_t = None
         self._spread = None
         self.assign = np.zeros(0, np.int32)
         self._lists = None
+
+    @property
+    def nprobe(self) -> int:
+        """Lists probed by default (setting ``nprobe``)."""
+        return self.settings.nprobe
+
+    @nprobe.setter
+    def nprobe(self, value):
+        self.configure(nprobe=value)
+
+    def _reset_derived(self):
+        super()._reset_derived()
+        self._cent_t = None
+        self._spread = None
 
     def train(self, X, queries=None, *, weights=None, num_threads=-1):
         import faiss
@@ -703,7 +669,7 @@ class IVFIndex(FlatIndex):
         if X.shape[0] < self.nlist:
             raise ValueError(f"IVF{self.nlist} needs at least {self.nlist} training vectors, got {X.shape[0]}")
         rng = np.random.default_rng(self.encoder.config.seed)
-        m = min(256 * self.nlist, max(64 * self.nlist, IVF_TRAIN_POINTS))
+        m = min(256 * self.nlist, max(64 * self.nlist, self.settings.train_points))
         sample = X if X.shape[0] <= m else X[np.sort(rng.choice(X.shape[0], m, replace=False))]
         km = faiss.Kmeans(self.d, self.nlist, niter=20, seed=int(self.encoder.config.seed) + 1, verbose=False)
         km.train(np.ascontiguousarray(sample, np.float32))
@@ -745,23 +711,18 @@ class IVFIndex(FlatIndex):
         ADC (``fs``: as in ``FlatIndex.search``, the default growing with the
         rows scanned; ``fs=0`` scans the lists with the full ADC).
         """
-        key = _memo_key(k, rerank, fs, num_threads, nprobe) if not return_std else None
-        if key is not None:
-            out = self._memo_search(key, Q)
-            if out is not None:
-                return out
         npb = self.nprobe if nprobe is None else _nonneg_int(nprobe, "nprobe")
         if npb < 1:
             raise ValueError("nprobe must be >= 1")
         npb = min(npb, self.nlist)
         fsf = self._fs_factor(fs, self.ntotal * npb / max(1, self.nlist))
-        use_fs = fsf > 0 and self.ntotal >= FASTSCAN_MIN_ROWS
+        use_fs = fsf > 0 and self.ntotal >= self.settings.fastscan_min_rows
         ptr, rows = self._list_index()
         if use_fs and not return_std:
             resid = self._fast_scanner().residual
             # residual codes need every scanned list's <q, c_l>: the probe runs even for nprobe = nlist
             probe = (*self._probe_args(), self._list_spread(), npb if npb < self.nlist or resid else 0, resid)
-            fused = self._try_fused(Q, k, rerank, num_threads, fsf, probe, memo=key)
+            fused = self._try_fused(Q, k, rerank, num_threads, fsf, probe)
             if fused is not None:
                 return fused
 
@@ -785,7 +746,7 @@ class IVFIndex(FlatIndex):
         return self._list_index()
 
     def _scan_residual(self):
-        if not IVF_RESIDUAL or self.encoder.config.scale:
+        if not self.settings.residual or self.encoder.config.scale:
             return None
         return self._transformed_centroids().astype(np.float32), np.asarray(self.assign)
 
@@ -804,7 +765,7 @@ class IVFIndex(FlatIndex):
         dimensions that order the lists: <q, c_l> = <q, mean> + <y, R^T (c_l -
         mean)> (y = R^T q, R orthogonal), and the first term is the same for
         every list.  Dimensions are kept by decreasing E[y_j^2] Var_l(c'_lj)
-        until PROBE_COVERAGE of the total (after PCA a prefix: 10^6 synthetic,
+        until ``probe_coverage`` (setting) of the total (after PCA a prefix: 10^6 synthetic,
         IVF4096, 128 of 384 dimensions probe the same lists).  Derived from
         the centroids and the encoder, not saved.  The centroids are rounded to
         float16 (relative error <= 2^-11: the probe scores only order the
@@ -815,10 +776,11 @@ class IVFIndex(FlatIndex):
             energy = np.ones(self.d) if enc.energy is None else np.asarray(enc.energy, np.float64)
             share = energy * Cr.var(axis=0)
             dims = np.arange(self.d)
-            if PROBE_COVERAGE < 1.0 and share.sum() > 0:
+            cover = self.settings.probe_coverage
+            if cover < 1.0 and share.sum() > 0:
                 order = np.argsort(-share, kind="stable")
                 cum = np.cumsum(share[order]) / share.sum()
-                dims = np.sort(order[:int(np.searchsorted(cum, PROBE_COVERAGE)) + 1])
+                dims = np.sort(order[:int(np.searchsorted(cum, cover)) + 1])
             Ct16 = np.ascontiguousarray(Cr[:, dims].T, np.float16)
             self._cent_t = (dims.astype(np.int64), Ct16.astype(np.float32), Ct16.view(np.uint16))
         return self._cent_t[:2]
@@ -831,13 +793,13 @@ class IVFIndex(FlatIndex):
         return dims, (self._cent_t[2] if _adc.HALF_SIMD else Ct)
 
     def _list_spread(self):
-        """(nlist,) float32 PROBE_SPREAD_Z * s_l, s_l^2 = sum_j e_j v_lj / sum_j e_j:
+        """(nlist,) float32 ``probe_spread`` * s_l, s_l^2 = sum_j e_j v_lj / sum_j e_j:
         v_lj the mean squared residual of list l's members around its centroid
         along transformed dimension j (from the decoded codes), e_j the query
         energy E[y_j^2] the encoder was trained with.  Empty when
-        PROBE_SPREAD_Z is 0.  Derived from the codes and cached per index
+        ``probe_spread`` is 0.  Derived from the codes and cached per index
         size (not saved)."""
-        if PROBE_SPREAD_Z <= 0:
+        if self.settings.probe_spread <= 0:
             return np.zeros(0, np.float32)
         if self._spread is None or self._spread[0] != self.ntotal:
             enc = self.encoder
@@ -852,13 +814,13 @@ class IVFIndex(FlatIndex):
                              min_chunk=4096)
             tot = np.bincount(assign, weights=res, minlength=self.nlist)
             cnt = np.bincount(assign, minlength=self.nlist)
-            spread = PROBE_SPREAD_Z * np.sqrt(tot / np.maximum(cnt, 1))
+            spread = self.settings.probe_spread * np.sqrt(tot / np.maximum(cnt, 1))
             self._spread = (self.ntotal, spread.astype(np.float32))
         return self._spread[1]
 
     def _probes(self, Y, nprobe, Q=None, with_raw=False):
         """(nq, nprobe) lists with the largest probe scores <q, c_l> +
-        PROBE_SPREAD_Z |q| s_l from the transformed queries Y (numba kernel,
+        ``probe_spread`` |q| s_l from the transformed queries Y (numba kernel,
         float32 sums: a BLAS call here fought the numba threads and cost
         milliseconds per batch on 2 cores), best first; |q| from the queries
         ``Q`` (default: from Y, equal up to rounding).  ``with_raw``: also
@@ -876,7 +838,7 @@ class IVFIndex(FlatIndex):
         return ({}, {"nprobe": part}, {"fs": 0, "nprobe": part})
 
     def _extra_state(self):
-        return {"nlist": self.nlist, "nprobe": self.nprobe}, {"ivf.centroids": self.centroids,
+        return {"nlist": self.nlist}, {"ivf.centroids": self.centroids,
                                                               "ivf.assign": np.asarray(self.assign)}
 
     def _load_extra(self, meta, arrays):
@@ -886,21 +848,13 @@ class IVFIndex(FlatIndex):
         self.assign = arrays["ivf.assign"]
 
 
-#: how the graph is built: "ip" (faiss HNSW with inner product on the raw
-#: vectors) or "augmented" (L2 HNSW over the MIPS-to-NN augmentation)
-GRAPH_METRIC = "ip"
-#: default scores steering the graph walk (see GraphIndex.search, ``nav``)
-GRAPH_NAV = "coarse"
-
-
 class GraphIndex(FlatIndex):
     """HNSW-style graph walked with ADC scores on the codes.
 
     The graph is built by faiss ``IndexHNSWFlat`` with the inner-product metric
-    on the float vectors (``GRAPH_METRIC = "ip"``; measured 0.975 vs 0.90
-    recall@10 at ef=256 for the alternative, an L2 graph over the MIPS-to-NN
-    augmentation x' = [x, sqrt(Phi^2 - |x|^2)], still selectable with
-    ``GRAPH_METRIC = "augmented"``), so it serves vectors of any norm.  The
+    on the float vectors (measured 0.975 vs 0.90 recall@10 at ef=256 for an
+    L2 graph over the MIPS-to-NN augmentation x' = [x, sqrt(Phi^2 - |x|^2)]),
+    so it serves vectors of any norm.  The
     walk scores nodes on the coarse fast-scan codes (or the full ADC, ``nav``)
     and the full ADC rescores the beam.  The float vectors are used only
     during ``add``; search reads the graph arrays and the codes (+ the re-rank
@@ -908,20 +862,30 @@ class GraphIndex(FlatIndex):
     """
 
     kind = "hnsw"
+    settings_class = GraphSettings
     _coverage_name = "NAV_COVERAGE"  # default coverage of the navigation codes
 
     def __init__(self, d: int, M: int, config: EncoderConfig | None = None, *, rerank: int = 0,
-                 rerank_dtype: str = "float16", spec: str | None = None, ef: int = 64,
-                 ef_construction: int = 200):
-        super().__init__(d, config, rerank=rerank, rerank_dtype=rerank_dtype, spec=spec)
+                 rerank_dtype: str = "float16", spec: str | None = None, settings: GraphSettings | None = None):
+        super().__init__(d, config, rerank=rerank, rerank_dtype=rerank_dtype, spec=spec, settings=settings)
         self.M = int(M)
-        self.ef = int(ef)
-        self.ef_construction = int(ef_construction)
-        self.graph_metric = GRAPH_METRIC
         self.graph = None  # dict of arrays
         self._visit_buf = None  # visited tags reused across searches (see _take_visited)
         self._visit_tag = None  # next tag per row
         self._visit_lock = threading.Lock()
+
+    @property
+    def ef(self) -> int:
+        """Beam width by default (setting ``ef``)."""
+        return self.settings.ef
+
+    @ef.setter
+    def ef(self, value):
+        self.configure(ef=value)
+
+    @property
+    def ef_construction(self) -> int:
+        return self.settings.ef_construction
 
     def add(self, X, ids=None, *, num_threads=-1):
         import faiss
@@ -929,19 +893,12 @@ class GraphIndex(FlatIndex):
         if self.ntotal:
             raise RuntimeError("GraphIndex.add builds the graph once: add all vectors in one call")
         X = check_matrix(X, self.d, "vectors")
-        if self.graph_metric == "augmented":
-            norms2 = np.einsum("ij,ij->i", X.astype(np.float64), X.astype(np.float64))
-            phi2 = norms2.max()
-            aug = np.hstack([X, np.sqrt(np.maximum(phi2 - norms2, 0.0))[:, None].astype(np.float32)])
-            hnsw = faiss.IndexHNSWFlat(self.d + 1, self.M)
-        else:
-            aug = X
-            hnsw = faiss.IndexHNSWFlat(self.d, self.M, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = self.ef_construction
+        hnsw = faiss.IndexHNSWFlat(self.d, self.M, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = self.settings.ef_construction
         prev = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(resolve_threads(num_threads))
         try:
-            hnsw.add(np.ascontiguousarray(aug))
+            hnsw.add(X)
         finally:
             faiss.omp_set_num_threads(prev)
         g = hnsw.hnsw
@@ -966,20 +923,22 @@ class GraphIndex(FlatIndex):
         lookup per code byte) and rescores the ``ef`` best with the full ADC;
         ``"full"`` walks on the full ADC.  Codes of 6-8 bits rescore the
         beam more precisely than 4-bit ones at the same walk cost, so they
-        reach a recall at a smaller ``ef`` (README, Structures).
+        reach a recall at a smaller ``ef``.  ``ef`` and ``nav`` default to
+        the index's settings.
         """
         efv = self.ef if ef is None else _nonneg_int(ef, "ef")
         if efv < 1:
             raise ValueError("ef must be >= 1")
-        nav = GRAPH_NAV if nav is None else nav
-        if nav not in ("coarse", "full"):
-            raise ValueError(f"nav must be 'coarse' or 'full', got {nav!r}")
+        nav = self.settings.nav if nav is None else nav
+        if nav not in NAVS:
+            raise ValueError(f"nav must be one of {NAVS}, got {nav!r}")
         gr = self.graph
         if nav == "coarse" and not return_std:
             Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads)
             if Q.shape[0] < SERIAL_QUERIES:
                 e = max(efv, kk)
-                plan = _rescore_plan(self.encoder, e, kk, exact_ns, cl=self._cand_layout(self._fast_scanner()))
+                plan = cost_model.rescore_plan(self.encoder, e, kk, exact_ns, self.settings.exact_preference,
+                                     cl=self._cand_layout(self._fast_scanner()))
                 if plan != "tables":
                     return self._search_fused(Q, k, rr, kk, e, plan)
 
@@ -1076,17 +1035,15 @@ class GraphIndex(FlatIndex):
 
     def _warmup_params(self):
         # a wide beam rescored with lookup tables takes the staged path
-        # (tables beat the 16-field blocks above ~200-600 rows: _rescore_plan)
+        # (tables beat the 16-field blocks above ~200-600 rows: cost_model.rescore_plan)
         return ({}, {"ef": 1024}, {"nav": "full"})
 
     def _extra_state(self):
-        meta = {"M": self.M, "ef": self.ef, "ef_construction": self.ef_construction,
-                "graph_metric": self.graph_metric}
+        meta = {"M": self.M}
         return meta, {f"graph.{k}": v for k, v in self.graph.items()}
 
     def _load_extra(self, meta, arrays):
         self.graph = {k: arrays[f"graph.{k}"] for k in ("neighbors", "offsets", "cum", "entry")}
-        self.graph_metric = meta.get("graph_metric", "ip")
 
 
 #: the probe arguments of a flat index's fused scan (no lists to choose)
@@ -1096,91 +1053,10 @@ _TAG_DTYPE = np.uint8
 _TAG_MAX = int(np.iinfo(_TAG_DTYPE).max)  # visited tags wrap before this
 
 
-#: measured per-operation costs (ns; 192-byte codes, 345-367 fields, d = 384)
-#: behind the rescoring choices of ``_QueryBatch.rescore``: one field of the
-#: table-free ADC, one table entry built, one table lookup (the first and the
-#: last from 48-400 random candidates of 50k rows per query: fields 0.95 ns,
-#: lookups 0.58 ns + 19 us of tables; cross-over ~80 candidates), one dimension of
-#: an exact dot product with the stored copy (random float16 rows, all
-#: prefetched first, F16C widening, float64 sums: 0.32-0.66 ns for 400-20
-#: rows of a 50k x 384 copy; 0.45-0.63 ns for a 10^6 x 384 copy = 768 MB),
-#: and the copy size up to which the first applies.  FIELD_NS_BLOCKS: one
-#: field of the table-free ADC in 16-field blocks (``Encoder.field_layout``;
-#: 48-400 random candidates of 50k / 10^6 rows, 345-381 fields: 0.48-0.96 ns,
-#: against 1.08-1.41 ns one field at a time)
-FIELD_NS, FIELD_NS_BLOCKS, ENTRY_NS, LOOKUP_NS = 1.0, 0.6, 0.4, 0.6
-#: the SIMD candidate ADC (``_cand``; 10^6 x 384, 192-byte codes, 345
-#: fields, 22,600 table entries): per table entry built (6.2 us per query),
-#: per code byte of a row transposed (16-18 ns per row) and per field of a row
-#: looked up (22 ns per row), rows in cache
-CAND_ENTRY_NS, CAND_BYTE_NS, CAND_FIELD_NS = 0.28, 0.095, 0.065
-#: share of the estimated score variance (``FastScanner.share``) whose
-#: dimensions the candidate ADC reads: it only picks the exact re-rank's
-#: rows, and the last dimensions hardly move that choice while their fields
-#: and rotation columns cost (10^6 synthetic after PCA: 188 of 384
-#: dimensions, a prefix; picking 20 or 30 of 400 on the first 192 gave the
-#: recall of all 384, the first 160 lost 0.001 at 30 and 0.002 at 20)
-CAND_COVERAGE = 0.999
-EXACT_NS_PER_DIM, EXACT_NS_PER_DIM_FAR, EXACT_NEAR_BYTES = 0.35, 0.45, 128 << 20
-#: exact re-rank of all coarse candidates is chosen up to this many times the
-#: estimated cost of ADC rescoring + exact re-rank of the best: it returns the
-#: exact top-k of a superset (shipped sample, 10k rows, rerank=1, 100 coarse
-#: candidates: exact 0.998 recall @ 8,278 QPS, ADC path 0.983 @ 8,272, the
-#: model then giving 46 vs 36 us, before the re-rank kernel got 2-3x faster)
-EXACT_PREFERENCE = 1.3
-
-
-def _rescore_plan(enc, nc, kk, exact_ns, have_tables=False, cl=None):
-    """How to pick the top-kk of nc candidates (costs above): ``"exact"``
-    (hand all of them to the exact re-rank; only when ``exact_ns`` > 0),
-    ``"cand"`` (SIMD candidate ADC with layout ``cl``, then the exact
-    re-rank of kk; only when ``exact_ns`` > 0 and ``cl`` is not None),
-    ``"fields"`` (table-free ADC) or ``"tables"`` (lookup tables, built
-    unless ``have_tables``).  Memoised per encoder (a few microseconds of a
-    ~200 us query)."""
-    key = (nc, kk, exact_ns, have_tables, id(cl))  # layouts live in the encoder's cache
-    plan = enc._plans.get(key)
-    if plan is None:
-        plan = enc._plans[key] = _choose_plan(enc, nc, kk, exact_ns, have_tables, cl)
-    return plan
-
-
-def _choose_plan(enc, nc, kk, exact_ns, have_tables, cl):
-    table, starts = enc.field_layout()[:2]
-    fields_ns = (FIELD_NS_BLOCKS if starts.shape[0] else FIELD_NS) * nc * table.shape[0]
-    tables_ns = (0.0 if have_tables else ENTRY_NS * 256 * enc.nbytes) + LOOKUP_NS * nc * enc.nbytes
-    adc_ns = min(fields_ns, tables_ns)
-    cand_ns = np.inf
-    if cl is not None and exact_ns > 0:
-        rows = -(-nc // _cand.GROUP) * _cand.GROUP
-        cand_ns = CAND_ENTRY_NS * float(cl[0][:, 2].sum()) + rows * (CAND_BYTE_NS * cl[4]
-                                                                     + CAND_FIELD_NS * cl[0].shape[0])
-    if exact_ns > 0:
-        exact = exact_ns * enc.d
-        if exact * nc <= EXACT_PREFERENCE * (min(adc_ns, cand_ns) + exact * kk):
-            return "exact"
-        if cand_ns <= adc_ns:
-            return "cand"
-    return "fields" if fields_ns < tables_ns else "tables"
-
-
 #: the fused kernels' codes of the plans (``_rr.PLAN_*``)
 _PLAN_CODES = {"exact": _rr.PLAN_NONE, "fields": _rr.PLAN_FIELDS, "cand": _rr.PLAN_CAND}
 #: the candidate layout argument of the fused kernels when the SIMD candidate ADC does not apply
 _NO_CAND = (np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int32), np.zeros((0, 3), np.int64), 0, 4)
-
-
-_FLOAT32 = np.dtype(np.float32)
-
-
-def _memo_key(*params):
-    """Key of a search's parameters for ``FlatIndex._memo_search``: None unless
-    each is an int (not a bool) or None (other values take the validating
-    path every time)."""
-    for p in params:
-        if p is not None and type(p) is not int:
-            return None
-    return params
 
 
 def _round16(m, d):
@@ -1195,7 +1071,7 @@ class _QueryBatch:
     ``exact_ns``: the per-dimension cost of the exact re-rank that follows
     (0: the search does not re-rank)."""
 
-    def __init__(self, encoder, Q, exact_ns=0.0, part=0, q0=0):
+    def __init__(self, encoder, Q, exact_ns=0.0, part=0, q0=0, preference=1.0):
         self.encoder = encoder
         self.Q = Q
         self.Y = encoder.rotate_queries(Q, num_threads=1)
@@ -1203,6 +1079,7 @@ class _QueryBatch:
         self.exact_ns = exact_ns
         self.part = part  # which of the search's threads runs this batch
         self.q0 = q0  # its first query's position in the search
+        self.preference = preference  # setting exact_preference (``cost_model.rescore_plan``)
 
     def tables(self):
         if self._tables is None:
@@ -1219,14 +1096,14 @@ class _QueryBatch:
         queries when there are many.  Field by field when that is cheaper
         than building the tables and summing table lookups (costs above).
         When the search re-ranks exactly afterwards and exact dot products
-        of all c candidates cost at most EXACT_PREFERENCE times this ADC pass
+        of all c candidates cost at most ``exact_preference`` times this ADC pass
         plus kk exact dot products, the candidates are returned as they are
         (scores None) and go straight to the exact re-rank: at 50k MiniLM
         rows, 40 coarse candidates, 19 vs 35 us per query at the same recall.
         The exact path ranks a superset of the ADC path's candidates
-        exactly, so near a tie it is the better choice (see EXACT_PREFERENCE)."""
+        exactly, so near a tie it is the better choice (setting ``exact_preference``)."""
         enc = self.encoder
-        plan = _rescore_plan(enc, cand.shape[1], kk, self.exact_ns, self._tables is not None, cl)
+        plan = cost_model.rescore_plan(enc, cand.shape[1], kk, self.exact_ns, self.preference, self._tables is not None, cl)
         if plan == "exact":
             return None, cand
         if plan == "cand":

@@ -316,8 +316,7 @@ def test_residual_coarse_codes_rank_by_the_list_term_plus_the_residual_code(monk
         return float(np.mean(np.var(scores - exact, axis=1)))
 
     resid_err = err(F + (Y.astype(np.float64) @ ivf._transformed_centroids().T)[:, assign])
-    monkeypatch.setattr(im, "IVF_RESIDUAL", False)
-    ivf._scanner = None
+    ivf.configure(residual=False)
     direct = ivf._fast_scanner()
     assert not direct.residual
     direct_err = err(_coarse_float_scores(direct, Y))

@@ -259,14 +259,12 @@ def test_pack_fields_exact():
 
 
 def test_fast_scan_stage_matches_full_adc():
-    """Above FASTSCAN_MIN_ROWS the SIMD coarse stage picks candidates that
+    """Above ``fastscan_min_rows`` the SIMD coarse stage picks candidates that
     the full ADC rescores: with a generous factor it returns the full-ADC
     results, and at the default factor it loses (almost) nothing."""
-    from ipq_index.index import FASTSCAN_MIN_ROWS
-
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:80]
-    assert X.shape[0] >= FASTSCAN_MIN_ROWS
+    assert X.shape[0] >= ipq_index.settings.FlatSettings().fastscan_min_rows
     _, gt = exact_topk(X, Q, 10)
     for spec in ("PCA,ASQ4", "PCA,ASQ4s"):
         idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
@@ -295,7 +293,7 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:10]
     idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
-    assert idx.ntotal >= im.FASTSCAN_MIN_ROWS
+    assert idx.ntotal >= idx.settings.fastscan_min_rows
     if spec.startswith("PCA"):
         # the exact-re-rank plan rotates only the leading dimensions the
         # coarse tables and probes read (a prefix after PCA)
@@ -303,9 +301,8 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
         lead = idx._lead_dims(sc)
         assert idx._coarse_dims(sc).max() < lead < X.shape[1]
     plans = []
-    real = im._rescore_plan
-    monkeypatch.setattr(im, "_rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
-    monkeypatch.setattr(im, "_memo_key", lambda *a: None)  # every call plans (memoised calls: test_index)
+    real = im.cost_model.rescore_plan
+    monkeypatch.setattr(im.cost_model, "rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
     params = [dict(fs=2), dict(fs=20)]
     if idx.rerank:
         params += [dict(fs=3, rerank=1), dict(fs=2, rerank=0), dict(fs=30, rerank=4)]
@@ -334,7 +331,7 @@ def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:8]
-    n0 = im.FASTSCAN_MIN_ROWS
+    n0 = ipq_index.settings.FlatSettings().fastscan_min_rows
     idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4,Rerank2").train(X).add(X[:n0])
     before = [idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))]
     idx.add(X[n0:])
@@ -345,54 +342,51 @@ def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
     assert (after >= n0).any() and (np.concatenate(before) < n0).all()
 
 
-def test_memoised_fused_calls_follow_the_index_and_still_validate(monkeypatch):
-    """A single-query search with parameters seen before reuses the fused
-    call's arguments (``_memo_search``): same results as a fresh index; the
-    defaults (nprobe, rerank), added rows and a new coverage take effect; bad
-    queries and parameters still raise."""
+def test_single_query_searches_follow_settings_and_rows_and_still_validate(monkeypatch):
+    """Single-query searches (the fused kernel) see the index as it is now:
+    changed settings (nprobe, coverage), a changed default rerank and added
+    rows give the results of explicit parameters and of the staged path;
+    bad queries and parameters still raise."""
     from ipq_index import index as im
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:6]
-    n0 = im.FASTSCAN_MIN_ROWS
+    n0 = ipq_index.settings.FlatSettings().fastscan_min_rows
     idx = ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4,Rerank2").train(X).add(X[:n0])
-    hits = []
-    real, real_key = im.FlatIndex._memo_search, im._memo_key
-    monkeypatch.setattr(im.FlatIndex, "_memo_search", lambda self, *a: hits.append(real(self, *a)) or hits[-1])
-    use_memo = [True]
-    monkeypatch.setattr(im, "_memo_key", lambda *a: real_key(*a) if use_memo[0] else None)
 
     def run(**p):
         return np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1, **p)[1] for i in range(len(Q))])
 
-    def fresh(**p):  # the validating path every time
-        use_memo[0] = False
+    def staged(**p):  # the staged kernels
+        monkeypatch.setattr(im, "SERIAL_QUERIES", 0)
         try:
             return run(**p)
         finally:
-            use_memo[0] = True
+            monkeypatch.setattr(im, "SERIAL_QUERIES", 8)
 
     first = run(nprobe=3)
-    again = run(nprobe=3)
-    assert sum(h is not None for h in hits) >= len(Q) - 1  # the repeats took the memo
-    np.testing.assert_array_equal(first, again)
-    np.testing.assert_array_equal(again, fresh(nprobe=3))
-    idx.nprobe = 3
+    np.testing.assert_array_equal(first, run(nprobe=3))
+    np.testing.assert_array_equal(first, staged(nprobe=3))
+    idx.configure(nprobe=3)
     d3 = run()
+    np.testing.assert_array_equal(d3, first)  # the new default
     idx.nprobe = 16
-    np.testing.assert_array_equal(run(), fresh())  # the new default, not the memoised one
+    np.testing.assert_array_equal(run(), run(nprobe=16))
     assert not np.array_equal(d3, run())
     idx.rerank = 0
-    np.testing.assert_array_equal(run(nprobe=3), fresh(nprobe=3))
+    np.testing.assert_array_equal(run(nprobe=3), run(nprobe=3, rerank=0))
+    np.testing.assert_array_equal(run(nprobe=3), staged(nprobe=3))
     idx.rerank = 2
     idx.add(X[n0:])
     after = run(nprobe=16)
-    np.testing.assert_array_equal(after, fresh(nprobe=16))
+    np.testing.assert_array_equal(after, staged(nprobe=16))
     assert (after >= n0).any()
+    bits = idx._fast_scanner().coarse_bits.sum()
     idx.coverage = 0.8
-    np.testing.assert_array_equal(run(nprobe=16), fresh(nprobe=16))
+    assert idx.settings.coverage == 0.8
+    np.testing.assert_array_equal(run(nprobe=16), staged(nprobe=16))
+    assert idx._fast_scanner().coarse_bits.sum() < bits  # coarser codes, rebuilt for the new coverage
     bad = Q[:1].copy()
-    assert real_key(10, None, None, 1, 16) in idx._fused_memo  # memoised: the kernel checks the values
     for v in (np.nan, np.inf, -np.inf):
         bad[0, 3] = v
         with pytest.raises(ValueError, match="finite|NaN"):
@@ -406,7 +400,7 @@ def test_memoised_fused_calls_follow_the_index_and_still_validate(monkeypatch):
     with pytest.raises(ValueError):
         idx.search(Q[:1, :5], 10, nprobe=16, num_threads=1)
     with pytest.raises((ValueError, TypeError)):
-        idx.search(Q[:1], True, nprobe=16, num_threads=1)  # k=1 memoised above would not admit True
+        idx.search(Q[:1], True, nprobe=16, num_threads=1)
     idx.search(Q[:1], 1, nprobe=16, num_threads=1)
     with pytest.raises((ValueError, TypeError)):
         idx.search(Q[:1], True, nprobe=16, num_threads=1)
@@ -442,7 +436,7 @@ def test_ivf_full_probe_reproduces_flat_and_roundtrips(tmp_path, sample):
 
 
 def test_ivf_fast_scan_lists_match_full_adc(tmp_path):
-    """Above FASTSCAN_MIN_ROWS the probed lists are scanned by the 4-bit
+    """Above ``fastscan_min_rows`` the probed lists are scanned by the 4-bit
     fast-scan kernels over the coarse codes, then rescored: with a generous
     factor this equals the full-ADC scan of the same lists, for direct and
     scaled codes, and with every list probed it equals the flat index."""
@@ -450,7 +444,7 @@ def test_ivf_fast_scan_lists_match_full_adc(tmp_path):
     X, Q = ds.train, ds.test[:60]
     for spec in ("PCA,IVF64,ASQ4", "PCA,IVF64,ASQ4s"):
         ivf = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
-        assert ivf.ntotal >= index_mod.FASTSCAN_MIN_ROWS
+        assert ivf.ntotal >= ivf.settings.fastscan_min_rows
         for nprobe in (3, 16):
             D_full, I_full = ivf.search(Q, 10, nprobe=nprobe, fs=0)
             D_fast, I_fast = ivf.search(Q, 10, nprobe=nprobe, fs=200)
@@ -753,7 +747,7 @@ def test_ivf_concurrent_searches_with_different_nprobe():
     ds = datasets.load_sample("minilm")
     X, Q = ds.train[:6000], ds.test[:40]
     ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF32,ASQ4").train(X).add(X)
-    assert ivf.ntotal >= index_mod.FASTSCAN_MIN_ROWS
+    assert ivf.ntotal >= ipq_index.FlatSettings().fastscan_min_rows
     alone = {p: ivf.search(Q, 10, nprobe=p, num_threads=1)[1] for p in (2, 16)}
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda p: (p, ivf.search(Q, 10, nprobe=p, num_threads=1)[1]), [2, 16] * 6))
@@ -765,17 +759,15 @@ def test_ivf_probes_are_the_top_inner_product_lists(monkeypatch):
     """The probe kernel (transformed space, float16 centroids, float32 sums,
     histogram selection) picks the lists with the largest <q, c_l> of a
     float64 reference, serial and parallel, with and without PCA; keeping
-    only the dimensions that order the lists (PROBE_COVERAGE) changes almost
-    nothing."""
+    only the dimensions that order the lists (setting probe_coverage)
+    changes almost nothing."""
     ds = datasets.load_sample("minilm")
     X, Q = ds.train[:4000], ds.test[:20]
-    monkeypatch.setattr(index_mod, "PROBE_SPREAD_Z", 0.0)
     for spec in ("IVF40,ASQ4", "PCA,IVF40,ASQ4"):
-        ivf = ipq_index.index_factory(X.shape[1], spec).train(X)
+        ivf = ipq_index.index_factory(X.shape[1], spec, probe_spread=0.0).train(X)
         ref = Q.astype(np.float64) @ ivf.centroids.astype(np.float64).T
         Y = ivf.encoder.rotate_queries(Q)
-        monkeypatch.setattr(index_mod, "PROBE_COVERAGE", 1.0)
-        ivf._cent_t = None
+        ivf.configure(probe_coverage=1.0)
         assert ivf._probe_space()[0].size == X.shape[1]
         # float16 centroids: each score within 2^-11 sum_t |y_t c_lt| of the float64 one
         slack = 2.0 ** -11 * (np.abs(Y.astype(np.float64)) @ np.abs(ivf._transformed_centroids()).T).max(axis=1)
@@ -788,8 +780,7 @@ def test_ivf_probes_are_the_top_inner_product_lists(monkeypatch):
                     kth = np.sort(ref[q])[::-1][nprobe - 1]
                     # every probed list scores at least the nprobe-th best (float16 + float32 slack)
                     assert (ref[q, P[q]] >= kth - 2 * slack[q] - 1e-4 * np.abs(ref[q]).max()).all()
-        monkeypatch.setattr(index_mod, "PROBE_COVERAGE", 0.999)
-        ivf._cent_t = None
+        ivf.configure(probe_coverage=0.999)
         kept = ivf._probe_space()[0].size
         P = ivf._probes(Y, 8)
         top = np.argsort(-ref, axis=1)[:, :8]
@@ -822,7 +813,7 @@ def test_top_sorted_selects_like_a_stable_sort():
 
 
 def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
-    """With PROBE_SPREAD_Z > 0 a list scores <q, c_l> + z |q| s_l, s_l the
+    """With the setting probe_spread z > 0 a list scores <q, c_l> + z |q| s_l, s_l the
     query-energy-weighted RMS spread of its members around the centroid:
     the cached spreads equal a float64 reference from the decoded codes
     (scaled codes included), the probes are the top lists of the
@@ -832,11 +823,10 @@ def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:60]
-    monkeypatch.setattr(index_mod, "PROBE_COVERAGE", 1.0)
-    z = index_mod.PROBE_SPREAD_Z
+    z = ipq_index.IVFSettings().probe_spread
     assert z > 0
     for spec in ("PCA,IVF64,ASQ4", "IVF64,ASQ4s"):
-        ivf = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
+        ivf = ipq_index.index_factory(X.shape[1], spec, probe_coverage=1.0).train(X).add(X)
         enc = ivf.encoder
         R = np.eye(X.shape[1]) if enc.rotation is None else np.asarray(enc.rotation, np.float64)
         # the decoded codes in the transformed space (scaled codes: times their scales)
@@ -869,8 +859,7 @@ def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
     Ya = ivf.encoder.rotate_queries(Qa)
     share = {}
     for zz in (0.0, z):
-        monkeypatch.setattr(index_mod, "PROBE_SPREAD_Z", zz)
-        ivf._spread = None
+        ivf.configure(probe_spread=zz)
         P = ivf._probes(Ya, 4)
         share[zz] = np.mean([np.isin(a[t], p).mean() for t, p in zip(true, P)])
     assert share[z] > share[0.0], share
@@ -1025,11 +1014,11 @@ def test_direct_exact_rerank_of_coarse_candidates(monkeypatch):
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:60]
     idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4,Rerank2").train(X).add(X)
-    assert idx.ntotal >= index_mod.FASTSCAN_MIN_ROWS
+    assert idx.ntotal >= idx.settings.fastscan_min_rows
     _, gt = exact_topk(X, Q, 10)
-    monkeypatch.setattr(index_mod, "EXACT_NS_PER_DIM", 1e9)  # never direct
+    monkeypatch.setattr(index_mod.cost_model, "EXACT_NS_PER_DIM", 1e9)  # never direct
     D_adc, I_adc = idx.search(Q, 10, fs=2)
-    monkeypatch.setattr(index_mod, "EXACT_NS_PER_DIM", 1e-9)  # always direct
+    monkeypatch.setattr(index_mod.cost_model, "EXACT_NS_PER_DIM", 1e-9)  # always direct
     D_dir, I_dir = idx.search(Q, 10, fs=2)
     for nt in (1, 2):  # serial (few queries) and parallel kernels
         np.testing.assert_array_equal(idx.search(Q[:3], 10, fs=2, num_threads=nt)[1], I_dir[:3])
