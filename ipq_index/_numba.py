@@ -1,4 +1,5 @@
-"""Numba options shared by every kernel module, and thread-count control."""
+"""Numba options shared by every kernel module, the compile notice, and
+thread control (a pool of Python threads running GIL-free kernels)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-#: Options for serial kernels: cached to disk, releases the GIL.
+#: Options of every kernel: cached to disk, releases the GIL.
 KERNEL_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")
-
+#: fewer queries than this take the fused single-query search kernels
+SERIAL_QUERIES = 8
 
 
 class _CompileNotice(numba.core.event.Listener):
@@ -52,24 +54,17 @@ class _CompileNotice(numba.core.event.Listener):
 numba.core.event.register("numba:compile", _CompileNotice())
 
 
-def _plain(t):
-    """The type a kernel is compiled for when another kernel passes ``t``: a
-    constant's plain type (``Literal[int](0)`` -> int64) and int64 for a
-    ``prange`` index (uint64)."""
-    t = types.unliteral(t)
-    return types.int64 if t == types.uint64 else t
-
-
 def _one_build_per_type(dispatcher):
     """Let a kernel called from other kernels compile one version per plain
     argument type: numba would otherwise build a separate copy for every
-    constant argument (``f(x, 0)`` and ``f(x, i)``) and for ``prange``
-    indices, each costing its full compile time on first use.  The callers'
-    values are cast to the plain types (lossless for these)."""
+    constant argument (``f(x, 0)`` next to ``f(x, i)``: ``Literal[int](0)``
+    and int64), each costing its full compile time on first use.  The
+    callers' constants are cast to their plain types."""
     get_template = dispatcher.get_call_template
 
     def get_call_template(args, kws):
-        return get_template(tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kws.items()})
+        return get_template(tuple(types.unliteral(a) for a in args),
+                            {k: types.unliteral(v) for k, v in kws.items()})
 
     dispatcher.get_call_template = get_call_template
     return dispatcher
@@ -85,8 +80,6 @@ def kernel(fn=None, **options):
     if fn is None:
         return lambda f: kernel(f, **options)
     return _one_build_per_type(numba.njit(**{**KERNEL_OPTIONS, **options})(fn))
-#: fewer queries than this take the fused single-query search kernels
-SERIAL_QUERIES = 8
 
 
 def _prefetch_codegen(context, builder, signature, args):
