@@ -11,7 +11,7 @@ stochastic quantization (ASQ) codes.
 from . import asq
 from ._numba import get_num_threads, set_num_threads
 from .encoder import ASQEncoder, EncoderConfig
-from .index import FlatIndex, index_factory, load, parse_spec, warmup
+from .structures.base import FlatIndex, index_factory, load, parse_spec, warmup
 from .settings import FlatSettings, GraphSettings, IVFSettings
 from .storage import FormatError
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import asq
-from ._kernels import adc as _adc
+from ._kernels import tables as _adc
 from ._kernels import cand_adc as _cand
 from ._kernels import checks as _checks
 from ._kernels import rounding as _rk

@@ -115,7 +115,7 @@ def test_candidate_plan_fused_matches_staged_and_keeps_recall(monkeypatch, spec)
     """The candidate-ADC plan (forced) in the fused single-query kernels and
     in the staged kernels: same ids and scores; recall@10 against brute force
     within 0.01 of the exact re-rank of all candidates."""
-    from ipq_index import index as im
+    from ipq_index.structures import base as im
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:20]

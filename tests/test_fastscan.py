@@ -6,7 +6,7 @@ import platform
 import numpy as np
 import pytest
 
-from ipq_index import fastscan
+from ipq_index import fast_scanner as fastscan
 from ipq_index._kernels import fastscan as fk
 
 
@@ -135,7 +135,7 @@ from ipq_index._kernels import rerank as rr
 assert rr.HALF_SIMD == (sys.argv[1] != "0"), rr.HALF_SIMD
 v, r = rr.rerank(d["Q"], d["V"], d["cand"], 5)
 print(v.tolist()); print(r.tolist())
-from ipq_index._kernels import adc
+from ipq_index._kernels import tables as adc
 assert adc.FIELD_SIMD == (sys.argv[1] != "0"), adc.FIELD_SIMD
 assert adc.HALF_SIMD == (sys.argv[1] != "0"), adc.HALF_SIMD
 layout = tuple(d[k] for k in ("ftable", "fstarts", "flanes", "fdims"))  # blocks (built on this host)
@@ -172,7 +172,7 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     Q = rng.standard_normal((2, 37)).astype(np.float32)
     cand = rng.integers(-1, 300, (2, 40))
     from ipq_index.encoder import ASQEncoder, EncoderConfig
-    from ipq_index._kernels import adc
+    from ipq_index._kernels import tables as adc
 
     X = rng.standard_normal((300, 37)).astype(np.float32)
     enc = ASQEncoder(37, EncoderConfig(bits=5.0, transform="none")).train(X)  # 24 bytes: two blocks
@@ -272,8 +272,8 @@ def test_residual_coarse_codes_rank_by_the_list_term_plus_the_residual_code(monk
     errors, ``FastScanner._residual_bits``)."""
     import ipq_index
     from ipq_index.bench import datasets
-    from ipq_index import index as im
-    from ipq_index._kernels import adc
+    from ipq_index.structures import base as im
+    from ipq_index._kernels import tables as adc
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:20]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import ipq_index
-from ipq_index import fastscan
+from ipq_index import fast_scanner as fastscan
 from ipq_index.bench import datasets
-from ipq_index import index as index_mod
+from ipq_index.structures import base as index_mod
 from ipq_index.encoder import allocate_bits, pack_fields
 
 
@@ -288,7 +288,7 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
     path (rotation or none, scaled codes, IVF probes, every list probed,
     ADC rescoring and the exact re-rank of all candidates with the rotation
     cut to its leading columns, float16 and float32 copies)."""
-    from ipq_index import index as im
+    from ipq_index.structures import base as im
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:10]
@@ -327,7 +327,7 @@ def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
     """The fused kernels' per-index arguments are kept between searches and
     rebuilt after ``add``: single-query searches after an add equal the
     staged path and return rows added last."""
-    from ipq_index import index as im
+    from ipq_index.structures import base as im
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:8]
@@ -347,7 +347,7 @@ def test_single_query_searches_follow_settings_and_rows_and_still_validate(monke
     changed settings (nprobe, coverage), a changed default rerank and added
     rows give the results of explicit parameters and of the staged path;
     bad queries and parameters still raise."""
-    from ipq_index import index as im
+    from ipq_index.structures import base as im
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:6]
@@ -473,7 +473,7 @@ def test_table_free_rescoring_equals_table_adc(sample, built):
     fields at a time in blocks, and one at a time without blocks); both
     equal the lookup-table ADC (and the reconstruction's inner product),
     scaled codes included, with -1 candidates ignored."""
-    from ipq_index._kernels import adc
+    from ipq_index._kernels import tables as adc
 
     X, Q = sample
     rng = np.random.default_rng(3)
@@ -525,7 +525,7 @@ def test_graph_fused_single_query_path_matches_staged(monkeypatch, sample, spec)
     (``GraphIndex._search_fused``): same scores and ids as the staged path,
     with and without rotation, with scaled codes, ADC rescoring or the exact
     re-rank of the whole beam, and -1 / -inf padding on a tiny index."""
-    from ipq_index import index as im
+    from ipq_index.structures import base as im
 
     X, Q = sample
     g = ipq_index.index_factory(X.shape[1], spec).train(X[:1200]).add(X[:1200])
@@ -689,8 +689,8 @@ def test_coarse_codes_keep_the_score_variance(sample, built):
     gives every dimension all its coarse bits.  Scaled codes keep the
     dimensions with the top variance shares at min(b, 4) bits.  Bad values
     are refused."""
-    from ipq_index import fastscan
-    from ipq_index._kernels import adc
+    from ipq_index import fast_scanner as fastscan
+    from ipq_index._kernels import tables as adc
 
     X, Q = sample
     idx = built["PCA,ASQ4"]
@@ -794,7 +794,7 @@ def test_top_sorted_selects_like_a_stable_sort():
     indices, descending, equal values lower index first: a stable argsort
     of -vals; for spread, clustered, tied and all-equal values and k from 1
     to len(vals)."""
-    from ipq_index._kernels import adc
+    from ipq_index._kernels import tables as adc
 
     rng = np.random.default_rng(5)
     cases = [rng.standard_normal(1024), rng.standard_normal(300) ** 3, np.round(rng.standard_normal(500), 1),
@@ -819,7 +819,7 @@ def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
     (scaled codes included), the probes are the top lists of the
     reference score, and on real data they hold more of the true top-10 than
     the centroid-only probes at the same nprobe."""
-    from ipq_index._kernels import adc
+    from ipq_index._kernels import tables as adc
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:60]
@@ -927,7 +927,7 @@ def test_rotation_kernels_match_float64(sample, built):
     """Q @ R by the serial and parallel rotation kernels (eight rows of R per
     pass, then the remainder) against float64 matmul, for sizes that are and
     are not multiples of eight, and the encoder's rotate_queries on real data."""
-    from ipq_index._kernels import adc
+    from ipq_index._kernels import tables as adc
     rng = np.random.default_rng(8)
     for n, m, nq in ((384, 384, 1), (50, 50, 3), (7, 5, 2), (13, 20, 9), (1, 4, 1)):
         R = rng.standard_normal((n, m)).astype(np.float32)
@@ -963,7 +963,7 @@ def test_nav_tables_are_the_coarse_tables_in_int16_steps(sample, built):
     + G * NAV_LOW to within G/2 + 1 (one rounding per byte table), step =
     the largest byte-table span / NAV_SPAN, all computed here from the
     float tables; so the walk ranks rows as the coarse scores do."""
-    from ipq_index._kernels import adc
+    from ipq_index._kernels import tables as adc
     idx = built["PCA,ASQ4"]
     sc = fastscan.FastScanner(idx.encoder, np.asarray(idx.codes), lists="codes")
     X, Q = sample
@@ -1042,7 +1042,8 @@ def test_direct_exact_rerank_of_coarse_candidates(monkeypatch):
 
 _WARM_SCRIPT = """
 import sys, numpy as np, ipq_index
-from ipq_index._kernels import adc, fastscan, graph_search, rerank
+from ipq_index._kernels import fastscan, graph_search, rerank
+from ipq_index._kernels import tables as adc
 def signatures():
     out = {}
     for mod in (adc, fastscan, graph_search, rerank):

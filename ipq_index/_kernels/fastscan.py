@@ -42,7 +42,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._numba import kernel, splat, target_has
-from .adc import _coarse_luts, _probe_one, ids_of_rows_one, weighted_row_sum
+from .tables import _coarse_luts, _probe_one, ids_of_rows_one, weighted_row_sum
 from .checks import all_finite
 from .rerank import PLAN_FIELDS, rescore_rerank_one
 

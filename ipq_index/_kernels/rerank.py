@@ -23,7 +23,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .._numba import kernel, prefetch
-from .adc import HALF_SIMD, heap_offer, heap_to_sorted, rescore_offset_one
+from .tables import HALF_SIMD, heap_offer, heap_to_sorted, rescore_offset_one
 from .cand_adc import candidate_topk_one
 
 #: LLVM may reorder the float64 sums (and fuse multiply-adds) but assumes

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._numba import split_rows
-from ._kernels import adc as _adc
+from ._kernels import tables as _adc
 from ._kernels import fastscan as _fs
 from .encoder import column_costs
 

@@ -11,16 +11,16 @@ from dataclasses import asdict
 
 import numpy as np
 
-from . import cost_model, storage
-from ._kernels import adc as _adc
-from ._kernels import cand_adc as _cand
-from ._kernels import fastscan as _fs
-from ._kernels import graph_search as _gs
-from ._kernels import rerank as _rr
-from ._numba import SERIAL_QUERIES, concat_rows, map_chunks, readonly, resolve_threads, split_rows
-from .encoder import ASQEncoder, EncoderConfig, check_matrix
-from .fastscan import FastScanner
-from .settings import NAVS, FlatSettings, GraphSettings, IVFSettings
+from .. import cost_model, storage
+from .._kernels import cand_adc as _cand
+from .._kernels import fastscan as _fs
+from .._kernels import graph_search as _gs
+from .._kernels import rerank as _rr
+from .._kernels import tables as _adc
+from .._numba import SERIAL_QUERIES, concat_rows, map_chunks, readonly, resolve_threads, split_rows
+from ..encoder import ASQEncoder, EncoderConfig, check_matrix
+from ..fast_scanner import FastScanner
+from ..settings import NAVS, FlatSettings, GraphSettings, IVFSettings
 
 __all__ = ["FlatIndex", "IVFIndex", "GraphIndex", "index_factory", "load", "parse_spec", "warmup"]
 
@@ -239,7 +239,7 @@ class FlatIndex:
         row but rank candidates more coarsely (raise ``fs`` to compensate)."""
         if self.settings.coverage is not None:
             return self.settings.coverage
-        from . import fastscan
+        from .. import fast_scanner as fastscan
 
         return fastscan.COVERAGE_SCALED if self.encoder.config.scale else getattr(fastscan, self._coverage_name)
 

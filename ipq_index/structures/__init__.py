@@ -1,0 +1,1 @@
+"""Index structures over ASQ codes."""
