@@ -55,7 +55,7 @@ def main(argv=None):
     ap.add_argument("--ivf-fs", type=int, nargs="*", default=[None],
                     help="fast-scan factor sweep on IVF indexes (default: the index's rule)")
     ap.add_argument("--coverage", type=float, nargs="*", default=[None],
-                    help="fast-scan coverage sweep on every ipq index (default: fastscan.COVERAGE)")
+                    help="fast-scan coverage sweep on every ipq index (default: fast_scanner.COVERAGE)")
     ap.add_argument("--rerank", type=int, nargs="*", default=[None],
                     help="re-rank factors to sweep on indexes built with ',Rerank' (0 = codes only)")
     ap.add_argument("--hnswlib", type=int, nargs="*", default=[],

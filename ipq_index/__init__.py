@@ -11,9 +11,11 @@ stochastic quantization (ASQ) codes.
 from . import asq
 from ._numba import get_num_threads, set_num_threads
 from .encoder import ASQEncoder, EncoderConfig
-from .structures.base import FlatIndex, index_factory, load, parse_spec, warmup
+from .factory import index_factory, parse_spec, warmup
+from .persistence import load
 from .settings import FlatSettings, GraphSettings, IVFSettings
 from .storage import FormatError
+from .structures import FlatIndex
 
 __version__ = "0.1.0"
 __all__ = ["asq", "get_num_threads", "set_num_threads", "ASQEncoder", "EncoderConfig", "FlatIndex", "index_factory",

@@ -55,7 +55,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._kernels import asq_columns as _columns
 from ._kernels import asq_dp as _dp
+from ._kernels import asq_grid as _approx
+from ._kernels import asq_minimax as _minimax
+from ._kernels import asq_sweep as _sweep
 from ._kernels import rounding as _rk
 from ._numba import concat_rows, map_chunks
 
@@ -228,9 +232,9 @@ def _sweep_exact_sum(x, w, s):
     n = x.size
     P = _ws.get("P", n, np.float64)
     PW = _ws.get("PW", n if w.size else 0, np.float64)
-    Q = _ws.get("Q", n // _dp.Q_STEP + 1, np.float64)
+    Q = _ws.get("Q", n // _sweep.Q_STEP + 1, np.float64)
     center = x[n // 2]
-    srt, distinct = _dp.prefix_scan(x, w, center, P, PW, Q)
+    srt, distinct = _sweep.prefix_scan(x, w, center, P, PW, Q)
     if not srt:
         if w.size:
             order = np.argsort(x, kind="stable")
@@ -238,12 +242,12 @@ def _sweep_exact_sum(x, w, s):
         else:
             x = np.sort(x)
         center = x[n // 2]
-        _srt, distinct = _dp.prefix_scan(x, w, center, P, PW, Q)
+        _srt, distinct = _sweep.prefix_scan(x, w, center, P, PW, Q)
     if distinct <= s:
         return np.unique(x)
     if s == 2:
         return np.array([x[0], x[-1]])
-    return np.unique(x[_dp.small_sum_levels(x, w, s, center, P, PW, Q)])
+    return np.unique(x[_sweep.small_sum_levels(x, w, s, center, P, PW, Q)])
 
 
 def _exact_sum(v, wv, s, filled=False, span=0.0):
@@ -299,7 +303,7 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
     if method == "approx":
         m = _grid(grid, x.size, s)
         if x.size > m:
-            return _dp.approx_sum_levels(x, w, s, m)
+            return _approx.approx_sum_levels(x, w, s, m)
     if objective == "sum" and s <= SWEEP_MAX_S:
         return _sweep_exact_sum(x, w, s)
     if objective == "max" and w.size == 0:
@@ -312,7 +316,7 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
             srt, distinct = _dp.sorted_count(x)
         if distinct <= s:
             return np.unique(x)
-        return _dp.minimax_levels(x, w, s, float(tol))
+        return _minimax.minimax_levels(x, w, s, float(tol))
     if objective == "sum" and w.size == 0 and x.size > 4 * (s + 1):
         # sorted distinct input (the common case for continuous data): the
         # plane table is filled while checking, no separate pass
@@ -326,7 +330,7 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
     if objective == "max":
         if not (0 < tol < 1):
             raise ValueError(f"tol must be in (0, 1), got {tol!r}")
-        return _dp.minimax_levels(v, wv, s, float(tol))
+        return _minimax.minimax_levels(v, wv, s, float(tol))
     return _exact_sum(v, wv, s)
 
 
@@ -363,10 +367,10 @@ def solve_all(x, s_max, *, weights=None, objective="sum", method="exact", grid=N
         return CostCurve(all_budgets, costs, levels)
 
     if method == "approx" and x.size > _grid(grid, x.size, s_max):
-        lo, hi, center = _dp.moments(x, w)
+        lo, hi, center = _approx.moments(x, w)
         if hi == lo:
             return CostCurve(all_budgets, costs, {int(b): np.array([lo]) for b in wanted})
-        P, pos, _exact = _dp.grid_table(x, w, lo, hi, center, _grid(grid, x.size, s_max))
+        P, pos, _exact = _approx.grid_table(x, w, lo, hi, center, _grid(grid, x.size, s_max))
         n = P.shape[0]
         T, D, arg, q, qs = _exact_scratch(n, s_max)
         span = _dp.fill_plane_prefix(P, T)
@@ -429,10 +433,10 @@ def solve_columns(X, s, *, weights=None, objective="sum", method="exact", grid=N
     block = int(block)
     if method == "approx" and N > m:
         def call(j0, j1, _part):
-            return _dp.solve_columns_approx(X, w, budgets, m, block, j0, j1)
+            return _columns.solve_columns_approx(X, w, budgets, m, block, j0, j1)
     else:
         def call(j0, j1, _part):
-            return _dp.solve_columns_exact(X, w, budgets, objective == "max", float(tol), block, j0, j1)
+            return _columns.solve_columns_exact(X, w, budgets, objective == "max", float(tol), block, j0, j1)
     levels, counts = concat_rows(map_chunks(call, d, num_threads, min_chunk=block))
     return [levels[j, : counts[j]].copy() for j in range(d)]
 

@@ -40,10 +40,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import asq
-from ._kernels import tables as _adc
 from ._kernels import cand_adc as _cand
 from ._kernels import checks as _checks
+from ._kernels import codes as _codes
+from ._kernels import fields as _field_adc
+from ._kernels import rotation as _rotation
 from ._kernels import rounding as _rk
+from ._kernels import tables as _tables
 from ._numba import concat_rows, map_chunks, readonly, split_rows
 
 TRANSFORMS = ("none", "pca", "random")
@@ -291,17 +294,17 @@ class ASQEncoder:
         return np.ascontiguousarray(Z, dtype=np.float32), norms
 
     def _encode_rows(self, Z, unbiased, seed, row0, num_threads):
-        """Codes of transformed rows Z (``_adc.encode``), rows split across threads."""
+        """Codes of transformed rows Z (``_codes.encode``), rows split across threads."""
         def call(a, b, _part):
-            return _adc.encode(Z[a:b], self.levels, self.level_off, self.bits, self.byte_of, self.shift_of,
+            return _codes.encode(Z[a:b], self.levels, self.level_off, self.bits, self.byte_of, self.shift_of,
                                self.nbytes, unbiased, seed, row0 + a)
 
         return concat_rows(map_chunks(call, Z.shape[0], num_threads, min_chunk=ROWS_PER_TASK))
 
     def _decode_rows(self, codes, num_threads=-1):
-        """Transformed values (float32) of codes (``_adc.decode``), rows split across threads."""
+        """Transformed values (float32) of codes (``_codes.decode``), rows split across threads."""
         args = (self.levels, self.level_off, self.bits, self.byte_of, self.shift_of, self.d)
-        return split_rows(_adc.decode, codes.shape[0], num_threads, (codes, *args), rows=(0,),
+        return split_rows(_codes.decode, codes.shape[0], num_threads, (codes, *args), rows=(0,),
                           min_chunk=ROWS_PER_TASK)
 
     def encode(self, X, *, row0: int = 0, num_threads: int | None = -1):
@@ -353,8 +356,8 @@ class ASQEncoder:
         Q = np.ascontiguousarray(Q, np.float32)
         if self.rotation is None:
             return Q
-        R = self.rotation16() if _adc.HALF_SIMD else self.rotation32()
-        return split_rows(_adc.rotate_rows, Q.shape[0], num_threads, (Q, R), rows=(0,))
+        R = self.rotation16() if _rotation.HALF_SIMD else self.rotation32()
+        return split_rows(_rotation.rotate_rows, Q.shape[0], num_threads, (Q, R), rows=(0,))
 
     def rotation32(self) -> np.ndarray:
         """The rotation queries are transformed with, as a C-contiguous float32
@@ -393,7 +396,7 @@ class ASQEncoder:
     def rotated_tables(self, Y, num_threads: int | None = -1) -> np.ndarray:
         """Lookup tables (nq, nbytes, 256) float32 of already rotated queries Y."""
         ptr, order = self._byte_fields()
-        return split_rows(_adc.build_tables, Y.shape[0], num_threads,
+        return split_rows(_tables.build_tables, Y.shape[0], num_threads,
                           (Y, self.levels32(), self.level_off, self.bits, ptr, order, self.nbytes), rows=(0,))
 
     def _byte_fields(self):
@@ -432,13 +435,13 @@ class ASQEncoder:
         shifts it right by F[b, 1, l], masks it with F[b, 2, l] and adds the
         level offset F[b, 3, l]; unused lanes have dim -1 (weight 0, level
         0).  No blocks (nb = 0) when a code row is shorter than 16 bytes or
-        the CPU lacks the byte shuffle (``_adc.FIELD_SIMD``): the ADC then
+        the CPU lacks the byte shuffle (``_field_adc.FIELD_SIMD``): the ADC then
         reads the table one field at a time."""
         if self._field_blocks is None:
             table = self.field_table()
-            L = _adc.FIELD_LANES
+            L = _field_adc.FIELD_LANES
             blocks = []
-            if _adc.FIELD_SIMD and self.nbytes >= L:
+            if _field_adc.FIELD_SIMD and self.nbytes >= L:
                 for f in range(table.shape[0]):
                     if not blocks or len(blocks[-1]) == L or table[f, 1] - table[blocks[-1][0], 1] >= L:
                         blocks.append([])
@@ -495,7 +498,7 @@ class ASQEncoder:
             self._vmax = vm
         Y2 = np.ascontiguousarray(np.asarray(Y, np.float64) ** 2, np.float32)
         ptr, order = self._byte_fields()
-        return _adc.build_tables(Y2, self._vmax.astype(np.float32), self.level_off, self.bits, ptr, order,
+        return _tables.build_tables(Y2, self._vmax.astype(np.float32), self.level_off, self.bits, ptr, order,
                                  self.nbytes)
 
     # -- persistence ------------------------------------------------------

@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._numba import split_rows
-from ._kernels import tables as _adc
+from ._kernels import coarse_tables as _coarse
+from ._kernels import codes as _codes
 from ._kernels import fastscan as _fs
 from .encoder import column_costs
 
@@ -120,7 +121,7 @@ class FastScanner:
         M = max(2, len(groups) + len(groups) % 2)
         groups += [[] for _ in range(M - len(groups))]
         if scales is None and residual is None:
-            packed = split_rows(_adc.coarse_nibbles, n, -1, (codes, bits.astype(e.bits.dtype), e.byte_of, e.shift_of,
+            packed = split_rows(_codes.coarse_nibbles, n, -1, (codes, bits.astype(e.bits.dtype), e.byte_of, e.shift_of,
                                 (bits - cb).astype(np.int32), nib_of, nib_shift, M), rows=(0,), min_chunk=4096)
         else:
             # scaled codes: quantize the decoded, rescaled vectors s * u_hat
@@ -141,7 +142,7 @@ class FastScanner:
             packed = np.empty((n, M // 2), np.uint8)
             for r0 in range(0, n, chunk):
                 rows = np.arange(r0, min(n, r0 + chunk))
-                packed[rows] = _adc.encode(np.ascontiguousarray(rescaled(rows), np.float32), flat, off,
+                packed[rows] = _codes.encode(np.ascontiguousarray(rescaled(rows), np.float32), flat, off,
                                            cb.astype(np.int32), byte_of, shift_of, M // 2, False, 0, 0)
         cent = np.zeros((M, 16, DSUB), np.float32)
         self.slot_dim = np.full((M, DSUB), -1, np.int64)
@@ -299,16 +300,16 @@ class FastScanner:
         [g, c] is the coarse score of code byte g = c (low nibble: group 2g,
         high nibble: group 2g + 1), so a row's coarse score is a sum of M/2
         lookups (the same ADC kernels as the full codes)."""
-        return _adc.coarse_byte_tables(np.ascontiguousarray(Y, np.float32), self.slot_dim, self._centT)
+        return _coarse.coarse_byte_tables(np.ascontiguousarray(Y, np.float32), self.slot_dim, self._centT)
 
     def nav_tables(self, Y) -> np.ndarray:
         """(nq, M/2, 256) int16 tables for ranking rows of each query by
         their coarse score (graph navigation): the float tables of
         ``byte_tables`` shifted per byte table and scaled by one step per
-        query (``_adc.coarse_byte_tables_i16``); sums of lookups order rows
+        query (``_coarse.coarse_byte_tables_i16``); sums of lookups order rows
         as the float coarse scores do, to within M/4 steps of 1/65535 of a
         byte table's span."""
-        return _adc.coarse_byte_tables_i16(np.ascontiguousarray(Y, np.float32), self.slot_dim, self._centT)
+        return _coarse.coarse_byte_tables_i16(np.ascontiguousarray(Y, np.float32), self.slot_dim, self._centT)
 
     def candidates(self, Y, kk: int, num_threads: int, probes=None, raw=None) -> np.ndarray:
         """Rows (nq, kk) of the best coarse scores of rotated queries Y, in no

@@ -312,7 +312,7 @@ def test_solve_columns_matches_solve_and_threads():
 
 def test_minimax_unit_weight_walk_matches_scanning_walk():
     """The O(s log n) greedy walk for equal weights agrees with the O(n) scan."""
-    from ipq_index._kernels import asq_dp as dp
+    from ipq_index._kernels import asq_minimax
 
     rng = np.random.default_rng(21)
     checked = 0
@@ -324,8 +324,8 @@ def test_minimax_unit_weight_walk_matches_scanning_walk():
         s = int(rng.integers(2, min(12, v.size) + 1))
         tau = rng.uniform(0, 1) * np.max((v[-1] - v) * (v - v[0]))
         o1, o2 = np.empty(s + 1), np.empty(s + 1)
-        c1, g1 = dp._greedy_minimax(v, np.ones(v.size), tau, s, o1)
-        c2, g2 = dp._greedy_minimax_unit(v, tau, s, o2)
+        c1, g1 = asq_minimax._greedy_minimax(v, np.ones(v.size), tau, s, o1)
+        c2, g2 = asq_minimax._greedy_minimax_unit(v, tau, s, o2)
         assert c1 == c2
         if c1 <= s:
             np.testing.assert_allclose(o1[:c1], o2[:c2], rtol=1e-12, atol=1e-12)

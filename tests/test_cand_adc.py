@@ -115,7 +115,8 @@ def test_candidate_plan_fused_matches_staged_and_keeps_recall(monkeypatch, spec)
     """The candidate-ADC plan (forced) in the fused single-query kernels and
     in the staged kernels: same ids and scores; recall@10 against brute force
     within 0.01 of the exact re-rank of all candidates."""
-    from ipq_index.structures import base as im
+    from ipq_index import cost_model
+    from ipq_index.structures import base
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:20]
@@ -131,15 +132,15 @@ def test_candidate_plan_fused_matches_staged_and_keeps_recall(monkeypatch, spec)
     gt = np.argsort(-(Q @ X.T), axis=1)[:, :10]
     p = dict(nprobe=16, fs=20) if "IVF" in spec else dict(ef=200) if "HNSW" in spec else dict(fs=20)
     plans = []
-    real = im.cost_model.rescore_plan
+    real = cost_model.rescore_plan
 
     def recall(I):
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, gt)])
 
     def run(forced, serial):
-        monkeypatch.setattr(im.cost_model, "rescore_plan", lambda enc, nc, kk, ex, *a, **kw: plans.append(
+        monkeypatch.setattr(cost_model, "rescore_plan", lambda enc, nc, kk, ex, *a, **kw: plans.append(
             forced if ex > 0 else real(enc, nc, kk, ex, *a, **kw)) or plans[-1])
-        monkeypatch.setattr(im, "SERIAL_QUERIES", 8 if serial else 0)
+        monkeypatch.setattr(base, "SERIAL_QUERIES", 8 if serial else 0)
         return [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
 
     one = run("cand", True)

@@ -6,7 +6,7 @@ import platform
 import numpy as np
 import pytest
 
-from ipq_index import fast_scanner as fastscan
+from ipq_index import fast_scanner
 from ipq_index._kernels import fastscan as fk
 
 
@@ -104,8 +104,8 @@ def test_quantized_tables_round_the_float_tables():
     also for M > 257, where the uint16 sums would otherwise overflow."""
     rng = np.random.default_rng(5)
     for M, d in ((6, 10), (300, 600)):
-        slot_dim = rng.integers(-1, d, (M, fastscan.DSUB)).astype(np.int64)
-        cent = rng.standard_normal((M, 16, fastscan.DSUB)).astype(np.float32)
+        slot_dim = rng.integers(-1, d, (M, fast_scanner.DSUB)).astype(np.int64)
+        cent = rng.standard_normal((M, 16, fast_scanner.DSUB)).astype(np.float32)
         centT = np.ascontiguousarray(cent.transpose(0, 2, 1))
         Y = rng.standard_normal((3, d)).astype(np.float32)
         got = fk.quantize_luts(Y, slot_dim, centT)
@@ -135,13 +135,13 @@ from ipq_index._kernels import rerank as rr
 assert rr.HALF_SIMD == (sys.argv[1] != "0"), rr.HALF_SIMD
 v, r = rr.rerank(d["Q"], d["V"], d["cand"], 5)
 print(v.tolist()); print(r.tolist())
-from ipq_index._kernels import tables as adc
-assert adc.FIELD_SIMD == (sys.argv[1] != "0"), adc.FIELD_SIMD
-assert adc.HALF_SIMD == (sys.argv[1] != "0"), adc.HALF_SIMD
+from ipq_index._kernels import fields, rotation
+assert fields.FIELD_SIMD == (sys.argv[1] != "0"), fields.FIELD_SIMD
+assert rotation.HALF_SIMD == (sys.argv[1] != "0"), rotation.HALF_SIMD
 layout = tuple(d[k] for k in ("ftable", "fstarts", "flanes", "fdims"))  # blocks (built on this host)
-v, r = adc.rescore_fields(d["Y"], d["levels"], layout, d["codes"], np.zeros(0, np.float32), d["cand"], 7)
+v, r = fields.rescore_fields(d["Y"], d["levels"], layout, d["codes"], np.zeros(0, np.float32), d["cand"], 7)
 print(v.tolist()); print(r.tolist())
-print(adc.rotate_rows(d["Q"], d["R16"]).tolist())  # F16C vectors / integer widening
+print(rotation.rotate_rows(d["Q"], d["R16"]).tolist())  # F16C vectors / integer widening
 from ipq_index._kernels import cand_adc
 assert not cand_adc.CAND_SIMD  # neither target has AVX-512 VBMI: the search plans never pick it
 """
@@ -172,7 +172,7 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     Q = rng.standard_normal((2, 37)).astype(np.float32)
     cand = rng.integers(-1, 300, (2, 40))
     from ipq_index.encoder import ASQEncoder, EncoderConfig
-    from ipq_index._kernels import tables as adc
+    from ipq_index._kernels import fields, rotation
 
     X = rng.standard_normal((300, 37)).astype(np.float32)
     enc = ASQEncoder(37, EncoderConfig(bits=5.0, transform="none")).train(X)  # 24 bytes: two blocks
@@ -196,12 +196,12 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     assert rr_r == r.tolist()
     np.testing.assert_allclose(rr_v, v, rtol=1e-6)
     # the block ADC (AVX2 gathers / one lane at a time) against this host's
-    v, r = adc.rescore_fields(Q, enc.levels32(), layout, codes, np.zeros(0, np.float32), cand, 7)
+    v, r = fields.rescore_fields(Q, enc.levels32(), layout, codes, np.zeros(0, np.float32), cand, 7)
     np.testing.assert_allclose(ad_v, v, rtol=1e-5, atol=1e-5)
     assert sorted(ad_r[0]) == sorted(r[0].tolist())
     # query rotation by a float16 matrix: this host's float32 sums of the same values, bit for bit
     R16 = np.load(tmp_path / "d.npz")["R16"]
-    assert np.array_equal(np.array(rot, np.float32), adc.rotate_rows(Q, R16.view(np.float16).astype(np.float32)))
+    assert np.array_equal(np.array(rot, np.float32), rotation.rotate_rows(Q, R16.view(np.float16).astype(np.float32)))
 
 
 def test_sampled_threshold_stays_exact():
@@ -272,8 +272,7 @@ def test_residual_coarse_codes_rank_by_the_list_term_plus_the_residual_code(monk
     errors, ``FastScanner._residual_bits``)."""
     import ipq_index
     from ipq_index.bench import datasets
-    from ipq_index.structures import base as im
-    from ipq_index._kernels import tables as adc
+    from ipq_index._kernels import codes
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:20]
@@ -309,7 +308,7 @@ def test_residual_coarse_codes_rank_by_the_list_term_plus_the_residual_code(monk
 
     # (2) error of the coarse scores against the full ADC scores <y, z_hat> (per-query offsets removed)
     e = ivf.encoder
-    Zh = adc.decode(np.asarray(ivf.codes), e.levels, e.level_off, e.bits, e.byte_of, e.shift_of, X.shape[1])
+    Zh = codes.decode(np.asarray(ivf.codes), e.levels, e.level_off, e.bits, e.byte_of, e.shift_of, X.shape[1])
     exact = Y.astype(np.float64) @ Zh.astype(np.float64).T
 
     def err(scores):

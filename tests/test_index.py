@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import ipq_index
-from ipq_index import fast_scanner as fastscan
+from ipq_index import cost_model, fast_scanner
 from ipq_index.bench import datasets
-from ipq_index.structures import base as index_mod
+from ipq_index.structures import query_batch
 from ipq_index.encoder import allocate_bits, pack_fields
 
 
@@ -288,7 +288,7 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
     path (rotation or none, scaled codes, IVF probes, every list probed,
     ADC rescoring and the exact re-rank of all candidates with the rotation
     cut to its leading columns, float16 and float32 copies)."""
-    from ipq_index.structures import base as im
+    from ipq_index.structures import base
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:10]
@@ -301,8 +301,8 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
         lead = idx._lead_dims(sc)
         assert idx._coarse_dims(sc).max() < lead < X.shape[1]
     plans = []
-    real = im.cost_model.rescore_plan
-    monkeypatch.setattr(im.cost_model, "rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    real = cost_model.rescore_plan
+    monkeypatch.setattr(cost_model, "rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
     params = [dict(fs=2), dict(fs=20)]
     if idx.rerank:
         params += [dict(fs=3, rerank=1), dict(fs=2, rerank=0), dict(fs=30, rerank=4)]
@@ -313,9 +313,9 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
         one = [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
         fused += sum(1 for _ in plans if _ != "tables")
         plans.clear()
-        monkeypatch.setattr(im, "SERIAL_QUERIES", 0)  # the staged kernels
+        monkeypatch.setattr(base, "SERIAL_QUERIES", 0)  # the staged kernels
         ref = [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
-        monkeypatch.setattr(im, "SERIAL_QUERIES", 8)
+        monkeypatch.setattr(base, "SERIAL_QUERIES", 8)
         plans.clear()
         for (d1, i1), (d2, i2) in zip(one, ref):
             np.testing.assert_array_equal(i1, i2)
@@ -327,7 +327,7 @@ def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
     """The fused kernels' per-index arguments are kept between searches and
     rebuilt after ``add``: single-query searches after an add equal the
     staged path and return rows added last."""
-    from ipq_index.structures import base as im
+    from ipq_index.structures import base
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:8]
@@ -336,7 +336,7 @@ def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
     before = [idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))]
     idx.add(X[n0:])
     after = np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))])
-    monkeypatch.setattr(im, "SERIAL_QUERIES", 0)  # the staged kernels
+    monkeypatch.setattr(base, "SERIAL_QUERIES", 0)  # the staged kernels
     staged = np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))])
     np.testing.assert_array_equal(after, staged)
     assert (after >= n0).any() and (np.concatenate(before) < n0).all()
@@ -347,7 +347,7 @@ def test_single_query_searches_follow_settings_and_rows_and_still_validate(monke
     changed settings (nprobe, coverage), a changed default rerank and added
     rows give the results of explicit parameters and of the staged path;
     bad queries and parameters still raise."""
-    from ipq_index.structures import base as im
+    from ipq_index.structures import base
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:6]
@@ -358,11 +358,11 @@ def test_single_query_searches_follow_settings_and_rows_and_still_validate(monke
         return np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1, **p)[1] for i in range(len(Q))])
 
     def staged(**p):  # the staged kernels
-        monkeypatch.setattr(im, "SERIAL_QUERIES", 0)
+        monkeypatch.setattr(base, "SERIAL_QUERIES", 0)
         try:
             return run(**p)
         finally:
-            monkeypatch.setattr(im, "SERIAL_QUERIES", 8)
+            monkeypatch.setattr(base, "SERIAL_QUERIES", 8)
 
     first = run(nprobe=3)
     np.testing.assert_array_equal(first, run(nprobe=3))
@@ -473,7 +473,8 @@ def test_table_free_rescoring_equals_table_adc(sample, built):
     fields at a time in blocks, and one at a time without blocks); both
     equal the lookup-table ADC (and the reconstruction's inner product),
     scaled codes included, with -1 candidates ignored."""
-    from ipq_index._kernels import tables as adc
+    from ipq_index._kernels import fields
+    from ipq_index._kernels import tables as table_adc
 
     X, Q = sample
     rng = np.random.default_rng(3)
@@ -485,9 +486,9 @@ def test_table_free_rescoring_equals_table_adc(sample, built):
         cand = rng.integers(0, idx.ntotal, (9, 40))
         cand[:, ::7] = -1
         scales = np.asarray(idx.scales) if enc.config.scale else np.zeros(0, np.float32)
-        f_fields, f_tables = adc.rescore_fields, adc.rescore_topk
+        f_fields, f_tables = fields.rescore_fields, table_adc.rescore_topk
         layout = enc.field_layout()
-        assert layout[1].shape[0] > 0 or not adc.FIELD_SIMD  # 96+ byte codes: blocks on x86
+        assert layout[1].shape[0] > 0 or not fields.FIELD_SIMD  # 96+ byte codes: blocks on x86
         unblocked = (layout[0], layout[1][:0], layout[2][:0], layout[3][:0])
         v1, r1 = f_fields(Y, enc.levels32(), layout, idx.codes, scales, cand, 12)
         v0, _ = f_fields(Y, enc.levels32(), unblocked, idx.codes, scales, cand, 12)
@@ -525,20 +526,20 @@ def test_graph_fused_single_query_path_matches_staged(monkeypatch, sample, spec)
     (``GraphIndex._search_fused``): same scores and ids as the staged path,
     with and without rotation, with scaled codes, ADC rescoring or the exact
     re-rank of the whole beam, and -1 / -inf padding on a tiny index."""
-    from ipq_index.structures import base as im
+    from ipq_index.structures import GraphIndex, base
 
     X, Q = sample
     g = ipq_index.index_factory(X.shape[1], spec).train(X[:1200]).add(X[:1200])
     calls = []
-    fused = im.GraphIndex._search_fused
-    monkeypatch.setattr(im.GraphIndex, "_search_fused", lambda self, *a: calls.append(a) or fused(self, *a))
+    fused = GraphIndex._search_fused
+    monkeypatch.setattr(GraphIndex, "_search_fused", lambda self, *a: calls.append(a) or fused(self, *a))
     params = [dict(ef=24), dict(ef=64)] + ([dict(ef=64, rerank=0), dict(ef=24, rerank=1), dict(ef=48, rerank=4)] if g.rerank else [])
     for p in params:
         one = [g.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(12)]
         n_fused = len(calls)
-        monkeypatch.setattr(im, "SERIAL_QUERIES", 0)
+        monkeypatch.setattr(base, "SERIAL_QUERIES", 0)
         ref = [g.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(12)]
-        monkeypatch.setattr(im, "SERIAL_QUERIES", 8)
+        monkeypatch.setattr(base, "SERIAL_QUERIES", 8)
         assert len(calls) == n_fused  # the staged path ran
         for (d1, i1), (d2, i2) in zip(one, ref):
             np.testing.assert_array_equal(i1, i2)
@@ -549,7 +550,7 @@ def test_graph_fused_single_query_path_matches_staged(monkeypatch, sample, spec)
         assert "exact" in ran and ran & {"fields", "cand"}
     tiny = ipq_index.index_factory(X.shape[1], spec.replace("HNSW16", "HNSW4")).train(X[:1200]).add(X[:12])
     d, i = tiny.search(Q[:2], 12, ef=4, num_threads=1)
-    monkeypatch.setattr(im, "SERIAL_QUERIES", 0)
+    monkeypatch.setattr(base, "SERIAL_QUERIES", 0)
     d2, i2 = tiny.search(Q[:2], 12, ef=4, num_threads=1)
     np.testing.assert_array_equal(i, i2)
     np.testing.assert_allclose(d, d2, rtol=1e-6, atol=1e-6)
@@ -643,7 +644,7 @@ def test_exact_rerank_kernels_match_float64_reference():
         Q = rng.standard_normal((20, 45)).astype(np.float32)
         cand = rng.integers(-1, 3000, (20, 25))
         for nq in (3, 20):
-            v, r = index_mod._rerank_exact(Q[:nq], V, cand[:nq], 7)
+            v, r = query_batch.rerank_exact(Q[:nq], V, cand[:nq], 7)
             S = np.einsum("qcd,qd->qc", V[np.maximum(cand[:nq], 0)].astype(np.float64), Q[:nq].astype(np.float64))
             S[cand[:nq] < 0] = -np.inf
             order = np.argsort(-S, axis=1, kind="stable")[:, :7]
@@ -662,7 +663,7 @@ def test_float16_rerank_widens_every_finite_half_exactly():
     Q = np.eye(d, dtype=np.float32)
     cand = np.tile(np.arange(n, dtype=np.int64), (d, 1))
     for nq in (3, d):  # serial and parallel kernels
-        v, r = index_mod._rerank_exact(Q[:nq], V, cand[:nq], n)
+        v, r = query_batch.rerank_exact(Q[:nq], V, cand[:nq], n)
         for j in range(nq):
             np.testing.assert_array_equal(v[j], V[r[j], j].astype(np.float32))
             assert np.array_equal(np.sort(r[j]), np.arange(n))
@@ -689,20 +690,20 @@ def test_coarse_codes_keep_the_score_variance(sample, built):
     gives every dimension all its coarse bits.  Scaled codes keep the
     dimensions with the top variance shares at min(b, 4) bits.  Bad values
     are refused."""
-    from ipq_index import fast_scanner as fastscan
-    from ipq_index._kernels import tables as adc
+    from ipq_index._kernels import codes as code_kernels
 
     X, Q = sample
     idx = built["PCA,ASQ4"]
     enc, codes = idx.encoder, np.asarray(idx.codes)
     maxb = np.minimum(enc.bits, 4)
-    full = fastscan.FastScanner(enc, codes, coverage=1.0, lists="codes")
+    full = fast_scanner.FastScanner(enc, codes, coverage=1.0, lists="codes")
     np.testing.assert_array_equal(full.coarse_bits, maxb)
-    part = fastscan.FastScanner(enc, codes, lists="codes")
+    part = fast_scanner.FastScanner(enc, codes, lists="codes")
     cb = part.coarse_bits
     assert (cb <= maxb).all() and part.M < full.M and 0 < part.kept.sum()
     assert np.isin(cb[cb > 0], [1, 2, 3]).mean() > 0.5  # mostly narrow fields sharing sub-quantizers
-    Z = adc.decode(codes, enc.levels, enc.level_off, enc.bits, enc.byte_of, enc.shift_of, enc.d).astype(np.float64)
+    Z = code_kernels.decode(codes, enc.levels, enc.level_off, enc.bits, enc.byte_of, enc.shift_of,
+                            enc.d).astype(np.float64)
     w = np.asarray(enc.energy, np.float64)
     err = 0.0
     for j in range(enc.d):
@@ -714,7 +715,7 @@ def test_coarse_codes_keep_the_score_variance(sample, built):
         means = np.array([Z[t == v, j].mean() if (t == v).any() else 0.0 for v in range(1 << int(cb[j]))])
         err += w[j] * np.mean((Z[:, j] - means[t]) ** 2)
     total = float((w * (Z ** 2).mean(axis=0)).sum())
-    assert err <= (1 - fastscan.COVERAGE) * total * 1.02, (err / total, fastscan.COVERAGE)
+    assert err <= (1 - fast_scanner.COVERAGE) * total * 1.02, (err / total, fast_scanner.COVERAGE)
     # on real queries: coarse vs full ADC scores
     Y = enc.rotate_queries(Q[:20])
     rows = np.random.default_rng(5).integers(0, idx.ntotal, 500)
@@ -722,13 +723,13 @@ def test_coarse_codes_keep_the_score_variance(sample, built):
     coarse = np.stack([T[q][np.arange(part.M // 2)[None, :], part.codes[rows]].sum(1) for q in range(20)])
     exact = Y.astype(np.float64) @ Z[rows].T
     rel = np.mean((coarse - exact) ** 2) / np.mean((exact - exact.mean(axis=1, keepdims=True)) ** 2)
-    assert rel <= 1.6 * (1 - fastscan.COVERAGE), rel
+    assert rel <= 1.6 * (1 - fast_scanner.COVERAGE), rel
     # scaled codes: the top dimensions by variance share, min(b, 4) bits each
     sidx = built["PCA,ASQ4s"]
     senc, scodes, scales = sidx.encoder, np.asarray(sidx.codes), np.asarray(sidx.scales)
-    sp = fastscan.FastScanner(senc, scodes, scales, lists="codes", coverage=0.9)
-    Zs = adc.decode(scodes, senc.levels, senc.level_off, senc.bits, senc.byte_of, senc.shift_of,
-                    senc.d).astype(np.float64) * scales[:, None]
+    sp = fast_scanner.FastScanner(senc, scodes, scales, lists="codes", coverage=0.9)
+    Zs = code_kernels.decode(scodes, senc.levels, senc.level_off, senc.bits, senc.byte_of, senc.shift_of,
+                             senc.d).astype(np.float64) * scales[:, None]
     share = np.where(senc.bits > 0, senc.energy * Zs.var(axis=0), 0.0)
     kept = sp.kept
     assert share[kept].sum() >= 0.9 * share.sum() * (1 - 1e-6)
@@ -736,7 +737,7 @@ def test_coarse_codes_keep_the_score_variance(sample, built):
     np.testing.assert_array_equal(sp.coarse_bits[kept], np.minimum(senc.bits, 4)[kept])
     for bad in (0.0, 1.5, -1):
         with pytest.raises(ValueError, match="coverage"):
-            fastscan.FastScanner(enc, codes, coverage=bad)
+            fast_scanner.FastScanner(enc, codes, coverage=bad)
 
 
 def test_ivf_concurrent_searches_with_different_nprobe():
@@ -794,7 +795,7 @@ def test_top_sorted_selects_like_a_stable_sort():
     indices, descending, equal values lower index first: a stable argsort
     of -vals; for spread, clustered, tied and all-equal values and k from 1
     to len(vals)."""
-    from ipq_index._kernels import tables as adc
+    from ipq_index._kernels import probe
 
     rng = np.random.default_rng(5)
     cases = [rng.standard_normal(1024), rng.standard_normal(300) ** 3, np.round(rng.standard_normal(500), 1),
@@ -806,7 +807,7 @@ def test_top_sorted_selects_like_a_stable_sort():
                 continue
             hv = np.empty(k, np.float32)
             hi = np.empty(k, np.int64)
-            adc.top_sorted(vals, hv, hi)
+            probe.top_sorted(vals, hv, hi)
             want = np.argsort(-vals, kind="stable")[:k]
             np.testing.assert_array_equal(hv, vals[want])
             np.testing.assert_array_equal(hi, want)
@@ -819,7 +820,7 @@ def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
     (scaled codes included), the probes are the top lists of the
     reference score, and on real data they hold more of the true top-10 than
     the centroid-only probes at the same nprobe."""
-    from ipq_index._kernels import tables as adc
+    from ipq_index._kernels import codes as code_kernels
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:60]
@@ -830,8 +831,8 @@ def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
         enc = ivf.encoder
         R = np.eye(X.shape[1]) if enc.rotation is None else np.asarray(enc.rotation, np.float64)
         # the decoded codes in the transformed space (scaled codes: times their scales)
-        Z = adc.decode(np.asarray(ivf.codes), enc.levels, enc.level_off, enc.bits, enc.byte_of, enc.shift_of,
-                       enc.d).astype(np.float64)
+        Z = code_kernels.decode(np.asarray(ivf.codes), enc.levels, enc.level_off, enc.bits, enc.byte_of,
+                                enc.shift_of, enc.d).astype(np.float64)
         if enc.config.scale:
             Z *= np.asarray(ivf.scales, np.float64)[:, None]
         Cr = (ivf.centroids.astype(np.float64) - enc.mean) @ R
@@ -893,12 +894,12 @@ def test_index_coverage_setting_is_used_saved_and_checked(tmp_path):
             ipq_index.index_factory(X.shape[1], "PCA,ASQ4", coverage=bad)
     assert ipq_index.index_factory(X.shape[1], "PCA,ASQ4", coverage=0.9).coverage == 0.9
     idx.coverage = None
-    assert idx.coverage == fastscan.COVERAGE and idx._fast_scanner().M == m_default
+    assert idx.coverage == fast_scanner.COVERAGE and idx._fast_scanner().M == m_default
     # defaults by structure and code type: graph navigation, scaled codes
-    assert ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4").coverage == fastscan.NAV_COVERAGE
-    assert ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4").coverage == fastscan.COVERAGE
+    assert ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4").coverage == fast_scanner.NAV_COVERAGE
+    assert ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4").coverage == fast_scanner.COVERAGE
     for spec in ("PCA,ASQ4s", "PCA,HNSW16,ASQ4s"):
-        assert ipq_index.index_factory(X.shape[1], spec).coverage == fastscan.COVERAGE_SCALED
+        assert ipq_index.index_factory(X.shape[1], spec).coverage == fast_scanner.COVERAGE_SCALED
 
 
 def test_coarse_byte_tables_score_the_packed_nibbles(sample, built):
@@ -906,7 +907,7 @@ def test_coarse_byte_tables_score_the_packed_nibbles(sample, built):
     the sum over its 4-bit sub-codes of <centroid, query slice> (float64
     reference from the packed codes)."""
     idx = built["PCA,ASQ4"]
-    sc = fastscan.FastScanner(idx.encoder, np.asarray(idx.codes), lists="codes")
+    sc = fast_scanner.FastScanner(idx.encoder, np.asarray(idx.codes), lists="codes")
     X, Q = sample
     Y = idx.encoder.rotate_queries(Q[:5])
     T = sc.byte_tables(Y)
@@ -927,19 +928,19 @@ def test_rotation_kernels_match_float64(sample, built):
     """Q @ R by the serial and parallel rotation kernels (eight rows of R per
     pass, then the remainder) against float64 matmul, for sizes that are and
     are not multiples of eight, and the encoder's rotate_queries on real data."""
-    from ipq_index._kernels import tables as adc
+    from ipq_index._kernels import rotation
     rng = np.random.default_rng(8)
     for n, m, nq in ((384, 384, 1), (50, 50, 3), (7, 5, 2), (13, 20, 9), (1, 4, 1)):
         R = rng.standard_normal((n, m)).astype(np.float32)
         Qr = rng.standard_normal((nq, n)).astype(np.float32)
         ref = Qr.astype(np.float64) @ R.astype(np.float64)
-        for fn in (adc.rotate_rows,):
+        for fn in (rotation.rotate_rows,):
             got = fn(Qr, R)
             assert got.shape == (nq, m) and got.dtype == np.float32
             np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.sqrt(n) * np.abs(ref).max())
         # float16 matrices (uint16 bits): the same sums as float32 of the same values
         R16 = R.astype(np.float16)
-        for fn in (adc.rotate_rows,):
+        for fn in (rotation.rotate_rows,):
             assert np.array_equal(fn(Qr, R16.view(np.uint16)), fn(Qr, R16.astype(np.float32)))
     X, Q = sample
     enc = built["PCA,ASQ4"].encoder
@@ -963,9 +964,9 @@ def test_nav_tables_are_the_coarse_tables_in_int16_steps(sample, built):
     + G * NAV_LOW to within G/2 + 1 (one rounding per byte table), step =
     the largest byte-table span / NAV_SPAN, all computed here from the
     float tables; so the walk ranks rows as the coarse scores do."""
-    from ipq_index._kernels import tables as adc
+    from ipq_index._kernels import coarse_tables
     idx = built["PCA,ASQ4"]
-    sc = fastscan.FastScanner(idx.encoder, np.asarray(idx.codes), lists="codes")
+    sc = fast_scanner.FastScanner(idx.encoder, np.asarray(idx.codes), lists="codes")
     X, Q = sample
     Y = idx.encoder.rotate_queries(Q[:8])
     T = sc.byte_tables(Y).astype(np.float64)
@@ -976,11 +977,11 @@ def test_nav_tables_are_the_coarse_tables_in_int16_steps(sample, built):
     codes = sc.codes[rows]
     for q in range(8):
         low = T[q].min(axis=1)
-        step = (T[q].max(axis=1) - low).max() / adc.NAV_SPAN
-        ref = (T[q, np.arange(G)[None, :], codes].sum(axis=1) - low.sum()) / step + G * adc.NAV_LOW
+        step = (T[q].max(axis=1) - low).max() / coarse_tables.NAV_SPAN
+        ref = (T[q, np.arange(G)[None, :], codes].sum(axis=1) - low.sum()) / step + G * coarse_tables.NAV_LOW
         got = N[q, np.arange(G)[None, :], codes].astype(np.int64).sum(axis=1)
         assert np.abs(got - ref).max() <= G / 2 + 1, np.abs(got - ref).max()
-        assert N[q].min() == adc.NAV_LOW and N[q].max() == adc.NAV_LOW + adc.NAV_SPAN
+        assert N[q].min() == coarse_tables.NAV_LOW and N[q].max() == coarse_tables.NAV_LOW + coarse_tables.NAV_SPAN
 
 
 def test_results_are_padded_when_fewer_than_k_are_found(sample):
@@ -1016,14 +1017,14 @@ def test_direct_exact_rerank_of_coarse_candidates(monkeypatch):
     idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4,Rerank2").train(X).add(X)
     assert idx.ntotal >= idx.settings.fastscan_min_rows
     _, gt = exact_topk(X, Q, 10)
-    monkeypatch.setattr(index_mod.cost_model, "EXACT_NS_PER_DIM", 1e9)  # never direct
+    monkeypatch.setattr(cost_model, "EXACT_NS_PER_DIM", 1e9)  # never direct
     D_adc, I_adc = idx.search(Q, 10, fs=2)
-    monkeypatch.setattr(index_mod.cost_model, "EXACT_NS_PER_DIM", 1e-9)  # always direct
+    monkeypatch.setattr(cost_model, "EXACT_NS_PER_DIM", 1e-9)  # always direct
     D_dir, I_dir = idx.search(Q, 10, fs=2)
     for nt in (1, 2):  # serial (few queries) and parallel kernels
         np.testing.assert_array_equal(idx.search(Q[:3], 10, fs=2, num_threads=nt)[1], I_dir[:3])
     # the direct results are the exact top-10 of the fast-scan candidates
-    qb = index_mod._QueryBatch(idx.encoder, Q)
+    qb = query_batch.QueryBatch(idx.encoder, Q)
     cand = idx._fast_scanner().candidates(qb.Y, idx._coarse_count(2, 20), 1)
     for q in range(len(Q)):
         ip = X[cand[q]].astype(np.float64) @ Q[q].astype(np.float64)
@@ -1034,19 +1035,19 @@ def test_direct_exact_rerank_of_coarse_candidates(monkeypatch):
     assert recall(I_dir, gt) >= recall(I_adc, gt) - 1e-9
     # the choice itself: candidates pass through untouched only when re-ranking
     codes, none = np.asarray(idx.codes), np.zeros(0, np.float32)
-    v, r = index_mod._QueryBatch(idx.encoder, Q, exact_ns=1e-9).rescore(cand, 20, codes, none)
+    v, r = query_batch.QueryBatch(idx.encoder, Q, exact_ns=1e-9).rescore(cand, 20, codes, none)
     assert v is None and r is cand
-    v, r = index_mod._QueryBatch(idx.encoder, Q).rescore(cand, 20, codes, none)
+    v, r = query_batch.QueryBatch(idx.encoder, Q).rescore(cand, 20, codes, none)
     assert v.shape == (len(Q), 20) and np.isin(r, cand).all()
 
 
 _WARM_SCRIPT = """
 import sys, numpy as np, ipq_index
-from ipq_index._kernels import fastscan, graph_search, rerank
-from ipq_index._kernels import tables as adc
+from ipq_index._kernels import (coarse_tables, codes, fastscan, fields, graph_search, probe, rerank, rotation,
+                                tables, topk)
 def signatures():
     out = {}
-    for mod in (adc, fastscan, graph_search, rerank):
+    for mod in (codes, coarse_tables, fastscan, fields, graph_search, probe, rerank, rotation, tables, topk):
         for name in dir(mod):
             f = getattr(mod, name)
             if hasattr(f, "signatures"):

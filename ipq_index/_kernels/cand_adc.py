@@ -43,7 +43,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._numba import kernel, prefetch, splat, target_has, vector_gep
-from .tables import heap_offer, heap_to_sorted
+from .topk import heap_offer, heap_to_sorted
 
 #: rows scored together (one byte lane each)
 GROUP = 64

@@ -29,7 +29,7 @@ Collector.  Rows passing the threshold are appended (masked compress-stores)
 to a buffer of ``BUFFER`` kk; when it fills, the kk-th largest score t is
 found (radix select), the best kk kept and the threshold raised to t + 1
 (FAISS's "reservoir" idea, without its heap).  IVF lists come best first
-(``adc._probe_one``), so the threshold rises early.  The final kk are
+(``probe._probe_one``), so the threshold rises early.  The final kk are
 returned unordered (the rescoring ranks them).
 """
 
@@ -42,9 +42,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._numba import kernel, splat, target_has
-from .tables import _coarse_luts, _probe_one, ids_of_rows_one, weighted_row_sum
 from .checks import all_finite
+from .coarse_tables import _coarse_luts
+from .probe import _probe_one
 from .rerank import PLAN_FIELDS, rescore_rerank_one
+from .rotation import weighted_row_sum
+from .topk import ids_of_rows_one
 
 #: rows per block
 BLOCK = 32

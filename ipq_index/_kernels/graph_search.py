@@ -10,9 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from .._numba import kernel, prefetch, prefetch1
-from .tables import (heap_offer, heap_to_sorted, ids_of_rows_one, nav_table_one, row_score, rows4_sums, scale4,
-                  weighted_row_sum)
+from .coarse_tables import nav_table_one
 from .rerank import PLAN_FIELDS, rescore_rerank_one
+from .rotation import weighted_row_sum
+from .tables import row_score, rows4_sums, scale4
+from .topk import heap_offer, heap_to_sorted, ids_of_rows_one
 
 
 @kernel

@@ -23,8 +23,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .._numba import kernel, prefetch
-from .tables import HALF_SIMD, heap_offer, heap_to_sorted, rescore_offset_one
 from .cand_adc import candidate_topk_one
+from .fields import rescore_offset_one
+from .rotation import HALF_SIMD
+from .topk import heap_offer, heap_to_sorted
 
 #: LLVM may reorder the float64 sums (and fuse multiply-adds) but assumes
 #: nothing about NaN / inf (inputs are validated finite anyway)
@@ -179,7 +181,7 @@ def rerank_rows(q, V, rows, hv, hi):
 
 #: how ``rescore_rerank_one`` narrows the candidates: not at all (all go to
 #: the exact re-rank, or are returned as they are), the table-free ADC
-#: (``adc.rescore_fields_one``), or the SIMD candidate ADC
+#: (``fields.rescore_fields_one``), or the SIMD candidate ADC
 #: (``cand_adc.candidate_topk_one``; only before an exact re-rank)
 PLAN_NONE, PLAN_FIELDS, PLAN_CAND = 0, 1, 2
 

@@ -1,0 +1,99 @@
+"""Top-k results of the scan kernels: a min-heap of the best scores (offer,
+sort in place), result rows mapped to ids, and ADC scores of centred codes
+turned into inner products."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._numba import kernel
+
+
+@kernel
+def _heap_sift_down(vals, ids, pos, k):
+    """Restore the min-heap property of (vals, ids)[:k] below ``pos``."""
+    while True:
+        left = 2 * pos + 1
+        if left >= k:
+            return
+        small = left
+        right = left + 1
+        if right < k and vals[right] < vals[left]:
+            small = right
+        if vals[small] < vals[pos]:
+            tv = vals[pos]
+            vals[pos] = vals[small]
+            vals[small] = tv
+            ti = ids[pos]
+            ids[pos] = ids[small]
+            ids[small] = ti
+            pos = small
+        else:
+            return
+
+
+@kernel
+def heap_offer(hv, hi, s, r):
+    """Keep (s, r) in the min-heap (hv, hi) of the best scores if it beats the worst."""
+    if s > hv[0]:
+        hv[0] = s
+        hi[0] = r
+        _heap_sift_down(hv, hi, 0, hv.shape[0])
+
+
+@kernel
+def heap_to_sorted(vals, ids):
+    """Sort a filled min-heap in place into descending order of vals."""
+    k = vals.shape[0]
+    for end in range(k - 1, 0, -1):
+        tv = vals[0]
+        vals[0] = vals[end]
+        vals[end] = tv
+        ti = ids[0]
+        ids[0] = ids[end]
+        ids[end] = ti
+        _heap_sift_down(vals, ids, 0, end)
+
+
+@kernel
+def ids_of_rows_one(out_v, out_r, out_ids, ids):
+    """out_ids = ids[out_r] for one query's result row (-1 rows: id -1, score -inf)."""
+    for t in range(out_r.shape[0]):
+        r = out_r[t]
+        if r >= 0:
+            out_ids[t] = ids[r]
+        else:
+            out_v[t] = -np.inf
+
+
+@kernel
+def add_offsets(V, Q, mean):
+    """float32 V[i, t] + <Q[i], mean> (the dot product accumulated in float64;
+    -inf entries stay -inf): ADC scores of centred codes -> inner products."""
+    out = np.empty(V.shape, np.float32)
+    for i in range(V.shape[0]):
+        off = 0.0
+        for j in range(Q.shape[1]):
+            off += np.float64(Q[i, j]) * mean[j]
+        for t in range(V.shape[1]):
+            out[i, t] = np.float32(np.float64(V[i, t]) + off)
+    return out
+
+
+@kernel
+def rows_to_ids(scores, rows, ids):
+    """(scores float32, ids int64) of result rows (nq, k): ids[rows], and
+    -inf / -1 where a row is -1 (fewer than k found)."""
+    nq, k = rows.shape
+    out_s = np.empty((nq, k), np.float32)
+    out_i = np.empty((nq, k), np.int64)
+    for i in range(nq):
+        for t in range(k):
+            r = rows[i, t]
+            if r >= 0:
+                out_s[i, t] = scores[i, t]
+                out_i[i, t] = ids[r]
+            else:
+                out_s[i, t] = -np.inf
+                out_i[i, t] = -1
+    return out_s, out_i
