@@ -99,12 +99,14 @@ class EncoderConfig:
         return cls(**d)
 
 
-def check_matrix(X, d: int | None, name: str) -> np.ndarray:
-    """Validate a (n, d) real matrix and return it as C-contiguous float32."""
+def check_matrix(X, d: int | None, name: str, finite: bool = True) -> np.ndarray:
+    """Validate a (n, d) real matrix and return it as C-contiguous float32.
+    ``finite=False``: a float32 C-contiguous input's values are left to the
+    caller's kernel to check (one kernel call less per single-query search)."""
     arr = np.asarray(X)
     if arr.dtype == np.float32 and arr.ndim == 2 and arr.flags.c_contiguous and arr.shape[0] and \
             (d is None or arr.shape[1] == d):  # fast path (a search call validates every query)
-        if not _checks.all_finite(arr):
+        if finite and not _checks.all_finite(arr):
             raise ValueError(f"{name} contains NaN or infinite values")
         return arr
     if arr.ndim != 2:

@@ -133,6 +133,8 @@ def test_candidate_plan_fused_matches_staged_and_keeps_recall(monkeypatch, spec)
     p = dict(nprobe=16, fs=20) if "IVF" in spec else dict(ef=200) if "HNSW" in spec else dict(fs=20)
     plans = []
     real = cost_model.rescore_plan
+    from ipq_index.structures import base
+    monkeypatch.setattr(base.IndexBase, "_prepared_call", lambda *a: None)  # every call plans
 
     def recall(I):
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, gt)])

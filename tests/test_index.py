@@ -303,6 +303,7 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
     plans = []
     real = cost_model.rescore_plan
     monkeypatch.setattr(cost_model, "rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    monkeypatch.setattr(base.IndexBase, "_prepared_call", lambda *a: None)  # every call plans
     params = [dict(fs=2), dict(fs=20)]
     if idx.rerank:
         params += [dict(fs=3, rerank=1), dict(fs=2, rerank=0), dict(fs=30, rerank=4)]

@@ -4,6 +4,8 @@ with an optional exact re-rank."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import cost_model
@@ -47,10 +49,15 @@ class FlatIndex(IndexBase):
         an upper bound on the standard deviation of each returned score (0 for
         exactly re-ranked scores); see ``_search``.
         """
+        key = None if return_std else (k, rerank, fs, num_threads, self.rerank)
+        if key is not None:
+            out = self._prepared_call(key, Q)
+            if out is not None:
+                return out
         fsf = self._fs_factor(fs, self.ntotal)
         use_fs = fsf > 0 and self.ntotal >= self.settings.fastscan_min_rows
         if use_fs and not return_std:
-            fused = self._try_fused(Q, k, rerank, num_threads, fsf)
+            fused = self._try_fused(Q, k, rerank, num_threads, fsf, key=key)
             if fused is not None:
                 return fused
 
@@ -63,14 +70,15 @@ class FlatIndex(IndexBase):
 
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
 
-    def _try_fused(self, Q, k, rerank, num_threads, fsf, probe=None):
+    def _try_fused(self, Q, k, rerank, num_threads, fsf, probe=None, key=None):
         """A few queries on one thread (validated here): the whole fast-scan
         search in one kernel (``_fs.scan_query_serial``), exact re-rank
         included; None when the staged path applies (many queries, or
         the rescoring plan wants lookup tables).  ``probe``: (dims, Ct,
         spread, nprobe) of an IVF index.  Same results as the staged path
-        (tested); saves the Python and dispatch between the stages."""
-        Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads)
+        (tested); saves the Python and dispatch between the stages.  The
+        call is kept for ``key`` (``_prepared_call``)."""
+        Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads, finite=False)  # the kernel checks
         if not self._few_queries(Q.shape[0]):
             return None
         ncand = self._coarse_count(fsf, kk)
@@ -86,6 +94,7 @@ class FlatIndex(IndexBase):
         # fields): rotate those alone
         R = {"exact": rot_lead, "cand": rot_cand}.get(plan, rot)
         args = (*R, *scan, *probe, ncand, *adc, kk, PLAN_CODES[plan], ids, V if rr else no_V, k)
+        self._keep_call(key, _fs.scan_query_serial, args, k)
         v, _, out_ids = _fs.scan_query_serial(Q, *args)
         return v[:, :k], out_ids[:, :k]
 
@@ -97,7 +106,7 @@ class FlatIndex(IndexBase):
         ``fs`` grown by sqrt(rows scanned / FS_REF_ROWS) above that size."""
         if fs is not None:
             return nonneg_int(fs, "fs")
-        return int(np.ceil(self.settings.fs * max(1.0, np.sqrt(scanned_rows / FS_REF_ROWS))))
+        return math.ceil(self.settings.fs * max(1.0, math.sqrt(scanned_rows / FS_REF_ROWS)))
 
     def _coarse_count(self, fsf, kk):
         """Candidates the fast-scan stage passes to the full ADC: ``fs`` times

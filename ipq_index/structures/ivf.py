@@ -106,6 +106,11 @@ class IVFIndex(FlatIndex):
         ADC (``fs``: as in ``FlatIndex.search``, the default growing with the
         rows scanned; ``fs=0`` scans the lists with the full ADC).
         """
+        key = None if return_std else (k, rerank, fs, nprobe, num_threads, self.rerank)
+        if key is not None:
+            out = self._prepared_call(key, Q)
+            if out is not None:
+                return out
         npb = self.nprobe if nprobe is None else nonneg_int(nprobe, "nprobe")
         if npb < 1:
             raise ValueError("nprobe must be >= 1")
@@ -117,7 +122,7 @@ class IVFIndex(FlatIndex):
             resid = self._fast_scanner().residual
             # residual codes need every scanned list's <q, c_l>: the probe runs even for nprobe = nlist
             probe = (*self._probe_args(), self._list_spread(), npb if npb < self.nlist or resid else 0, resid)
-            fused = self._try_fused(Q, k, rerank, num_threads, fsf, probe)
+            fused = self._try_fused(Q, k, rerank, num_threads, fsf, probe, key=key)
             if fused is not None:
                 return fused
 
