@@ -484,7 +484,7 @@ def round_unbiased(x, levels, rng=None, *, return_codes=False, clip=False):
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
     u = gen.random(xf.size)
     codes = np.empty(xf.size, dtype)
-    _rk.round_unbiased_codes(xf, lv, u, codes)
+    _rk.round_codes(xf, lv, u, codes)
     codes = codes.reshape(shape)
     return codes if return_codes else lv[codes]
 
@@ -493,6 +493,6 @@ def round_nearest(x, levels, *, return_codes=False, clip=False):
     """Nearest rounding of ``x`` to ``levels`` (biased, lower squared error)."""
     shape, xf, lv, dtype = _rounding_input(x, levels, clip)
     codes = np.empty(xf.size, dtype)
-    _rk.round_nearest_codes(xf, lv, codes)
+    _rk.round_codes(xf, lv, np.zeros(0), codes)
     codes = codes.reshape(shape)
     return codes if return_codes else lv[codes]

@@ -128,3 +128,20 @@ class GraphSettings(FlatSettings):
 
 
 NAVS = ("coarse", "full")
+
+
+class setting_property:
+    """An index attribute that reads a setting (``index.settings.<name>``) and,
+    when assigned, changes it through ``index.configure``."""
+
+    def __init__(self, doc: str = ""):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, index, owner=None):
+        return self if index is None else getattr(index.settings, self.name)
+
+    def __set__(self, index, value):
+        index.configure(**{self.name: value})

@@ -23,11 +23,13 @@ def _bracket(levels, xi):
 
 
 @kernel
-def round_unbiased_codes(x, levels, u, codes):
-    """codes[i] = index of the level x[i] is rounded to, up with probability
-    (x - a) / (b - a) given uniforms u in [0, 1).  Values outside the level
+def round_codes(x, levels, u, codes):
+    """codes[i] = index of the level x[i] is rounded to: with uniforms u in
+    [0, 1) (one per value) up with probability (x - a) / (b - a), unbiased;
+    with u empty the nearest level (ties go down).  Values outside the level
     range are clipped (biased) to the end levels."""
     L = levels.shape[0]
+    unbiased = u.shape[0] > 0
     for i in range(x.shape[0]):
         xi = x[i]
         if L == 1 or xi <= levels[0]:
@@ -39,29 +41,8 @@ def round_unbiased_codes(x, levels, u, codes):
         lo = _bracket(levels, xi)
         a = levels[lo]
         b = levels[lo + 1]
-        if u[i] * (b - a) < xi - a:
-            codes[i] = lo + 1
-        else:
-            codes[i] = lo
-
-
-@kernel
-def round_nearest_codes(x, levels, codes):
-    """codes[i] = index of the level nearest to x[i] (ties go down)."""
-    L = levels.shape[0]
-    for i in range(x.shape[0]):
-        xi = x[i]
-        if L == 1 or xi <= levels[0]:
-            codes[i] = 0
-            continue
-        if xi >= levels[L - 1]:
-            codes[i] = L - 1
-            continue
-        lo = _bracket(levels, xi)
-        if levels[lo + 1] - xi < xi - levels[lo]:
-            codes[i] = lo + 1
-        else:
-            codes[i] = lo
+        up = u[i] * (b - a) < xi - a if unbiased else b - xi < xi - a
+        codes[i] = lo + 1 if up else lo
 
 
 @kernel

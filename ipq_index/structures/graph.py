@@ -11,7 +11,7 @@ from .. import cost_model
 from .._kernels import graph_search as _gs
 from .._numba import readonly, resolve_threads
 from ..encoder import EncoderConfig, check_matrix
-from ..settings import NAVS, GraphSettings
+from ..settings import NAVS, GraphSettings, setting_property
 from .base import PLAN_CODES, nonneg_int
 from .flat import FlatIndex
 
@@ -45,18 +45,8 @@ class GraphIndex(FlatIndex):
         self._visit_tag = None  # next tag per row
         self._visit_lock = threading.Lock()
 
-    @property
-    def ef(self) -> int:
-        """Beam width by default (setting ``ef``)."""
-        return self.settings.ef
-
-    @ef.setter
-    def ef(self, value):
-        self.configure(ef=value)
-
-    @property
-    def ef_construction(self) -> int:
-        return self.settings.ef_construction
+    ef = setting_property("Beam width by default (setting ``ef``).")
+    ef_construction = setting_property("Beam width of the graph build (setting ``ef_construction``).")
 
     def add(self, X, ids=None, *, num_threads=-1):
         import faiss

@@ -11,7 +11,7 @@ from .._kernels import rotation as _rotation
 from .._kernels import tables as _tables
 from .._numba import readonly, split_rows
 from ..encoder import EncoderConfig, check_matrix
-from ..settings import IVFSettings
+from ..settings import IVFSettings, setting_property
 from .base import nonneg_int
 from .flat import FlatIndex
 
@@ -42,14 +42,7 @@ class IVFIndex(FlatIndex):
         self.assign = np.zeros(0, np.int32)
         self._lists = None
 
-    @property
-    def nprobe(self) -> int:
-        """Lists probed by default (setting ``nprobe``)."""
-        return self.settings.nprobe
-
-    @nprobe.setter
-    def nprobe(self, value):
-        self.configure(nprobe=value)
+    nprobe = setting_property("Lists probed by default (setting ``nprobe``).")
 
     def _reset_derived(self):
         super()._reset_derived()
