@@ -303,7 +303,7 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
     if method == "approx":
         m = _grid(grid, x.size, s)
         if x.size > m:
-            return _approx.approx_sum_levels(x, w, s, m)
+            return _approx.approx_sum_levels(x, w if w.size else None, s, m)
     if objective == "sum" and s <= SWEEP_MAX_S:
         return _sweep_exact_sum(x, w, s)
     if objective == "max" and w.size == 0:
@@ -394,7 +394,7 @@ def solve_all(x, s_max, *, weights=None, objective="sum", method="exact", grid=N
 
 def solve_columns(X, s, *, weights=None, objective="sum", method="exact", grid=None,
                   tol=MINIMAX_TOL, num_threads=-1, block=16):
-    """One solve per column of an (N, d) matrix, in parallel over columns.
+    """One solve per column of an (N, d) matrix, columns split across ``num_threads`` threads.
 
     ``s`` is one budget for every column or an array of d budgets;
     ``weights`` (optional, length N) weighs the rows (shared by every
@@ -433,7 +433,7 @@ def solve_columns(X, s, *, weights=None, objective="sum", method="exact", grid=N
     block = int(block)
     if method == "approx" and N > m:
         def call(j0, j1, _part):
-            return _columns.solve_columns_approx(X, w, budgets, m, block, j0, j1)
+            return _columns.solve_columns_approx(X, w if w.size else None, budgets, m, block, j0, j1)
     else:
         def call(j0, j1, _part):
             return _columns.solve_columns_exact(X, w, budgets, objective == "max", float(tol), block, j0, j1)

@@ -49,7 +49,18 @@ def _level_rows(budgets, j_lo, j_hi):
     smax = 0
     for j in range(budgets.shape[0]):
         smax = max(smax, budgets[j])
-    return np.full((j_hi - j_lo, smax), np.nan), np.zeros(j_hi - j_lo, np.int64)
+    levels = np.empty((j_hi - j_lo, smax), np.float64)
+    levels[:] = np.nan
+    return levels, np.zeros(j_hi - j_lo, np.int64)
+
+
+@kernel
+def _store(levels, counts, row, lv):
+    """Column row's level set lv into the padded result (element by element:
+    no generic slice assignment to compile)."""
+    counts[row] = lv.shape[0]
+    for t in range(lv.shape[0]):
+        levels[row, t] = lv[t]
 
 
 @kernel
@@ -77,21 +88,20 @@ def solve_columns_exact(X, W, budgets, objective_max, rtol, block, j_lo, j_hi):
         for j in range(j0, j1):
             lv = solve_exact(buf[j - j0], W, budgets[j], objective_max, rtol, T, D, arg, q, qs, cnt, arg1,
                              vals, wts)
-            counts[j - j_lo] = lv.shape[0]
-            levels[j - j_lo, :lv.shape[0]] = lv
+            _store(levels, counts, j - j_lo, lv)
     return levels, counts
 
 
 @kernel
 def solve_columns_approx(X, W, budgets, m, block, j_lo, j_hi):
     """``solve_columns_exact`` with the grid-restricted sum solver
-    (``approx_sum_levels``, grid of m points; needs N > m)."""
+    (``approx_sum_levels``, grid of m points; needs N > m; ``W`` None for
+    unit weights)."""
     levels, counts = _level_rows(budgets, j_lo, j_hi)
     for j0 in range(j_lo, j_hi, block):
         j1 = min(j_hi, j0 + block)
         buf = _column_block(X, j0, j1)
         for j in range(j0, j1):
             lv = approx_sum_levels(buf[j - j0], W, budgets[j], m)
-            counts[j - j_lo] = lv.shape[0]
-            levels[j - j_lo, :lv.shape[0]] = lv
+            _store(levels, counts, j - j_lo, lv)
     return levels, counts

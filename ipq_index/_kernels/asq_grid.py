@@ -226,8 +226,9 @@ def grid_table_unit(x, lo, hi, m):
 
 @kernel
 def approx_sum_levels(x, w, s, m):
-    """Grid-restricted ASQ levels of unsorted x; O(n + s m), no sort."""
-    if w.shape[0] == 0:
+    """Grid-restricted ASQ levels of unsorted x (weights w, or None for unit
+    weights: then the weighted grid is not even compiled); O(n + s m), no sort."""
+    if w is None:
         lo, hi = minmax(x)
     else:
         lo, hi, center = moments(x, w)
@@ -235,7 +236,7 @@ def approx_sum_levels(x, w, s, m):
         out = np.empty(1, np.float64)
         out[0] = lo
         return out
-    if w.shape[0] == 0:
+    if w is None:
         P, pos, exact = grid_table_unit(x, lo, hi, m)
     else:
         P, pos, exact = grid_table(x, w, lo, hi, center, m)

@@ -552,7 +552,7 @@ def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, pro
 def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, dims, Ct,
                       spread, nprobe, resid, ncand, levels, fields, cl, codes, scales, kk, plan, ids, V, k):
     """The whole single-thread fast-scan search of a few queries in one call
-    (flat: one list and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
+    (flat: one list, ``Ct`` None and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
     largest probe scores, ``_probe_one`` with ``dims``, ``Ct``, ``spread``;
     ``nprobe`` = 0 scans every list; ``resid``: residual coarse codes, a
     row of list l scores <y, c_l> + its table sum, ``_list_bias``; needs
@@ -574,11 +574,13 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     (width k if re-ranked, else kk if PLAN_FIELDS, else ncand); out_ids =
     ids[rows], -1 (score -inf) for empty slots.  The same steps as the
     staged search (tested).  Raises ValueError when Q holds NaN or inf
-    (``FlatIndex._memo_search`` leaves that check to this call)."""
+    (``IndexBase._prepared_call`` leaves that check to this call)."""
     if not all_finite(Q):
         raise ValueError("queries contains NaN or infinite values")
     nq, d = Q.shape
-    exact = V.shape[0] > 0
+    exact = False
+    if V is not None:  # None: an index without a stored copy
+        exact = V.shape[0] > 0
     width = k if exact else (kk if plan == PLAN_FIELDS else ncand)
     out_v = np.full((nq, width), -np.inf, np.float32)
     out_r = np.full((nq, width), -1, np.int64)
@@ -591,7 +593,10 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     cand = np.empty((1, ncand), np.int64)
     nlist = block_ptr.shape[0] - 1
     lists = np.arange(nlist) if nprobe == 0 else np.empty(nprobe, np.int64)
-    acc = np.empty(Ct.shape[1], np.float32)
+    nacc = 0
+    if Ct is not None:  # a flat index passes None: its build compiles no probe
+        nacc = Ct.shape[1]
+    acc = np.empty(nacc, np.float32)
     pv = np.empty(max(nprobe, 1), np.float32)
     raw = np.empty(nprobe if resid else 0, np.float32)
     bias = np.empty(nprobe if resid else 0, np.int64)
@@ -602,8 +607,9 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
             weighted_row_sum(Q[qi], R, Y[0])
         else:
             Y[0] = Q[qi]
-        if nprobe > 0:
-            _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi], raw)
+        if Ct is not None:
+            if nprobe > 0:
+                _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi], raw)
         if resid:
             scale = _quantize_one(Y, 0, slot_dim, centT, scratch, lut, _bias_span(raw, lists))
             _list_bias(raw, lists, scale, bias)

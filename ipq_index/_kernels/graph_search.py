@@ -198,7 +198,9 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
     ids[rows], -1 (score -inf) for empty slots.  Visited tags as in
     ``graph_search`` (one row)."""
     nq, d = Q.shape
-    exact = V.shape[0] > 0
+    exact = False
+    if V is not None:  # None: an index without a stored copy
+        exact = V.shape[0] > 0
     width = k if exact else (kk if plan == PLAN_FIELDS else ef)
     out_v = np.full((nq, width), -np.inf, np.float32)
     out_r = np.full((nq, width), -1, np.int64)

@@ -193,7 +193,13 @@ def rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, cand, 
     candidate layout ``cl``; scratch hv / hr of size kk), then the exact
     top-len(out_v) when ``V`` has rows; ADC scores (plus <q, mean>) when
     only rescoring (PLAN_FIELDS).  Returns False (out untouched) when
-    neither applies: the caller keeps the candidates as they are."""
+    neither applies: the caller keeps the candidates as they are.  ``V``
+    None (an index without a copy): the re-rank and the candidate ADC are
+    not compiled."""
+    if V is None:
+        if plan == PLAN_FIELDS:
+            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, out_v, out_r)
+        return plan == PLAN_FIELDS
     exact = V.shape[0] > 0
     if exact and plan != PLAN_NONE:
         hv[:] = -np.inf

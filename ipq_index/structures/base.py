@@ -205,13 +205,14 @@ class IndexBase:
         ``_fused_scan_args``), the ADC arrays (levels, fields, candidate
         layout, codes, scales), ids, and the stored copy for the exact
         re-rank (``copy_rows``) with and without rows (the copy's own dtype either
-        way: one kernel build per index).  Rebuilt when the scanner, the
+        way: one kernel build per index; None for an index without a copy,
+        whose kernel build then leaves out the re-rank).  Rebuilt when the scanner, the
         codes or the encoder change."""
         sc = self._fast_scanner()
         got = self._fused_args
         if got is None or got[0] is not sc or got[1] is not self.codes or got[2] is not self.encoder:
             enc = self.encoder
-            V = np.zeros((0, 0), np.float32) if self.vectors is None else copy_rows(self.vectors)
+            V = None if self.vectors is None else copy_rows(self.vectors)  # None: no re-rank code compiled
             R = enc.rotation16() if _rotation.HALF_SIMD else enc.rotation32()
             mean = np.asarray(enc.mean, np.float64)
             lead = self._lead_dims(sc)
@@ -223,7 +224,7 @@ class IndexBase:
                 (R, mean), (R_lead, mean), (R_cand, mean), self._fused_scan_args(sc),
                 (enc.levels32(), enc.field_layout(), _NO_CAND if cl is None else cl, np.asarray(self.codes),
                  self._scales()),
-                np.asarray(self.ids), V, V[:0]))
+                np.asarray(self.ids), V, None if V is None else V[:0]))
         return got[3]
 
     def _fused_scan_args(self, sc):

@@ -23,8 +23,7 @@ from .base import PLAN_CODES, IndexBase, nonneg_int
 FS_REF_ROWS = 100_000
 
 #: the probe arguments of a flat index's fused scan (no lists to choose)
-_NO_PROBE = (np.zeros(0, np.int64), np.zeros((0, 0), np.uint16 if _rotation.HALF_SIMD else np.float32),
-             np.zeros(0, np.float32), 0, False)
+_NO_PROBE = (np.zeros(0, np.int64), None, np.zeros(0, np.float32), 0, False)
 
 
 class FlatIndex(IndexBase):

@@ -214,7 +214,7 @@ class IVFIndex(FlatIndex):
     def _probes(self, Y, nprobe, Q=None, with_raw=False):
         """(nq, nprobe) lists with the largest probe scores <q, c_l> +
         ``probe_spread`` |q| s_l from the transformed queries Y (numba kernel,
-        float32 sums: a BLAS call here fought the numba threads and cost
+        float32 sums: a BLAS call here fought the search threads and cost
         milliseconds per batch on 2 cores), best first; |q| from the queries
         ``Q`` (default: from Y, equal up to rounding).  ``with_raw``: also
         their <y, c_l> (probe dimensions, float32: the list terms of residual

@@ -42,8 +42,8 @@ class QueryBatch:
         return _topk.add_offsets(V, self.Q, np.asarray(self.encoder.mean, np.float64))
 
     def rescore(self, cand, kk, codes, scales, cl=None):
-        """Full-ADC top-kk of candidate rows (nq, c) (-1 = none); parallel over
-        queries when there are many.  Field by field when that is cheaper
+        """Full-ADC top-kk of candidate rows (nq, c) (-1 = none), on the
+        calling thread (``IndexBase._search`` splits the queries).  Field by field when that is cheaper
         than building the tables and summing table lookups (costs above).
         When the search re-ranks exactly afterwards and exact dot products
         of all c candidates cost at most ``exact_preference`` times this ADC pass
