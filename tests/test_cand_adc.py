@@ -142,7 +142,7 @@ def test_candidate_plan_fused_matches_staged_and_keeps_recall(monkeypatch, spec)
     def run(forced, serial):
         monkeypatch.setattr(cost_model, "rescore_plan", lambda enc, nc, kk, ex, *a, **kw: plans.append(
             forced if ex > 0 else real(enc, nc, kk, ex, *a, **kw)) or plans[-1])
-        monkeypatch.setattr(base, "SERIAL_QUERIES", 8 if serial else 0)
+        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: serial)
         return [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
 
     one = run("cand", True)

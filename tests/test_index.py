@@ -314,9 +314,9 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
         one = [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
         fused += sum(1 for _ in plans if _ != "tables")
         plans.clear()
-        monkeypatch.setattr(base, "SERIAL_QUERIES", 0)  # the staged kernels
+        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)  # the staged kernels
         ref = [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
-        monkeypatch.setattr(base, "SERIAL_QUERIES", 8)
+        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: True)
         plans.clear()
         for (d1, i1), (d2, i2) in zip(one, ref):
             np.testing.assert_array_equal(i1, i2)
@@ -337,7 +337,7 @@ def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
     before = [idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))]
     idx.add(X[n0:])
     after = np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))])
-    monkeypatch.setattr(base, "SERIAL_QUERIES", 0)  # the staged kernels
+    monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)  # the staged kernels
     staged = np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))])
     np.testing.assert_array_equal(after, staged)
     assert (after >= n0).any() and (np.concatenate(before) < n0).all()
@@ -359,11 +359,11 @@ def test_single_query_searches_follow_settings_and_rows_and_still_validate(monke
         return np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1, **p)[1] for i in range(len(Q))])
 
     def staged(**p):  # the staged kernels
-        monkeypatch.setattr(base, "SERIAL_QUERIES", 0)
+        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)
         try:
             return run(**p)
         finally:
-            monkeypatch.setattr(base, "SERIAL_QUERIES", 8)
+            monkeypatch.setattr(base.IndexBase, "_fused", lambda self: True)
 
     first = run(nprobe=3)
     np.testing.assert_array_equal(first, run(nprobe=3))
@@ -538,20 +538,20 @@ def test_graph_fused_single_query_path_matches_staged(monkeypatch, sample, spec)
     for p in params:
         one = [g.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(12)]
         n_fused = len(calls)
-        monkeypatch.setattr(base, "SERIAL_QUERIES", 0)
+        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)
         ref = [g.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(12)]
-        monkeypatch.setattr(base, "SERIAL_QUERIES", 8)
+        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: True)
         assert len(calls) == n_fused  # the staged path ran
         for (d1, i1), (d2, i2) in zip(one, ref):
             np.testing.assert_array_equal(i1, i2)
             np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
     assert len(calls) == 12 * len(params)
     if g.rerank:  # both kinds of plan of the fused path ran: an ADC of the beam and the exact re-rank of it all
-        ran = {a[-1] for a in calls}
+        ran = {a[5] for a in calls}  # (Q, k, rr, kk, e, plan, num_threads)
         assert "exact" in ran and ran & {"fields", "cand"}
     tiny = ipq_index.index_factory(X.shape[1], spec.replace("HNSW16", "HNSW4")).train(X[:1200]).add(X[:12])
     d, i = tiny.search(Q[:2], 12, ef=4, num_threads=1)
-    monkeypatch.setattr(base, "SERIAL_QUERIES", 0)
+    monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)
     d2, i2 = tiny.search(Q[:2], 12, ef=4, num_threads=1)
     np.testing.assert_array_equal(i, i2)
     np.testing.assert_allclose(d, d2, rtol=1e-6, atol=1e-6)
@@ -1088,3 +1088,27 @@ def test_warmup_compiles_every_search_path(tmp_path, spec, params, mmap):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == "[]", res.stdout
+
+
+@pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,IVF32,ASQ4,Rerank2", "PCA,HNSW16,ASQ4s,Rerank2"])
+def test_batches_take_the_fused_kernels_with_the_staged_results(monkeypatch, spec):
+    """Many queries run the fused per-query kernels in chunks on the thread
+    pool: the same ids and scores as the staged kernels, on one and two
+    threads, and as one query at a time."""
+    from ipq_index.structures import base
+
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:70]
+    idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
+    calls = []
+    real = base.IndexBase._fused_batch
+    monkeypatch.setattr(base.IndexBase, "_fused_batch", lambda self, *a: calls.append(1) or real(self, *a))
+    fused = {nt: idx.search(Q, 10, num_threads=nt) for nt in (1, 2)}
+    assert len(calls) == 2  # both batches took the fused kernels
+    singles = [idx.search(Q[i:i + 1], 10, num_threads=1) for i in range(len(Q))]
+    monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)
+    D_s, I_s = idx.search(Q, 10, num_threads=2)
+    for D, I in fused.values():
+        np.testing.assert_array_equal(I, I_s)
+        np.testing.assert_allclose(D, D_s, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.concatenate([s[1] for s in singles]), I_s)

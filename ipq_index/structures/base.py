@@ -310,6 +310,27 @@ class IndexBase:
             return scores, ids, found[2]
         return scores, ids
 
+    def _fused(self) -> bool:
+        """Whether searches take the fused kernels (one kernel per query from
+        rotation to ids; the staged kernels serve what they lack: lookup-table
+        rescoring, the exhaustive scan, ``return_std``, full-ADC graph walks).
+        Tests override it to compare the two."""
+        return True
+
+    def _fused_batch(self, Q, num_threads, call, k):
+        """Many queries through a fused search kernel: QUERY_CHUNK at a time,
+        the queries split across ``num_threads`` threads; ``call(Qc, part)``
+        runs the kernel on the chunk Qc for thread ``part`` and returns
+        (scores, rows, ids).  Returns (scores, ids) cut to k columns."""
+        def run(a, b, part):
+            out = []
+            for q0 in range(a, b, QUERY_CHUNK):
+                v, _, ids = call(Q[q0:min(b, q0 + QUERY_CHUNK)], part)
+                out.append((v[:, :k], ids[:, :k]))
+            return concat_rows(out)
+
+        return concat_rows(map_chunks(run, Q.shape[0], num_threads))
+
     def _prepared_call(self, key, Q):
         """The single-query search state of one parameter set: the fused
         kernel's complete arguments as ``_try_fused`` prepared them for

@@ -48,17 +48,18 @@ class FlatIndex(IndexBase):
         an upper bound on the standard deviation of each returned score (0 for
         exactly re-ranked scores); see ``_search``.
         """
-        key = None if return_std else (k, rerank, fs, num_threads, self.rerank)
+        fused = not return_std and self._fused()
+        key = (k, rerank, fs, num_threads, self.rerank) if fused else None
         if key is not None:
             out = self._prepared_call(key, Q)
             if out is not None:
                 return out
         fsf = self._fs_factor(fs, self.ntotal)
         use_fs = fsf > 0 and self.ntotal >= self.settings.fastscan_min_rows
-        if use_fs and not return_std:
-            fused = self._try_fused(Q, k, rerank, num_threads, fsf, key=key)
-            if fused is not None:
-                return fused
+        if use_fs and fused:
+            out = self._try_fused(Q, k, rerank, num_threads, fsf, key=key)
+            if out is not None:
+                return out
 
         def candidates(qb, kk, codes, scales):
             if use_fs:
@@ -70,16 +71,14 @@ class FlatIndex(IndexBase):
         return self._search(Q, k, rerank, num_threads, candidates, return_std)
 
     def _try_fused(self, Q, k, rerank, num_threads, fsf, probe=None, key=None):
-        """A few queries on one thread (validated here): the whole fast-scan
-        search in one kernel (``_fs.scan_query_serial``), exact re-rank
-        included; None when the staged path applies (many queries, or
-        the rescoring plan wants lookup tables).  ``probe``: (dims, Ct,
+        """The whole fast-scan search in one kernel (``_fs.scan_query_serial``),
+        exact re-rank included: a few queries on the calling thread, more
+        QUERY_CHUNK at a time on the thread pool (``_fused_batch``); None
+        when the staged path applies (the rescoring plan wants lookup tables).  ``probe``: (dims, Ct,
         spread, nprobe) of an IVF index.  Same results as the staged path
         (tested); saves the Python and dispatch between the stages.  The
         call is kept for ``key`` (``_prepared_call``)."""
         Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads, finite=False)  # the kernel checks
-        if not self._few_queries(Q.shape[0]):
-            return None
         ncand = self._coarse_count(fsf, kk)
         plan = cost_model.rescore_plan(self.encoder, ncand, kk, exact_ns, self.settings.exact_preference,
                              cl=self._cand_layout(self._fast_scanner()))
@@ -93,6 +92,8 @@ class FlatIndex(IndexBase):
         # fields): rotate those alone
         R = {"exact": rot_lead, "cand": rot_cand}.get(plan, rot)
         args = (*R, *scan, *probe, ncand, *adc, kk, PLAN_CODES[plan], ids, V if rr else no_V, k)
+        if not self._few_queries(Q.shape[0]):
+            return self._fused_batch(Q, num_threads, lambda Qc, part: _fs.scan_query_serial(Qc, *args), k)
         self._keep_call(key, _fs.scan_query_serial, args, k)
         v, _, out_ids = _fs.scan_query_serial(Q, *args)
         return v[:, :k], out_ids[:, :k]

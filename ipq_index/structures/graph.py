@@ -94,14 +94,13 @@ class GraphIndex(FlatIndex):
         if nav not in NAVS:
             raise ValueError(f"nav must be one of {NAVS}, got {nav!r}")
         gr = self.graph
-        if nav == "coarse" and not return_std:
+        if nav == "coarse" and not return_std and self._fused():
             Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads)
-            if self._few_queries(Q.shape[0]):
-                e = max(efv, kk)
-                plan = cost_model.rescore_plan(self.encoder, e, kk, exact_ns, self.settings.exact_preference,
-                                     cl=self._cand_layout(self._fast_scanner()))
-                if plan != "tables":
-                    return self._search_fused(Q, k, rr, kk, e, plan)
+            e = max(efv, kk)
+            plan = cost_model.rescore_plan(self.encoder, e, kk, exact_ns, self.settings.exact_preference,
+                                           cl=self._cand_layout(self._fast_scanner()))
+            if plan != "tables":
+                return self._search_fused(Q, k, rr, kk, e, plan, num_threads)
 
         visited, tags, held = self._take_visited(resolve_threads(num_threads))
 
@@ -131,21 +130,30 @@ class GraphIndex(FlatIndex):
     def _lead_dims(self, sc):
         return self.d  # the walk rescores on every dimension: no narrowed rotation (nor its copy)
 
-    def _search_fused(self, Q, k, rr, kk, e, plan):
-        """A few queries on one thread, validated: the whole walk in one
-        kernel (``_gs.graph_query_serial``), exact re-rank included.
-        Same results as the staged path of ``search`` (tested); ~15 us less
-        per query (MiniLM 50k, ef=48)."""
+    def _search_fused(self, Q, k, rr, kk, e, plan, num_threads=1):
+        """Validated queries through the whole walk in one kernel
+        (``_gs.graph_query_serial``), exact re-rank included: a few on the
+        calling thread, more QUERY_CHUNK at a time on the thread pool, each
+        thread with its own visited row.  Same results as the staged path
+        of ``search`` (tested); ~15 us less per query (MiniLM 50k, ef=48)."""
         (R, mean), _, _, walk, adc, ids, V, no_V = self._fused_arrays()
-        visited, tags, held = self._take_visited(1)
+        few = self._few_queries(Q.shape[0])
+        visited, tags, held = self._take_visited(1 if few else resolve_threads(num_threads))
+        cap, code, copy = self._beam_cap(e), PLAN_CODES[plan], V if rr else no_V
+
+        def call(Qc, part):
+            tag0 = self._next_tag(visited, tags, part, Qc.shape[0])
+            return _gs.graph_query_serial(Qc, R, mean, *walk, e, cap, visited[part:part + 1], tag0, *adc, kk,
+                                          code, ids, copy, k)
+
         try:
-            tag0 = self._next_tag(visited, tags, 0, Q.shape[0])
-            v, _, out_ids = _gs.graph_query_serial(Q, R, mean, *walk, e, self._beam_cap(e), visited, tag0,
-                                                   *adc, kk, PLAN_CODES[plan], ids, V if rr else no_V, k)
+            if few:
+                v, _, out_ids = call(Q, 0)
+                return v[:, :k], out_ids[:, :k]
+            return self._fused_batch(Q, num_threads, call, k)
         finally:
             if held:
                 self._visit_lock.release()
-        return v[:, :k], out_ids[:, :k]
 
     def _fused_scan_args(self, sc):
         """The walk's arguments of the fused kernel: navigation layout and

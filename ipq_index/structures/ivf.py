@@ -99,7 +99,8 @@ class IVFIndex(FlatIndex):
         ADC (``fs``: as in ``FlatIndex.search``, the default growing with the
         rows scanned; ``fs=0`` scans the lists with the full ADC).
         """
-        key = None if return_std else (k, rerank, fs, nprobe, num_threads, self.rerank)
+        fused = not return_std and self._fused()
+        key = (k, rerank, fs, nprobe, num_threads, self.rerank) if fused else None
         if key is not None:
             out = self._prepared_call(key, Q)
             if out is not None:
@@ -111,13 +112,13 @@ class IVFIndex(FlatIndex):
         fsf = self._fs_factor(fs, self.ntotal * npb / max(1, self.nlist))
         use_fs = fsf > 0 and self.ntotal >= self.settings.fastscan_min_rows
         ptr, rows = self._list_index()
-        if use_fs and not return_std:
+        if use_fs and fused:
             resid = self._fast_scanner().residual
             # residual codes need every scanned list's <q, c_l>: the probe runs even for nprobe = nlist
             probe = (*self._probe_args(), self._list_spread(), npb if npb < self.nlist or resid else 0, resid)
-            fused = self._try_fused(Q, k, rerank, num_threads, fsf, probe, key=key)
-            if fused is not None:
-                return fused
+            out = self._try_fused(Q, k, rerank, num_threads, fsf, probe, key=key)
+            if out is not None:
+                return out
 
         def candidates(qb, kk, codes, scales):
             Qc = qb.Q
