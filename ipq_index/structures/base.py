@@ -280,6 +280,7 @@ class IndexBase:
         Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads, return_std)
         codes = np.asarray(self.codes)
         scales = self._scales()
+        self._build_derived()  # here, not once per thread
 
         def run(a, b, part):  # queries a..b-1 on one thread, QUERY_CHUNK at a time
             out = []  # (scores, rows(, std)) per chunk
@@ -392,6 +393,12 @@ class IndexBase:
                                         coverage=self.coverage, residual=self._scan_residual())
             self._scanner_rows = self.ntotal
         return self._scanner
+
+    def _build_derived(self):
+        """Build the derived search structures the staged kernels read (they
+        are otherwise built lazily on first use)."""
+        if self.ntotal >= self.settings.fastscan_min_rows:
+            self._fast_scanner()
 
     def _scan_lists(self):
         return None  # the flat index scans every row

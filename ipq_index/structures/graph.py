@@ -124,6 +124,9 @@ class GraphIndex(FlatIndex):
             if held:
                 self._visit_lock.release()
 
+    def _build_derived(self):
+        self._fast_scanner()  # the navigation codes
+
     def _scan_lists(self):
         return "codes"  # plain coarse codes for navigation, no FAISS index
 

@@ -82,6 +82,12 @@ class IVFIndex(FlatIndex):
         self._lists = None
         return self
 
+    def _build_derived(self):
+        super()._build_derived()
+        self._list_index()
+        self._probe_space()
+        self._list_spread()
+
     def _list_index(self):
         if self._lists is None or self._lists[1].size != self.ntotal:
             order = np.argsort(np.asarray(self.assign), kind="stable").astype(np.int64)
