@@ -533,7 +533,8 @@ def test_graph_fused_single_query_path_matches_staged(monkeypatch, sample, spec)
     g = ipq_index.index_factory(X.shape[1], spec).train(X[:1200]).add(X[:1200])
     calls = []
     fused = GraphIndex._search_fused
-    monkeypatch.setattr(GraphIndex, "_search_fused", lambda self, *a: calls.append(a) or fused(self, *a))
+    monkeypatch.setattr(GraphIndex, "_search_fused", lambda self, *a, **kw: calls.append(a) or fused(self, *a, **kw))
+    monkeypatch.setattr(base.IndexBase, "_prepared_call", lambda *a: None)  # every call walks from the start
     params = [dict(ef=24), dict(ef=64)] + ([dict(ef=64, rerank=0), dict(ef=24, rerank=1), dict(ef=48, rerank=4)] if g.rerank else [])
     for p in params:
         one = [g.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(12)]
@@ -1112,3 +1113,21 @@ def test_batches_take_the_fused_kernels_with_the_staged_results(monkeypatch, spe
         np.testing.assert_array_equal(I, I_s)
         np.testing.assert_allclose(D, D_s, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.concatenate([s[1] for s in singles]), I_s)
+
+
+def test_prepared_single_query_calls_still_reject_bad_queries(sample):
+    """A repeated single-query search takes the prepared call (parameters
+    validated when it was prepared): NaN / inf queries still raise, on every
+    structure, and other dtypes give the same results."""
+    X, Q = sample
+    for spec in ("PCA,ASQ4", "PCA,IVF16,ASQ4", "PCA,HNSW8,ASQ4"):
+        idx = ipq_index.index_factory(X.shape[1], spec, fastscan_min_rows=1000).train(X).add(X)
+        want = idx.search(Q[:1], 5, num_threads=1)
+        np.testing.assert_array_equal(idx.search(Q[:1], 5, num_threads=1)[1], want[1])  # prepared
+        assert idx._fused_calls
+        np.testing.assert_array_equal(idx.search(Q[:1].astype(np.float64), 5, num_threads=1)[1], want[1])
+        for v in (np.nan, np.inf):
+            bad = Q[:1].copy()
+            bad[0, 2] = v
+            with pytest.raises(ValueError, match="NaN|finite"):
+                idx.search(bad, 5, num_threads=1)

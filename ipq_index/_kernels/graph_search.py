@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._numba import kernel, prefetch, prefetch1
+from .checks import all_finite
 from .coarse_tables import nav_table_one
 from .rerank import PLAN_FIELDS, rescore_rerank_one
 from .rotation import weighted_row_sum
@@ -196,7 +197,10 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
     (width k if re-ranked, else kk if PLAN_FIELDS, else ef); out_ids =
     ids[rows], -1 (score -inf) for empty slots.  Visited tags as in
-    ``graph_search`` (one row)."""
+    ``graph_search`` (one row).  Raises ValueError when Q holds NaN or inf
+    (``IndexBase._prepared_call`` leaves that check to this call)."""
+    if not all_finite(Q):
+        raise ValueError("queries contains NaN or infinite values")
     nq, d = Q.shape
     exact = False
     if V is not None:  # None: an index without a stored copy

@@ -346,17 +346,18 @@ class IndexBase:
         if call is None or type(Q) is not np.ndarray or Q.dtype != np.float32 or Q.ndim != 2 \
                 or Q.shape[1] != self.d or not 0 < Q.shape[0] < SERIAL_QUERIES or not Q.flags.c_contiguous:
             return None
-        kernel, args, k = call
-        v, _, out_ids = kernel(Q, *args)
+        run, k = call
+        v, _, out_ids = run(Q)
         return v[:, :k], out_ids[:, :k]
 
-    def _keep_call(self, key, kernel, args, k):
-        """Store a prepared single-query call (``_prepared_call``) when every
-        parameter in ``key`` is a plain int or None."""
+    def _keep_call(self, key, run, k):
+        """Store a prepared single-query call (``_prepared_call``: ``run(Q)``
+        -> the fused kernel's (scores, rows, ids)) when every parameter in
+        ``key`` is a plain int or None."""
         if key is not None and _plain_key(key):
             if len(self._fused_calls) >= 64:
                 self._fused_calls.clear()
-            self._fused_calls[key] = (kernel, args, k)
+            self._fused_calls[key] = (run, k)
 
     def _prepare(self, Q, k, rerank, num_threads, return_std=False, finite=True):
         """Validate a search call: (Q float32 C-contiguous, rerank factor,
@@ -515,10 +516,11 @@ def _round16(m, d):
 
 
 def _plain_key(key) -> bool:
-    """Whether every search parameter in ``key`` is a plain int or None (True
-    would find the entry of 1: such calls always take the validating path)."""
+    """Whether every search parameter in ``key`` is a plain int, str or None
+    (True would find the entry of 1: such calls always take the validating
+    path)."""
     for p in key:
-        if p is not None and type(p) is not int:
+        if p is not None and type(p) is not int and type(p) is not str:
             return False
     return True
 

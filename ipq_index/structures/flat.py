@@ -94,7 +94,7 @@ class FlatIndex(IndexBase):
         args = (*R, *scan, *probe, ncand, *adc, kk, PLAN_CODES[plan], ids, V if rr else no_V, k)
         if not self._few_queries(Q.shape[0]):
             return self._fused_batch(Q, num_threads, lambda Qc, part: _fs.scan_query_serial(Qc, *args), k)
-        self._keep_call(key, _fs.scan_query_serial, args, k)
+        self._keep_call(key, lambda Qc: _fs.scan_query_serial(Qc, *args), k)
         v, _, out_ids = _fs.scan_query_serial(Q, *args)
         return v[:, :k], out_ids[:, :k]
 
