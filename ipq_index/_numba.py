@@ -216,16 +216,21 @@ os.register_at_fork(after_in_child=_reset_pool)
 
 
 def map_chunks(call, n: int, num_threads: int | None = -1, min_chunk: int = 1) -> list:
-    """``[call(a, b, p) for the chunks p = 0, 1, ... of range(n), a:b]``, run
-    concurrently on up to ``num_threads`` threads (at least ``min_chunk``
-    items each; ``call`` runs GIL-free kernels).  Results in chunk order."""
+    """``[call(a, b, p) for the chunks a:b of range(n)]`` in order, run
+    concurrently on up to ``num_threads`` threads (chunk p of thread p, at
+    least ``min_chunk`` items each; ``call`` runs GIL-free kernels).  With
+    several threads the first item is a chunk of its own, run first (thread 0)."""
     nthreads = resolve_threads(num_threads)
     if threading.current_thread().name.startswith(_POOL_NAME):
         nthreads = 1  # already on a pool thread: waiting on the pool from it could deadlock
-    parts = max(1, min(nthreads, n // max(1, min_chunk)))
+    parts = max(1, min(nthreads, (n - 1) // max(1, min_chunk)))
     if parts == 1:
         return [call(0, n, 0)]
-    bounds = [n * p // parts for p in range(parts + 1)]
+    # the first item alone on this thread: the kernels the call runs compile
+    # (or load from numba's cache) here, before several threads run them (a
+    # kernel's first calls from two threads at once crashed the process)
+    head = call(0, 1, 0)
+    bounds = [1 + (n - 1) * p // parts for p in range(parts + 1)]
     with _pool_lock:
         if _pool[0] is None:  # parts <= resolve_threads' limit: enough workers
             _pool[0] = ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
@@ -233,7 +238,7 @@ def map_chunks(call, n: int, num_threads: int | None = -1, min_chunk: int = 1) -
         pool = _pool[0]
     futures = [pool.submit(call, bounds[p], bounds[p + 1], p) for p in range(1, parts)]
     first = call(bounds[0], bounds[1], 0)  # the calling thread takes the first chunk
-    return [first] + [f.result() for f in futures]
+    return [head, first] + [f.result() for f in futures]
 
 
 def concat_rows(results: list):
