@@ -15,7 +15,6 @@ chain, waited on the add latency).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import types

@@ -10,7 +10,6 @@ import numpy as np
 
 from .. import cost_model
 from .._kernels import fastscan as _fs
-from .._kernels import rotation as _rotation
 from .._kernels import tables as _tables
 from ..settings import FlatSettings
 from .base import PLAN_CODES, IndexBase, nonneg_int
