@@ -1131,3 +1131,39 @@ def test_prepared_single_query_calls_still_reject_bad_queries(sample):
             bad[0, 2] = v
             with pytest.raises(ValueError, match="NaN|finite"):
                 idx.search(bad, 5, num_threads=1)
+
+
+def test_settings_are_validated_saved_and_loaded(tmp_path, sample):
+    """Per-index settings: set at index_factory (unknown names and bad values
+    refused with the known names), changed with configure, written with the
+    automatic coverage resolved, read back by load; a file whose settings
+    this version does not know raises FormatError."""
+    from ipq_index import storage
+
+    X, Q = sample
+    with pytest.raises(ValueError, match="nprobe"):
+        ipq_index.index_factory(X.shape[1], "PCA,ASQ4", nprobe=4)  # not a flat setting
+    with pytest.raises(ValueError, match="probe_spread"):
+        ipq_index.index_factory(X.shape[1], "PCA,IVF8,ASQ4", probe_spread=-1.0)
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF8,ASQ4", nprobe=3, probe_spread=1.5, seed=2)
+    assert ivf.nprobe == 3 and ivf.settings.probe_spread == 1.5 and ivf.encoder.config.seed == 2
+    with pytest.raises(ValueError, match="ef"):
+        ivf.configure(ef=10)
+    ivf.train(X).add(X)
+    ivf.configure(nprobe=5, fs=4)
+    want = ivf.search(Q, 10)
+    path = tmp_path / "s.ipq"
+    ivf.save(path)
+    meta, _, _ = storage.read_header(path)
+    assert meta["settings"]["coverage"] == ivf.coverage == 0.95  # resolved, not None
+    assert meta["settings"]["nprobe"] == 5 and meta["settings"]["fs"] == 4
+    back = ipq_index.load(path)
+    assert back.settings == ivf.settings.replace(coverage=0.95)
+    got = back.search(Q, 10)
+    np.testing.assert_array_equal(got[1], want[1])
+    # a file (valid checksums) whose settings hold a name this version does not know
+    arrays = storage.load_arrays(path, mmap=False)[1]
+    meta["settings"]["from_the_future"] = 1
+    storage.save_arrays(tmp_path / "f.ipq", meta, arrays)
+    with pytest.raises(ipq_index.FormatError, match="settings"):
+        ipq_index.load(tmp_path / "f.ipq")
