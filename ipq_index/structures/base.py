@@ -282,29 +282,24 @@ class IndexBase:
         scales = self._scales()
         self._build_derived()  # here, not once per thread
 
-        def run(a, b, part):  # queries a..b-1 on one thread, QUERY_CHUNK at a time
-            out = []  # (scores, rows(, std)) per chunk
-            for q0 in range(a, b, QUERY_CHUNK):
-                Qc = Q[q0:min(b, q0 + QUERY_CHUNK)]
-                qb = QueryBatch(self.encoder, Qc, exact_ns=exact_ns, part=part, q0=q0,
-                                 preference=self.settings.exact_preference)
-                cand_v, cand_r = candidates(qb, kk, codes, scales)
-                if rr:
-                    sc, rows = rerank_exact(Qc, np.asarray(self.vectors), cand_r, k)
-                else:
-                    sc = qb.scores(cand_v)
-                    rows = cand_r
-                chunk = (sc, rows)
-                if return_std and rr:
-                    chunk += (np.zeros(rows.shape, np.float32),)  # exactly re-ranked scores
-                elif return_std:
-                    V = self.encoder.variance_tables(qb.Y)
-                    sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
-                    chunk += (np.sqrt(_tables.table_sums(V, codes, sc2, rows)).astype(np.float32),)
-                out.append(chunk)
-            return concat_rows(out)
+        def chunk(Qc, part):  # (scores, rows(, std)) of a chunk of queries
+            qb = QueryBatch(self.encoder, Qc, exact_ns=exact_ns, part=part,
+                            preference=self.settings.exact_preference)
+            cand_v, cand_r = candidates(qb, kk, codes, scales)
+            if rr:
+                sc, rows = rerank_exact(Qc, np.asarray(self.vectors), cand_r, k)
+            else:
+                sc = qb.scores(cand_v)
+                rows = cand_r
+            if return_std and rr:
+                return sc, rows, np.zeros(rows.shape, np.float32)  # exactly re-ranked scores
+            if return_std:
+                V = self.encoder.variance_tables(qb.Y)
+                sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
+                return sc, rows, np.sqrt(_tables.table_sums(V, codes, sc2, rows)).astype(np.float32)
+            return sc, rows
 
-        found = concat_rows(map_chunks(run, Q.shape[0], num_threads))
+        found = self._over_chunks(Q, num_threads, chunk)
         # ids of the rows; -inf / -1 where fewer than k were found
         scores, ids = _topk.rows_to_ids(found[0], found[1], np.asarray(self.ids))
         if return_std:
@@ -323,14 +318,28 @@ class IndexBase:
         the queries split across ``num_threads`` threads; ``call(Qc, part)``
         runs the kernel on the chunk Qc for thread ``part`` and returns
         (scores, rows, ids).  Returns (scores, ids) cut to k columns."""
+        def chunk(Qc, part):
+            v, _, ids = call(Qc, part)
+            return v[:, :k], ids[:, :k]
+
+        return self._over_chunks(Q, num_threads, chunk)
+
+    @staticmethod
+    def _over_chunks(Q, num_threads, chunk):
+        """``chunk(Qc, part)`` (a tuple of arrays, one row per query) over the
+        queries QUERY_CHUNK at a time (bounds the tables' memory), the queries
+        split across ``num_threads`` threads (``part``: the thread's index);
+        the results joined in query order."""
         def run(a, b, part):
-            out = []
-            for q0 in range(a, b, QUERY_CHUNK):
-                v, _, ids = call(Q[q0:min(b, q0 + QUERY_CHUNK)], part)
-                out.append((v[:, :k], ids[:, :k]))
-            return concat_rows(out)
+            return concat_rows([chunk(Q[q0:min(b, q0 + QUERY_CHUNK)], part) for q0 in range(a, b, QUERY_CHUNK)])
 
         return concat_rows(map_chunks(run, Q.shape[0], num_threads))
+
+    def _call_key(self, return_std, *params):
+        """The key of a search's prepared call (``_prepared_call``): its
+        parameters and the default rerank; None when the search takes none
+        (``return_std``, or the fused kernels switched off)."""
+        return None if return_std or not self._fused() else (*params, self.rerank)
 
     def _prepared_call(self, key, Q):
         """The single-query search state of one parameter set: the fused
@@ -342,7 +351,7 @@ class IndexBase:
         Saves the validation and planning Python of a ~100 us search (50k
         MiniLM IVF256 single queries: 87-110 -> 71-74 us).  None when there
         is no prepared call or Q is not a few float32 C-contiguous rows."""
-        call = self._fused_calls.get(key) if _plain_key(key) else None
+        call = self._fused_calls.get(key) if key is not None and _plain_key(key) else None
         if call is None or type(Q) is not np.ndarray or Q.dtype != np.float32 or Q.ndim != 2 \
                 or Q.shape[1] != self.d or not 0 < Q.shape[0] < SERIAL_QUERIES or not Q.flags.c_contiguous:
             return None

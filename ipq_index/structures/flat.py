@@ -47,12 +47,11 @@ class FlatIndex(IndexBase):
         an upper bound on the standard deviation of each returned score (0 for
         exactly re-ranked scores); see ``_search``.
         """
-        fused = not return_std and self._fused()
-        key = (k, rerank, fs, num_threads, self.rerank) if fused else None
-        if key is not None:
-            out = self._prepared_call(key, Q)
-            if out is not None:
-                return out
+        key = self._call_key(return_std, k, rerank, fs, num_threads)
+        out = self._prepared_call(key, Q)
+        if out is not None:
+            return out
+        fused = key is not None
         fsf = self._fs_factor(fs, self.ntotal)
         use_fs = fsf > 0 and self.ntotal >= self.settings.fastscan_min_rows
         if use_fs and fused:

@@ -87,11 +87,10 @@ class GraphIndex(FlatIndex):
         reach a recall at a smaller ``ef``.  ``ef`` and ``nav`` default to
         the index's settings.
         """
-        key = (k, rerank, ef, nav, num_threads, self.rerank) if not return_std and self._fused() else None
-        if key is not None:
-            out = self._prepared_call(key, Q)
-            if out is not None:
-                return out
+        key = self._call_key(return_std, k, rerank, ef, nav, num_threads)
+        out = self._prepared_call(key, Q)
+        if out is not None:
+            return out
         efv = self.ef if ef is None else nonneg_int(ef, "ef")
         if efv < 1:
             raise ValueError("ef must be >= 1")

@@ -105,12 +105,11 @@ class IVFIndex(FlatIndex):
         ADC (``fs``: as in ``FlatIndex.search``, the default growing with the
         rows scanned; ``fs=0`` scans the lists with the full ADC).
         """
-        fused = not return_std and self._fused()
-        key = (k, rerank, fs, nprobe, num_threads, self.rerank) if fused else None
-        if key is not None:
-            out = self._prepared_call(key, Q)
-            if out is not None:
-                return out
+        key = self._call_key(return_std, k, rerank, fs, nprobe, num_threads)
+        out = self._prepared_call(key, Q)
+        if out is not None:
+            return out
+        fused = key is not None
         npb = self.nprobe if nprobe is None else nonneg_int(nprobe, "nprobe")
         if npb < 1:
             raise ValueError("nprobe must be >= 1")

@@ -21,14 +21,13 @@ class QueryBatch:
     ``exact_ns``: the per-dimension cost of the exact re-rank that follows
     (0: the search does not re-rank)."""
 
-    def __init__(self, encoder, Q, exact_ns=0.0, part=0, q0=0, preference=1.0):
+    def __init__(self, encoder, Q, exact_ns=0.0, part=0, preference=1.0):
         self.encoder = encoder
         self.Q = Q
         self.Y = encoder.rotate_queries(Q, num_threads=1)
         self._tables = None
         self.exact_ns = exact_ns
         self.part = part  # which of the search's threads runs this batch
-        self.q0 = q0  # its first query's position in the search
         self.preference = preference  # setting exact_preference (``cost_model.rescore_plan``)
 
     def tables(self):
