@@ -562,3 +562,21 @@ def test_every_byte_stride_sweep(saved, tmp_path, request):
     print(f"sweep: {len(verified)} verified, {len(unverified)} unverified cases, {_tally(results)}")
     _judge(verified, results)
     _judge(unverified, results, strict=False)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_finiteness_scan_of_large_arrays(dtype):
+    """The chunked bit-pattern scan (arrays above one chunk) finds a NaN or
+    inf anywhere, the last chunk's last element included, and passes finite
+    extremes."""
+    from ipq_index import validation
+
+    n = validation._CHUNK * 2 + 10
+    a = np.zeros(n, dtype)
+    a[:3] = (np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).tiny)
+    assert validation._all_finite(a.reshape(-1, 2))
+    for at in (0, validation._CHUNK, n - 1):
+        for bad in (np.nan, np.inf, -np.inf):
+            b = a.copy()
+            b[at] = bad
+            assert not validation._all_finite(b.reshape(-1, 2)), (at, bad)
