@@ -21,7 +21,7 @@ import numpy as np
 import ipq_index
 from ipq_index import cost_model
 from ipq_index._kernels import cand_adc, fields, rerank, tables
-from ipq_index.structures.query_batch import copy_rows
+from ipq_index.structures.base import copy_rows
 
 
 def _best(fn, repeats=5):

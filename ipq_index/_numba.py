@@ -17,7 +17,7 @@ from numba.extending import intrinsic
 
 #: Options of every kernel: cached to disk, releases the GIL.
 KERNEL_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")
-#: fewer queries than this take the fused single-query search kernels
+#: fewer queries than this run on the calling thread (more: query chunks on the pool)
 SERIAL_QUERIES = 8
 
 

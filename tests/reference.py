@@ -79,3 +79,70 @@ def grid_minimax(x, s, w=None, points=400):
     for comb in itertools.combinations(grid[1:-1], s - 2):
         best = min(best, max_cost(x, np.concatenate(([lo], comb, [hi])), w))
     return best
+
+
+def staged_search(idx, Q, k, *, rerank=None, fs=None, nprobe=None):
+    """A flat / IVF search composed step by step from the component kernels
+    (each tested on its own against brute force): rotation, probes, coarse
+    fast-scan candidates (or every row of the probed lists), the rescoring
+    plan of ``cost_model.rescore_plan``, the ADC top-kk (field by field,
+    lookup tables or the SIMD candidate ADC), <q, mean>, the exact re-rank,
+    ids.  The index's own search runs the same steps in one kernel per
+    query chunk and must give the same (scores, ids)."""
+    from ipq_index import cost_model
+    from ipq_index._kernels import cand_adc, fields, rerank as rr_kernels, tables
+    from ipq_index.structures.base import copy_rows
+
+    enc = idx.encoder
+    Q = np.ascontiguousarray(Q, np.float32)
+    n = idx.ntotal
+    rr = idx.rerank if rerank is None else rerank
+    kk = min(n, k * rr) if rr else k
+    exact_ns = cost_model.exact_ns_per_dim(idx.vectors.nbytes) if rr else 0.0
+    Y = enc.rotate_queries(Q, num_threads=1)
+    codes = np.asarray(idx.codes)
+    scales = np.asarray(idx.scales) if enc.config.scale else np.zeros(0, np.float32)
+    ivf = hasattr(idx, "nlist")
+    npb = min(idx.nprobe if nprobe is None else nprobe, idx.nlist) if ivf else 1
+    scanned = n * npb / idx.nlist if ivf else n
+    fsf = idx._fs_factor(fs, scanned)
+    every = fsf == 0 or n < idx.settings.fastscan_min_rows
+    cl = None
+    if every:
+        if ivf:
+            ptr, order = idx._list_index()
+            lists = idx._probes(Y, npb, Q) if npb < idx.nlist else np.tile(np.arange(idx.nlist), (len(Q), 1))
+            rows = [np.concatenate([order[ptr[l]:ptr[l + 1]] for l in ls]) for ls in lists]
+            cand = np.full((len(Q), max(len(r) for r in rows)), -1, np.int64)
+            for i, r in enumerate(rows):
+                cand[i, :len(r)] = r
+        else:
+            cand = np.tile(np.arange(n, dtype=np.int64), (len(Q), 1))
+        nc = min(n, max(kk, int(scanned)))
+    else:
+        sc = idx._fast_scanner()
+        cl = idx._cand_layout(sc)
+        nc = idx._coarse_count(fsf, kk)
+        probes = raw = None
+        if ivf and (npb < idx.nlist or sc.residual):
+            probes, raw = idx._probes(Y, npb, Q, with_raw=True)
+        elif ivf:
+            probes = np.tile(np.arange(idx.nlist, dtype=np.int64), (len(Q), 1))
+        cand = sc.candidates(Y, nc, 1, probes, raw)
+    plan = cost_model.rescore_plan(enc, nc, kk, exact_ns, idx.settings.exact_preference, cl=cl)
+    offsets = Q.astype(np.float64) @ np.asarray(enc.mean, np.float64)
+    if plan == "exact":
+        v, r = None, cand
+    elif plan == "cand":
+        v, r = cand_adc.candidate_topk(Y, enc.levels32(), cl, codes, scales, cand, kk)
+    elif plan == "fields":
+        v, r = fields.rescore_fields(Y, enc.levels32(), enc.field_layout(), codes, scales, cand, kk)
+    else:
+        v, r = tables.rescore_topk(enc.rotated_tables(Y, num_threads=1), codes, scales, cand, kk)
+    if rr:
+        v, r = rr_kernels.rerank(Q, copy_rows(idx.vectors), np.ascontiguousarray(r, np.int64), k)
+    else:
+        v = (v.astype(np.float64) + offsets[:, None]).astype(np.float32)
+    v, r = v[:, :k], r[:, :k]
+    ids = np.where(r >= 0, np.asarray(idx.ids)[np.maximum(r, 0)], -1)
+    return np.where(r >= 0, v, -np.inf).astype(np.float32), ids

@@ -111,10 +111,12 @@ def test_candidate_topk_ranks_by_the_estimates():
 
 @needs_simd
 @pytest.mark.parametrize("spec", ["PCA,IVF32,ASQ4,Rerank2", "PCA,ASQ4s,Rerank2", "PCA,HNSW16,ASQ4,Rerank2"])
-def test_candidate_plan_fused_matches_staged_and_keeps_recall(monkeypatch, spec):
-    """The candidate-ADC plan (forced) in the fused single-query kernels and
-    in the staged kernels: same ids and scores; recall@10 against brute force
-    within 0.01 of the exact re-rank of all candidates."""
+def test_candidate_plan_matches_the_reference_and_keeps_recall(monkeypatch, spec):
+    """The candidate-ADC plan (forced) in the search kernels: the same ids
+    and scores as the stepwise reference (flat, IVF) and as a batch;
+    recall@10 against brute force within 0.01 of the exact re-rank of all
+    candidates."""
+    import reference
     from ipq_index import cost_model
     from ipq_index.structures import base
 
@@ -133,25 +135,29 @@ def test_candidate_plan_fused_matches_staged_and_keeps_recall(monkeypatch, spec)
     p = dict(nprobe=16, fs=20) if "IVF" in spec else dict(ef=200) if "HNSW" in spec else dict(fs=20)
     plans = []
     real = cost_model.rescore_plan
-    from ipq_index.structures import base
     monkeypatch.setattr(base.IndexBase, "_prepared_call", lambda *a: None)  # every call plans
 
     def recall(I):
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, gt)])
 
-    def run(forced, serial):
+    def force(plan):
         monkeypatch.setattr(cost_model, "rescore_plan", lambda enc, nc, kk, ex, *a, **kw: plans.append(
-            forced if ex > 0 else real(enc, nc, kk, ex, *a, **kw)) or plans[-1])
-        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: serial)
+            plan if ex > 0 else real(enc, nc, kk, ex, *a, **kw)) or plans[-1])
+
+    def run(plan):
+        force(plan)
         return [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
 
-    one = run("cand", True)
-    ref = run("cand", False)
-    assert plans.count("cand") == 2 * len(Q)
-    for (d1, i1), (d2, i2) in zip(one, ref):
-        np.testing.assert_array_equal(i1, i2)
-        np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
-    exact = run("exact", True)
+    one = run("cand")
+    assert plans.count("cand") == len(Q)
+    batch = idx.search(Q, 10, num_threads=2, **p)
+    np.testing.assert_array_equal(np.concatenate([i for _, i in one]), batch[1])
+    if "HNSW" not in spec:
+        for (d1, i1), q in zip(one, Q):
+            d2, i2 = reference.staged_search(idx, q[None], 10, **p)
+            np.testing.assert_array_equal(i1, i2)
+            np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
+    exact = run("exact")
     r_cand = recall(np.concatenate([i for _, i in one]))
     r_exact = recall(np.concatenate([i for _, i in exact]))
     assert r_cand >= r_exact - 0.01 and r_exact > 0.8

@@ -9,8 +9,11 @@ import pytest
 import ipq_index
 from ipq_index import cost_model, fast_scanner
 from ipq_index.bench import datasets
-from ipq_index.structures import query_batch
+from ipq_index._kernels import rerank
+from ipq_index.structures.base import copy_rows
 from ipq_index.encoder import allocate_bits, pack_fields
+
+import reference
 
 
 @pytest.fixture(scope="module")
@@ -282,12 +285,14 @@ def test_fast_scan_stage_matches_full_adc():
 
 
 @pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,ASQ4s,Rerank2", "PCA,IVF32,ASQ4,Rerank4F32", "IVF32,ASQ6"])
-def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
-    """A few queries on one thread run the whole fast-scan search in one
-    kernel (``FlatIndex._try_fused``): same ids and scores as the staged
-    path (rotation or none, scaled codes, IVF probes, every list probed,
-    ADC rescoring and the exact re-rank of all candidates with the rotation
-    cut to its leading columns, float16 and float32 copies)."""
+def test_scan_search_matches_the_stepwise_reference(monkeypatch, spec):
+    """The whole scan search runs in one kernel per query chunk
+    (``FlatIndex._scan_search``): same ids and scores as the search composed
+    step by step from the component kernels (``reference.staged_search``:
+    rotation or none, scaled codes, IVF probes, every list probed, every
+    rescoring plan including the exact re-rank of all candidates with the
+    rotation cut to its leading columns, the scan of every row (fs=0),
+    float16 and float32 copies)."""
     from ipq_index.structures import base
 
     ds = datasets.load_sample("minilm")
@@ -304,32 +309,25 @@ def test_fused_single_query_scan_matches_staged(monkeypatch, spec):
     real = cost_model.rescore_plan
     monkeypatch.setattr(cost_model, "rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
     monkeypatch.setattr(base.IndexBase, "_prepared_call", lambda *a: None)  # every call plans
-    params = [dict(fs=2), dict(fs=20)]
+    params = [dict(fs=2), dict(fs=20), dict(fs=0)]
     if idx.rerank:
-        params += [dict(fs=3, rerank=1), dict(fs=2, rerank=0), dict(fs=30, rerank=4)]
+        params += [dict(fs=3, rerank=1), dict(fs=2, rerank=0), dict(fs=30, rerank=4), dict(fs=0, rerank=1),
+                   dict(fs=0, rerank=0)]
     if "IVF" in spec:
         params = [dict(p, nprobe=n) for p in params for n in (3, 32)]
-    fused = 0
     for p in params:
         one = [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
-        fused += sum(1 for _ in plans if _ != "tables")
-        plans.clear()
-        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)  # the staged kernels
-        ref = [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
-        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: True)
-        plans.clear()
+        ref = [reference.staged_search(idx, Q[i:i + 1], 10, **p) for i in range(len(Q))]
         for (d1, i1), (d2, i2) in zip(one, ref):
             np.testing.assert_array_equal(i1, i2)
             np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
-    assert fused >= len(Q) * len(params) // 2  # most calls took the fused path
+    assert {"fields", "tables"} <= set(plans) and (not idx.rerank or "exact" in plans)
 
 
 def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
-    """The fused kernels' per-index arguments are kept between searches and
+    """The search kernels' per-index arguments are kept between searches and
     rebuilt after ``add``: single-query searches after an add equal the
-    staged path and return rows added last."""
-    from ipq_index.structures import base
-
+    stepwise reference and return rows added last."""
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:8]
     n0 = ipq_index.settings.FlatSettings().fastscan_min_rows
@@ -337,8 +335,7 @@ def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
     before = [idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))]
     idx.add(X[n0:])
     after = np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))])
-    monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)  # the staged kernels
-    staged = np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))])
+    staged = np.concatenate([reference.staged_search(idx, Q[i:i + 1], 10)[1] for i in range(len(Q))])
     np.testing.assert_array_equal(after, staged)
     assert (after >= n0).any() and (np.concatenate(before) < n0).all()
 
@@ -346,9 +343,8 @@ def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
 def test_single_query_searches_follow_settings_and_rows_and_still_validate(monkeypatch):
     """Single-query searches (the fused kernel) see the index as it is now:
     changed settings (nprobe, coverage), a changed default rerank and added
-    rows give the results of explicit parameters and of the staged path;
-    bad queries and parameters still raise."""
-    from ipq_index.structures import base
+    rows give the results of explicit parameters and of the stepwise
+    reference; bad queries and parameters still raise."""
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:6]
@@ -358,12 +354,8 @@ def test_single_query_searches_follow_settings_and_rows_and_still_validate(monke
     def run(**p):
         return np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1, **p)[1] for i in range(len(Q))])
 
-    def staged(**p):  # the staged kernels
-        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)
-        try:
-            return run(**p)
-        finally:
-            monkeypatch.setattr(base.IndexBase, "_fused", lambda self: True)
+    def staged(**p):  # the stepwise reference
+        return np.concatenate([reference.staged_search(idx, Q[i:i + 1], 10, **p)[1] for i in range(len(Q))])
 
     first = run(nprobe=3)
     np.testing.assert_array_equal(first, run(nprobe=3))
@@ -522,41 +514,49 @@ def test_graph_search_reuses_visited_tags_safely(sample):
 
 
 @pytest.mark.parametrize("spec", ["PCA,HNSW16,ASQ4", "HNSW16,ASQ6", "PCA,HNSW16,ASQ4s,Rerank2"])
-def test_graph_fused_single_query_path_matches_staged(monkeypatch, sample, spec):
-    """A few queries on one thread run the whole walk in one kernel
-    (``GraphIndex._search_fused``): same scores and ids as the staged path,
-    with and without rotation, with scaled codes, ADC rescoring or the exact
-    re-rank of the whole beam, and -1 / -inf padding on a tiny index."""
-    from ipq_index.structures import GraphIndex, base
+def test_graph_walk_scores_and_full_beam_match_brute_force(monkeypatch, sample, spec):
+    """The whole walk runs in one kernel per query chunk: its scores are the
+    ADC scores (reconstruction) or, re-ranked, the exact inner products of
+    the returned ids; one query at a time equals a batch; a beam as wide as
+    the index (coarse and full-ADC navigation) returns the brute-force ADC
+    top-k; every rescoring plan runs (ADC of the beam, lookup tables, the
+    exact re-rank of it all); -1 / -inf padding on a tiny index."""
+    from ipq_index.structures import base
 
     X, Q = sample
-    g = ipq_index.index_factory(X.shape[1], spec).train(X[:1200]).add(X[:1200])
-    calls = []
-    fused = GraphIndex._search_fused
-    monkeypatch.setattr(GraphIndex, "_search_fused", lambda self, *a, **kw: calls.append(a) or fused(self, *a, **kw))
-    monkeypatch.setattr(base.IndexBase, "_prepared_call", lambda *a: None)  # every call walks from the start
-    params = [dict(ef=24), dict(ef=64)] + ([dict(ef=64, rerank=0), dict(ef=24, rerank=1), dict(ef=48, rerank=4)] if g.rerank else [])
+    n = 1200
+    g = ipq_index.index_factory(X.shape[1], spec).train(X[:n]).add(X[:n])
+    plans = []
+    real = cost_model.rescore_plan
+    monkeypatch.setattr(cost_model, "rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    monkeypatch.setattr(base.IndexBase, "_prepared_call", lambda *a: None)  # every call plans
+    params = [dict(ef=24), dict(ef=64), dict(ef=64, nav="full"), dict(ef=1000)]
+    if g.rerank:
+        params += [dict(ef=64, rerank=0), dict(ef=24, rerank=1), dict(ef=48, rerank=4), dict(ef=48, nav="full"),
+                   dict(ef=1000, rerank=0)]
     for p in params:
         one = [g.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(12)]
-        n_fused = len(calls)
-        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)
-        ref = [g.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(12)]
-        monkeypatch.setattr(base.IndexBase, "_fused", lambda self: True)
-        assert len(calls) == n_fused  # the staged path ran
-        for (d1, i1), (d2, i2) in zip(one, ref):
-            np.testing.assert_array_equal(i1, i2)
-            np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
-    assert len(calls) == 12 * len(params)
-    if g.rerank:  # both kinds of plan of the fused path ran: an ADC of the beam and the exact re-rank of it all
-        ran = {a[5] for a in calls}  # (Q, k, rr, kk, e, plan, num_threads)
-        assert "exact" in ran and ran & {"fields", "cand"}
+        D, I = np.concatenate([d for d, _ in one]), np.concatenate([i for _, i in one])
+        Db, Ib = g.search(np.repeat(Q[:12], 3, axis=0), 10, num_threads=2, **p)  # a batch on the pool
+        np.testing.assert_array_equal(Ib[::3], I)
+        np.testing.assert_allclose(Db[::3], D, rtol=1e-6, atol=1e-6)
+        if (g.rerank if p.get("rerank") is None else p["rerank"]):
+            np.testing.assert_allclose(D, np.einsum("qkd,qd->qk", X[I].astype(np.float64), Q[:12]), rtol=1e-2, atol=1e-2)
+        else:
+            R = g.reconstruct(np.searchsorted(np.asarray(g.ids), I.ravel())).reshape(12, 10, -1)
+            np.testing.assert_allclose(D, np.einsum("qkd,qd->qk", R, Q[:12]), rtol=1e-4, atol=1e-4)
+    assert {"fields", "tables"} <= set(plans) and (not g.rerank or "exact" in plans)
+    # a beam over the whole index: the brute-force ADC top-10
+    ref = np.einsum("nd,qd->qn", g.reconstruct().astype(np.float64), Q[:12].astype(np.float64))
+    want = np.sort(ref, axis=1)[:, ::-1][:, :10]
+    for nav in ("coarse", "full"):
+        D, I = g.search(Q[:12], 10, ef=n, nav=nav, rerank=0, num_threads=1)
+        np.testing.assert_allclose(D, want, rtol=1e-4, atol=1e-4)
     tiny = ipq_index.index_factory(X.shape[1], spec.replace("HNSW16", "HNSW4")).train(X[:1200]).add(X[:12])
     d, i = tiny.search(Q[:2], 12, ef=4, num_threads=1)
-    monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)
-    d2, i2 = tiny.search(Q[:2], 12, ef=4, num_threads=1)
-    np.testing.assert_array_equal(i, i2)
-    np.testing.assert_allclose(d, d2, rtol=1e-6, atol=1e-6)
-    assert np.array_equal(i >= 0, np.isfinite(d))
+    assert np.array_equal(i >= 0, np.isfinite(d)) and np.isin(i[i >= 0], np.arange(12)).all()
+    d2, i2 = tiny.search(np.repeat(Q[:2], 20, axis=0), 12, ef=4)
+    np.testing.assert_array_equal(i2[::20], i)
 
 
 def test_graph_large_ef_reproduces_flat_and_roundtrips(tmp_path, sample):
@@ -646,7 +646,7 @@ def test_exact_rerank_kernels_match_float64_reference():
         Q = rng.standard_normal((20, 45)).astype(np.float32)
         cand = rng.integers(-1, 3000, (20, 25))
         for nq in (3, 20):
-            v, r = query_batch.rerank_exact(Q[:nq], V, cand[:nq], 7)
+            v, r = rerank.rerank(Q[:nq], copy_rows(V), cand[:nq], 7)
             S = np.einsum("qcd,qd->qc", V[np.maximum(cand[:nq], 0)].astype(np.float64), Q[:nq].astype(np.float64))
             S[cand[:nq] < 0] = -np.inf
             order = np.argsort(-S, axis=1, kind="stable")[:, :7]
@@ -665,7 +665,7 @@ def test_float16_rerank_widens_every_finite_half_exactly():
     Q = np.eye(d, dtype=np.float32)
     cand = np.tile(np.arange(n, dtype=np.int64), (d, 1))
     for nq in (3, d):  # serial and parallel kernels
-        v, r = query_batch.rerank_exact(Q[:nq], V, cand[:nq], n)
+        v, r = rerank.rerank(Q[:nq], copy_rows(V), cand[:nq], n)
         for j in range(nq):
             np.testing.assert_array_equal(v[j], V[r[j], j].astype(np.float32))
             assert np.array_equal(np.sort(r[j]), np.arange(n))
@@ -1026,8 +1026,7 @@ def test_direct_exact_rerank_of_coarse_candidates(monkeypatch):
     for nt in (1, 2):  # serial (few queries) and parallel kernels
         np.testing.assert_array_equal(idx.search(Q[:3], 10, fs=2, num_threads=nt)[1], I_dir[:3])
     # the direct results are the exact top-10 of the fast-scan candidates
-    qb = query_batch.QueryBatch(idx.encoder, Q)
-    cand = idx._fast_scanner().candidates(qb.Y, idx._coarse_count(2, 20), 1)
+    cand = idx._fast_scanner().candidates(idx.encoder.rotate_queries(Q), idx._coarse_count(2, 20), 1)
     for q in range(len(Q)):
         ip = X[cand[q]].astype(np.float64) @ Q[q].astype(np.float64)
         top = cand[q][np.argsort(-ip, kind="stable")[:10]]
@@ -1036,11 +1035,8 @@ def test_direct_exact_rerank_of_coarse_candidates(monkeypatch):
                                rtol=1e-2, atol=1e-2)  # float16 copy
     assert recall(I_dir, gt) >= recall(I_adc, gt) - 1e-9
     # the choice itself: candidates pass through untouched only when re-ranking
-    codes, none = np.asarray(idx.codes), np.zeros(0, np.float32)
-    v, r = query_batch.QueryBatch(idx.encoder, Q, exact_ns=1e-9).rescore(cand, 20, codes, none)
-    assert v is None and r is cand
-    v, r = query_batch.QueryBatch(idx.encoder, Q).rescore(cand, 20, codes, none)
-    assert v.shape == (len(Q), 20) and np.isin(r, cand).all()
+    assert cost_model.rescore_plan(idx.encoder, cand.shape[1], 20, 1e-9, 1.3) == "exact"
+    assert cost_model.rescore_plan(idx.encoder, cand.shape[1], 20, 0.0, 1.3) in ("fields", "tables")
 
 
 _WARM_SCRIPT = """
@@ -1092,27 +1088,23 @@ def test_warmup_compiles_every_search_path(tmp_path, spec, params, mmap):
 
 
 @pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,IVF32,ASQ4,Rerank2", "PCA,HNSW16,ASQ4s,Rerank2"])
-def test_batches_take_the_fused_kernels_with_the_staged_results(monkeypatch, spec):
-    """Many queries run the fused per-query kernels in chunks on the thread
-    pool: the same ids and scores as the staged kernels, on one and two
-    threads, and as one query at a time."""
-    from ipq_index.structures import base
-
+def test_batches_on_the_pool_equal_single_queries_and_the_reference(spec):
+    """Many queries run the per-query kernels in chunks on the thread pool:
+    the same ids and scores on one and two threads, as one query at a time,
+    and (flat, IVF) as the stepwise reference."""
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:70]
     idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
-    calls = []
-    real = base.IndexBase._fused_batch
-    monkeypatch.setattr(base.IndexBase, "_fused_batch", lambda self, *a: calls.append(1) or real(self, *a))
-    fused = {nt: idx.search(Q, 10, num_threads=nt) for nt in (1, 2)}
-    assert len(calls) == 2  # both batches took the fused kernels
-    singles = [idx.search(Q[i:i + 1], 10, num_threads=1) for i in range(len(Q))]
-    monkeypatch.setattr(base.IndexBase, "_fused", lambda self: False)
     D_s, I_s = idx.search(Q, 10, num_threads=2)
-    for D, I in fused.values():
-        np.testing.assert_array_equal(I, I_s)
-        np.testing.assert_allclose(D, D_s, rtol=1e-6, atol=1e-6)
+    D_1, I_1 = idx.search(Q, 10, num_threads=1)
+    np.testing.assert_array_equal(I_1, I_s)
+    np.testing.assert_allclose(D_1, D_s, rtol=1e-6, atol=1e-6)
+    singles = [idx.search(Q[i:i + 1], 10, num_threads=1) for i in range(len(Q))]
     np.testing.assert_array_equal(np.concatenate([s[1] for s in singles]), I_s)
+    if "HNSW" not in spec:
+        D_r, I_r = reference.staged_search(idx, Q, 10)
+        np.testing.assert_array_equal(I_r, I_s)
+        np.testing.assert_allclose(D_r, D_s, rtol=1e-6, atol=1e-6)
 
 
 def test_prepared_single_query_calls_still_reject_bad_queries(sample):
@@ -1124,7 +1116,7 @@ def test_prepared_single_query_calls_still_reject_bad_queries(sample):
         idx = ipq_index.index_factory(X.shape[1], spec, fastscan_min_rows=1000).train(X).add(X)
         want = idx.search(Q[:1], 5, num_threads=1)
         np.testing.assert_array_equal(idx.search(Q[:1], 5, num_threads=1)[1], want[1])  # prepared
-        assert idx._fused_calls
+        assert idx._prepared_calls
         np.testing.assert_array_equal(idx.search(Q[:1].astype(np.float64), 5, num_threads=1)[1], want[1])
         for v in (np.nan, np.inf):
             bad = Q[:1].copy()

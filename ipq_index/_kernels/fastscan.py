@@ -45,7 +45,7 @@ from .._numba import kernel, splat, target_has
 from .checks import all_finite
 from .coarse_tables import _coarse_luts
 from .probe import _probe_one
-from .rerank import PLAN_FIELDS, rescore_rerank_one
+from .rerank import PLAN_FIELDS, PLAN_TABLES, rescore_rerank_one
 from .rotation import weighted_row_sum
 from .topk import ids_of_rows_one
 
@@ -550,20 +550,23 @@ def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, pro
 
 @kernel
 def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, dims, Ct,
-                      spread, nprobe, resid, ncand, levels, fields, cl, codes, scales, kk, plan, ids, V, k):
-    """The whole single-thread fast-scan search of a few queries in one call
-    (flat: one list, ``Ct`` None and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
+                      spread, nprobe, resid, ncand, levels, fields, cl, tabs, codes, scales, kk, plan, ids, V, k):
+    """The whole single-thread search of a few queries in one call (flat:
+    one list, ``Ct`` None and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
     largest probe scores, ``_probe_one`` with ``dims``, ``Ct``, ``spread``;
     ``nprobe`` = 0 scans every list; ``resid``: residual coarse codes, a
     row of list l scores <y, c_l> + its table sum, ``_list_bias``; needs
     nprobe > 0): rotate (``R`` (d, d); (0, 0): none;
     (d, m): the leading m transformed dimensions alone, enough when no ADC
     of the candidates follows and the coarse tables and probes read no
-    others; the rest stay 0), uint8 tables, the ``ncand`` best coarse
-    scores (``_scan_one``), then (``plan``, ``rerank.PLAN_*``)
+    others; the rest stay 0), then the candidates: the ``ncand`` best
+    coarse scores (uint8 tables, ``_scan_one``), or with ``ncand`` = 0
+    every row of the lists (``block_rows``; no coarse codes needed), then
+    (``plan``, ``rerank.PLAN_*``)
 
-    - PLAN_FIELDS: table-free full ADC of those rows (``rescore_fields_one``),
-      top-kk, plus <q, mean> (float64): inner-product estimates;
+    - PLAN_FIELDS / PLAN_TABLES: full ADC of those rows, field by field or
+      through lookup tables (``tabs``; ``rerank.adc_topk_one``), top-kk,
+      plus <q, mean> (float64): inner-product estimates;
     - PLAN_CAND (with ``V`` only): SIMD candidate ADC (``cl``:
       ``Encoder.candidate_layout``), top-kk;
     - PLAN_NONE: the candidate rows as they are (for an exact re-rank);
@@ -571,17 +574,18 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     then, when ``V`` (the stored copy: float32 rows or float16 bit patterns
     as uint16) has rows, the exact top-k of those rows (``rescore_rerank_one``).
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
-    (width k if re-ranked, else kk if PLAN_FIELDS, else ncand); out_ids =
-    ids[rows], -1 (score -inf) for empty slots.  The same steps as the
-    staged search (tested).  Raises ValueError when Q holds NaN or inf
-    (``IndexBase._prepared_call`` leaves that check to this call)."""
+    (width k if re-ranked, else kk after an ADC, else ncand); out_ids =
+    ids[rows], -1 (score -inf) for empty slots.  Raises ValueError when Q
+    holds NaN or inf (``IndexBase._prepared_call`` leaves that check to
+    this call)."""
     if not all_finite(Q):
         raise ValueError("queries contains NaN or infinite values")
     nq, d = Q.shape
     exact = False
     if V is not None:  # None: an index without a stored copy
         exact = V.shape[0] > 0
-    width = k if exact else (kk if plan == PLAN_FIELDS else ncand)
+    adc = plan == PLAN_FIELDS or plan == PLAN_TABLES
+    width = k if exact else (kk if adc else ncand)
     out_v = np.full((nq, width), -np.inf, np.float32)
     out_r = np.full((nq, width), -1, np.int64)
     out_ids = np.full((nq, width), -1, np.int64)
@@ -591,6 +595,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     lut = np.empty((1, (G + G % 2) * LUT_STRIDE), np.uint8)
     scratch = np.empty((M, 16), np.float32)
     cand = np.empty((1, ncand), np.int64)
+    T = np.empty((1 if plan == PLAN_TABLES else 0, codes.shape[1], 256), np.float32)
     nlist = block_ptr.shape[0] - 1
     lists = np.arange(nlist) if nprobe == 0 else np.empty(nprobe, np.int64)
     nacc = 0
@@ -610,18 +615,40 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
         if Ct is not None:
             if nprobe > 0:
                 _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi], raw)
-        if resid:
-            scale = _quantize_one(Y, 0, slot_dim, centT, scratch, lut, _bias_span(raw, lists))
-            _list_bias(raw, lists, scale, bias)
+        rows = cand
+        if ncand == 0:
+            rows = _list_rows(block_rows, block_ptr, lists)
         else:
-            _quantize_one(Y, 0, slot_dim, centT, scratch, lut, np.float32(0.0))
-        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, ncand, cand[0])
-        if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, cand, kk, plan, V, hv, hr,
+            if resid:
+                scale = _quantize_one(Y, 0, slot_dim, centT, scratch, lut, _bias_span(raw, lists))
+                _list_bias(raw, lists, scale, bias)
+            else:
+                _quantize_one(Y, 0, slot_dim, centT, scratch, lut, np.float32(0.0))
+            _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, ncand, cand[0])
+        if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, rows, plan, V, hv, hr,
                                   out_v[qi], out_r[qi]):
             for t in range(ncand):
                 out_r[qi, t] = cand[0, t]
         ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
     return out_v, out_r, out_ids
+
+
+@kernel
+def _list_rows(block_rows, block_ptr, lists):
+    """(1, slots) rows of the blocks of ``lists`` (-1 entries skipped;
+    padding slots -1): the candidates of a search without a coarse scan."""
+    n = 0
+    for li in range(lists.shape[0]):
+        if lists[li] >= 0:
+            n += block_ptr[lists[li] + 1] - block_ptr[lists[li]]
+    rows = np.empty((1, n * BLOCK), np.int64)
+    w = 0
+    for li in range(lists.shape[0]):
+        if lists[li] >= 0:
+            for s in range(block_ptr[lists[li]] * BLOCK, block_ptr[lists[li] + 1] * BLOCK):
+                rows[0, w] = block_rows[s]
+                w += 1
+    return rows
 
 
 def layout_blocks(packed: np.ndarray, ptr: np.ndarray, order: np.ndarray):

@@ -12,9 +12,9 @@ import numpy as np
 from .._numba import kernel, prefetch, prefetch1
 from .checks import all_finite
 from .coarse_tables import nav_table_one
-from .rerank import PLAN_FIELDS, rescore_rerank_one
+from .rerank import PLAN_FIELDS, PLAN_TABLES, add_mean_one, rerank_rows, rescore_rerank_one
 from .rotation import weighted_row_sum
-from .tables import row_score, rows4_sums, scale4
+from .tables import _build_table, row_score, rows4_sums, scale4
 from .topk import heap_offer, heap_to_sorted, ids_of_rows_one
 
 
@@ -164,40 +164,30 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
 
 
 @kernel
-def graph_search(tables, codes, scales, neighbors, offsets, cum, entry, max_level, ef, kk, cap,
-                 visited, tag0):
-    """Top-kk rows per query by ADC score.  ``cap`` bounds the candidate heap
-    (a push beyond it is dropped).  ``visited`` (1, n) uint8 tag row, reused
-    across calls: query qi marks rows with tag0 + qi + 1, so tags must grow
-    from call to call (the caller zeroes the row before they wrap)."""
-    nq = tables.shape[0]
-    out_v = np.full((nq, kk), -np.inf, np.float32)
-    out_i = np.full((nq, kk), -1, np.int64)
-    for qi in range(nq):
-        _beam_one(tables[qi], codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap,
-                  visited[0], tag0 + qi + 1, out_v[qi], out_i[qi])
-    return out_v, out_i
-
-
-@kernel
 def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offsets, cum, entry, max_level,
-                       ef, cap, visited, tag0, levels, fields, cl, codes, scales, kk, plan, ids, V, k):
+                       ef, cap, visited, tag0, levels, fields, cl, tabs, codes, scales, kk, plan, ids, V, k):
     """The whole single-thread graph search of a few queries in one call
     (each step alone is a few microseconds, and so was the Python between
-    them): rotate (``R`` (d, d); (0, 0): none), int16 navigation tables,
-    beam of width ``ef`` on the navigation codes (``_beam_one``), then
+    them): rotate (``R`` (d, d); (0, 0): none), then a beam of width ``ef``
+    (``_beam_one``) on the navigation codes (int16 tables), then
 
-    - PLAN_FIELDS: table-free full ADC of the beam (``rescore_fields_one``),
-      top-kk, plus <q, mean> (float64): inner-product estimates;
+    - PLAN_FIELDS / PLAN_TABLES: full ADC of the beam, field by field or
+      through lookup tables (``rerank.adc_topk_one``), top-kk, plus
+      <q, mean> (float64): inner-product estimates;
     - PLAN_CAND (with ``V`` only): SIMD candidate ADC (``cl``), top-kk;
     - PLAN_NONE: the beam's rows as they are (for an exact re-rank);
 
-    then, when ``V`` (the stored copy: float32 rows or float16 bit patterns
-    as uint16) has rows, the exact top-k of those rows (``rescore_rerank_one``).
+    or, with ``nav_codes`` None, a beam walked on the full ADC (lookup
+    tables from ``tabs``) whose best kk are kept as they are (``plan``
+    unused; this build compiles no navigation tables); then, when ``V``
+    (the stored copy: float32 rows or float16 bit patterns as uint16) has
+    rows, the exact top-k of the kept rows (``rescore_rerank_one``).
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
-    (width k if re-ranked, else kk if PLAN_FIELDS, else ef); out_ids =
-    ids[rows], -1 (score -inf) for empty slots.  Visited tags as in
-    ``graph_search`` (one row).  Raises ValueError when Q holds NaN or inf
+    (width k if re-ranked, else kk after an ADC, else ef); out_ids =
+    ids[rows], -1 (score -inf) for empty slots.  ``visited`` (1, n) uint8
+    tag row, reused across calls: query qi marks rows with tag0 + qi + 1, so
+    tags must grow from call to call (the caller zeroes the row before they
+    wrap).  Raises ValueError when Q holds NaN or inf
     (``IndexBase._prepared_call`` leaves that check to this call)."""
     if not all_finite(Q):
         raise ValueError("queries contains NaN or infinite values")
@@ -205,7 +195,10 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
     exact = False
     if V is not None:  # None: an index without a stored copy
         exact = V.shape[0] > 0
-    width = k if exact else (kk if plan == PLAN_FIELDS else ef)
+    adc = plan == PLAN_FIELDS or plan == PLAN_TABLES
+    if nav_codes is None:
+        adc = True
+    width = k if exact else (kk if adc else ef)
     out_v = np.full((nq, width), -np.inf, np.float32)
     out_r = np.full((nq, width), -1, np.int64)
     out_ids = np.full((nq, width), -1, np.int64)
@@ -214,6 +207,11 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
     T = np.empty((M // 2, 256), np.int16)
     lut = np.empty((M, 16), np.float32)
     low = np.empty(M // 2, np.float32)
+    full = plan == PLAN_TABLES
+    if nav_codes is None:
+        full = True
+    Tf = np.empty((1 if full else 0, codes.shape[1], 256), np.float32)
+    prev = np.empty(256, np.float32)
     beam_v = np.empty(ef, np.float32)
     beam_r = np.full((1, ef), -1, np.int64)
     no_scales = np.zeros(0, np.float32)
@@ -224,15 +222,29 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
             weighted_row_sum(Q[qi], R, Y[0])
         else:
             Y[0] = Q[qi]
-        nav_table_one(Y, 0, slot_dim, centT, lut, low, T)
         beam_v[:] = -np.inf
         beam_r[0] = -1
-        _beam_one(T, nav_codes, no_scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited[0],
-                  tag0 + qi + 1, beam_v, beam_r[0])
-        if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, beam_r, kk, plan, V, hv, hr,
-                                  out_v[qi], out_r[qi]):
-            for t in range(ef):
-                out_v[qi, t] = beam_v[t]
-                out_r[qi, t] = beam_r[0, t]
+        if nav_codes is None:
+            level_off, bits, field_ptr, field_dim = tabs
+            _build_table(Y, 0, Tf[0], levels, level_off, bits, field_ptr, field_dim, codes.shape[1], prev)
+            _beam_one(Tf[0], codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited[0],
+                      tag0 + qi + 1, beam_v, beam_r[0])
+            if V is not None:  # None: no re-rank compiled
+                if exact:
+                    hr[:] = beam_r[0, :kk]
+                    rerank_rows(Q[qi], V, hr, out_v[qi], out_r[qi])
+            if not exact:
+                out_v[qi] = beam_v[:kk]
+                out_r[qi] = beam_r[0, :kk]
+                add_mean_one(Q, qi, mean, out_v[qi], out_r[qi])
+        else:
+            nav_table_one(Y, 0, slot_dim, centT, lut, low, T)
+            _beam_one(T, nav_codes, no_scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited[0],
+                      tag0 + qi + 1, beam_v, beam_r[0])
+            if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, tabs, Tf, codes, scales, beam_r, plan, V,
+                                      hv, hr, out_v[qi], out_r[qi]):
+                for t in range(ef):
+                    out_v[qi, t] = beam_v[t]
+                    out_r[qi, t] = beam_r[0, t]
         ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
     return out_v, out_r, out_ids

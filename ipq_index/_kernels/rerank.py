@@ -23,8 +23,9 @@ from numba.extending import intrinsic, overload
 
 from .._numba import kernel, prefetch
 from .cand_adc import candidate_topk_one
-from .fields import rescore_offset_one
+from .fields import rescore_fields_one
 from .rotation import HALF_SIMD
+from .tables import _build_table, _rescore_one
 from .topk import heap_offer, heap_to_sorted
 
 #: LLVM may reorder the float64 sums (and fuse multiply-adds) but assumes
@@ -180,25 +181,57 @@ def rerank_rows(q, V, rows, hv, hi):
 
 #: how ``rescore_rerank_one`` narrows the candidates: not at all (all go to
 #: the exact re-rank, or are returned as they are), the table-free ADC
-#: (``fields.rescore_fields_one``), or the SIMD candidate ADC
-#: (``cand_adc.candidate_topk_one``; only before an exact re-rank)
-PLAN_NONE, PLAN_FIELDS, PLAN_CAND = 0, 1, 2
+#: (``fields.rescore_fields_one``), the SIMD candidate ADC
+#: (``cand_adc.candidate_topk_one``; only before an exact re-rank), or the
+#: lookup-table ADC (``tables``; many candidates, e.g. every row)
+PLAN_NONE, PLAN_FIELDS, PLAN_CAND, PLAN_TABLES = 0, 1, 2, 3
 
 
 @_kernel
-def rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, cand, kk, plan, V, hv, hr, out_v, out_r):
-    """The fused kernels' last step for query qi and its candidate rows cand
-    (1, c): the ADC top-kk (``plan``: PLAN_FIELDS, or PLAN_CAND with the
-    candidate layout ``cl``; scratch hv / hr of size kk), then the exact
-    top-len(out_v) when ``V`` has rows; ADC scores (plus <q, mean>) when
-    only rescoring (PLAN_FIELDS).  Returns False (out untouched) when
-    neither applies: the caller keeps the candidates as they are.  ``V``
-    None (an index without a copy): the re-rank and the candidate ADC are
-    not compiled."""
+def adc_topk_one(Y, levels, fields, tabs, T, codes, scales, cand, plan, hv, hr):
+    """Full-ADC top-len(hv) of the candidate rows cand (1, c) (-1 = none) of
+    rotated query Y[0] into (hv, hr) (filled with -inf / -1 by the caller),
+    sorted descending: field by field (PLAN_FIELDS, ``fields``:
+    ``Encoder.field_layout``) or through lookup tables (PLAN_TABLES, built
+    into the scratch T (1, nbytes, 256) from ``tabs`` = (level offsets,
+    bits, byte-field pointers, byte-field dims): ``Encoder.table_layout``)."""
+    if plan == PLAN_TABLES:
+        level_off, bits, field_ptr, field_dim = tabs
+        prev = np.empty(256, np.float32)
+        _build_table(Y, 0, T[0], levels, level_off, bits, field_ptr, field_dim, codes.shape[1], prev)
+        _rescore_one(T, codes, scales, cand, 0, hv, hr)
+    else:
+        rescore_fields_one(Y, 0, levels, fields, codes, scales, cand, hv, hr)
+
+
+@_kernel
+def add_mean_one(Q, qi, mean, out_v, out_r):
+    """ADC scores of centred codes plus <Q[qi], mean> (float64): inner-product estimates."""
+    off = 0.0
+    for j in range(Q.shape[1]):
+        off += np.float64(Q[qi, j]) * mean[j]
+    for t in range(out_v.shape[0]):
+        if out_r[t] >= 0:
+            out_v[t] = np.float32(np.float64(out_v[t]) + off)
+
+
+@_kernel
+def rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, cand, plan, V, hv, hr,
+                       out_v, out_r):
+    """The search kernels' last step for query qi and its candidate rows cand
+    (1, c): the ADC top-kk (``plan``: PLAN_FIELDS or PLAN_TABLES,
+    ``adc_topk_one``; PLAN_CAND with the candidate layout ``cl``; scratch
+    hv / hr of size kk), then the exact top-len(out_v) when ``V`` has rows;
+    ADC scores (plus <q, mean>) when only rescoring.  Returns False (out
+    untouched) when neither applies: the caller keeps the candidates as
+    they are.  ``V`` None (an index without a copy): the re-rank and the
+    candidate ADC are not compiled."""
+    adc = plan == PLAN_FIELDS or plan == PLAN_TABLES
     if V is None:
-        if plan == PLAN_FIELDS:
-            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, out_v, out_r)
-        return plan == PLAN_FIELDS
+        if adc:
+            adc_topk_one(Y, levels, fields, tabs, T, codes, scales, cand, plan, out_v, out_r)
+            add_mean_one(Q, qi, mean, out_v, out_r)
+        return adc
     exact = V.shape[0] > 0
     if exact and plan != PLAN_NONE:
         hv[:] = -np.inf
@@ -206,13 +239,14 @@ def rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, codes, scales, cand, 
         if plan == PLAN_CAND:
             candidate_topk_one(Y, 0, levels, cl, codes, scales, cand[0], hv, hr)
         else:
-            rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, hv, hr)
+            adc_topk_one(Y, levels, fields, tabs, T, codes, scales, cand, plan, hv, hr)
         rerank_rows(Q[qi], V, hr, out_v, out_r)
     elif exact:
         rerank_rows(Q[qi], V, cand[0], out_v, out_r)
-    elif plan == PLAN_FIELDS:
-        rescore_offset_one(Y, Q, qi, mean, levels, fields, codes, scales, cand, kk, out_v, out_r)
-    return exact or plan == PLAN_FIELDS
+    elif adc:
+        adc_topk_one(Y, levels, fields, tabs, T, codes, scales, cand, plan, out_v, out_r)
+        add_mean_one(Q, qi, mean, out_v, out_r)
+    return exact or adc
 
 
 @_kernel

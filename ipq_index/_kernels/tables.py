@@ -2,8 +2,9 @@
 
 A query gets one 256-entry table per code byte (code layout: ``codes``):
 T[g, c] = sum over dims j packed in byte g of y_j * L_j[(c >> shift_j) &
-mask_j], so a vector's score is a sum of nbytes table lookups.  Scans of
-every row (flat), of probed lists (IVF), and rescoring of candidate rows.
+mask_j], so a vector's score is a sum of nbytes table lookups: the rescoring of
+candidate rows (up to every row of an index), graph walks on the full ADC,
+and the variance tables of ``return_std``.
 """
 
 from __future__ import annotations
@@ -81,32 +82,6 @@ def row_score(tables_q, codes, scales, has_scale, r):
     if has_scale:
         s *= scales[r]
     return s
-
-
-@kernel
-def _scan_rows(tables_q, codes, scales, r0, r1, heap_v, heap_i):
-    """Score rows r0..r1 with one query's tables and keep the best in the heap."""
-    has_scale = scales.shape[0] > 0
-    for i in range(r0, r1):
-        heap_offer(heap_v, heap_i, row_score(tables_q, codes, scales, has_scale, i), i)
-
-
-@kernel
-def scan_topk_batch(tables, codes, scales, kk):
-    """Top-kk rows per query by full ADC over every row: (nq, kk) scores and rows,
-    descending; unfilled slots have row -1 and score -inf."""
-    nq = tables.shape[0]
-    out_v = np.empty((nq, kk), np.float32)
-    out_i = np.empty((nq, kk), np.int64)
-    n = codes.shape[0]
-    for qi in range(nq):
-        hv = np.full(kk, -np.inf, np.float32)
-        hi = np.full(kk, -1, np.int64)
-        _scan_rows(tables[qi], codes, scales, 0, n, hv, hi)
-        heap_to_sorted(hv, hi)
-        out_v[qi] = hv
-        out_i[qi] = hi
-    return out_v, out_i
 
 
 @kernel
@@ -213,28 +188,6 @@ def rescore_topk(tables, codes, scales, cand, kk):
     out_i = np.full((nq, kk), -1, np.int64)
     for qi in range(nq):
         _rescore_one(tables, codes, scales, cand, qi, out_v[qi], out_i[qi])
-    return out_v, out_i
-
-
-@kernel
-def scan_lists_topk(tables, codes, scales, list_ptr, list_rows, probes, kk):
-    """IVF scan: for each query, full-precision ADC over the rows of its probed
-    lists (``probes`` (nq, nprobe) list ids, -1 = none); top-kk per query."""
-    nq = probes.shape[0]
-    has_scale = scales.shape[0] > 0
-    out_v = np.full((nq, kk), -np.inf, np.float32)
-    out_i = np.full((nq, kk), -1, np.int64)
-    for qi in range(nq):
-        hv = out_v[qi]
-        hi = out_i[qi]
-        for p in range(probes.shape[1]):
-            lst = probes[qi, p]
-            if lst < 0:
-                continue
-            for t in range(list_ptr[lst], list_ptr[lst + 1]):
-                r = list_rows[t]
-                heap_offer(hv, hi, row_score(tables[qi], codes, scales, has_scale, r), r)
-        heap_to_sorted(hv, hi)
     return out_v, out_i
 
 

@@ -1,6 +1,5 @@
-"""Top-k results of the scan kernels: a min-heap of the best scores (offer,
-sort in place), result rows mapped to ids, and ADC scores of centred codes
-turned into inner products."""
+"""Top-k results of the search kernels: a min-heap of the best scores
+(offer, sort in place) and result rows mapped to ids."""
 
 from __future__ import annotations
 
@@ -64,36 +63,3 @@ def ids_of_rows_one(out_v, out_r, out_ids, ids):
             out_ids[t] = ids[r]
         else:
             out_v[t] = -np.inf
-
-
-@kernel
-def add_offsets(V, Q, mean):
-    """float32 V[i, t] + <Q[i], mean> (the dot product accumulated in float64;
-    -inf entries stay -inf): ADC scores of centred codes -> inner products."""
-    out = np.empty(V.shape, np.float32)
-    for i in range(V.shape[0]):
-        off = 0.0
-        for j in range(Q.shape[1]):
-            off += np.float64(Q[i, j]) * mean[j]
-        for t in range(V.shape[1]):
-            out[i, t] = np.float32(np.float64(V[i, t]) + off)
-    return out
-
-
-@kernel
-def rows_to_ids(scores, rows, ids):
-    """(scores float32, ids int64) of result rows (nq, k): ids[rows], and
-    -inf / -1 where a row is -1 (fewer than k found)."""
-    nq, k = rows.shape
-    out_s = np.empty((nq, k), np.float32)
-    out_i = np.empty((nq, k), np.int64)
-    for i in range(nq):
-        for t in range(k):
-            r = rows[i, t]
-            if r >= 0:
-                out_s[i, t] = scores[i, t]
-                out_i[i, t] = ids[r]
-            else:
-                out_s[i, t] = -np.inf
-                out_i[i, t] = -1
-    return out_s, out_i

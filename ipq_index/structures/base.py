@@ -1,7 +1,8 @@
 """The machinery every index shares (``IndexBase``): encoder, codes, ids and
-the re-rank copy; train / add; the search scaffolding (validation, query
-chunks over threads, exact re-rank, id mapping) and the fused kernels'
-per-index arguments; warm-up, save and rebuild from a file's header.
+the re-rank copy; train / add; the one search path (validation, the
+structure's kernel call on the calling thread or over query chunks on the
+thread pool, prepared single-query calls, score error bars) and the search
+kernels' per-index arguments; warm-up, save and rebuild from a file's header.
 
 Scores are raw inner products (float32, descending), not ``1 - ip``.
 """
@@ -16,12 +17,10 @@ from .. import cost_model, storage
 from .._kernels import rerank as _rr
 from .._kernels import rotation as _rotation
 from .._kernels import tables as _tables
-from .._kernels import topk as _topk
 from .._numba import SERIAL_QUERIES, concat_rows, map_chunks, readonly, resolve_threads
 from ..encoder import ASQEncoder, EncoderConfig, check_matrix
 from ..fast_scanner import FastScanner
 from ..settings import FlatSettings
-from .query_batch import QueryBatch, copy_rows, rerank_exact
 
 #: queries processed together (bounds the lookup-table memory)
 QUERY_CHUNK = 32
@@ -56,8 +55,9 @@ class IndexBase:
         self.vectors = None  # re-rank copy
         self._scanner = None  # fast-scan candidate generator (derived, rebuilt lazily)
         self._scanner_rows = -1
-        self._fused_args = None  # per-index arguments of the fused kernels (see _fused_arrays)
-        self._fused_calls = {}  # prepared single-query calls per parameter set (see _prepared_call)
+        self._search_state = None  # per-index arguments of the search kernels (see _search_arrays)
+        self._prepared_calls = {}  # prepared single-query calls per parameter set (see _prepared_call)
+        self._rows_layout = None  # scan layout without coarse codes (FlatIndex._row_layout)
 
     def _default_spec(self):
         c = self.encoder.config
@@ -111,8 +111,8 @@ class IndexBase:
     def _reset_derived(self):
         """Drop what is derived from the codes and settings (rebuilt lazily)."""
         self._scanner = None
-        self._fused_args = None
-        self._fused_calls = {}
+        self._search_state = None
+        self._prepared_calls = {}
         self.encoder._plans = {}
 
     def resolved_settings(self) -> dict:
@@ -159,7 +159,7 @@ class IndexBase:
                                "quantizer: create a new index to retrain")
         self.encoder.train(X, queries, weights=weights, num_threads=num_threads)
         self.codes = np.zeros((0, self.encoder.nbytes), np.uint8)
-        self._fused_calls = {}
+        self._prepared_calls = {}
         return self
 
     def add(self, X, ids=None, *, num_threads=-1):
@@ -191,44 +191,50 @@ class IndexBase:
             self.vectors = readonly(np.concatenate([np.asarray(self.vectors), vec])
                                     if self.vectors is not None else vec)
         self.ids = readonly(np.concatenate([np.asarray(self.ids), new_ids]) if self.ntotal else new_ids)
-        self._fused_calls = {}  # prepared calls hold the old arrays
+        self._prepared_calls = {}  # prepared calls hold the old arrays
         return self
 
     # -- search ---------------------------------------------------------------
-    def _fused_arrays(self):
-        """The per-index arguments of the fused single-query kernels, kept
-        between searches (gathering them cost a few microseconds per query):
-        (rotation, mean), the same with the rotation's leading columns alone
-        (``_lead_dims``), and with those the candidate ADC reads too
-        (``_cand_layout``), the fast-scan layout (slot dims, centroids, blocks,
-        block rows, block pointers, fill; a graph's walk arrays instead:
-        ``_fused_scan_args``), the ADC arrays (levels, fields, candidate
-        layout, codes, scales), ids, and the stored copy for the exact
-        re-rank (``copy_rows``) with and without rows (the copy's own dtype either
-        way: one kernel build per index; None for an index without a copy,
-        whose kernel build then leaves out the re-rank).  Rebuilt when the scanner, the
-        codes or the encoder change."""
-        sc = self._fast_scanner()
-        got = self._fused_args
-        if got is None or got[0] is not sc or got[1] is not self.codes or got[2] is not self.encoder:
+    def _search_arrays(self):
+        """The per-index arguments of the search kernels, kept between
+        searches (gathering them cost a few microseconds per query):
+        (rotation, mean), the ADC arrays (levels, fields, candidate layout
+        placeholder, table layout, codes, scales), ids, and the stored copy
+        for the exact re-rank (``copy_rows``) with and without rows (the
+        copy's own dtype either way: one kernel build per index; None for
+        an index without a copy, whose kernel build then leaves out the
+        re-rank).  Rebuilt when the codes or the encoder change."""
+        got = self._search_state
+        if got is None or got[0] is not self.codes or got[1] is not self.encoder:
             enc = self.encoder
             V = None if self.vectors is None else copy_rows(self.vectors)  # None: no re-rank code compiled
             R = enc.rotation16() if _rotation.HALF_SIMD else enc.rotation32()
-            mean = np.asarray(enc.mean, np.float64)
+            tabs = (np.asarray(enc.level_off), np.asarray(enc.bits), *enc._byte_fields())
+            got = self._search_state = (self.codes, enc, (
+                R, np.asarray(enc.mean, np.float64), enc.levels32(), enc.field_layout(), tabs,
+                np.asarray(self.codes), self._scales(), np.asarray(self.ids), V, None if V is None else V[:0]))
+        return got[2]
+
+    def _scan_arrays(self, sc):
+        """What the fast-scan stage adds to ``_search_arrays`` (cached on the
+        scanner ``sc``): the rotation's leading columns the coarse stage
+        reads (``_lead_dims``) and those the candidate ADC reads too
+        (``_cand_layout``), the candidate layout (``_NO_CAND`` when that
+        kernel cannot serve the codes) and the scan layout
+        (``_candidate_args``)."""
+        got = getattr(sc, "_search_args", None)
+        if got is None:
+            R = self._search_arrays()[0]
             lead = self._lead_dims(sc)
             cl = self._cand_layout(sc)
             lead_cand = lead if cl is None else max(lead, _round16(int(cl[0][:, 0].max()) + 1, self.d))
             R_lead, R_cand = ((np.ascontiguousarray(R[:, :m]) if m < self.d else R) if R.shape[0] else R
                               for m in (lead, lead_cand))
-            got = self._fused_args = (sc, self.codes, enc, (
-                (R, mean), (R_lead, mean), (R_cand, mean), self._fused_scan_args(sc),
-                (enc.levels32(), enc.field_layout(), _NO_CAND if cl is None else cl, np.asarray(self.codes),
-                 self._scales()),
-                np.asarray(self.ids), V, None if V is None else V[:0]))
-        return got[3]
+            got = sc._search_args = (R_lead, R_cand, _NO_CAND if cl is None else cl, self._candidate_args(sc))
+        return got
 
-    def _fused_scan_args(self, sc):
-        """The candidate stage's arguments of the fused kernel (structure-specific)."""
+    def _candidate_args(self, sc):
+        """The candidate stage's arguments of the search kernel (structure-specific)."""
         raise NotImplementedError
 
     def _coarse_dims(self, sc):
@@ -239,7 +245,7 @@ class IndexBase:
         """How many leading transformed dimensions cover ``_coarse_dims``,
         rounded up to a multiple of 16 (at most d).  After PCA the coarse
         stage reads a prefix: 10^6 synthetic IVF1024, coverage 0.95, 147 of
-        384 dimensions, so the fused search without the full-ADC rescoring
+        384 dimensions, so the search without the full-ADC rescoring
         rotates 160 columns (nprobe=40, 400 candidates re-ranked: 257-264 ->
         245-249 us per query; the full rotation took 17).  The columns are
         the rotation's own: the values are those of the full rotation (same
@@ -265,64 +271,41 @@ class IndexBase:
             got = sc._cand_layout = (self.encoder.candidate_layout(keep),)
         return got[0]
 
-    def _search(self, Q, k, rerank, num_threads, candidates, return_std=False):
-        """Validation, query chunks, candidates (structure-specific
-        ``candidates(qb: QueryBatch, kk, codes, scales) -> (scores, rows)``,
-        one thread), exact re-rank and id mapping; the queries split across
-        ``num_threads`` threads.
+    def _search_with(self, Q, k, rerank, num_threads, return_std, key, prepare):
+        """The one search path of every structure: validation, then
+        ``prepare(k, rr, kk, exact_ns)`` (the structure's kernel call for k,
+        the re-rank factor, the pool the ADC keeps and the exact re-rank's
+        cost) returns (``single(Q)``, ``batch(Q, threads)``), each giving
+        (scores, rows, ids) with at least k columns: a few queries run
+        ``single`` on the calling thread (the call is kept for ``key``,
+        ``_prepared_call``), more run ``batch`` (``_over_chunks``).
 
         With ``return_std`` a third array bounds the standard deviation of each
         ADC score under unbiased rounding: E[score] is the exact inner product
-        and Var <= sum_j y_j^2 max-gap_j^2 / 4 (times scale^2).  A candidate
-        whose score is more than ~3 std below the k-th score is very unlikely
-        to belong to the top-k: use it to size ``rerank``.
-        """
-        Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads, return_std)
-        codes = np.asarray(self.codes)
-        scales = self._scales()
-        self._build_derived()  # here, not once per thread
-
-        def chunk(Qc, part):  # (scores, rows(, std)) of a chunk of queries
-            qb = QueryBatch(self.encoder, Qc, exact_ns=exact_ns, part=part,
-                            preference=self.settings.exact_preference)
-            cand_v, cand_r = candidates(qb, kk, codes, scales)
-            if rr:
-                sc, rows = rerank_exact(Qc, np.asarray(self.vectors), cand_r, k)
-            else:
-                sc = qb.scores(cand_v)
-                rows = cand_r
-            if return_std and rr:
-                return sc, rows, np.zeros(rows.shape, np.float32)  # exactly re-ranked scores
-            if return_std:
-                V = self.encoder.variance_tables(qb.Y)
-                sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
-                return sc, rows, np.sqrt(_tables.table_sums(V, codes, sc2, rows)).astype(np.float32)
-            return sc, rows
-
-        found = self._over_chunks(Q, num_threads, chunk)
-        # ids of the rows; -inf / -1 where fewer than k were found
-        scores, ids = _topk.rows_to_ids(found[0], found[1], np.asarray(self.ids))
+        and Var <= sum_j y_j^2 max-gap_j^2 / 4 (times scale^2); 0 for exactly
+        re-ranked scores.  A candidate whose score is more than ~3 std below
+        the k-th score is very unlikely to belong to the top-k: use it to
+        size ``rerank``."""
+        Q, rr, kk, nthreads, exact_ns = self._prepare(Q, k, rerank, num_threads, return_std, finite=False)
+        single, batch = prepare(k, rr, kk, exact_ns)
+        if self._few_queries(Q.shape[0]):
+            self._keep_call(key, single, k)
+            v, rows, ids = single(Q)
+        else:
+            v, rows, ids = batch(Q, nthreads)
         if return_std:
-            return scores, ids, found[2]
-        return scores, ids
+            return v[:, :k], ids[:, :k], self._score_std(Q, rows[:, :k], rr)
+        return v[:, :k], ids[:, :k]
 
-    def _fused(self) -> bool:
-        """Whether searches take the fused kernels (one kernel per query from
-        rotation to ids; the staged kernels serve what they lack: lookup-table
-        rescoring, the exhaustive scan, ``return_std``, full-ADC graph walks).
-        Tests override it to compare the two."""
-        return True
-
-    def _fused_batch(self, Q, num_threads, call, k):
-        """Many queries through a fused search kernel: QUERY_CHUNK at a time,
-        the queries split across ``num_threads`` threads; ``call(Qc, part)``
-        runs the kernel on the chunk Qc for thread ``part`` and returns
-        (scores, rows, ids).  Returns (scores, ids) cut to k columns."""
-        def chunk(Qc, part):
-            v, _, ids = call(Qc, part)
-            return v[:, :k], ids[:, :k]
-
-        return self._over_chunks(Q, num_threads, chunk)
+    def _score_std(self, Q, rows, rr):
+        """Bound on the standard deviation of the ADC scores of result
+        ``rows`` (``_search_with``; 0 for -1 rows and re-ranked scores)."""
+        if rr:
+            return np.zeros(rows.shape, np.float32)
+        var = self.encoder.variance_tables(self.encoder.rotate_queries(Q, num_threads=1))
+        scales = self._scales()
+        sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
+        return np.sqrt(_tables.table_sums(var, np.asarray(self.codes), sc2, rows)).astype(np.float32)
 
     @staticmethod
     def _over_chunks(Q, num_threads, chunk):
@@ -337,21 +320,20 @@ class IndexBase:
 
     def _call_key(self, return_std, *params):
         """The key of a search's prepared call (``_prepared_call``): its
-        parameters and the default rerank; None when the search takes none
-        (``return_std``, or the fused kernels switched off)."""
-        return None if return_std or not self._fused() else (*params, self.rerank)
+        parameters and the default rerank; None for ``return_std``."""
+        return None if return_std else (*params, self.rerank)
 
     def _prepared_call(self, key, Q):
-        """The single-query search state of one parameter set: the fused
-        kernel's complete arguments as ``_try_fused`` prepared them for
-        ``key`` (k, rerank, per-structure parameters, num_threads, the default
+        """The single-query search state of one parameter set: the kernel's
+        complete arguments as ``_search_with`` prepared them for ``key``
+        (k, rerank, per-structure parameters, num_threads, the default
         rerank), kept until the index changes (``add``, ``train``,
         ``configure``).  The parameters were validated when it was prepared;
         the queries' layout is checked here and their values by the kernel.
         Saves the validation and planning Python of a ~100 us search (50k
         MiniLM IVF256 single queries: 87-110 -> 71-74 us).  None when there
         is no prepared call or Q is not a few float32 C-contiguous rows."""
-        call = self._fused_calls.get(key) if key is not None and _plain_key(key) else None
+        call = self._prepared_calls.get(key) if key is not None and _plain_key(key) else None
         if call is None or type(Q) is not np.ndarray or Q.dtype != np.float32 or Q.ndim != 2 \
                 or Q.shape[1] != self.d or not 0 < Q.shape[0] < SERIAL_QUERIES or not Q.flags.c_contiguous:
             return None
@@ -361,12 +343,12 @@ class IndexBase:
 
     def _keep_call(self, key, run, k):
         """Store a prepared single-query call (``_prepared_call``: ``run(Q)``
-        -> the fused kernel's (scores, rows, ids)) when every parameter in
+        -> the kernel's (scores, rows, ids)) when every parameter in
         ``key`` is a plain int or None."""
         if key is not None and _plain_key(key):
-            if len(self._fused_calls) >= 64:
-                self._fused_calls.clear()
-            self._fused_calls[key] = (run, k)
+            if len(self._prepared_calls) >= 64:
+                self._prepared_calls.clear()
+            self._prepared_calls[key] = (run, k)
 
     def _prepare(self, Q, k, rerank, num_threads, return_std=False, finite=True):
         """Validate a search call: (Q float32 C-contiguous, rerank factor,
@@ -404,12 +386,6 @@ class IndexBase:
             self._scanner_rows = self.ntotal
         return self._scanner
 
-    def _build_derived(self):
-        """Build the derived search structures the staged kernels read (they
-        are otherwise built lazily on first use)."""
-        if self.ntotal >= self.settings.fastscan_min_rows:
-            self._fast_scanner()
-
     def _scan_lists(self):
         return None  # the flat index scans every row
 
@@ -428,9 +404,9 @@ class IndexBase:
         if self.ntotal:
             q = self.reconstruct([0])
             batch = np.repeat(q, SERIAL_QUERIES, axis=0)
-            # one query (serial kernels; fused when there are few candidates)
-            # and a batch (parallel kernels), each with few candidates and
-            # with many (lookup-table rescoring), for every search path
+            # one query (calling thread) and a batch (thread pool), each with
+            # few candidates and with many (lookup-table rescoring), for every
+            # parameter set that needs a kernel build of its own
             for params in self._warmup_params():
                 for Q, nt in ((q, 1), (batch, -1)):
                     for k in (1, min(self.ntotal, 64)):
@@ -438,12 +414,12 @@ class IndexBase:
         return self
 
     def _warmup_params(self):
-        """Search parameter sets that together take every search path of the structure."""
+        """Search parameter sets that together compile every kernel build a search of the structure can take."""
         raise NotImplementedError
 
     @staticmethod
     def _few_queries(nq) -> bool:
-        """Whether nq queries take the fused single-query kernels (fewer than
+        """Whether nq queries run on the calling thread (fewer than
         ``SERIAL_QUERIES``; read in this module only)."""
         return nq < SERIAL_QUERIES
 
@@ -513,14 +489,21 @@ class IndexBase:
                 "settings": self.resolved_settings()}
 
 
-#: the fused kernels' codes of the plans (``_rr.PLAN_*``)
-PLAN_CODES = {"exact": _rr.PLAN_NONE, "fields": _rr.PLAN_FIELDS, "cand": _rr.PLAN_CAND}
-#: the candidate layout argument of the fused kernels when the SIMD candidate ADC does not apply
+#: the search kernels' codes of the plans (``_rr.PLAN_*``)
+PLAN_CODES = {"exact": _rr.PLAN_NONE, "fields": _rr.PLAN_FIELDS, "cand": _rr.PLAN_CAND, "tables": _rr.PLAN_TABLES}
+#: the candidate layout argument of the search kernels when the SIMD candidate ADC does not apply
 _NO_CAND = (np.zeros((0, 3), np.int64), np.zeros((0, 4), np.int32), np.zeros((0, 3), np.int64), 0, 4)
 
 
+def copy_rows(vectors):
+    """The stored copy as the re-rank kernels read it: float32 rows, or the
+    bit patterns (uint16) of float16 rows."""
+    vectors = np.asarray(vectors)
+    return vectors.view(np.uint16) if vectors.dtype == np.float16 else vectors
+
+
 def _round16(m, d):
-    """m rounded up to a multiple of 16, at most d (rotation columns kept by the fused search)."""
+    """m rounded up to a multiple of 16, at most d (rotation columns kept by the scan search)."""
     return min(d, -(-m // 16) * 16)
 
 

@@ -10,9 +10,9 @@ import numpy as np
 
 from .. import cost_model
 from .._kernels import fastscan as _fs
-from .._kernels import tables as _tables
 from ..settings import FlatSettings
-from .base import PLAN_CODES, IndexBase, nonneg_int
+from ..fast_scanner import DSUB as FS_DSUB
+from .base import _NO_CAND, PLAN_CODES, IndexBase, nonneg_int
 
 #: the default fast-scan candidate factor (setting ``fs``) grows as
 #: sqrt(rows scanned / FS_REF_ROWS) above that many rows: the coarse ranking
@@ -21,7 +21,7 @@ from .base import PLAN_CODES, IndexBase, nonneg_int
 #: eval/results/flat_ivf1024_1m_synthetic_fs_coverage_rerank_sweep.txt)
 FS_REF_ROWS = 100_000
 
-#: the probe arguments of a flat index's fused scan (no lists to choose)
+#: the probe arguments of a flat index's scan (no lists to choose)
 _NO_PROBE = (np.zeros(0, np.int64), None, np.zeros(0, np.float32), 0, False)
 
 
@@ -45,59 +45,72 @@ class FlatIndex(IndexBase):
         ``fastscan_min_rows`` vectors).  Slots beyond the index size hold
         id -1 and score -inf.  ``return_std`` (unbiased codes only): also return
         an upper bound on the standard deviation of each returned score (0 for
-        exactly re-ranked scores); see ``_search``.
+        exactly re-ranked scores); see ``_search_with``.
         """
         key = self._call_key(return_std, k, rerank, fs, num_threads)
         out = self._prepared_call(key, Q)
         if out is not None:
             return out
-        fused = key is not None
-        fsf = self._fs_factor(fs, self.ntotal)
-        use_fs = fsf > 0 and self.ntotal >= self.settings.fastscan_min_rows
-        if use_fs and fused:
-            out = self._try_fused(Q, k, rerank, num_threads, fsf, key=key)
-            if out is not None:
-                return out
+        return self._scan_search(Q, k, rerank, num_threads, return_std, key, self._fs_factor(fs, self.ntotal),
+                                 self.ntotal, _NO_PROBE)
 
-        def candidates(qb, kk, codes, scales):
-            if use_fs:
-                sc = self._fast_scanner()
-                cand = sc.candidates(qb.Y, self._coarse_count(fsf, kk), 1)
-                return qb.rescore(cand, kk, codes, scales, self._cand_layout(sc))
-            return _tables.scan_topk_batch(qb.tables(), codes, scales, kk)
+    def _scan_search(self, Q, k, rerank, num_threads, return_std, key, fsf, scanned, probe, exhaustive_probe=None):
+        """A scan search through ``_fs.scan_query_serial`` (rotation to ids in
+        one kernel per chunk of queries): the ``fs``-factor best coarse
+        scores rescored (``fsf`` > 0 and at least ``fastscan_min_rows``
+        rows), else every row of the scanned lists (``scanned``: how many
+        rows that is, about).  ``probe``: (dims, Ct, spread, nprobe, resid)
+        of an IVF index (``exhaustive_probe``: the same for the scan of
+        every row, which needs no list terms), ``_NO_PROBE`` for the flat
+        index."""
+        every = fsf == 0 or self.ntotal < self.settings.fastscan_min_rows
+        if every and exhaustive_probe is not None:
+            probe = exhaustive_probe
 
-        return self._search(Q, k, rerank, num_threads, candidates, return_std)
+        def prepare(k, rr, kk, exact_ns):
+            R, mean, levels, fields, tabs, codes, scales, ids, V, no_V = self._search_arrays()
+            if every:
+                ncand, cl, scan = 0, _NO_CAND, self._row_layout()
+                nc = min(self.ntotal, max(kk, int(scanned)))
+            else:
+                R_lead, R_cand, cl, scan = self._scan_arrays(self._fast_scanner())
+                ncand = nc = self._coarse_count(fsf, kk)
+            plan = cost_model.rescore_plan(self.encoder, nc, kk, exact_ns, self.settings.exact_preference,
+                                           cl=None if cl is _NO_CAND else cl)
+            if not every:
+                # without the full ADC of the candidates only some leading
+                # transformed dimensions are read (coarse tables, probes, the
+                # candidate ADC's fields): rotate those alone
+                R = {"exact": R_lead, "cand": R_cand}.get(plan, R)
+            args = (R, mean, *scan, *probe, ncand, levels, fields, cl, tabs, codes, scales, kk, PLAN_CODES[plan],
+                    ids, V if rr else no_V, k)
 
-    def _try_fused(self, Q, k, rerank, num_threads, fsf, probe=None, key=None):
-        """The whole fast-scan search in one kernel (``_fs.scan_query_serial``),
-        exact re-rank included: a few queries on the calling thread, more
-        QUERY_CHUNK at a time on the thread pool (``_fused_batch``); None
-        when the staged path applies (the rescoring plan wants lookup tables).  ``probe``: (dims, Ct,
-        spread, nprobe) of an IVF index.  Same results as the staged path
-        (tested); saves the Python and dispatch between the stages.  The
-        call is kept for ``key`` (``_prepared_call``)."""
-        Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads, finite=False)  # the kernel checks
-        ncand = self._coarse_count(fsf, kk)
-        plan = cost_model.rescore_plan(self.encoder, ncand, kk, exact_ns, self.settings.exact_preference,
-                             cl=self._cand_layout(self._fast_scanner()))
-        if plan == "tables":
-            return None
-        rot, rot_lead, rot_cand, scan, adc, ids, V, no_V = self._fused_arrays()
-        if probe is None:
-            probe = _NO_PROBE
-        # without the full ADC of the candidates only some leading transformed
-        # dimensions are read (coarse tables, probes, the candidate ADC's
-        # fields): rotate those alone
-        R = {"exact": rot_lead, "cand": rot_cand}.get(plan, rot)
-        args = (*R, *scan, *probe, ncand, *adc, kk, PLAN_CODES[plan], ids, V if rr else no_V, k)
-        if not self._few_queries(Q.shape[0]):
-            return self._fused_batch(Q, num_threads, lambda Qc, part: _fs.scan_query_serial(Qc, *args), k)
-        self._keep_call(key, lambda Qc: _fs.scan_query_serial(Qc, *args), k)
-        v, _, out_ids = _fs.scan_query_serial(Q, *args)
-        return v[:, :k], out_ids[:, :k]
+            def single(Qc):
+                return _fs.scan_query_serial(Qc, *args)
 
-    def _fused_scan_args(self, sc):
+            return single, lambda Q, nt: self._over_chunks(Q, nt, lambda Qc, part: _cut(single(Qc), k))
+
+        return self._search_with(Q, k, rerank, num_threads, return_std, key, prepare)
+
+    def _candidate_args(self, sc):
         return (sc.slot_dim, sc._centT, sc.blocks, sc.block_rows, sc.block_ptr, sc.block_fill)
+
+    def _row_layout(self):
+        """The scan layout of a search without coarse codes (every row of the
+        lists, ``_fs.scan_query_serial`` with ``ncand`` = 0): the block
+        layout of the rows (``_fs.layout_blocks``) with empty coarse arrays
+        of the fast-scan layout's types (writeable, derived arrays as the
+        scanner's: one kernel build serves both).
+        Cached per index size."""
+        got = self._rows_layout
+        if got is None or got[0] != self.ntotal:
+            lists = self._scan_lists()
+            ptr, order = lists if lists is not None else (np.array([0, self.ntotal], np.int64),
+                                                          np.arange(self.ntotal, dtype=np.int64))
+            blocks, rows, bptr, fill = _fs.layout_blocks(np.zeros((self.ntotal, 0), np.uint8), ptr, order)
+            scan = (np.zeros((0, FS_DSUB), np.int64), np.zeros((0, FS_DSUB, 16), np.float32), blocks, rows, bptr, fill)
+            got = self._rows_layout = (self.ntotal, scan)
+        return got[1]
 
     def _fs_factor(self, fs, scanned_rows):
         """Fast-scan candidate factor: ``fs`` if given, else the setting
@@ -117,3 +130,8 @@ class FlatIndex(IndexBase):
 
     def _warmup_params(self):
         return ({}, {"fs": 0})
+
+
+def _cut(out, k):
+    """The first k columns of a search kernel's (scores, rows, ids)."""
+    return tuple(a[:, :k] for a in out)

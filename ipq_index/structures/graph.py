@@ -12,8 +12,8 @@ from .._kernels import graph_search as _gs
 from .._numba import readonly, resolve_threads
 from ..encoder import EncoderConfig, check_matrix
 from ..settings import NAVS, GraphSettings, setting_property
-from .base import PLAN_CODES, nonneg_int
-from .flat import FlatIndex
+from .base import _NO_CAND, PLAN_CODES, nonneg_int
+from .flat import FlatIndex, _cut
 
 _TAG_DTYPE = np.uint8
 _TAG_MAX = int(np.iinfo(_TAG_DTYPE).max)  # visited tags wrap before this
@@ -97,39 +97,11 @@ class GraphIndex(FlatIndex):
         nav = self.settings.nav if nav is None else nav
         if nav not in NAVS:
             raise ValueError(f"nav must be one of {NAVS}, got {nav!r}")
-        gr = self.graph
-        if nav == "coarse" and key is not None:
-            Q, rr, kk, _, exact_ns = self._prepare(Q, k, rerank, num_threads, finite=False)  # the kernel checks
-            e = max(efv, kk)
-            plan = cost_model.rescore_plan(self.encoder, e, kk, exact_ns, self.settings.exact_preference,
-                                           cl=self._cand_layout(self._fast_scanner()))
-            if plan != "tables":
-                return self._search_fused(Q, k, rr, kk, e, plan, num_threads, key=key)
 
-        visited, tags, held = self._take_visited(resolve_threads(num_threads))
+        def prepare(k, rr, kk, exact_ns):
+            return self._walk_calls(k, rr, kk, min(max(efv, kk), self.ntotal), exact_ns, nav)
 
-        def candidates(qb, kk, codes, scales):
-            e = max(efv, kk)
-            if nav == "coarse":
-                sc = self._fast_scanner()
-                tables, wcodes, wscales, kw = sc.nav_tables(qb.Y), sc.codes, np.zeros(0, np.float32), e
-            else:
-                tables, wcodes, wscales, kw = qb.tables(), codes, scales, kk
-            entry, max_level = int(gr["entry"][0]), int(gr["entry"][1])
-            # each thread its own visited row, each query its own tag
-            out = _gs.graph_search(tables, wcodes, wscales, gr["neighbors"], gr["offsets"], gr["cum"], entry,
-                                   max_level, e, kw, self._beam_cap(e), visited[qb.part:qb.part + 1],
-                                   self._next_tag(visited, tags, qb.part, qb.Q.shape[0]))
-            return qb.rescore(out[1], kk, codes, scales, self._cand_layout(sc)) if nav == "coarse" else out
-
-        try:
-            return self._search(Q, k, rerank, num_threads, candidates, return_std)
-        finally:
-            if held:
-                self._visit_lock.release()
-
-    def _build_derived(self):
-        self._fast_scanner()  # the navigation codes
+        return self._search_with(Q, k, rerank, num_threads, return_std, key, prepare)
 
     def _scan_lists(self):
         return "codes"  # plain coarse codes for navigation, no FAISS index
@@ -137,43 +109,52 @@ class GraphIndex(FlatIndex):
     def _lead_dims(self, sc):
         return self.d  # the walk rescores on every dimension: no narrowed rotation (nor its copy)
 
-    def _search_fused(self, Q, k, rr, kk, e, plan, num_threads=1, key=None):
-        """Validated queries through the whole walk in one kernel
-        (``_gs.graph_query_serial``), exact re-rank included: a few on the
-        calling thread, more QUERY_CHUNK at a time on the thread pool, each
-        thread with its own visited row.  Same results as the staged path
-        of ``search`` (tested); ~15 us less per query (MiniLM 50k, ef=48)."""
-        (R, mean), _, _, walk, adc, ids, V, no_V = self._fused_arrays()
+    def _walk_calls(self, k, rr, kk, e, exact_ns, nav):
+        """(single, batch) calls of the whole walk in one kernel
+        (``_gs.graph_query_serial``), exact re-rank included, for
+        ``_search_with``: a few queries on the calling thread, more
+        QUERY_CHUNK at a time on the thread pool, each thread with its own
+        visited row.  The beam (width e) is rescored by the plan the cost
+        model picks; ``nav="full"`` walks on the full ADC instead and keeps
+        its best kk."""
+        sc = self._fast_scanner()
+        R, mean, levels, fields, tabs, codes, scales, ids, V, no_V = self._search_arrays()
+        _, _, cl, walk = self._scan_arrays(sc)
+        plan = "fields"
+        if nav == "coarse":
+            plan = cost_model.rescore_plan(self.encoder, e, kk, exact_ns, self.settings.exact_preference,
+                                           cl=None if cl is _NO_CAND else cl)
+        else:
+            walk = (*walk[:2], None, *walk[3:])  # no navigation codes: walk on the full ADC
         cap, code, copy = self._beam_cap(e), PLAN_CODES[plan], V if rr else no_V
 
         def call(Qc, visited, tags, part):
             tag0 = self._next_tag(visited, tags, part, Qc.shape[0])
-            return _gs.graph_query_serial(Qc, R, mean, *walk, e, cap, visited[part:part + 1], tag0, *adc, kk,
-                                          code, ids, copy, k)
+            return _gs.graph_query_serial(Qc, R, mean, *walk, e, cap, visited[part:part + 1], tag0, levels, fields,
+                                          cl, tabs, codes, scales, kk, code, ids, copy, k)
 
-        if self._few_queries(Q.shape[0]):
-            def single(Qc):
-                visited, tags, held = self._take_visited(1)
-                try:
-                    return call(Qc, visited, tags, 0)
-                finally:
-                    if held:
-                        self._visit_lock.release()
+        def single(Qc):
+            visited, tags, held = self._take_visited(1)
+            try:
+                return call(Qc, visited, tags, 0)
+            finally:
+                if held:
+                    self._visit_lock.release()
 
-            self._keep_call(key, single, k)
-            v, _, out_ids = single(Q)
-            return v[:, :k], out_ids[:, :k]
-        visited, tags, held = self._take_visited(resolve_threads(num_threads))
-        try:
-            return self._fused_batch(Q, num_threads, lambda Qc, part: call(Qc, visited, tags, part), k)
-        finally:
-            if held:
-                self._visit_lock.release()
+        def batch(Q, nthreads):
+            visited, tags, held = self._take_visited(nthreads)
+            try:
+                return self._over_chunks(Q, nthreads, lambda Qc, part: _cut(call(Qc, visited, tags, part), k))
+            finally:
+                if held:
+                    self._visit_lock.release()
 
-    def _fused_scan_args(self, sc):
-        """The walk's arguments of the fused kernel: navigation layout and
+        return single, batch
+
+    def _candidate_args(self, sc):
+        """The walk's arguments of the search kernel: navigation layout and
         codes, graph arrays, entry point and its level (the graph is built
-        once, with the codes, so the cache key of ``_fused_arrays`` covers it)."""
+        once, with the codes, so the cache key of ``_search_arrays`` covers it)."""
         gr = self.graph
         return (sc.slot_dim, sc._centT, sc.codes, gr["neighbors"], gr["offsets"], gr["cum"],
                 int(gr["entry"][0]), int(gr["entry"][1]))
@@ -218,8 +199,9 @@ class GraphIndex(FlatIndex):
         return t
 
     def _warmup_params(self):
-        # a wide beam rescored with lookup tables takes the staged path
-        # (tables beat the 16-field blocks above ~200-600 rows: cost_model.rescore_plan)
+        # a wide beam is rescored with lookup tables (they beat the 16-field
+        # blocks above ~200-600 rows: cost_model.rescore_plan); the full-ADC
+        # walk is a kernel build of its own
         return ({}, {"ef": 1024}, {"nav": "full"})
 
     def _extra_state(self):

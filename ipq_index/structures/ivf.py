@@ -8,7 +8,6 @@ import numpy as np
 from .._kernels import codes as _codes
 from .._kernels import probe as _probe
 from .._kernels import rotation as _rotation
-from .._kernels import tables as _tables
 from .._numba import readonly, split_rows
 from ..encoder import EncoderConfig, check_matrix
 from ..settings import IVFSettings, setting_property
@@ -82,12 +81,6 @@ class IVFIndex(FlatIndex):
         self._lists = None
         return self
 
-    def _build_derived(self):
-        super()._build_derived()
-        self._list_index()
-        self._probe_space()
-        self._list_spread()
-
     def _list_index(self):
         if self._lists is None or self._lists[1].size != self.ntotal:
             order = np.argsort(np.asarray(self.assign), kind="stable").astype(np.int64)
@@ -109,37 +102,22 @@ class IVFIndex(FlatIndex):
         out = self._prepared_call(key, Q)
         if out is not None:
             return out
-        fused = key is not None
         npb = self.nprobe if nprobe is None else nonneg_int(nprobe, "nprobe")
         if npb < 1:
             raise ValueError("nprobe must be >= 1")
         npb = min(npb, self.nlist)
-        fsf = self._fs_factor(fs, self.ntotal * npb / max(1, self.nlist))
-        use_fs = fsf > 0 and self.ntotal >= self.settings.fastscan_min_rows
-        ptr, rows = self._list_index()
-        if use_fs and fused:
+        scanned = self.ntotal * npb / max(1, self.nlist)
+        fsf = self._fs_factor(fs, scanned)
+        dims, Ct = self._probe_args()
+        spread = self._list_spread()
+        # residual coarse codes need every scanned list's <q, c_l>: the probe
+        # runs even for nprobe = nlist; the scan of every row needs no list terms
+        every_probe = (dims, Ct, spread, npb if npb < self.nlist else 0, False)
+        probe = every_probe
+        if fsf > 0 and self.ntotal >= self.settings.fastscan_min_rows:
             resid = self._fast_scanner().residual
-            # residual codes need every scanned list's <q, c_l>: the probe runs even for nprobe = nlist
-            probe = (*self._probe_args(), self._list_spread(), npb if npb < self.nlist or resid else 0, resid)
-            out = self._try_fused(Q, k, rerank, num_threads, fsf, probe, key=key)
-            if out is not None:
-                return out
-
-        def candidates(qb, kk, codes, scales):
-            Qc = qb.Q
-            resid = use_fs and self._fast_scanner().residual
-            raw = None
-            if npb < self.nlist or resid:
-                probes, raw = self._probes(qb.Y, npb, Qc, with_raw=True)
-            else:
-                probes = np.tile(np.arange(self.nlist, dtype=np.int64), (Qc.shape[0], 1))
-            if use_fs:
-                sc = self._fast_scanner()
-                cand = sc.candidates(qb.Y, self._coarse_count(fsf, kk), 1, probes, raw)
-                return qb.rescore(cand, kk, codes, scales, self._cand_layout(sc))
-            return _tables.scan_lists_topk(qb.tables(), codes, scales, ptr, rows, probes, kk)
-
-        return self._search(Q, k, rerank, num_threads, candidates, return_std)
+            probe = (dims, Ct, spread, npb if npb < self.nlist or resid else 0, resid)
+        return self._scan_search(Q, k, rerank, num_threads, return_std, key, fsf, scanned, probe, every_probe)
 
     def _scan_lists(self):
         return self._list_index()
