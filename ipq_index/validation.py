@@ -34,6 +34,13 @@ KIND_ARRAYS = {
 _RERANK_DTYPES = {"float16": "<f2", "float32": "<f4"}
 #: elements per chunk of the finiteness scan of large arrays (bounds its scratch memory)
 _CHUNK = 1 << 22
+#: bound on the magnitude of stored values (levels, mean, energy, centroids,
+#: scales, float32 re-rank copy): the kernels sum products of them and the
+#: queries in float32 (max 3.4e38), and an exponent bit flipped in a float64
+#: level makes it ~1e300 while it stays sorted and finite
+MAX_ABS = 1e15
+#: the IVF probe rounds the centroids' transformed coordinates to float16
+_HALF_MAX = float(np.finfo(np.float16).max)
 #: tolerance of the rotation's orthogonality, max |R^T R - I| (float32 eigenvectors: ~1e-6)
 _ORTHO_TOL = 1e-3
 
@@ -55,15 +62,22 @@ _EXP = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000),
         8: (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
 
 
-def _all_finite(a) -> bool:
-    """Whether a float array holds no NaN or inf: small arrays by
-    ``np.isfinite``, large ones chunk by chunk on their bit patterns (the
-    largest magnitude bits below the exponent's all-ones pattern: one
-    integer AND and max per element, no float16 arithmetic)."""
+def _all_finite(a, limit=None) -> bool:
+    """Whether a float array holds no NaN or inf (and, with ``limit``, no
+    value of magnitude above it): small arrays by numpy comparisons, large
+    ones chunk by chunk on their bit patterns (the magnitude bits of IEEE
+    floats order as the magnitudes: one integer AND and max per element, no
+    float16 arithmetic)."""
     flat = a.reshape(-1)
     if flat.size <= _CHUNK:
-        return bool(np.isfinite(flat).all())
+        if limit is None:
+            return bool(np.isfinite(flat).all())
+        return bool((np.abs(flat) <= min(limit, float(np.finfo(a.dtype).max))).all())  # False for NaN
     utype, absmask, expmask = _EXP[a.dtype.itemsize]
+    if limit is not None:
+        with np.errstate(over="ignore"):
+            top = np.array(limit, a.dtype).view(utype)  # inf when limit exceeds the dtype's range
+        expmask = min(int(expmask), int(top) + 1)
     bits = flat.view(utype)
     buf = np.empty(_CHUNK, utype)
     for s in range(0, bits.size, _CHUNK):
@@ -160,9 +174,10 @@ def _shape(c, arrays, name, shape):
         c.fail(f"array {name!r}", f"shape {got} is not {tuple(shape)}")
 
 
-def _finite(c, arrays, name):
-    if not _all_finite(arrays[name]):
-        c.fail(f"array {name!r}", "holds NaN or infinite values")
+def _finite(c, arrays, name, limit=MAX_ABS):
+    if not _all_finite(arrays[name], limit):
+        c.fail(f"array {name!r}", "holds NaN or infinite values" if limit is None else
+               f"holds NaN, infinite or huge (|x| > {limit:g}) values")
 
 
 def _range(c, arrays, name, lo, hi, a=None):
@@ -225,7 +240,7 @@ def _encoder(c, arrays, d, nbytes, config):
         c.fail("array 'enc.energy'", "holds negative query energies")
     if "enc.rotation" in arrays:
         _shape(c, arrays, "enc.rotation", (d, d))
-        _finite(c, arrays, "enc.rotation")
+        _finite(c, arrays, "enc.rotation", None)
         R = np.asarray(arrays["enc.rotation"], np.float64)
         dev = np.abs(R.T @ R - np.eye(d)).max()
         if dev > _ORTHO_TOL:
@@ -251,6 +266,11 @@ def _ivf(c, arrays, d, n, meta):
     _finite(c, arrays, "ivf.centroids")
     _shape(c, arrays, "ivf.assign", (n,))
     _range(c, arrays, "ivf.assign", 0, nlist)
+    # |R^T (c - mean)|_max <= |c - mean|_2 (R orthogonal): the probe's float16 copy stays finite
+    far = np.linalg.norm(np.asarray(arrays["ivf.centroids"], np.float64) - arrays["enc.mean"], axis=1)
+    if far.size and far.max() >= _HALF_MAX:
+        c.fail("arrays 'ivf.centroids', 'enc.mean'", f"centroid {int(np.argmax(far))} lies {far.max():.3g} from "
+               f"the mean: its probe coordinates overflow float16 (max {_HALF_MAX:g})")
 
 
 def _graph(c, arrays, n):

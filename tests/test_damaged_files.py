@@ -204,6 +204,7 @@ COMMON = [
     ("fields overlap", _overlap_shift, ["enc.shift_of"]),
     ("levels NaN", _put("enc.levels", 5, np.nan), ["enc.levels"]),
     ("levels inf", _put("enc.levels", 0, np.inf), ["enc.levels"]),
+    ("levels huge, still sorted", _set("enc.levels", lambda a: (a.__setitem__(-1, 1e300), a)[1]), ["enc.levels"]),
     ("levels shortened", _set("enc.levels", lambda a: a[:-3]), ["enc.levels"]),
     ("levels unsorted", _set("enc.levels", _swap_levels), ["enc.levels"]),
     ("level_off shifted", _set("enc.level_off", lambda a: (a.__setitem__(slice(5, None), a[5:] + 1), a)[1]),
@@ -299,6 +300,7 @@ IVF = [
     ("assign short", _set("ivf.assign", lambda a: a[:-1]), ["ivf.assign"]),
     ("assign int64", _set("ivf.assign", lambda a: a.astype(np.int64)), ["ivf.assign"]),
     ("centroids NaN", _put("ivf.centroids", (2, 3), np.nan), ["ivf.centroids"]),
+    ("centroid far from the mean", _put("ivf.centroids", (2, 3), 1e5), ["ivf.centroids"]),
     ("centroids rows short", _set("ivf.centroids", lambda a: a[:-1]), ["ivf.centroids"]),
     ("centroids missing", _drop("ivf.centroids"), ["ivf.centroids"]),
     ("assign missing", _drop("ivf.assign"), ["ivf.assign"]),
@@ -552,12 +554,12 @@ def test_undamaged_file_loads_in_every_mode(saved):
 
 @pytest.mark.slow
 def test_every_byte_stride_sweep(saved, tmp_path, request):
-    """Exhaustive: a byte flipped every 7 bytes through each file, verified
+    """Exhaustive: a byte flipped every 53 bytes through each file, verified
     (both load modes) and unverified (mapped).  Runs with ``-m slow``."""
     if "slow" not in (request.config.getoption("markexpr") or "") or "not slow" in request.config.getoption("markexpr"):
         pytest.skip("exhaustive sweep: run with -m slow")
-    verified = _flip_cases(saved[0], (True, False), verify=True, per_array=0, stride=7)
-    unverified = _flip_cases(saved[0], (True,), verify=False, per_array=0, stride=7)
+    verified = _flip_cases(saved[0], (True, False), verify=True, per_array=0, stride=53)
+    unverified = _flip_cases(saved[0], (True,), verify=False, per_array=0, stride=53)
     results = _run(verified + unverified, saved, tmp_path)
     print(f"sweep: {len(verified)} verified, {len(unverified)} unverified cases, {_tally(results)}")
     _judge(verified, results)
@@ -580,3 +582,10 @@ def test_finiteness_scan_of_large_arrays(dtype):
             b = a.copy()
             b[at] = bad
             assert not validation._all_finite(b.reshape(-1, 2)), (at, bad)
+    if dtype != np.float16:
+        assert not validation._all_finite(a.reshape(-1, 2), validation.MAX_ABS)  # finfo.max
+        b = np.zeros(n, dtype)
+        b[-1] = -validation.MAX_ABS
+        assert validation._all_finite(b, validation.MAX_ABS)
+        b[-1] *= 1.01
+        assert not validation._all_finite(b, validation.MAX_ABS)
