@@ -202,6 +202,11 @@ def _queue_insert(F, n, k, j, q, qs, h, tl, d):
     never wins).  Ties go to the smaller row.  Row values use the plane form
     with gamma = T[:, 2]; ``F`` is the plane table flattened (constant row
     stride, cheaper addressing on the critical path).
+
+    One function on purpose: it is the inner step of every DP pass, and the
+    pop loop, the gallop and the bisection share the comparison (da, db, dg)
+    and the bounds; split into calls, those would be passed back and forth
+    on the critical path.
     """
     known = -1  # a column where k is known to beat the current back row
     while True:
@@ -276,6 +281,15 @@ def _queue_insert(F, n, k, j, q, qs, h, tl, d):
 
 
 @kernel
+def _queue_front(q, qs, h, tl, j):
+    """Move the queue's front h past the rows whose columns end before j;
+    returns ``(h, row)``, row the best one for column j."""
+    while tl > h and qs[h + 1] <= j:
+        h += 1
+    return h, q[h]
+
+
+@kernel
 def envelope_layer(T, n, D, argcur, q, qs):
     """One DP layer in place: D[j] <- min_{k<j} D[k] + C(k, j), j = 1..n-1.
 
@@ -295,9 +309,7 @@ def envelope_layer(T, n, D, argcur, q, qs):
         # row j's gamma uses the previous layer's D[j], overwritten below
         F[rj + 2] = D[j]
         tl, d = _queue_insert(F, n, j - 1, j, q, qs, h, tl, d)
-        while tl > h and qs[h + 1] <= j:
-            h += 1
-        kb = q[h]
+        h, kb = _queue_front(q, qs, h, tl, j)
         argcur[j] = kb
         rk = kb * PLANE_COLS
         D[j] = F[rk + 2] - F[rj] * F[rk + 1] + F[rj + 1] * F[rk]
@@ -321,9 +333,7 @@ def penalized_levels(T, n, lam, E, arg, cnt, q, qs):
     F[2] = lam
     for j in range(1, n):
         tl, d = _queue_insert(F, n, j - 1, j, q, qs, h, tl, d)
-        while tl > h and qs[h + 1] <= j:
-            h += 1
-        kb = q[h]
+        h, kb = _queue_front(q, qs, h, tl, j)
         arg[j] = kb
         rj = j * PLANE_COLS
         rk = kb * PLANE_COLS

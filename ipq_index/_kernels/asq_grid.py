@@ -19,24 +19,15 @@ def moments(x, w):
     sx = 0.0
     sw = 0.0
     has_w = w.shape[0] > 0
-    if has_w:
-        for i in range(x.shape[0]):
-            xi = x[i]
-            if xi < lo:
-                lo = xi
-            if xi > hi:
-                hi = xi
-            sx += w[i] * xi
-            sw += w[i]
-    else:
-        for i in range(x.shape[0]):
-            xi = x[i]
-            if xi < lo:
-                lo = xi
-            if xi > hi:
-                hi = xi
-            sx += xi
-        sw = x.shape[0]
+    for i in range(x.shape[0]):
+        xi = x[i]
+        wi = w[i] if has_w else 1.0
+        if xi < lo:
+            lo = xi
+        if xi > hi:
+            hi = xi
+        sx += wi * xi
+        sw += wi
     mean = sx / sw if sw > 0 else 0.5 * (lo + hi)
     return lo, hi, mean
 
@@ -73,63 +64,45 @@ def grid_table(x, w, lo, hi, center, m):
             stats[b, 3] = xi
         if xi > stats[b, 4]:
             stats[b, 4] = xi
-    # single-valued bins everywhere -> exact compressed problem
-    exact = True
-    nonempty = 0
-    for b in range(m):
-        if stats[b, 3] <= stats[b, 4]:
-            nonempty += 1
-            if stats[b, 3] != stats[b, 4]:
-                exact = False
-    if exact:
-        P = np.empty((nonempty, 4), np.float64)
-        pos = np.empty(nonempty, np.float64)
-        W = 0.0
-        S1 = 0.0
-        S2 = 0.0
-        r = 0
-        for b in range(m):
-            if stats[b, 3] <= stats[b, 4]:
-                W += stats[b, 0]
-                S1 += stats[b, 1]
-                S2 += stats[b, 2]
-                pos[r] = stats[b, 3]
-                P[r, 0] = stats[b, 3] - center
-                P[r, 1] = W
-                P[r, 2] = S1
-                P[r, 3] = S2
-                r += 1
-        return P, pos, True
     occupied = np.empty(m, np.bool_)
+    exact = True  # single-valued bins everywhere -> exact compressed problem
     for b in range(m):
         occupied[b] = stats[b, 3] <= stats[b, 4]
-    P, pos = _edge_table(stats[:, 0], stats[:, 1], stats[:, 2], occupied, lo, hi, center)
-    return P, pos, False
+        if occupied[b] and stats[b, 3] != stats[b, 4]:
+            exact = False
+    P, pos = _prefix_table(stats[:, 0], stats[:, 1], stats[:, 2], occupied, stats[:, 3], lo, hi, center,
+                           not exact)
+    return P, pos, exact
 
 
 @kernel
-def _edge_table(cw, cs1, cs2, occupied, lo, hi, center):
-    """Prefix table over the m + 1 grid edges (cell sums cw, cs1, cs2 of
-    w, w y, w y^2); edges with empty cells on both sides are dropped, the
-    end edges are always kept.  Returns ``(P, pos)``."""
+def _prefix_table(cw, cs1, cs2, occupied, val, lo, hi, center, edges):
+    """Prefix table from the cell sums cw, cs1, cs2 (of w, w y, w y^2) of an
+    m-cell grid over [lo, hi].  Candidates: with ``edges`` the m + 1 grid
+    edges, dropping those with empty cells on both sides (the end edges are
+    always kept); otherwise the values ``val`` of the occupied cells, each
+    cell holding that single value.  Returns ``(P, pos)``."""
     m = cw.shape[0]
     width = (hi - lo) / m
     keep = 0
     for l in range(m + 1):
-        keep += l == 0 or l == m or occupied[l - 1] or occupied[l]
+        keep += (l > 0 and occupied[l - 1]) or (edges and (l == 0 or l == m or occupied[l]))
     P = np.empty((keep, 4), np.float64)
     pos = np.empty(keep, np.float64)
     W = 0.0
     S1 = 0.0
     S2 = 0.0
     r = 0
-    for l in range(m + 1):
+    for l in range(m + 1):  # edge l follows cell l - 1
         if l > 0:
             W += cw[l - 1]
             S1 += cs1[l - 1]
             S2 += cs2[l - 1]
-        if l == 0 or l == m or occupied[l - 1] or occupied[l]:
-            g = lo if l == 0 else (hi if l == m else lo + l * width)
+        if (l > 0 and occupied[l - 1]) or (edges and (l == 0 or l == m or occupied[l])):
+            if edges:
+                g = lo if l == 0 else (hi if l == m else lo + l * width)
+            else:
+                g = val[l - 1]
             pos[r] = g
             P[r, 0] = g - center
             P[r, 1] = W
@@ -191,37 +164,21 @@ def grid_table_unit(x, lo, hi, m):
         b = min(int((xi - lo) * scale), m - 1)
         st[b, 0] += 1.0
         st[b, 1] += xi - center
-    nonempty = 0
-    for b in range(m):
-        nonempty += st[b, 0] > 0.0
-    if not mixed:
-        P = np.empty((nonempty, 4), np.float64)
-        pos = np.empty(nonempty, np.float64)
-        W = 0.0
-        S1 = 0.0
-        S2 = 0.0
-        r = 0
-        for b in range(m):
-            if st[b, 0] > 0.0:
-                y = first[b] - center
-                W += st[b, 0]
-                S1 += st[b, 1]
-                S2 += st[b, 0] * y * y
-                pos[r] = first[b]
-                P[r, 0] = y
-                P[r, 1] = W
-                P[r, 2] = S1
-                P[r, 3] = S2
-                r += 1
-        return P, pos, True
     occupied = np.empty(m, np.bool_)
     cs2 = np.zeros(m, np.float64)
     for b in range(m):
         occupied[b] = st[b, 0] > 0.0
-        if occupied[b]:
-            cs2[b] = st[b, 1] * st[b, 1] / st[b, 0]
-    P, pos = _edge_table(st[:, 0], st[:, 1], cs2, occupied, lo, hi, center)
-    return P, pos, False
+    if not mixed:
+        for b in range(m):
+            if occupied[b]:
+                y = first[b] - center
+                cs2[b] = st[b, 0] * y * y
+    else:
+        for b in range(m):
+            if occupied[b]:
+                cs2[b] = st[b, 1] * st[b, 1] / st[b, 0]
+    P, pos = _prefix_table(st[:, 0], st[:, 1], cs2, occupied, first, lo, hi, center, mixed)
+    return P, pos, not mixed
 
 
 @kernel

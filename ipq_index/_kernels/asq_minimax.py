@@ -39,15 +39,26 @@ def _greedy_minimax(v, w, tau, s, out):
                 if w[i] * d * (B - x) > tau:
                     B = x + tau / (w[i] * d)
             i += 1
-        if B >= last:
-            out[count] = last
-            return count + 1, 0.0
-        if count + 1 >= s:
-            # the s-th level must sit at the maximum but the bound is short
-            return s + 1, B - last
-        out[count] = B
-        count += 1
+        count, slack, done = _close_gap(B, last, count, s, out)
+        if done:
+            return count, slack
         a = B
+
+
+@kernel
+def _close_gap(B, last, count, s, out):
+    """End the current gap at bound B: the maximum ``last`` is the final
+    level when B reaches it; otherwise B becomes level ``count`` unless that
+    leaves no level for the maximum.  Returns ``(count, slack, done)``, with
+    the walk's return values when ``done``."""
+    if B >= last:
+        out[count] = last
+        return count + 1, 0.0, True
+    if count + 1 >= s:
+        # the s-th level must sit at the maximum but the bound is short
+        return s + 1, B - last, True
+    out[count] = B
+    return count + 1, 0.0, False
 
 
 @kernel
@@ -101,13 +112,9 @@ def _greedy_minimax_unit(v, tau, s, out):
         if last < B:
             out[count] = last
             return count + 1, (B - last) if B < INF else INF
-        if B >= last:
-            out[count] = last
-            return count + 1, 0.0
-        if count + 1 >= s:
-            return s + 1, B - last
-        out[count] = B
-        count += 1
+        count, slack, done = _close_gap(B, last, count, s, out)
+        if done:
+            return count, slack
         a = B
         i = _first_greater(v, i, a)  # points equal to the new level carry no variance
 

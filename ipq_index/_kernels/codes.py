@@ -25,6 +25,39 @@ def _uniform(seed, i, j):
 
 
 @kernel
+def _level_code(z, levels, lo, hi, unbiased, seed, row, j):
+    """Code of value z among the sorted levels ``levels[lo:hi]`` (values
+    outside their range clipped to the end levels): one of the two levels
+    around z, the nearer one, or with ``unbiased`` the upper one with
+    probability (z - lower) / (upper - lower), drawn by ``_uniform(seed,
+    row, j)``."""
+    L = hi - lo
+    if z <= levels[lo]:
+        return 0
+    if z >= levels[hi - 1]:
+        return L - 1
+    a = 0
+    h = L - 1
+    while h - a > 1:
+        mid = (a + h) >> 1
+        if levels[lo + mid] <= z:
+            a = mid
+        else:
+            h = mid
+    la = levels[lo + a]
+    lb = levels[lo + a + 1]
+    if unbiased:
+        return a + 1 if _uniform(seed, row, j) * (lb - la) < z - la else a
+    return a + 1 if lb - z < z - la else a
+
+
+@kernel
+def _field_code(codes, i, j, b, byte_of, shift_of):
+    """The b-bit code (b > 0) of dimension j in row i of ``codes``."""
+    return (codes[i, byte_of[j]] >> shift_of[j]) & ((1 << b) - 1)
+
+
+@kernel
 def encode(Z, levels, level_off, bits, byte_of, shift_of, nbytes, unbiased, seed, row0):
     """Codes (n, nbytes) uint8 of the rows of Z (already transformed).
 
@@ -36,32 +69,9 @@ def encode(Z, levels, level_off, bits, byte_of, shift_of, nbytes, unbiased, seed
     codes = np.zeros((n, nbytes), np.uint8)
     for i in range(n):
         for j in range(d):
-            b = bits[j]
-            if b == 0:
-                continue
-            lo = level_off[j]
-            L = level_off[j + 1] - lo
-            z = Z[i, j]
-            if z <= levels[lo]:
-                c = 0
-            elif z >= levels[lo + L - 1]:
-                c = L - 1
-            else:
-                a = 0
-                h = L - 1
-                while h - a > 1:
-                    mid = (a + h) >> 1
-                    if levels[lo + mid] <= z:
-                        a = mid
-                    else:
-                        h = mid
-                la = levels[lo + a]
-                lb = levels[lo + a + 1]
-                if unbiased:
-                    c = a + 1 if _uniform(seed, row0 + i, j) * (lb - la) < z - la else a
-                else:
-                    c = a + 1 if lb - z < z - la else a
-            codes[i, byte_of[j]] |= np.uint8(c << shift_of[j])
+            if bits[j] > 0:
+                c = _level_code(Z[i, j], levels, level_off[j], level_off[j + 1], unbiased, seed, row0 + i, j)
+                codes[i, byte_of[j]] |= np.uint8(c << shift_of[j])
     return codes
 
 
@@ -73,10 +83,8 @@ def decode(codes, levels, level_off, bits, byte_of, shift_of, d):
     for i in range(n):
         for j in range(d):
             b = bits[j]
-            if b == 0:
-                continue
-            c = (codes[i, byte_of[j]] >> shift_of[j]) & ((1 << b) - 1)
-            out[i, j] = levels[level_off[j] + c]
+            if b > 0:
+                out[i, j] = levels[level_off[j] + _field_code(codes, i, j, b, byte_of, shift_of)]
     return out
 
 
@@ -93,8 +101,7 @@ def coarse_nibbles(codes, bits, byte_of, shift_of, rshift, nib_of, nib_shift, M)
             b = bits[j]
             if b == 0:
                 continue
-            c = (codes[i, byte_of[j]] >> shift_of[j]) & ((1 << b) - 1)
-            v = (c >> rshift[j]) << nib_shift[j]
+            v = (_field_code(codes, i, j, b, byte_of, shift_of) >> rshift[j]) << nib_shift[j]
             m = nib_of[j]
             out[i, m >> 1] |= np.uint8(v << (4 * (m & 1)))
     return out
@@ -117,8 +124,7 @@ def residual_energy(codes, scales, levels, level_off, bits, byte_of, shift_of, a
             z = 0.0
             b = bits[j]
             if b > 0:
-                c = (codes[i, byte_of[j]] >> shift_of[j]) & ((1 << b) - 1)
-                z = levels[level_off[j] + c] * sc
+                z = levels[level_off[j] + _field_code(codes, i, j, b, byte_of, shift_of)] * sc
             r = z - Cr[lst, j]
             s += w[j] * r * r
         out[i] = s
