@@ -81,6 +81,14 @@ def _progress_disabled(args) -> bool | None:
     return True if getattr(args, "quiet", False) else None
 
 
+def _progress(args, total, desc: str, unit: str, **options):
+    """A tqdm progress bar on stderr (hidden with --quiet or when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
+                disable=_progress_disabled(args), **options)
+
+
 def _note(args, msg: str) -> None:
     if not getattr(args, "quiet", False):
         print(msg, file=sys.stderr, flush=True)
@@ -172,8 +180,6 @@ def _check_output(path: Path, suffixes=None) -> Path:
 
 
 def cmd_build(args, extra=None) -> int:
-    from tqdm import tqdm
-
     import ipq_index
 
     from .bench.params import unit
@@ -211,8 +217,7 @@ def cmd_build(args, extra=None) -> int:
                 + (f" with {len(queries)} held-out sample queries" if queries is not None else "") + " ...")
     index.train(X, queries=queries, num_threads=threads)
     t_train = time.perf_counter() - t0
-    with tqdm(total=X.shape[0], desc="add", unit="vec", unit_scale=True, file=sys.stderr,
-              disable=_progress_disabled(args)) as bar:
+    with _progress(args, X.shape[0], "add", "vec") as bar:
         for s in range(0, X.shape[0], ADD_CHUNK):
             chunk = X[s:s + ADD_CHUNK]
             index.add(chunk, ids=None if ids is None else ids[s:s + ADD_CHUNK], num_threads=threads)
@@ -230,8 +235,6 @@ def cmd_build(args, extra=None) -> int:
 
 
 def cmd_search(args, extra=None) -> int:
-    from tqdm import tqdm
-
     import ipq_index
 
     from .bench.params import check_search_params, parse_params, unit
@@ -258,8 +261,7 @@ def cmd_search(args, extra=None) -> int:
     nq = Q.shape[0]
     scores = np.empty((nq, args.k), np.float32)
     ids = np.empty((nq, args.k), np.int64)
-    with tqdm(total=nq, desc="search", unit="q", unit_scale=True, file=sys.stderr,
-              disable=_progress_disabled(args)) as bar:
+    with _progress(args, nq, "search", "q") as bar:
         for s in range(0, nq, SEARCH_CHUNK):
             sc, ii = index.search(Q[s:s + SEARCH_CHUNK], args.k, num_threads=threads, **params)
             scores[s:s + sc.shape[0]] = sc
@@ -455,8 +457,6 @@ def cmd_datasets_fetch(args, extra=None) -> int:
     import urllib.error
     import urllib.request
 
-    from tqdm import tqdm
-
     name = args.name[:-5] if args.name.endswith(".hdf5") else args.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(f"bad dataset name {args.name!r} (letters, digits, '.', '_', '-')")
@@ -481,9 +481,7 @@ def cmd_datasets_fetch(args, extra=None) -> int:
     try:
         total = int(resp.headers.get("Content-Length") or 0) or None
         written = 0
-        with os.fdopen(fd, "wb") as f, tqdm(total=total, desc=name, unit="B", unit_scale=True,
-                                            unit_divisor=1024, file=sys.stderr,
-                                            disable=_progress_disabled(args)) as bar:
+        with os.fdopen(fd, "wb") as f, _progress(args, total, name, "B", unit_divisor=1024) as bar:
             while True:
                 try:
                     chunk = resp.read(1 << 20)
@@ -523,21 +521,14 @@ def cmd_demo(args, extra=None) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="no progress bars or notes")
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks on errors")
+def _add_run_options(p, rows: str) -> None:
+    """--threads and --normalize, shared by ``build`` and ``search`` (``rows``: what is normalised)."""
+    p.add_argument("--threads", type=int, default=None, metavar="T", help="threads (default: all cores)")
+    p.add_argument("--normalize", action="store_true",
+                   help=f"L2-normalise the {rows} (automatic for HDF5 files with distance=angular)")
 
-    ap = _Parser(prog=PROG, description="ipq_index: maximum inner product search on ASQ codes.",
-                 epilog="See docs/cli.md. Errors print one line 'ipq: error: ...' and exit 2.")
-    ap.add_argument("--quiet", action="store_true", default=False, help="no progress bars or notes")
-    ap.add_argument("--debug", action="store_true", default=False, help="show tracebacks on errors")
-    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
 
+def _add_build(sub, common) -> None:
     p = sub.add_parser("build", parents=[common], help="train an index on vectors and save it",
                        description="Train and fill an index, save it as one file.")
     p.add_argument("data", metavar="DATA",
@@ -550,11 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "queries (the other rows keep their row numbers as ids)")
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="encoder seed and seed of the --train-queries draw (default: index default / 0)")
-    p.add_argument("--threads", type=int, default=None, metavar="T", help="threads (default: all cores)")
-    p.add_argument("--normalize", action="store_true",
-                   help="L2-normalise the vectors (automatic for HDF5 files with distance=angular)")
+    _add_run_options(p, "vectors")
     p.set_defaults(func=cmd_build)
 
+
+def _add_search(sub, common) -> None:
     p = sub.add_parser("search", parents=[common], help="search an index with query vectors",
                        description="Top-k inner-product search; writes ids (+ scores).")
     p.add_argument("index", metavar="INDEX.ipq")
@@ -565,17 +556,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npy: (nq, k) int64 ids plus <stem>.scores.npy; .csv: query,rank,id,score")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="search keyword argument, e.g. rerank=2 (repeatable; passed to index.search)")
-    p.add_argument("--threads", type=int, default=None, metavar="T", help="threads (default: all cores)")
-    p.add_argument("--normalize", action="store_true",
-                   help="L2-normalise the queries (automatic for HDF5 files with distance=angular)")
+    _add_run_options(p, "queries")
     p.set_defaults(func=cmd_search)
 
+
+def _add_info(sub, common) -> None:
     p = sub.add_parser("info", parents=[common], help="describe an index file (header only)",
                        description="Print format version, spec, d, size and search defaults.")
     p.add_argument("index", metavar="INDEX.ipq")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
 
+
+def _add_warmup(sub, common) -> None:
     p = sub.add_parser("warmup", parents=[common], help="compile the numba kernels of index specs",
                        description="Call ipq_index.warmup(SPEC) for each spec: compile (or load from "
                                    "numba's on-disk cache) every kernel an index of that spec uses to "
@@ -583,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", metavar="SPEC", help="factory string, e.g. 'PCA,ASQ4,Rerank4'")
     p.set_defaults(func=cmd_warmup)
 
+
+def _add_bench(sub, common) -> None:
     p = sub.add_parser("bench", parents=[common], help="run a benchmark sweep from a YAML config",
                        description="Run the methods of a config; write CSV + PNG, print a table.")
     p.add_argument("--config", required=True, metavar="CONFIG.yaml")
@@ -593,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="stop at the first failing method")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_datasets(sub, common) -> None:
     p = sub.add_parser("datasets", parents=[common], help="list or download datasets",
                        description="Shipped samples and ann-benchmarks datasets.")
     dsub = p.add_subparsers(dest="datasets_command", metavar="ACTION", parser_class=_Parser)
@@ -608,11 +605,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="download even if the file exists")
     q.set_defaults(func=cmd_datasets_fetch)
 
+
+def _add_demo(sub, common) -> None:
     p = sub.add_parser("demo", parents=[common], add_help=False,  # --help goes to the demo itself
                        help="the main job (python -m ipq_index.bench.demo)",
                        description="Runs ipq_index.bench.demo.main; extra arguments are passed on "
                                    "(e.g. --sample glove50 --k 10).")
     p.set_defaults(func=cmd_demo)
+
+
+def _add_global_options(p, default) -> None:
+    """--quiet and --debug: on the main parser (default False) and on every
+    subcommand (``argparse.SUPPRESS``, so one given before the subcommand
+    is not reset), as the module docstring says."""
+    p.add_argument("--quiet", action="store_true", default=default, help="no progress bars or notes")
+    p.add_argument("--debug", action="store_true", default=default, help="show tracebacks on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    _add_global_options(common, argparse.SUPPRESS)
+    ap = _Parser(prog=PROG, description="ipq_index: maximum inner product search on ASQ codes.",
+                 epilog="See docs/cli.md. Errors print one line 'ipq: error: ...' and exit 2.")
+    _add_global_options(ap, False)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in (_add_build, _add_search, _add_info, _add_warmup, _add_bench, _add_datasets, _add_demo):
+        add(sub, common)
     return ap
 
 
