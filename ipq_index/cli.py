@@ -521,6 +521,14 @@ def cmd_demo(args, extra=None) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _command(sub, common, name: str, func, **options):
+    """The parser of subcommand ``name`` (global options from ``common``,
+    ``options`` for ``add_parser``), running ``func``."""
+    p = sub.add_parser(name, parents=[common], **options)
+    p.set_defaults(func=func)
+    return p
+
+
 def _add_run_options(p, rows: str) -> None:
     """--threads and --normalize, shared by ``build`` and ``search`` (``rows``: what is normalised)."""
     p.add_argument("--threads", type=int, default=None, metavar="T", help="threads (default: all cores)")
@@ -529,8 +537,8 @@ def _add_run_options(p, rows: str) -> None:
 
 
 def _add_build(sub, common) -> None:
-    p = sub.add_parser("build", parents=[common], help="train an index on vectors and save it",
-                       description="Train and fill an index, save it as one file.")
+    p = _command(sub, common, "build", cmd_build, help="train an index on vectors and save it",
+                 description="Train and fill an index, save it as one file.")
     p.add_argument("data", metavar="DATA",
                    help="vectors: HDF5 (uses 'train'), .npy, .fvecs, .bvecs or sample:<name>")
     p.add_argument("--index", required=True, metavar="SPEC", help="factory string, e.g. 'PCA,ASQ4,Rerank4'")
@@ -542,12 +550,11 @@ def _add_build(sub, common) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="encoder seed and seed of the --train-queries draw (default: index default / 0)")
     _add_run_options(p, "vectors")
-    p.set_defaults(func=cmd_build)
 
 
 def _add_search(sub, common) -> None:
-    p = sub.add_parser("search", parents=[common], help="search an index with query vectors",
-                       description="Top-k inner-product search; writes ids (+ scores).")
+    p = _command(sub, common, "search", cmd_search, help="search an index with query vectors",
+                 description="Top-k inner-product search; writes ids (+ scores).")
     p.add_argument("index", metavar="INDEX.ipq")
     p.add_argument("queries", metavar="QUERIES",
                    help="queries: HDF5 (uses 'test'), .npy, .fvecs, .bvecs or sample:<name>")
@@ -557,36 +564,32 @@ def _add_search(sub, common) -> None:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="search keyword argument, e.g. rerank=2 (repeatable; passed to index.search)")
     _add_run_options(p, "queries")
-    p.set_defaults(func=cmd_search)
 
 
 def _add_info(sub, common) -> None:
-    p = sub.add_parser("info", parents=[common], help="describe an index file (header only)",
-                       description="Print format version, spec, d, size and search defaults.")
+    p = _command(sub, common, "info", cmd_info, help="describe an index file (header only)",
+                 description="Print format version, spec, d, size and search defaults.")
     p.add_argument("index", metavar="INDEX.ipq")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_info)
 
 
 def _add_warmup(sub, common) -> None:
-    p = sub.add_parser("warmup", parents=[common], help="compile the numba kernels of index specs",
-                       description="Call ipq_index.warmup(SPEC) for each spec: compile (or load from "
-                                   "numba's on-disk cache) every kernel an index of that spec uses to "
-                                   "build and search; print the seconds each took.")
+    p = _command(sub, common, "warmup", cmd_warmup, help="compile the numba kernels of index specs",
+                 description="Call ipq_index.warmup(SPEC) for each spec: compile (or load from "
+                             "numba's on-disk cache) every kernel an index of that spec uses to "
+                             "build and search; print the seconds each took.")
     p.add_argument("specs", nargs="+", metavar="SPEC", help="factory string, e.g. 'PCA,ASQ4,Rerank4'")
-    p.set_defaults(func=cmd_warmup)
 
 
 def _add_bench(sub, common) -> None:
-    p = sub.add_parser("bench", parents=[common], help="run a benchmark sweep from a YAML config",
-                       description="Run the methods of a config; write CSV + PNG, print a table.")
+    p = _command(sub, common, "bench", cmd_bench, help="run a benchmark sweep from a YAML config",
+                 description="Run the methods of a config; write CSV + PNG, print a table.")
     p.add_argument("--config", required=True, metavar="CONFIG.yaml")
     p.add_argument("--out", default="bench-results", metavar="DIR",
                    help="output directory for <config>.csv and <config>.png (default %(default)s)")
     p.add_argument("--dataset", default=None, metavar="PATH",
                    help="use this dataset instead of the config's (HDF5 path or sample:<name>)")
     p.add_argument("--strict", action="store_true", help="stop at the first failing method")
-    p.set_defaults(func=cmd_bench)
 
 
 def _add_datasets(sub, common) -> None:
@@ -594,24 +597,21 @@ def _add_datasets(sub, common) -> None:
                        description="Shipped samples and ann-benchmarks datasets.")
     dsub = p.add_subparsers(dest="datasets_command", metavar="ACTION", parser_class=_Parser)
     dsub.required = True
-    q = dsub.add_parser("list", parents=[common], help="list samples and known datasets")
+    q = _command(dsub, common, "list", cmd_datasets_list, help="list samples and known datasets")
     q.add_argument("--dir", default="data", help="also list *.hdf5 files here (default %(default)s)")
-    q.set_defaults(func=cmd_datasets_list)
-    q = dsub.add_parser("fetch", parents=[common], help="download an ann-benchmarks dataset")
+    q = _command(dsub, common, "fetch", cmd_datasets_fetch, help="download an ann-benchmarks dataset")
     q.add_argument("name", metavar="NAME", help="e.g. glove-100-angular")
     q.add_argument("--dir", default="data", help="destination directory (default %(default)s)")
     q.add_argument("--base-url", default=DEFAULT_BASE_URL, help="server (default %(default)s)")
     q.add_argument("--timeout", type=float, default=30.0, help="network timeout in s (default %(default)s)")
     q.add_argument("--force", action="store_true", help="download even if the file exists")
-    q.set_defaults(func=cmd_datasets_fetch)
 
 
 def _add_demo(sub, common) -> None:
-    p = sub.add_parser("demo", parents=[common], add_help=False,  # --help goes to the demo itself
-                       help="the main job (python -m ipq_index.bench.demo)",
-                       description="Runs ipq_index.bench.demo.main; extra arguments are passed on "
-                                   "(e.g. --sample glove50 --k 10).")
-    p.set_defaults(func=cmd_demo)
+    _command(sub, common, "demo", cmd_demo, add_help=False,  # --help goes to the demo itself
+             help="the main job (python -m ipq_index.bench.demo)",
+             description="Runs ipq_index.bench.demo.main; extra arguments are passed on "
+                         "(e.g. --sample glove50 --k 10).")
 
 
 def _add_global_options(p, default) -> None:
