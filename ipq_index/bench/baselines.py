@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .params import collect_query_args, normalize_metric, unit
+from .params import collect_query_args, normalize_metric
+from .wrapper import WrapperBase
 
 __all__ = ["FaissIndex", "HnswlibIndex", "ScannIndex", "DEFAULT_K_FACTOR_RF", "faiss_bytes_per_vector"]
 
 #: k_factor_rf given to FAISS refine indexes when the config sets none.
 DEFAULT_K_FACTOR_RF = 4
-
-
-def _fmt(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _faiss_held_bytes(index) -> float | None:
@@ -84,8 +81,8 @@ def faiss_bytes_per_vector(index) -> float:
     return float(faiss.serialize_index(index).nbytes / n)
 
 
-class _Wrapper:
-    """Shared plumbing: metric handling, -1 dropping, batch bookkeeping."""
+class _Wrapper(WrapperBase):
+    """Baseline plumbing: metric and thread settings, bytes per vector."""
 
     def __init__(self, metric, threads=None):
         self.metric = normalize_metric(metric)
@@ -94,29 +91,8 @@ class _Wrapper:
         self._query_params: dict = {}
         self.name = str(self)
 
-    def _prep(self, X) -> np.ndarray:
-        X = np.asarray(X)
-        if X.ndim == 1:
-            X = X[None, :]
-        X = np.ascontiguousarray(X, dtype=np.float32)
-        return unit(X) if self.metric == "angular" else X
-
-    @property
-    def query_params(self) -> dict:
-        return dict(self._query_params)
-
-    def query_params_str(self) -> str:
-        return ",".join(f"{k}={_fmt(v)}" for k, v in self._query_params.items())
-
-    def get_batch_results(self):
-        if self._batch is None:
-            raise RuntimeError("get_batch_results() called before batch_query()")
-        return [row[row >= 0] for row in self._batch[1]]
-
-    def get_batch_arrays(self):
-        if self._batch is None:
-            raise RuntimeError("get_batch_arrays() called before batch_query()")
-        return self._batch
+    def __str__(self):
+        return self._make_name()
 
     def get_memory_usage(self):
         """Index size in kB: ``ram_bytes_per_vector() * ntotal / 1024`` (0 before ``fit``)."""
@@ -141,13 +117,10 @@ class FaissIndex(_Wrapper):
     def __init__(self, metric, spec, build_params=None, threads=None):
         self.spec = spec
         self.build_params = dict(build_params or {})
-        self.index = None
-        self._prev_threads = None
         super().__init__(metric, threads)
 
-    def __str__(self):
-        q = self.query_params_str()
-        return f"FaissIndex({self.spec}{', ' + q if q else ''})"
+    def _name_args(self) -> str:
+        return self.spec
 
     def _ntotal(self) -> int:
         return 0 if self.index is None else int(self.index.ntotal)
@@ -180,9 +153,9 @@ class FaissIndex(_Wrapper):
         import faiss
 
         X = self._prep(X)
-        if self._prev_threads is None:
-            self._prev_threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(self.threads or self._prev_threads)
+        if self._saved_threads is None:
+            self._saved_threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(self.threads or self._saved_threads)
         try:
             self.index = faiss.index_factory(X.shape[1], self.spec, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
@@ -200,9 +173,7 @@ class FaissIndex(_Wrapper):
         params = collect_query_args(args, (), "faiss query argument")
         if self.index is not None:
             self._apply({**self._defaults(), **params})
-        self._query_params = params
-        self._batch = None
-        self.name = str(self)
+        self._set_query_params(params)
 
     def query(self, v, n):
         _, I = self.index.search(self._prep(v), min(int(n), self._ntotal()))
@@ -212,7 +183,7 @@ class FaissIndex(_Wrapper):
     def batch_query(self, X, n):
         import faiss
 
-        faiss.omp_set_num_threads(self.threads or self._prev_threads)
+        faiss.omp_set_num_threads(self.threads or self._saved_threads)
         try:
             D, I = self.index.search(self._prep(X), min(int(n), self._ntotal()))
         finally:
@@ -223,14 +194,10 @@ class FaissIndex(_Wrapper):
         """See :func:`faiss_bytes_per_vector`."""
         return faiss_bytes_per_vector(self.index)
 
-    def done(self):
+    def _set_threads(self, n: int) -> None:
         import faiss
 
-        if self._prev_threads is not None:
-            faiss.omp_set_num_threads(self._prev_threads)
-            self._prev_threads = None
-        self.index = None
-        self._batch = None
+        faiss.omp_set_num_threads(n)
 
 
 class HnswlibIndex(_Wrapper):
@@ -240,13 +207,11 @@ class HnswlibIndex(_Wrapper):
         self.M = int(M)
         self.ef_construction = int(ef_construction)
         self.seed = int(seed)
-        self.index = None
         self.d = None
         super().__init__(metric, threads)
 
-    def __str__(self):
-        q = self.query_params_str()
-        return f"HnswlibIndex(M={self.M}, ef_construction={self.ef_construction}{', ' + q if q else ''})"
+    def _name_args(self) -> str:
+        return f"M={self.M}, ef_construction={self.ef_construction}"
 
     def _ntotal(self) -> int:
         return 0 if self.index is None else int(self.index.get_current_count())
@@ -280,9 +245,7 @@ class HnswlibIndex(_Wrapper):
                 raise ValueError(f"hnswlib ef must be a positive int, got {ef!r}")
             if self.index is not None:
                 self.index.set_ef(int(ef))
-        self._query_params = params
-        self._batch = None
-        self.name = str(self)
+        self._set_query_params(params)
 
     def _search(self, Q, n, threads):
         k = min(int(n), self._ntotal())
@@ -299,10 +262,6 @@ class HnswlibIndex(_Wrapper):
         """Estimate: float32 vector + level-0 links (2M + 1 int32) + 8-byte label
         (upper graph levels, about 1/M of the nodes, are ignored)."""
         return float(4 * self.d + 4 * (2 * self.M + 1) + 8) if self.d else float("nan")
-
-    def done(self):
-        self.index = None
-        self._batch = None
 
 
 class ScannIndex(_Wrapper):
@@ -327,15 +286,12 @@ class ScannIndex(_Wrapper):
         self.dims_per_block = int(dims_per_block)
         self.reorder = int(reorder)
         self.training_sample_size = training_sample_size
-        self.index = None
         self.d = None
         self._n = 0
         super().__init__(metric, threads)
 
-    def __str__(self):
-        q = self.query_params_str()
-        return (f"ScannIndex(leaves={self.num_leaves}, AH{self.dims_per_block}, reorder={self.reorder}"
-                f"{', ' + q if q else ''})")
+    def _name_args(self) -> str:
+        return f"leaves={self.num_leaves}, AH{self.dims_per_block}, reorder={self.reorder}"
 
     def _ntotal(self) -> int:
         return self._n
@@ -364,9 +320,7 @@ class ScannIndex(_Wrapper):
         for key, v in params.items():
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"scann {key} must be a positive int, got {v!r}")
-        self._query_params = params
-        self._batch = None
-        self.name = str(self)
+        self._set_query_params(params)
 
     def _kwargs(self, k: int) -> dict:
         kw = {"final_num_neighbors": k}
@@ -391,7 +345,3 @@ class ScannIndex(_Wrapper):
             return float("nan")
         code = np.ceil(self.d / self.dims_per_block) / 2
         return float(code + (4 * self.d if self.reorder > 0 else 0) + 4)
-
-    def done(self):
-        self.index = None
-        self._batch = None

@@ -45,9 +45,8 @@ Contract details honoured here:
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..params import QUERY_ARG_NAMES, check_search_params, collect_query_args, normalize_metric, unit
+from ..params import QUERY_ARG_NAMES, check_search_params, collect_query_args, normalize_metric
+from ..wrapper import WrapperBase
 
 try:  # inside an ann-benchmarks checkout: subclass its BaseANN (duck typing works too)
     from ann_benchmarks.algorithms.base.module import BaseANN as _Base
@@ -57,7 +56,7 @@ except Exception:  # noqa: BLE001 - ann-benchmarks is optional and not pip-insta
 __all__ = ["IpqIndex"]
 
 
-class IpqIndex(_Base):
+class IpqIndex(WrapperBase, _Base):
     """ann-benchmarks style wrapper around ``ipq_index.index_factory(d, spec)``.
 
     Parameters
@@ -98,10 +97,9 @@ class IpqIndex(_Base):
         self._batch = None
         self.name = self._make_name()
 
-    # -- naming ---------------------------------------------------------------
-    def _make_name(self) -> str:
-        q = self.query_params_str()
-        return f"IpqIndex({self.spec}{', ' + q if q else ''})"
+    # -- naming (query_params: the keyword arguments passed to ``index.search``)
+    def _name_args(self) -> str:
+        return self.spec
 
     def __str__(self) -> str:
         return self.name
@@ -109,22 +107,10 @@ class IpqIndex(_Base):
     def __repr__(self) -> str:
         return f"<{self.name} metric={self.metric}>"
 
-    @property
-    def query_params(self) -> dict:
-        """Keyword arguments currently passed to ``index.search``."""
-        return dict(self._query_params)
-
     def query_params_str(self) -> str:
         return ",".join(f"{k}={v}" for k, v in self._query_params.items())
 
     # -- build ----------------------------------------------------------------
-    def _prep(self, X) -> np.ndarray:
-        X = np.asarray(X)
-        if X.ndim == 1:
-            X = X[None, :]
-        X = np.ascontiguousarray(X, dtype=np.float32)
-        return unit(X) if self.metric == "angular" else X
-
     def warmup(self) -> float:
         """Compile (or load from the numba cache) every kernel an index of this
         spec uses to build and search: ``ipq_index.warmup(spec)``.  Returns and
@@ -166,9 +152,7 @@ class IpqIndex(_Base):
         params = collect_query_args(args, tuple(self.query_arg_names))
         if self.index is not None:
             check_search_params(self.index, params)
-        self._query_params = params
-        self._batch = None
-        self.name = self._make_name()
+        self._set_query_params(params)
 
     # -- search ---------------------------------------------------------------
     def _k(self, n: int) -> int:
@@ -184,20 +168,6 @@ class IpqIndex(_Base):
         """Search all rows of ``X`` at once with ``threads`` threads."""
         self._batch = self.index.search(self._prep(X), self._k(n), num_threads=self.threads,
                                         **self._query_params)
-
-    def get_batch_results(self):
-        """One id array per query of the last ``batch_query``, -1 dropped."""
-        if self._batch is None:
-            raise RuntimeError("get_batch_results() called before batch_query()")
-        ids = self._batch[1]
-        return [row[row >= 0] for row in ids]
-
-    def get_batch_arrays(self):
-        """(scores float32 (nq, k), ids int64 (nq, k), -1 padded) of the last batch
-        (our extension, used by ``ipq bench`` for the score error)."""
-        if self._batch is None:
-            raise RuntimeError("get_batch_arrays() called before batch_query()")
-        return self._batch
 
     # -- accounting -----------------------------------------------------------
     def get_memory_usage(self):
@@ -218,12 +188,8 @@ class IpqIndex(_Base):
         """Extra result attributes for ann-benchmarks: ``compile_s`` once :meth:`warmup` ran."""
         return {} if self.compile_s is None else {"compile_s": self.compile_s}
 
-    def done(self):
-        """Release the index and restore ipq_index's default thread count changed by ``fit``."""
-        if self._saved_threads is not None:
-            import ipq_index
+    def _set_threads(self, n: int) -> None:
+        """ipq_index's default thread count (``done`` restores the one ``fit`` changed)."""
+        import ipq_index
 
-            ipq_index.set_num_threads(self._saved_threads)
-            self._saved_threads = None
-        self.index = None
-        self._batch = None
+        ipq_index.set_num_threads(n)
