@@ -171,30 +171,37 @@ class ASQEncoder:
         X = check_matrix(X, self.d, "training data")
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
-        if weights is not None:
-            weights = np.asarray(weights, np.float64).reshape(-1)
-            if weights.shape != (X.shape[0],):
-                raise ValueError(f"weights must have one entry per training row ({X.shape[0]}), "
-                                 f"got {weights.shape[0]}")
-        if X.shape[0] > cfg.sample_size:
-            sel = np.sort(rng.choice(X.shape[0], cfg.sample_size, replace=False))
-            X = X[sel]
-            weights = None if weights is None else weights[sel]
-        if X.shape[0] < 2:
-            raise ValueError("training needs at least 2 vectors")
+        X, weights = _training_sample(X, weights, cfg.sample_size, rng)
         Xd = X.astype(np.float64)
         self.mean = Xd.mean(axis=0)
         Xc = Xd - self.mean
-        if cfg.transform == "pca":
-            cov = Xc.T @ Xc / Xc.shape[0]
-            evals, evecs = np.linalg.eigh(cov)
-            self.rotation = np.ascontiguousarray(evecs[:, ::-1], dtype=np.float32)
-        elif cfg.transform == "random":
-            g = rng.standard_normal((self.d, self.d))
-            qm, r = np.linalg.qr(g)
-            self.rotation = np.ascontiguousarray(qm * np.sign(np.diag(r)), dtype=np.float32)
-        else:
-            self.rotation = None
+        self.rotation = _fit_rotation(Xc, cfg.transform, rng)
+        Z, w = self._training_columns(Xc, queries, weights)
+        per_width, costs = self._level_sets(Z, w, num_threads)
+        # unbiased scores need every dimension coded (a dropped one is biased)
+        min_bits = 1 if cfg.rounding == "unbiased" and cfg.bits >= 1 else 0
+        self._clear_derived()
+        self.bits, self.byte_of, self.shift_of, self.nbytes = allocate_bits(
+            self.energy, costs, int(round(cfg.bits * self.d)), min_bits)
+        levels, off = [], [0]
+        for j in range(self.d):
+            b = int(self.bits[j])
+            lv = per_width[b][j] if b > 0 else np.zeros(0)
+            if b > 0 and lv.size < (1 << b):  # fewer distinct values than codes: pad
+                lv = np.concatenate([lv, np.full((1 << b) - lv.size, lv[-1])])
+            levels.append(lv)
+            off.append(off[-1] + lv.size)
+        self.levels = np.concatenate(levels).astype(np.float64)
+        self.level_off = np.asarray(off, np.int64)
+        self._freeze()
+        return self
+
+    def _training_columns(self, Xc, queries, weights):
+        """The rotated (with scale: normalised) training rows Z as float32 and
+        their ASQ weights w (norm^2 with scale, times ``weights``; None for
+        unit weights); sets ``energy``, E[y_j^2] from the sample queries
+        when given, else from the corpus."""
+        cfg = self.config
         Z = self._rotate(Xc.astype(np.float32))
         # E[(R^T x)_j^2] = E[z_j^2] + (R^T mean)_j^2 since the z_j are centred
         corpus_energy = np.mean(Z.astype(np.float64) ** 2, axis=0) + self._rotate(self.mean[None, :])[0] ** 2
@@ -207,13 +214,17 @@ class ASQEncoder:
             w = weights if w is None else w * weights
         if queries is not None:
             Qr = self._rotate(check_matrix(queries, self.d, "sample queries").astype(np.float64))
-            energy = np.mean(Qr**2, axis=0)
+            self.energy = np.mean(Qr**2, axis=0)
         else:
-            energy = corpus_energy
-        self.energy = energy
-        Z = np.ascontiguousarray(Z, dtype=np.float32)
+            self.energy = corpus_energy
+        return np.ascontiguousarray(Z, dtype=np.float32), w
 
-        # level sets and costs for every width
+    def _level_sets(self, Z, w, num_threads):
+        """Levels of every column for every width b = 1..max_bits and their
+        costs: ``(per_width, costs)``, per_width[b][j] the levels of column j
+        at width b, costs (d, max_bits + 1) the rounding error (column 0:
+        the error of dropping the column)."""
+        cfg = self.config
         nb = cfg.max_bits
         costs = np.empty((self.d, nb + 1))
         wz = np.ones(Z.shape[0]) if w is None else w
@@ -246,8 +257,10 @@ class ASQEncoder:
                 si = j * len(widths) + t
                 per_width[b][j] = levels_flat[off[si]:off[si + 1]].copy()
                 costs[j, b] = errs[si]
-        # unbiased scores need every dimension coded (a dropped one is biased)
-        min_bits = 1 if cfg.rounding == "unbiased" and cfg.bits >= 1 else 0
+        return per_width, costs
+
+    def _clear_derived(self):
+        """Drop the structures derived from the trained state (rebuilt on demand)."""
         self._fields = None
         self._vmax = None
         self._field_rows = None
@@ -255,20 +268,6 @@ class ASQEncoder:
         self._field_blocks = None
         self._cand_layout = None
         self._plans = {}
-        self.bits, self.byte_of, self.shift_of, self.nbytes = allocate_bits(
-            energy, costs, int(round(cfg.bits * self.d)), min_bits)
-        levels, off = [], [0]
-        for j in range(self.d):
-            b = int(self.bits[j])
-            lv = per_width[b][j] if b > 0 else np.zeros(0)
-            if b > 0 and lv.size < (1 << b):  # fewer distinct values than codes: pad
-                lv = np.concatenate([lv, np.full((1 << b) - lv.size, lv[-1])])
-            levels.append(lv)
-            off.append(off[-1] + lv.size)
-        self.levels = np.concatenate(levels).astype(np.float64)
-        self.level_off = np.asarray(off, np.int64)
-        self._freeze()
-        return self
 
     _STATE = ("mean", "rotation", "bits", "byte_of", "shift_of", "levels", "level_off", "energy")
 
@@ -525,6 +524,39 @@ class ASQEncoder:
         return enc
 
 
+def _training_sample(X, weights, sample_size, rng):
+    """At most ``sample_size`` rows of X (a seeded sample, in row order) and
+    their weights (checked: one per row of X, or None)."""
+    if weights is not None:
+        weights = np.asarray(weights, np.float64).reshape(-1)
+        if weights.shape != (X.shape[0],):
+            raise ValueError(f"weights must have one entry per training row ({X.shape[0]}), "
+                             f"got {weights.shape[0]}")
+    if X.shape[0] > sample_size:
+        sel = np.sort(rng.choice(X.shape[0], sample_size, replace=False))
+        X = X[sel]
+        weights = None if weights is None else weights[sel]
+    if X.shape[0] < 2:
+        raise ValueError("training needs at least 2 vectors")
+    return X, weights
+
+
+def _fit_rotation(Xc, transform, rng):
+    """The rotation R (float32) of ``transform`` for centred rows Xc, None for ``"none"``:
+    ``"pca"`` the covariance's eigenvectors by decreasing eigenvalue,
+    ``"random"`` a seeded Haar-random orthogonal matrix."""
+    if transform == "pca":
+        cov = Xc.T @ Xc / Xc.shape[0]
+        evals, evecs = np.linalg.eigh(cov)
+        return np.ascontiguousarray(evecs[:, ::-1], dtype=np.float32)
+    if transform == "random":
+        d = Xc.shape[1]
+        g = rng.standard_normal((d, d))
+        qm, r = np.linalg.qr(g)
+        return np.ascontiguousarray(qm * np.sign(np.diag(r)), dtype=np.float32)
+    return None
+
+
 #: rows per task when encoding or decoding on several threads
 ROWS_PER_TASK = 4096
 
@@ -558,15 +590,29 @@ def allocate_bits(energy, costs, budget, min_bits=0):
     powers of two always pack exactly, so this ends.
     Returns (bits, byte_of, shift_of, nbytes).
     """
-    d, nb1 = costs.shape
+    d = costs.shape[0]
     Wc = np.maximum(np.asarray(energy, np.float64), 0.0)[:, None] * np.asarray(costs, np.float64)
     Wc[:, :min_bits] = np.inf
     Wc[~np.isfinite(Wc)] = np.inf
     if budget < min_bits * d:
         raise ValueError(f"a budget of {budget} bits cannot give every dimension {min_bits} bit(s)")
-    widths = np.arange(nb1)
-    rows = np.arange(d)
-    target = max(1, -(-budget // 8))
+    bits = _priced_widths(Wc, budget)
+    _top_up(Wc, bits, budget)
+    byte_of, nbytes = _repair_packing(Wc, bits, min_bits, max(1, -(-budget // 8)))
+    _packed_top_up(Wc, bits, byte_of, nbytes, budget)
+    shift_of = np.zeros(d, np.int32)
+    fill = np.zeros(nbytes, np.int64)
+    for j in np.nonzero(bits)[0]:
+        shift_of[j] = fill[byte_of[j]]
+        fill[byte_of[j]] += bits[j]
+    assert fill.max(initial=0) <= 8
+    return bits.astype(np.int32), byte_of.astype(np.int32), shift_of, nbytes
+
+
+def _priced_widths(Wc, budget):
+    """Widths argmin_b Wc[j, b] + mu b at the smallest price mu whose total
+    fits the budget (bisection)."""
+    widths = np.arange(Wc.shape[1])
 
     def pick(mu):
         return np.argmin(Wc + mu * widths, axis=1)
@@ -584,7 +630,14 @@ def allocate_bits(energy, costs, budget, min_bits=0):
             lo = mid
         else:
             hi = mid
-    bits = pick(hi)
+    return pick(hi)
+
+
+def _top_up(Wc, bits, budget):
+    """Give the bits left in the budget, one step at a time, to the field
+    whose next finite width gains most per bit (``bits`` updated in place)."""
+    d, nb1 = Wc.shape
+    rows = np.arange(d)
 
     def next_up(b):
         """Next width above b with a finite cost for each row (b if none)."""
@@ -596,7 +649,7 @@ def allocate_bits(energy, costs, budget, min_bits=0):
                     break
         return up
 
-    while True:  # top up with the best gain per bit
+    while True:
         left = budget - bits.sum()
         up = next_up(bits)
         step = up - bits
@@ -606,10 +659,18 @@ def allocate_bits(energy, costs, budget, min_bits=0):
         if not gain[j] > 0:
             break
         bits[j] = up[j]
-    while True:  # repair the packing
+
+
+def _repair_packing(Wc, bits, min_bits, target):
+    """Demote fields (``bits`` in place) until first-fit-decreasing packing
+    needs at most ``target`` bytes: each time the field whose step down to
+    its next finite width loses least per bit; fields of power-of-two widths
+    stay (they always pack exactly).  Returns ``(byte_of, nbytes)``."""
+    d = Wc.shape[0]
+    while True:
         byte_of, shift_of, nbytes = pack_fields(bits)
         if nbytes <= target:
-            break
+            return byte_of, nbytes
         best, best_loss = -1, np.inf
         for j in range(d):
             if bits[j] in POW2_WIDTHS:
@@ -623,8 +684,14 @@ def allocate_bits(energy, costs, budget, min_bits=0):
         if best < 0:  # only powers of two left: they pack exactly
             raise AssertionError("packing failed with power-of-two widths")
         bits[best] = best_c
-    # packing-aware top-up: spend the bits the repair freed.  A field may grow
-    # in its byte or move to a byte with room; shifts are assigned at the end.
+
+
+def _packed_top_up(Wc, bits, byte_of, nbytes, budget):
+    """Packing-aware top-up: spend the bits the repair freed (``bits`` and
+    ``byte_of`` in place).  A field may grow in its byte or move to a byte
+    with room; shifts are assigned afterwards."""
+    nb1 = Wc.shape[1]
+    rows = np.arange(Wc.shape[0])
     used = np.bincount(byte_of[bits > 0], weights=bits[bits > 0], minlength=nbytes).astype(np.int64)
     cols = np.arange(nb1)
     while True:
@@ -658,13 +725,6 @@ def allocate_bits(energy, costs, budget, min_bits=0):
             break
         if not moved:
             break
-    shift_of = np.zeros(d, np.int32)
-    fill = np.zeros(nbytes, np.int64)
-    for j in np.nonzero(bits)[0]:
-        shift_of[j] = fill[byte_of[j]]
-        fill[byte_of[j]] += bits[j]
-    assert fill.max(initial=0) <= 8
-    return bits.astype(np.int32), byte_of.astype(np.int32), shift_of, nbytes
 
 
 def pack_fields(bits):

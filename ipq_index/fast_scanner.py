@@ -97,53 +97,16 @@ class FastScanner:
                 raise ValueError("residual coarse codes need the IVF lists (ptr, order) they belong to")
             cov = COVERAGE if coverage is None else float(coverage)  # unscaled codes
             cb, coarse = self._residual_bits(e, codes, Cr, assign, share, cov, min(sample, 65536))
+            residual = (Cr, assign)
         self.coarse_bits = cb
         #: estimated share of the score variance per dimension (E[y_j^2] E[z_j^2], or
         #: E[y_j^2] Var(z_j) for scaled codes; 0 for uncoded dimensions), from the sample
         self.share = share
         self.kept = cb > 0
         bits = np.where(self.kept, e.bits, 0).astype(np.int64)  # dropped dims: as if 0 bits
-        nib_of = np.zeros(d, np.int32)
-        nib_shift = np.zeros(d, np.int32)
-        groups: list[list[int]] = []
-        free: list[int] = []
-        for j in sorted(np.nonzero(bits)[0], key=lambda j: -cb[j]):
-            for m, f in enumerate(free):
-                if f >= cb[j]:
-                    nib_of[j], nib_shift[j] = m, 4 - f
-                    free[m] -= cb[j]
-                    groups[m].append(int(j))
-                    break
-            else:
-                nib_of[j], nib_shift[j] = len(free), 0
-                free.append(4 - int(cb[j]))
-                groups.append([int(j)])
-        M = max(2, len(groups) + len(groups) % 2)
-        groups += [[] for _ in range(M - len(groups))]
-        if scales is None and residual is None:
-            packed = split_rows(_codes.coarse_nibbles, n, -1, (codes, bits.astype(e.bits.dtype), e.byte_of, e.shift_of,
-                                (bits - cb).astype(np.int32), nib_of, nib_shift, M), rows=(0,), min_chunk=4096)
-        else:
-            # scaled codes: quantize the decoded, rescaled vectors s * u_hat
-            # per dimension (so one index ranks by approximate true scores);
-            # residual: the decoded vectors minus their list's centroid
-            def rescaled(rows):
-                Zh = e._decode_rows(codes[rows])
-                if residual is not None:
-                    return Zh - Cr[assign[rows]]
-                return Zh * scales[rows, None]
-
-            lv = [coarse[j] if bits[j] else np.zeros(0) for j in range(d)]
-            off = np.zeros(d + 1, np.int64)
-            off[1:] = np.cumsum([x.size for x in lv])
-            flat = np.concatenate(lv).astype(np.float64)
-            byte_of = (nib_of // 2).astype(np.int32)
-            shift_of = (nib_shift + 4 * (nib_of % 2)).astype(np.int32)
-            packed = np.empty((n, M // 2), np.uint8)
-            for r0 in range(0, n, chunk):
-                rows = np.arange(r0, min(n, r0 + chunk))
-                packed[rows] = _codes.encode(np.ascontiguousarray(rescaled(rows), np.float32), flat, off,
-                                           cb.astype(np.int32), byte_of, shift_of, M // 2, False, 0, 0)
+        nib_of, nib_shift, groups = _nibble_groups(bits, cb)
+        M = len(groups)
+        packed = self._coarse_codes(e, codes, scales, residual, bits, cb, coarse, nib_of, nib_shift, M, chunk)
         cent = np.zeros((M, 16, DSUB), np.float32)
         self.slot_dim = np.full((M, DSUB), -1, np.int64)
         for m, js in enumerate(groups):
@@ -163,6 +126,38 @@ class FastScanner:
         else:
             ptr, order = (np.array([0, n]), np.arange(n)) if lists is None else lists
             self.blocks, self.block_rows, self.block_ptr, self.block_fill = _fs.layout_blocks(packed, ptr, order)
+
+    @staticmethod
+    def _coarse_codes(e, codes, scales, residual, bits, cb, coarse, nib_of, nib_shift, M, chunk):
+        """(n, M/2) packed coarse codes.  Unscaled direct codes: the top bits
+        of the stored fields.  Otherwise a per-dimension quantization of
+        the decoded vectors: rescaled, s * u_hat, for scaled codes (so one
+        index ranks by approximate true scores); minus their list's
+        centroid for ``residual`` = ``(Cr, assign)``."""
+        n, d = codes.shape[0], bits.size
+        if scales is None and residual is None:
+            return split_rows(_codes.coarse_nibbles, n, -1, (codes, bits.astype(e.bits.dtype), e.byte_of, e.shift_of,
+                              (bits - cb).astype(np.int32), nib_of, nib_shift, M), rows=(0,), min_chunk=4096)
+
+        def rescaled(rows):
+            Zh = e._decode_rows(codes[rows])
+            if residual is not None:
+                Cr, assign = residual
+                return Zh - Cr[assign[rows]]
+            return Zh * scales[rows, None]
+
+        lv = [coarse[j] if bits[j] else np.zeros(0) for j in range(d)]
+        off = np.zeros(d + 1, np.int64)
+        off[1:] = np.cumsum([x.size for x in lv])
+        flat = np.concatenate(lv).astype(np.float64)
+        byte_of = (nib_of // 2).astype(np.int32)
+        shift_of = (nib_shift + 4 * (nib_of % 2)).astype(np.int32)
+        packed = np.empty((n, M // 2), np.uint8)
+        for r0 in range(0, n, chunk):
+            rows = np.arange(r0, min(n, r0 + chunk))
+            packed[rows] = _codes.encode(np.ascontiguousarray(rescaled(rows), np.float32), flat, off,
+                                         cb.astype(np.int32), byte_of, shift_of, M // 2, False, 0, 0)
+        return packed
 
     @staticmethod
     def _residual_bits(e, codes, Cr, assign, share, coverage, sample):
@@ -332,6 +327,33 @@ class FastScanner:
         args = (Y, self.slot_dim, self._centT, self.blocks, self.block_rows, self.block_ptr, self.block_fill,
                 probes, raw, kk)
         return split_rows(_fs.scan_topk, nq, num_threads, args, rows=(0, 7, 8))
+
+
+def _nibble_groups(bits, cb):
+    """Coarse fields packed first-fit decreasing into 4-bit groups: field j
+    (``bits[j] > 0``, cb[j] coarse bits) lies at bit ``nib_shift[j]`` of
+    group ``nib_of[j]``.  Returns ``(nib_of, nib_shift, groups)``, groups
+    the fields of each group, padded with empty groups to an even count
+    of at least 2."""
+    d = bits.size
+    nib_of = np.zeros(d, np.int32)
+    nib_shift = np.zeros(d, np.int32)
+    groups: list[list[int]] = []
+    free: list[int] = []
+    for j in sorted(np.nonzero(bits)[0], key=lambda j: -cb[j]):
+        for m, f in enumerate(free):
+            if f >= cb[j]:
+                nib_of[j], nib_shift[j] = m, 4 - f
+                free[m] -= cb[j]
+                groups[m].append(int(j))
+                break
+        else:
+            nib_of[j], nib_shift[j] = len(free), 0
+            free.append(4 - int(cb[j]))
+            groups.append([int(j)])
+    M = max(2, len(groups) + len(groups) % 2)
+    groups += [[] for _ in range(M - len(groups))]
+    return nib_of, nib_shift, groups
 
 
 def _greedy_widths(err, w, maxb, target):
