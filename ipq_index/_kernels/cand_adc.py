@@ -150,6 +150,15 @@ def candidate_block_scalar(codes, rows, r0, tab, fb, plane, out):
 
 
 def _candidate_block_codegen(context, builder, signature, args):
+    """LLVM IR of ``_candidate_block_simd`` for one block of 64 rows: (1) the
+    transposition of the rows' first ``used`` code bytes into T (qword
+    gathers, byte shuffles), (2) the table lookups segment by segment
+    (vpermb / vpermi2b by table size class) into 16-bit accumulators,
+    widened to 32 bits after each segment, (3) the interleaved store of
+    the sums.  Long but kept whole: every stage emits into the same builder
+    and uses the same values (the LLVM types, the array pointers, the
+    intrinsics declared on the module), which split functions would all
+    take as arguments."""
     codes_t, rows_t, _, T_t, tab_t, fb_t, segs_t, _, _, out_t = signature.args
     codes = context.make_array(codes_t)(context, builder, args[0])
     rows = context.make_array(rows_t)(context, builder, args[1])
