@@ -42,11 +42,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._numba import kernel, splat, target_has
-from .checks import all_finite
 from .coarse_tables import _coarse_luts
 from .probe import _probe_one
-from .rerank import PLAN_FIELDS, PLAN_TABLES, rescore_rerank_one
-from .rotation import weighted_row_sum
+from .rerank import PLAN_FIELDS, PLAN_TABLES, rescore_rerank_one, search_outputs
+from .rotation import rotate_query
 from .topk import ids_of_rows_one
 
 #: rows per block
@@ -364,14 +363,7 @@ def _kth_largest(vals, cnt, kk, hist):
         h = np.int64(vals[j]) >> 8
         hist[j & 3, h] += 1
         top = max(top, h)
-    need = kk
-    hb = top
-    while True:
-        c = hist[0, hb] + hist[1, hb] + hist[2, hb] + hist[3, hb]
-        if c >= need:
-            break
-        need -= c
-        hb -= 1
+    hb, need = _bin_of_rank(hist, top, kk)
     hist[:] = 0
     top = 0
     for j in range(cnt):
@@ -379,14 +371,22 @@ def _kth_largest(vals, cnt, kk, hist):
         if (v >> 8) == hb:
             hist[j & 3, v & 255] += 1
             top = max(top, v & 255)
-    lb = top
-    while True:
-        c = hist[0, lb] + hist[1, lb] + hist[2, lb] + hist[3, lb]
-        if c >= need:
-            break
-        need -= c
-        lb -= 1
+    lb, _ = _bin_of_rank(hist, top, need)
     return (hb << 8) | lb
+
+
+@kernel
+def _bin_of_rank(hist, top, need):
+    """(bin, rank within it) of the need-th largest entry counted in the
+    four interleaved histograms ``hist`` (``_kth_largest``), from bin
+    ``top`` (the highest used) down."""
+    b = top
+    while True:
+        c = hist[0, b] + hist[1, b] + hist[2, b] + hist[3, b]
+        if c >= need:
+            return b, need
+        need -= c
+        b -= 1
 
 
 @kernel
@@ -578,17 +578,8 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     ids[rows], -1 (score -inf) for empty slots.  Raises ValueError when Q
     holds NaN or inf (``IndexBase._prepared_call`` leaves that check to
     this call)."""
-    if not all_finite(Q):
-        raise ValueError("queries contains NaN or infinite values")
+    out_v, out_r, out_ids, exact = search_outputs(Q, V, plan == PLAN_FIELDS or plan == PLAN_TABLES, k, kk, ncand)
     nq, d = Q.shape
-    exact = False
-    if V is not None:  # None: an index without a stored copy
-        exact = V.shape[0] > 0
-    adc = plan == PLAN_FIELDS or plan == PLAN_TABLES
-    width = k if exact else (kk if adc else ncand)
-    out_v = np.full((nq, width), -np.inf, np.float32)
-    out_r = np.full((nq, width), -1, np.int64)
-    out_ids = np.full((nq, width), -1, np.int64)
     Y = np.zeros((1, d), np.float32)
     M = centT.shape[0]
     G = M // 2
@@ -608,10 +599,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     hv = np.empty(kk, np.float32)  # ADC top-kk before an exact re-rank
     hr = np.empty(kk, np.int64)
     for qi in range(nq):
-        if R.shape[0] > 0:
-            weighted_row_sum(Q[qi], R, Y[0])
-        else:
-            Y[0] = Q[qi]
+        rotate_query(Q, qi, R, Y)
         if Ct is not None:
             if nprobe > 0:
                 _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi], raw)

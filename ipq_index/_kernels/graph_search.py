@@ -10,12 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from .._numba import kernel, prefetch, prefetch1
-from .checks import all_finite
 from .coarse_tables import nav_table_one
-from .rerank import PLAN_FIELDS, PLAN_TABLES, add_mean_one, rerank_rows, rescore_rerank_one
-from .rotation import weighted_row_sum
+from .rerank import PLAN_FIELDS, PLAN_TABLES, add_mean_one, rerank_rows, rescore_rerank_one, search_outputs
+from .rotation import rotate_query
 from .tables import _build_table, row_score, rows4_sums, scale4
-from .topk import heap_offer, heap_to_sorted, ids_of_rows_one
+from .topk import heap_offer, heap_to_sorted, ids_of_rows_one, swap_entries
 
 
 @kernel
@@ -26,12 +25,7 @@ def _max_heap_push(hv, hi, size, v, i):
     while pos > 0:
         parent = (pos - 1) >> 1
         if hv[parent] < hv[pos]:
-            tv = hv[parent]
-            hv[parent] = hv[pos]
-            hv[pos] = tv
-            ti = hi[parent]
-            hi[parent] = hi[pos]
-            hi[pos] = ti
+            swap_entries(hv, hi, parent, pos)
             pos = parent
         else:
             break
@@ -52,12 +46,7 @@ def _max_heap_pop(hv, hi, size):
         if left + 1 < size and hv[left + 1] > hv[left]:
             big = left + 1
         if hv[big] > hv[pos]:
-            tv = hv[big]
-            hv[big] = hv[pos]
-            hv[pos] = tv
-            ti = hi[big]
-            hi[big] = hi[pos]
-            hi[pos] = ti
+            swap_entries(hv, hi, big, pos)
             pos = big
         else:
             break
@@ -189,19 +178,11 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
     tags must grow from call to call (the caller zeroes the row before they
     wrap).  Raises ValueError when Q holds NaN or inf
     (``IndexBase._prepared_call`` leaves that check to this call)."""
-    if not all_finite(Q):
-        raise ValueError("queries contains NaN or infinite values")
-    nq, d = Q.shape
-    exact = False
-    if V is not None:  # None: an index without a stored copy
-        exact = V.shape[0] > 0
     adc = plan == PLAN_FIELDS or plan == PLAN_TABLES
     if nav_codes is None:
-        adc = True
-    width = k if exact else (kk if adc else ef)
-    out_v = np.full((nq, width), -np.inf, np.float32)
-    out_r = np.full((nq, width), -1, np.int64)
-    out_ids = np.full((nq, width), -1, np.int64)
+        adc = True  # the walk's own scores are full-ADC scores
+    out_v, out_r, out_ids, exact = search_outputs(Q, V, adc, k, kk, ef)
+    nq, d = Q.shape
     Y = np.empty((1, d), np.float32)
     M = centT.shape[0]
     T = np.empty((M // 2, 256), np.int16)
@@ -218,10 +199,7 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
     hv = np.empty(kk, np.float32)  # ADC top-kk before an exact re-rank
     hr = np.empty(kk, np.int64)
     for qi in range(nq):
-        if R.shape[0] > 0:
-            weighted_row_sum(Q[qi], R, Y[0])
-        else:
-            Y[0] = Q[qi]
+        rotate_query(Q, qi, R, Y)
         beam_v[:] = -np.inf
         beam_r[0] = -1
         if nav_codes is None:

@@ -23,6 +23,7 @@ from numba.extending import intrinsic, overload
 
 from .._numba import kernel, prefetch
 from .cand_adc import candidate_topk_one
+from .checks import all_finite
 from .fields import rescore_fields_one
 from .rotation import HALF_SIMD
 from .tables import _build_table, _rescore_one
@@ -185,6 +186,24 @@ def rerank_rows(q, V, rows, hv, hi):
 #: (``cand_adc.candidate_topk_one``; only before an exact re-rank), or the
 #: lookup-table ADC (``tables``; many candidates, e.g. every row)
 PLAN_NONE, PLAN_FIELDS, PLAN_CAND, PLAN_TABLES = 0, 1, 2, 3
+
+
+@_kernel
+def search_outputs(Q, V, adc, k, kk, kept):
+    """A search kernel's start: raises ValueError when the queries Q hold
+    NaN or inf, else returns its outputs (scores float32 -inf, rows -1, ids
+    -1), each (nq, width): width k when it re-ranks exactly (``V`` has
+    rows), else kk after an ADC (``adc``), else ``kept`` (candidates kept as
+    they are); and whether it re-ranks."""
+    if not all_finite(Q):
+        raise ValueError("queries contains NaN or infinite values")
+    exact = False
+    if V is not None:  # None: an index without a stored copy
+        exact = V.shape[0] > 0
+    width = k if exact else (kk if adc else kept)
+    nq = Q.shape[0]
+    return (np.full((nq, width), -np.inf, np.float32), np.full((nq, width), -1, np.int64),
+            np.full((nq, width), -1, np.int64), exact)
 
 
 @_kernel

@@ -184,3 +184,14 @@ def rotate_rows(Q, R):
     for i in range(Q.shape[0]):
         _rotate_row(Q, R, i, out)
     return out
+
+
+@kernel
+def rotate_query(Q, qi, R, Y):
+    """Y[0] = R^T Q[qi] (``weighted_row_sum``; ``R`` (d, m): the first m
+    transformed dimensions), or Q[qi] itself when ``R`` is (0, 0) (no
+    rotation): a search kernel's first step."""
+    if R.shape[0] > 0:
+        weighted_row_sum(Q[qi], R, Y[0])
+    else:
+        Y[0] = Q[qi]

@@ -9,6 +9,17 @@ from .._numba import kernel
 
 
 @kernel
+def swap_entries(vals, ids, a, b):
+    """Swap entries a and b of a heap's parallel arrays (vals, ids)."""
+    tv = vals[a]
+    vals[a] = vals[b]
+    vals[b] = tv
+    ti = ids[a]
+    ids[a] = ids[b]
+    ids[b] = ti
+
+
+@kernel
 def _heap_sift_down(vals, ids, pos, k):
     """Restore the min-heap property of (vals, ids)[:k] below ``pos``."""
     while True:
@@ -20,12 +31,7 @@ def _heap_sift_down(vals, ids, pos, k):
         if right < k and vals[right] < vals[left]:
             small = right
         if vals[small] < vals[pos]:
-            tv = vals[pos]
-            vals[pos] = vals[small]
-            vals[small] = tv
-            ti = ids[pos]
-            ids[pos] = ids[small]
-            ids[small] = ti
+            swap_entries(vals, ids, pos, small)
             pos = small
         else:
             return
@@ -45,12 +51,7 @@ def heap_to_sorted(vals, ids):
     """Sort a filled min-heap in place into descending order of vals."""
     k = vals.shape[0]
     for end in range(k - 1, 0, -1):
-        tv = vals[0]
-        vals[0] = vals[end]
-        vals[end] = tv
-        ti = ids[0]
-        ids[0] = ids[end]
-        ids[end] = ti
+        swap_entries(vals, ids, 0, end)
         _heap_sift_down(vals, ids, 0, end)
 
 

@@ -517,6 +517,13 @@ def _plain_key(key) -> bool:
     return True
 
 
+def positive_int(value, name):
+    """A search parameter that must be an int >= 1."""
+    if nonneg_int(value, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return int(value)
+
+
 def nonneg_int(value, name):
     if type(value) is not int and (isinstance(value, bool) or not isinstance(value, np.integer)) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")

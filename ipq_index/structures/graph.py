@@ -12,7 +12,7 @@ from .._kernels import graph_search as _gs
 from .._numba import readonly, resolve_threads
 from ..encoder import EncoderConfig, check_matrix
 from ..settings import NAVS, GraphSettings, setting_property
-from .base import _NO_CAND, PLAN_CODES, nonneg_int
+from .base import _NO_CAND, PLAN_CODES, positive_int
 from .flat import FlatIndex, _cut
 
 _TAG_DTYPE = np.uint8
@@ -91,9 +91,7 @@ class GraphIndex(FlatIndex):
         out = self._prepared_call(key, Q)
         if out is not None:
             return out
-        efv = self.ef if ef is None else nonneg_int(ef, "ef")
-        if efv < 1:
-            raise ValueError("ef must be >= 1")
+        efv = self.ef if ef is None else positive_int(ef, "ef")
         nav = self.settings.nav if nav is None else nav
         if nav not in NAVS:
             raise ValueError(f"nav must be one of {NAVS}, got {nav!r}")

@@ -11,7 +11,7 @@ from .._kernels import rotation as _rotation
 from .._numba import readonly, split_rows
 from ..encoder import EncoderConfig, check_matrix
 from ..settings import IVFSettings, setting_property
-from .base import nonneg_int
+from .base import positive_int
 from .flat import FlatIndex
 
 
@@ -102,10 +102,7 @@ class IVFIndex(FlatIndex):
         out = self._prepared_call(key, Q)
         if out is not None:
             return out
-        npb = self.nprobe if nprobe is None else nonneg_int(nprobe, "nprobe")
-        if npb < 1:
-            raise ValueError("nprobe must be >= 1")
-        npb = min(npb, self.nlist)
+        npb = min(self.nprobe if nprobe is None else positive_int(nprobe, "nprobe"), self.nlist)
         scanned = self.ntotal * npb / max(1, self.nlist)
         fsf = self._fs_factor(fs, scanned)
         dims, Ct = self._probe_args()
