@@ -69,7 +69,12 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
     width ``ef`` on level 0; ``visited[r] == tag`` marks scored rows; the best
     min(kk, ef) go to out_v/out_i (descending).  T: float tables (ADC
     scores) or integer tables (exact integer sums, e.g. the int16 navigation
-    tables)."""
+    tables).
+
+    One function on purpose: the descent and the beam share the scratch
+    rows, the heaps and the prefetch schedule, and the level-0 loop is the
+    walk's whole cost (its steps interleave: the next node's list loads
+    while this node's neighbours are scored)."""
     has_scale = scales.shape[0] > 0
     last = codes.shape[1] - 1
     width = 0
