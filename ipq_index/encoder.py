@@ -35,6 +35,7 @@ E[score] = exact score and results reproduce).
 from __future__ import annotations
 
 import heapq
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -71,7 +72,9 @@ class EncoderConfig:
     scale: bool = False  #: store a per-vector norm (4 bytes) and quantize directions
     max_bits: int = 8
     sample_size: int = 100_000  #: training rows used (seeded sample)
-    method: str = "approx"  #: ASQ method for the level sets
+    #: ASQ method for the level sets: "approx", "exact", or "auto" (approx
+    #: for the sum objective; the minimax objective is solved exactly)
+    method: str = "auto"
     lloyd_iters: int = 25  #: nearest rounding: Lloyd refinement of the ASQ levels (0 = off)
     seed: int = 0
 
@@ -84,8 +87,12 @@ class EncoderConfig:
             raise ValueError(f"objective must be one of {asq.OBJECTIVES}, got {self.objective!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.method == "auto":
+            object.__setattr__(self, "method", "approx" if self.objective == "sum" else "exact")  # frozen
         if self.method not in asq.METHODS:
-            raise ValueError(f"method must be one of {asq.METHODS}, got {self.method!r}")
+            raise ValueError(f"method must be one of {asq.METHODS} or 'auto', got {self.method!r}")
+        if self.objective == "max" and self.method == "approx":
+            raise ValueError('the minimax objective ("max", spec flag m) is solved exactly: method="exact"')
         if not (isinstance(self.max_bits, int) and 1 <= self.max_bits <= 8):
             raise ValueError(f"max_bits must be an int in 1..8, got {self.max_bits!r}")
         if not (isinstance(self.sample_size, int) and self.sample_size >= 2):
@@ -532,10 +539,16 @@ def _training_sample(X, weights, sample_size, rng):
         if weights.shape != (X.shape[0],):
             raise ValueError(f"weights must have one entry per training row ({X.shape[0]}), "
                              f"got {weights.shape[0]}")
+        if not np.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError("weights must be finite and non-negative")
+        if not weights.any():
+            raise ValueError("weights are all zero: no training row would count")
     if X.shape[0] > sample_size:
         sel = np.sort(rng.choice(X.shape[0], sample_size, replace=False))
         X = X[sel]
         weights = None if weights is None else weights[sel]
+        if weights is not None and not weights.any():
+            raise ValueError(f"the weights of the {sample_size} sampled training rows are all zero")
     if X.shape[0] < 2:
         raise ValueError("training needs at least 2 vectors")
     return X, weights
@@ -546,6 +559,10 @@ def _fit_rotation(Xc, transform, rng):
     ``"pca"`` the covariance's eigenvectors by decreasing eigenvalue,
     ``"random"`` a seeded Haar-random orthogonal matrix."""
     if transform == "pca":
+        n, d = Xc.shape
+        if n <= d:
+            warnings.warn(f"PCA fitted on {n} training rows of {d} dimensions: at most {n - 1} components are "
+                          "learnt, the others are arbitrary (train on more rows than dimensions)", stacklevel=4)
         cov = Xc.T @ Xc / Xc.shape[0]
         evals, evecs = np.linalg.eigh(cov)
         return np.ascontiguousarray(evecs[:, ::-1], dtype=np.float32)

@@ -157,10 +157,26 @@ class IndexBase:
         if self.ntotal:
             raise RuntimeError(f"the index holds {self.ntotal} vectors encoded with the current "
                                "quantizer: create a new index to retrain")
-        self.encoder.train(X, queries, weights=weights, num_threads=num_threads)
-        self.codes = np.zeros((0, self.encoder.nbytes), np.uint8)
-        self._prepared_calls = {}
+        X = check_matrix(X, self.d, "training data")
+        self._check_training(X)
+        # everything is learnt aside and swapped in last: a failed train leaves the index as it was
+        enc = ASQEncoder(self.d, self.encoder.config)
+        enc.train(X, queries, weights=weights, num_threads=num_threads)
+        commit = self._train_structure(X, enc)
+        self.encoder = enc
+        self.codes = np.zeros((0, enc.nbytes), np.uint8)
+        self._reset_derived()
+        commit()
         return self
+
+    def _check_training(self, X):
+        """Raise before anything is learnt when ``X`` cannot train the structure."""
+
+    def _train_structure(self, X, enc):
+        """Learn what the structure adds to the encoder ``enc`` (not yet the
+        index's) from ``X``; returns the call that installs it (run after
+        the encoder is swapped in)."""
+        return lambda: None
 
     def add(self, X, ids=None, *, num_threads=-1):
         """Encode and append vectors; ``ids`` default to 0..n-1 continuing."""
@@ -170,6 +186,9 @@ class IndexBase:
         n = X.shape[0]
         if ids is None:
             start = int(self.ids.max()) + 1 if self.ntotal else 0
+            if start + n - 1 > np.iinfo(np.int64).max:
+                raise ValueError(f"default ids continue after the largest id {start - 1}: {n} more overflow "
+                                 "int64 (pass ids explicitly)")
             new_ids = np.arange(start, start + n, dtype=np.int64)
         else:
             new_ids = np.asarray(ids)

@@ -204,7 +204,11 @@ class GraphIndex(FlatIndex):
 
     def _extra_state(self):
         meta = {"M": self.M}
-        return meta, {f"graph.{k}": v for k, v in self.graph.items()}
+        graph = self.graph
+        if graph is None:  # trained, nothing added yet: a graph of no nodes (level 0 as faiss lays it out)
+            graph = {"neighbors": np.zeros(0, np.int32), "offsets": np.zeros(1, np.int64),
+                     "cum": np.array([0, 2 * self.M], np.int64), "entry": np.array([-1, -1], np.int64)}
+        return meta, {f"graph.{k}": v for k, v in graph.items()}
 
     def _load_extra(self, meta, arrays):
         self.graph = {k: arrays[f"graph.{k}"] for k in ("neighbors", "offsets", "cum", "entry")}

@@ -15,6 +15,11 @@ from .base import positive_int
 from .flat import FlatIndex
 
 
+#: the smallest normal float16 (2^-14): centroids whose largest magnitude is
+#: below it would round to subnormals and lose their relative precision
+HALF_MIN_NORMAL, HALF_MAX = float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max)
+
+
 class IVFIndex(FlatIndex):
     """Inverted lists of ASQ codes: k-means centroids (faiss, L2) partition the
     corpus; a query probes the ``nprobe`` lists whose centroids have the largest
@@ -48,24 +53,29 @@ class IVFIndex(FlatIndex):
         self._cent_t = None
         self._spread = None
 
-    def train(self, X, queries=None, *, weights=None, num_threads=-1):
-        import faiss
-
-        super().train(X, queries, weights=weights, num_threads=num_threads)
-        X = check_matrix(X, self.d, "training data")
+    def _check_training(self, X):
         if X.shape[0] < self.nlist:
             raise ValueError(f"IVF{self.nlist} needs at least {self.nlist} training vectors, got {X.shape[0]}")
-        rng = np.random.default_rng(self.encoder.config.seed)
+
+    def _train_structure(self, X, enc):
+        """k-means centroids (faiss, L2) of a seeded sample of ``X``."""
+        import faiss
+
+        rng = np.random.default_rng(enc.config.seed)
         m = min(256 * self.nlist, max(64 * self.nlist, self.settings.train_points))
         sample = X if X.shape[0] <= m else X[np.sort(rng.choice(X.shape[0], m, replace=False))]
-        km = faiss.Kmeans(self.d, self.nlist, niter=20, seed=int(self.encoder.config.seed) + 1, verbose=False)
+        km = faiss.Kmeans(self.d, self.nlist, niter=20, seed=int(enc.config.seed) + 1, verbose=False)
         km.train(np.ascontiguousarray(sample, np.float32))
-        self.centroids = readonly(np.ascontiguousarray(km.centroids, np.float32))
-        self._cent_t = None
-        self._spread = None
-        self.assign = np.zeros(0, np.int32)
-        self._lists = None
-        return self
+        centroids = readonly(np.ascontiguousarray(km.centroids, np.float32))
+
+        def install():
+            self.centroids = centroids
+            self._cent_t = None
+            self._spread = None
+            self.assign = np.zeros(0, np.int32)
+            self._lists = None
+
+        return install
 
     def add(self, X, ids=None, *, num_threads=-1):
         import faiss
@@ -143,7 +153,8 @@ class IVFIndex(FlatIndex):
         IVF4096, 128 of 384 dimensions probe the same lists).  Derived from
         the centroids and the encoder, not saved.  The centroids are rounded to
         float16 (relative error <= 2^-11: the probe scores only order the
-        lists; ``_probe_args``)."""
+        lists; ``_probe_args``) when their largest magnitude lies in
+        float16's normal range, else kept float32."""
         if self._cent_t is None:
             enc = self.encoder
             Cr = self._transformed_centroids()
@@ -155,8 +166,12 @@ class IVFIndex(FlatIndex):
                 order = np.argsort(-share, kind="stable")
                 cum = np.cumsum(share[order]) / share.sum()
                 dims = np.sort(order[:int(np.searchsorted(cum, cover)) + 1])
-            Ct16 = np.ascontiguousarray(Cr[:, dims].T, np.float16)
-            self._cent_t = (dims.astype(np.int64), Ct16.astype(np.float32), Ct16.view(np.uint16))
+            top = float(np.abs(Cr[:, dims]).max()) if dims.size and Cr.size else 0.0
+            if HALF_MIN_NORMAL <= top <= HALF_MAX:
+                Ct16 = np.ascontiguousarray(Cr[:, dims].T, np.float16)
+                self._cent_t = (dims.astype(np.int64), Ct16.astype(np.float32), Ct16.view(np.uint16))
+            else:  # beyond float16's range, or mostly subnormal in it: float32 centroids
+                self._cent_t = (dims.astype(np.int64), np.ascontiguousarray(Cr[:, dims].T, np.float32), None)
         return self._cent_t[:2]
 
     def _probe_args(self):
@@ -164,7 +179,8 @@ class IVFIndex(FlatIndex):
         as float16 bit patterns where the CPU widens them (``HALF_SIMD``; half
         the bytes, the same sums), else float32."""
         dims, Ct = self._probe_space()
-        return dims, (self._cent_t[2] if _rotation.HALF_SIMD else Ct)
+        half = self._cent_t[2]
+        return dims, (half if _rotation.HALF_SIMD and half is not None else Ct)
 
     def _list_spread(self):
         """(nlist,) float32 ``probe_spread`` * s_l, s_l^2 = sum_j e_j v_lj / sum_j e_j:
