@@ -111,15 +111,17 @@ def test_trained_empty_index_saves_and_loads(tmp_path, data, spec):
     assert _recall(idx.search(Q, 5)[1], X, Q) > 0.5
 
 
-def test_large_magnitude_data_probes_and_searches(data):
+def test_large_magnitude_data_probes_searches_and_loads(tmp_path, data):
     """Vectors of norm ~1e6 (centroid coordinates beyond float16) are probed
-    in float32 and found as at unit scale."""
+    in float32, found as at unit scale, and their saved index loads."""
     X, Q = data
     s = np.float32(1e5)
     for spec in ("IVF16,ASQ4", "PCA,IVF16,ASQ6"):
         idx = ipq_index.index_factory(24, spec).train(X * s).add(X * s)
-        D, I = idx.search(Q * s, 5, nprobe=16)
+        D, I = idx.search(Q * s, 5, nprobe=8)
         assert np.isfinite(D).all() and _recall(I, X, Q) > 0.5
+        idx.save(tmp_path / "big.ipq")
+        np.testing.assert_array_equal(ipq_index.load(tmp_path / "big.ipq").search(Q * s, 5, nprobe=8)[1], I)
 
 
 def test_huge_beam_and_probe_counts_are_capped(data):
