@@ -31,6 +31,8 @@ def parse_spec(spec: str) -> dict:
     per-vector scale, ``m`` minimax (worst-case) objective.
     ``Rerank4`` keeps a float16 copy (``F32``: float32) and re-ranks 4 x k
     ADC candidates exactly by default.
+    Spaces around components are ignored (``index_factory`` stores the spec
+    without them: :func:`normalize_spec`).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"index spec must be a non-empty string, got {spec!r}")
@@ -67,10 +69,19 @@ def parse_spec(spec: str) -> dict:
     if set(flags) - set("usm") or len(set(flags)) != len(flags):
         raise ValueError(f"bad index spec {spec!r}: unknown codec flags {flags!r} (u, s, m)")
     out["bits"] = float(codec.group("bits"))
+    if not 0 < out["bits"] <= 8:
+        raise ValueError(f"bad index spec {spec!r}: ASQ bits per dimension must be in (0, 8], "
+                         f"got {codec.group('bits')}")
     out["rounding"] = "unbiased" if "u" in flags else "nearest"
     out["scale"] = "s" in flags
     out["objective"] = "max" if "m" in flags else "sum"
     return out
+
+
+def normalize_spec(spec: str) -> str:
+    """``spec`` without the spaces around its components (``" PCA , ASQ4"`` ->
+    ``"PCA,ASQ4"``): the spelling an index stores and reports."""
+    return ",".join(t.strip() for t in spec.split(","))
 
 
 def index_factory(d: int, spec: str, **options) -> "FlatIndex":
@@ -84,6 +95,7 @@ def index_factory(d: int, spec: str, **options) -> "FlatIndex":
     if not isinstance(d, (int, np.integer)) or d < 1:
         raise ValueError(f"dimension d must be a positive int, got {d!r}")
     p = parse_spec(spec)
+    spec = normalize_spec(spec)
     cls = KINDS[p["structure"]]
     names = cls.settings_class.names()
     unknown = set(options) - set(names) - set(EncoderConfig.__dataclass_fields__)

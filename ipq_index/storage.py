@@ -20,8 +20,10 @@ when memory-mapped).  ``docs/file_format.md`` describes the format and what
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import struct
 import tempfile
 import zlib
@@ -44,7 +46,14 @@ def _crc(buf) -> int:
 
 
 def save_arrays(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-    path = Path(path)
+    """Write ``meta`` and ``arrays`` to ``path`` (layout: module docstring).
+
+    The file gets the permission bits of an ordinary new file (0o666 minus
+    the umask), or keeps those of the file it replaces.  Errors name ``path``:
+    ``ValueError`` for an empty path, ``IsADirectoryError`` for a directory,
+    ``FileNotFoundError`` when its directory does not exist.
+    """
+    path = _target(path)
     entries = {}
     offset = 0
     prepared = {}
@@ -63,9 +72,11 @@ def save_arrays(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         e["offset"] = data_start + e.pop("rel")
     header = json.dumps({"meta": meta, "arrays": entries}, sort_keys=True).encode()
     assert _PREFIX.size + len(header) <= data_start
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
+            fd = None  # closed by f from here on
+            _chmod(f.fileno(), tmp, new_file_mode(path))
             f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, _crc(header), len(header)))
             f.write(header)
             for name, a in prepared.items():
@@ -74,10 +85,87 @@ def save_arrays(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as e:
+        _discard(fd, tmp, e)
         raise
+
+
+def _target(path) -> Path:
+    """``path`` as a Path after the checks that need the caller's spelling:
+    not empty, not a directory."""
+    if isinstance(path, str) and not path.strip():
+        raise ValueError(f"cannot save to an empty path ({path!r}): give a file name")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot save to {str(path)!r}: it is a directory", str(path))
+    return path
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """mkstemp next to ``path``; errors name the user's path and its directory,
+    not the temporary name."""
+    parent = path.parent
+    if not parent.is_dir():
+        problem = "no such directory" if not parent.exists() else "not a directory"
+        cls = FileNotFoundError if not parent.exists() else NotADirectoryError
+        code = errno.ENOENT if not parent.exists() else errno.ENOTDIR
+        raise cls(code, f"cannot save {str(path)!r}: {problem}", str(parent))
+    try:
+        return tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot save {str(path)!r}: {e.strerror}", str(parent)) from None
+
+
+def new_file_mode(path) -> int:
+    """The permission bits ``path`` would have after an ordinary write: those of
+    the file it replaces, else 0o666 minus the umask (mkstemp creates 0o600)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        return stat.S_IMODE(st.st_mode)
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask.  Linux reports it in /proc (read-only); elsewhere
+    os.umask must set it to read it, and it is set back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod(fd: int, name: str, mode: int) -> None:
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    else:  # Windows: no fchmod; only the read-only bit matters there
+        os.chmod(name, mode)
+
+
+def _discard(fd, tmp: str, error: BaseException) -> None:
+    """Close ``fd`` (unless None) and delete the temporary file of a failed save.
+    A failure here must not replace ``error``, the reason the save failed: it
+    is attached to ``error`` as a note instead."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    except OSError as cleanup:
+        if hasattr(error, "add_note"):
+            error.add_note(f"the temporary file {tmp} could not be removed: {cleanup}")
 
 
 #: the keys of an array entry in the header
