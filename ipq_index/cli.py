@@ -144,10 +144,7 @@ def read_vectors(spec: str, split: str) -> tuple[np.ndarray, str | None]:
         if m is not None:
             metric = (m.decode() if isinstance(m, bytes) else str(m)).strip().lower()
     elif suffix == ".npy":
-        try:
-            X = np.load(p, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f"{spec!r} is not a readable .npy array ({e})") from None
+        X = _read_npy(p, spec)
         if X.ndim == 1:
             X = X[None, :]
     elif suffix == ".fvecs":
@@ -163,6 +160,21 @@ def read_vectors(spec: str, split: str) -> tuple[np.ndarray, str | None]:
     if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
         raise ValueError(f"{spec!r}: expected real numbers, got dtype {X.dtype}")
     return np.ascontiguousarray(X, dtype=np.float32), metric
+
+
+def _read_npy(p: Path, spec: str) -> np.ndarray:
+    """The array of a .npy file, memory-mapped.  The magic is checked first:
+    np.load would take anything else for a pickle or an .npz archive."""
+    with open(p, "rb") as f:
+        magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+    if not magic:
+        raise ValueError(f"{spec!r} is empty (0 bytes), not a .npy array")
+    if magic != np.lib.format.MAGIC_PREFIX:
+        raise ValueError(f"{spec!r} is not a .npy file (it does not start with the .npy magic)")
+    try:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:  # truncated or damaged header or data
+        raise ValueError(f"{spec!r} is not a readable .npy array ({_one_line(e)})") from None
 
 
 def _check_output(path: Path, suffixes=None) -> Path:
@@ -210,7 +222,7 @@ def cmd_build(args, extra=None) -> int:
         X = np.ascontiguousarray(X[ids])
     overrides = {} if args.seed is None else {"seed": args.seed}
     index = ipq_index.index_factory(X.shape[1], args.index, **overrides)
-    threads = args.threads if args.threads else -1
+    threads = -1 if args.threads is None else args.threads
 
     t0 = time.perf_counter()
     _note(args, f"training {args.index} on {X.shape[0]} x {X.shape[1]}"
@@ -241,9 +253,10 @@ def cmd_search(args, extra=None) -> int:
 
     out = _check_output(Path(args.output), (".npy", ".csv"))
     params = parse_params(args.param)
-    for reserved in ("k", "num_threads"):
+    for reserved, instead in (("k", "use --k"), ("num_threads", "use --threads"),
+                              ("return_std", "ipq search writes ids and scores only")):
         if reserved in params:
-            raise ValueError(f"--param {reserved}=... is not allowed; use --{reserved.replace('num_', '')}")
+            raise ValueError(f"--param {reserved}=... is not allowed; {instead}")
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     index = ipq_index.load(args.index, mmap=True)
@@ -257,7 +270,7 @@ def cmd_search(args, extra=None) -> int:
     check_search_params(index, params)
     if args.k > len(index):
         raise ValueError(f"--k {args.k} exceeds the number of indexed vectors ({len(index)})")
-    threads = args.threads if args.threads else -1
+    threads = -1 if args.threads is None else args.threads
     nq = Q.shape[0]
     scores = np.empty((nq, args.k), np.float32)
     ids = np.empty((nq, args.k), np.int64)
@@ -452,11 +465,6 @@ def cmd_datasets_list(args, extra=None) -> int:
 
 
 def cmd_datasets_fetch(args, extra=None) -> int:
-    import socket
-    import tempfile
-    import urllib.error
-    import urllib.request
-
     name = args.name[:-5] if args.name.endswith(".hdf5") else args.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(f"bad dataset name {args.name!r} (letters, digits, '.', '_', '-')")
@@ -468,7 +476,52 @@ def cmd_datasets_fetch(args, extra=None) -> int:
     if dest.exists() and not args.force:
         print(f"{dest} already exists ({_human(dest.stat().st_size)}); use --force to download again")
         return 0
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    created = _make_dirs(dest_dir)
+    try:
+        _download(args, name, url, dest, unknown)
+    except BaseException:
+        _remove_dirs(created)
+        raise
+    print(f"wrote {dest} ({_human(dest.stat().st_size)})")
+    return 0
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the directories it created, deepest first."""
+    missing = []
+    p = path
+    while not p.exists() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        _remove_dirs(missing)
+        raise
+    return missing
+
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    """Remove the (empty) directories ``_make_dirs`` created, deepest first;
+    stops at the first one that cannot go (it holds something)."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break
+
+
+def _download(args, name: str, url: str, dest: Path, unknown: str) -> None:
+    """Download ``url`` into a temporary file next to ``dest``, check it is
+    HDF5, and rename it to ``dest``; nothing is left behind on failure."""
+    import socket
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    dest_dir = dest.parent
     hint = f"download {url} on a machine with internet access and copy it to {dest}"
     try:
         resp = urllib.request.urlopen(url, timeout=args.timeout)
@@ -477,8 +530,11 @@ def cmd_datasets_fetch(args, extra=None) -> int:
     except (urllib.error.URLError, socket.timeout, OSError) as e:
         reason = getattr(e, "reason", e)
         raise RuntimeError(f"cannot reach {url} ({reason}); {hint}") from None
+    from .storage import new_file_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest_dir)
     try:
+        os.chmod(tmp, new_file_mode(dest))  # mkstemp's 0o600 would hide the data from other users
         total = int(resp.headers.get("Content-Length") or 0) or None
         written = 0
         with os.fdopen(fd, "wb") as f, _progress(args, total, name, "B", unit_divisor=1024) as bar:
@@ -504,8 +560,6 @@ def cmd_datasets_fetch(args, extra=None) -> int:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    print(f"wrote {dest} ({_human(dest.stat().st_size)})")
-    return 0
 
 
 # --------------------------------------------------------------------------- demo
@@ -529,9 +583,21 @@ def _command(sub, common, name: str, func, **options):
     return p
 
 
+def _thread_count(text: str) -> int:
+    """--threads: -1 (all cores) or a positive count."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected -1 (all cores) or a positive count, got {text!r}") from None
+    if n != -1 and n < 1:
+        raise argparse.ArgumentTypeError(f"expected -1 (all cores) or a positive count, got {n}")
+    return n
+
+
 def _add_run_options(p, rows: str) -> None:
     """--threads and --normalize, shared by ``build`` and ``search`` (``rows``: what is normalised)."""
-    p.add_argument("--threads", type=int, default=None, metavar="T", help="threads (default: all cores)")
+    p.add_argument("--threads", type=_thread_count, default=None, metavar="T",
+                   help="threads: -1 or absent = all cores, else that many")
     p.add_argument("--normalize", action="store_true",
                    help=f"L2-normalise the {rows} (automatic for HDF5 files with distance=angular)")
 
@@ -659,6 +725,20 @@ def _one_line(e: BaseException) -> str:
     return msg or type(e).__name__
 
 
+def _detach_stdout() -> None:
+    """Point stdout's file descriptor at the null device, so that the
+    interpreter's final flush of what is still buffered does not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 def _fail(msg: str, code: int):
     print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
@@ -681,7 +761,14 @@ def main(argv=None) -> int:
         debug = bool(getattr(args, "debug", False)) or debug
         if extra and args.command != "demo":
             raise _UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{PROG} {args.command} --help')")
-        return int(args.func(args, extra) or 0)
+        code = int(args.func(args, extra) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # stdout's reader stopped reading (ipq info --json | head -1): that
+        # is the reader's choice, not a failure; end quietly like cat or grep
+        _detach_stdout()
+        return 0
     except _UsageError as e:
         _fail(str(e), 2)
     except KeyboardInterrupt:

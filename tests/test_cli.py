@@ -249,6 +249,9 @@ def test_datasets_fetch_offline_and_local_server(tmp_path, capsys):
         got = tmp_path / "data" / "tiny-4-angular.hdf5"
         assert got.read_bytes() == (srv_dir / "tiny-4-angular.hdf5").read_bytes()
         assert [p.name for p in (tmp_path / "data").iterdir()] == ["tiny-4-angular.hdf5"]  # no temp left
+        umask = os.umask(0o022)
+        os.umask(umask)
+        assert got.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0o600
         code, _, err = run(["datasets", "fetch", "missing-1-angular", "--dir", tmp_path / "data",
                             "--base-url", base], capsys)
         assert_one_line_error(code, err, "HTTP 404", "not among the names")
@@ -328,3 +331,126 @@ def test_console_script_entry_point(built):
                          timeout=120, env=env)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("ipq: error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- input and option checks
+
+
+@pytest.mark.parametrize("content, fragment", [(b"", "is empty (0 bytes)"),
+                                               (b"abc", "not a .npy file"),
+                                               (b"\x93NUMPY", "not a readable .npy array")])
+def test_bad_npy_data_and_queries(built, tmp_path, capsys, content, fragment):
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(content)
+    code, _, err = run(["build", bad, "--index", "ASQ4", "-o", tmp_path / "x.ipq"], capsys)
+    assert_one_line_error(code, err, "bad.npy", fragment)
+    assert not (tmp_path / "x.ipq").exists()
+    code, _, err = run(["search", built, bad, "-o", tmp_path / "o.npy"], capsys)
+    assert_one_line_error(code, err, "bad.npy", fragment)
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_npz_named_npy_is_refused(tmp_path, capsys):
+    bad = tmp_path / "arrays.npy"
+    with open(bad, "wb") as f:
+        np.savez(f, a=np.ones((3, 4), np.float32))
+    code, _, err = run(["build", bad, "--index", "ASQ4", "-o", tmp_path / "x.ipq"], capsys)
+    assert_one_line_error(code, err, "arrays.npy", "not a .npy file")
+
+
+def test_param_error_lists_only_accepted_names(built, tmp_path, capsys):
+    code, _, err = run(["search", built, "sample:minilm", "-o", tmp_path / "o.npy", "--param", "bogus=1"],
+                       capsys)
+    assert_one_line_error(code, err, "bogus", "'rerank'", "'fs'")
+    assert "num_threads" not in err and "return_std" not in err
+    for name in ("num_threads", "return_std"):
+        code, _, err = run(["search", built, "sample:minilm", "-o", tmp_path / "o.npy",
+                            "--param", f"{name}=1"], capsys)
+        assert_one_line_error(code, err, f"--param {name}")
+    # every name the error lists is accepted
+    code, _, err = run(["search", built, "sample:minilm", "--k", 3, "-o", tmp_path / "o.npy",
+                        "--param", "rerank=1,fs=2", "--threads", 1, "--quiet"], capsys)
+    assert code == 0, err
+
+
+def test_check_search_params_reserved_names(built):
+    from ipq_index.bench.params import check_search_params
+
+    index = ipq_index.load(built)
+    with pytest.raises(ValueError) as e:
+        check_search_params(index, {"nope": 1})
+    assert "['rerank', 'fs']" in str(e.value)
+    with pytest.raises(ValueError, match="return_std"):
+        check_search_params(index, {"return_std": True})
+    check_search_params(index, {"rerank": 1, "fs": 2})
+
+
+@pytest.mark.parametrize("threads", ["0", "-2", "two"])
+def test_bad_thread_counts(built, tmp_path, capsys, threads):
+    code, _, err = run(["build", "sample:minilm", "--index", "ASQ4", "-o", tmp_path / "x.ipq",
+                        "--threads", threads], capsys)
+    assert_one_line_error(code, err, "--threads", repr(threads) if threads == "two" else threads)
+    assert not (tmp_path / "x.ipq").exists()
+    code, _, err = run(["search", built, "sample:minilm", "-o", tmp_path / "o.npy", "--threads", threads],
+                       capsys)
+    assert_one_line_error(code, err, "--threads")
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_thread_count_minus_one_means_all_cores(built, tmp_path, capsys):
+    code, _, err = run(["search", built, "sample:minilm", "--k", 3, "-o", tmp_path / "o.npy",
+                        "--threads", -1, "--quiet"], capsys)
+    assert code == 0, err
+
+
+def test_build_stores_the_normalised_spec(tmp_path, capsys):
+    out = tmp_path / "x.ipq"
+    code, stdout, err = run(["build", "sample:minilm", "--index", "PCA , ASQ4", "-o", out,
+                             "--n-train", 500, "--threads", 1, "--quiet"], capsys)
+    assert code == 0, err
+    assert "PCA,ASQ4," in stdout
+    code, stdout, _ = run(["info", out, "--json"], capsys)
+    assert json.loads(stdout)["meta"]["spec"] == "PCA,ASQ4"
+
+
+@pytest.mark.parametrize("spec", ["PCA,ASQ44", "ASQ0", "ASQ9"])
+def test_bits_out_of_range_errors_name_the_spec(tmp_path, capsys, spec):
+    code, _, err = run(["build", "sample:minilm", "--index", spec, "-o", tmp_path / "x.ipq"], capsys)
+    assert_one_line_error(code, err, repr(spec), "(0, 8]")
+    code, _, err = run(["warmup", spec], capsys)
+    assert_one_line_error(code, err, repr(spec), "(0, 8]")
+
+
+@pytest.mark.parametrize("argv", [["info", "{built}", "--json"], ["info", "{built}"], ["datasets", "list"]])
+def test_closed_stdout_ends_quietly(built, argv):
+    """``ipq ... | head -1``: the reader is gone before ipq writes; ipq exits 0 with nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to write_end now fails with EPIPE
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ipq_index.cli", *[a.format(built=built) for a in argv]],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, env=env)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_datasets_fetch_failure_removes_the_directories_it_made(tmp_path, capsys):
+    nested = tmp_path / "a" / "b" / "c"
+    code, _, err = run(["datasets", "fetch", "glove-25-angular", "--dir", nested,
+                        "--base-url", "http://127.0.0.1:9", "--timeout", 5], capsys)
+    assert_one_line_error(code, err, "cannot reach")
+    assert list(tmp_path.iterdir()) == []
+    # a directory that was there before stays, with what it held
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "other.txt").write_text("x")
+    code, _, err = run(["datasets", "fetch", "glove-25-angular", "--dir", keep / "new",
+                        "--base-url", "http://127.0.0.1:9", "--timeout", 5], capsys)
+    assert_one_line_error(code, err, "cannot reach")
+    assert [p.name for p in keep.iterdir()] == ["other.txt"]
+    code, _, err = run(["datasets", "fetch", "glove-25-angular", "--dir", keep,
+                        "--base-url", "http://127.0.0.1:9", "--timeout", 5], capsys)
+    assert_one_line_error(code, err, "cannot reach")
+    assert [p.name for p in keep.iterdir()] == ["other.txt"]

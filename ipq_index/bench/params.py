@@ -13,6 +13,7 @@ import numpy as np
 
 __all__ = [
     "QUERY_ARG_NAMES",
+    "CALLER_SEARCH_PARAMS",
     "normalize_metric",
     "unit",
     "parse_value",
@@ -101,11 +102,23 @@ def collect_query_args(args, names=(), where: str = "query argument") -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def check_search_params(index, params: dict) -> None:
+#: ``index.search`` keywords the callers here (``ipq search``, the benchmark
+#: wrappers) set themselves: ``num_threads`` has its own option, and
+#: ``return_std`` would add a third output none of them reads.
+CALLER_SEARCH_PARAMS = ("num_threads", "return_std")
+
+
+def check_search_params(index, params: dict, reserved=CALLER_SEARCH_PARAMS) -> None:
     """Raise ``ValueError`` if ``index.search`` does not accept the keyword
-    arguments ``params`` (checked on the signature, nothing is searched)."""
+    arguments ``params`` (checked on the signature, nothing is searched), or
+    if one of them is in ``reserved`` (set by the caller; not listed as
+    accepted either)."""
     if not params:
         return
+    taken = sorted(set(params) & set(reserved))
+    if taken:
+        raise ValueError(f"search parameter(s) {', '.join(taken)} cannot be given here: "
+                         f"the caller sets them")
     try:
         sig = inspect.signature(index.search)
     except (TypeError, ValueError):  # builtins without a signature: let search decide
@@ -114,7 +127,7 @@ def check_search_params(index, params: dict) -> None:
         sig.bind(np.zeros((1, 1), np.float32), 1, **params)
     except TypeError as e:
         accepted = [p.name for p in sig.parameters.values()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in reserved]
         names = ", ".join(sorted(params))
         raise ValueError(f"search parameter(s) {names} not accepted by this index "
                          f"({getattr(index, 'spec', type(index).__name__)}); it accepts "
