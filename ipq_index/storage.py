@@ -42,6 +42,8 @@ class FormatError(ValueError):
 
 
 def _crc(buf) -> int:
+    if isinstance(buf, np.ndarray):  # flat, so empty arrays of any shape checksum as b"" (0)
+        buf = buf.reshape(-1)
     return zlib.crc32(memoryview(buf).cast("B")) & 0xFFFFFFFF
 
 
@@ -81,7 +83,7 @@ def save_arrays(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
             f.write(header)
             for name, a in prepared.items():
                 f.seek(entries[name]["offset"])
-                f.write(memoryview(a).cast("B"))
+                f.write(memoryview(a.reshape(-1)).cast("B"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
