@@ -11,7 +11,8 @@ import textwrap
 import pytest
 
 #: Top-level modules the core import path must not load.
-HEAVY = ("h5py", "yaml", "matplotlib", "tqdm", "faiss", "hnswlib", "scann", "ann_benchmarks")
+HEAVY = ("h5py", "yaml", "matplotlib", "tqdm", "faiss", "hnswlib", "scann", "ann_benchmarks", "dask", "distributed",
+         "fsspec")
 #: Our own modules the core import path must not load (the harness, incl. the adapter).
 HARNESS = "ipq_index.bench"
 
