@@ -136,6 +136,7 @@ def test_shards_stay_on_their_workers(client, flat, data):
     for _ in range(3):
         sh.search(data[1], 5)
     assert sh.placement() == before
+    assert sorted(sh._servers) == sorted({w[0] for w in before.values()})  # searched by the workers' actors
 
 
 def test_numpy_and_file_inputs_continue_ids_like_single_node(client, data, tmp_path):
@@ -299,8 +300,9 @@ def test_worker_killed_during_add_gives_complete_results(client, data, tmp_path)
     np.testing.assert_array_equal(s, rs)
 
 
-@pytest.mark.parametrize("source", ["built", "loaded"])
-def test_worker_killed_during_search_gives_complete_results(client, data, tmp_path, source):
+@pytest.mark.parametrize("source, direct", [("built", True), ("loaded", True), ("built", False)])
+def test_worker_killed_during_search_gives_complete_results(client, data, tmp_path, source, direct):
+    """Killed inside an actor's search (``direct``: then the shards go to tasks) or inside a search task."""
     X, Q = data
     sh = ShardedIndex(D, "PCA,ASQ4", 2, client)
     sh.train(X)
@@ -308,6 +310,7 @@ def test_worker_killed_during_search_gives_complete_results(client, data, tmp_pa
     if source == "loaded":  # a lost opened shard is mapped again from its file
         sh.save(tmp_path / "idx")
         sh = load(tmp_path / "idx", client)
+    sh.direct_search = direct
     ref = sh.reference_index()
     ref.add(X)
     rs, ri = ref.search(Q, 10, fs=0)

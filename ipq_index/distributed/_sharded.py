@@ -32,6 +32,9 @@ from ._worker import ShardFileError
 
 __all__ = ["ShardedIndex", "load", "ShardFileError"]
 
+#: seconds to wait for a search actor to start on a worker (then the task path serves that worker's shards)
+ACTOR_START_TIMEOUT = 30
+
 
 def _client(client):
     """The given ``dask.distributed.Client``, else the current one."""
@@ -79,7 +82,9 @@ class ShardedIndex:
     exact over the shards' results.  ``client``: a
     ``dask.distributed.Client`` (default: the current one).
     ``shard_threads``: threads of each shard task (default: the worker's
-    thread count).
+    thread count).  ``direct_search`` (attribute, default True): searches go
+    straight to one actor per worker (``_worker.ShardServer``), falling back
+    to scheduler tasks for any shard it does not answer for; False: tasks only.
 
         sh = ShardedIndex(384, "PCA,IVF1024,ASQ4,Rerank2", n_shards=8, client=client)
         sh.train(sample)
@@ -102,6 +107,8 @@ class ShardedIndex:
         self._stats = [None] * self.n_shards
         self._sizes = [0] * self.n_shards
         self._where = [None] * self.n_shards  # the worker holding each shard (tasks on it run there)
+        self._servers = {}  # worker address -> its ShardServer actor (the search fast path)
+        self.direct_search = True
         self._next_id = 0
         self._round = 0  # add calls so far (task names)
         self._token = uuid.uuid4().hex[:12]
@@ -172,6 +179,17 @@ class ShardedIndex:
         index.train(X_sample, queries)
         self._trained = _worker.index_bytes(index)
         return self
+
+    @classmethod
+    def from_trained(cls, index, n_shards, client=None, *, shard_threads=None) -> "ShardedIndex":
+        """A sharded index whose shards use the encoder of ``index``, a trained
+        single-node index holding no vectors (e.g. ``reference_index()`` of
+        another sharded index, or one trained and saved earlier)."""
+        if not index.is_trained or index.ntotal:
+            raise ValueError(f"from_trained needs a trained index without vectors, got {index!r}")
+        sh = cls(index.d, index.spec, n_shards, client, shard_threads=shard_threads)
+        sh._trained = _worker.index_bytes(index)
+        return sh
 
     def _sample(self, X, max_rows, seed):
         if not _is_dask_array(X):
@@ -345,12 +363,53 @@ class ShardedIndex:
             raise ValueError(f"k={k} exceeds the number of indexed vectors ({self.ntotal})")
         threads = params.pop("num_threads", self.shard_threads)
         live = [s for s in range(self.n_shards) if self._sizes[s]]
-        futures = [self.client.submit(_worker.search_shard, self._shards[s], Q, min(k, self._sizes[s]), params,
-                                      threads, pure=False, **self._on(s)) for s in live]
-        results = self.client.gather(futures)
-        for s, (_, where) in zip(live, results):
-            self._where[s] = where  # moves only when a lost shard was rebuilt elsewhere
-        return merge_topk([r for r, _ in results], k)
+        found = self._search_direct(live, Q, k, params, threads) if self.direct_search else {}
+        rest = [s for s in live if s not in found]
+        if rest:
+            # shards the actors did not answer for (worker lost, shard not in its memory): tasks,
+            # which the scheduler runs where the shard is, or reruns after rebuilding a lost one
+            futures = [self.client.submit(_worker.search_shard, self._shards[s], Q, min(k, self._sizes[s]), params,
+                                          threads, pure=False, **self._on(s)) for s in rest]
+            for s, (result, where) in zip(rest, self.client.gather(futures)):
+                found[s] = result
+                self._where[s] = where  # moves only when a lost shard was rebuilt elsewhere
+        return merge_topk([found[s] for s in live], k)
+
+    def _search_direct(self, live, Q, k, params, threads) -> dict:
+        """The fast path: each worker's ShardServer actor searches the shards
+        it holds; returns shard -> result for those answered.  Any failure
+        (a worker gone, an actor lost with it) leaves that worker's shards
+        to the task path, which raises a real error again if there is one."""
+        by_worker = {}
+        for s in live:
+            if self._where[s] is not None:
+                by_worker.setdefault(self._where[s], []).append((s, self._shards[s].key, min(k, self._sizes[s])))
+        calls = {}
+        for w, requests in by_worker.items():
+            try:
+                server = self._server(w)
+                calls[w] = server.search(requests, Q, params, threads)
+            except Exception:  # noqa: BLE001 - any failure sends these shards to the task path
+                self._servers.pop(w, None)
+        found = {}
+        for w, call in calls.items():
+            try:
+                found.update(call.result())
+            except Exception:  # noqa: BLE001 - as above
+                self._servers.pop(w, None)
+        return found
+
+    def _server(self, worker):
+        """The worker's ShardServer actor, started on first use (an actor is
+        bound to its worker: none is started for a worker that is gone)."""
+        server = self._servers.get(worker)
+        if server is None:
+            if worker not in _workers(self.client):
+                raise LookupError(f"worker {worker} is gone")
+            server = self.client.submit(_worker.ShardServer, actor=True, workers=[worker], allow_other_workers=False,
+                                        pure=False).result(timeout=ACTOR_START_TIMEOUT)
+            self._servers[worker] = server
+        return server
 
     def warmup(self) -> "ShardedIndex":
         """Compile kernels and build derived search structures on every shard's worker."""
@@ -410,6 +469,7 @@ class ShardedIndex:
         if live:
             self.client.cancel(live)
         self._shards = [None] * self.n_shards
+        self._servers = {}
 
 
 def merge_topk(parts, k):
