@@ -12,6 +12,7 @@ from . import asq
 from ._numba import get_num_threads, set_num_threads
 from .encoder import ASQEncoder, EncoderConfig
 from .factory import index_factory, parse_spec, warmup
+from .filters import AllowIds, DenyIds, IdMask
 from .persistence import load
 from .settings import FlatSettings, GraphSettings, IVFSettings
 from .storage import FormatError
@@ -20,4 +21,4 @@ from .structures import FlatIndex
 __version__ = "0.1.0"
 __all__ = ["asq", "get_num_threads", "set_num_threads", "ASQEncoder", "EncoderConfig", "FlatIndex", "index_factory",
            "load", "parse_spec", "warmup", "FlatSettings", "IVFSettings", "GraphSettings", "FormatError",
-           "__version__"]
+           "AllowIds", "DenyIds", "IdMask", "__version__"]

@@ -270,6 +270,11 @@ def cmd_search(args, extra=None) -> int:
     check_search_params(index, params)
     if args.k > len(index):
         raise ValueError(f"--k {args.k} exceeds the number of indexed vectors ({len(index)})")
+    if args.filter:
+        from .cli_edit import read_ids
+
+        ids = read_ids(args.filter)
+        params["filter"] = ipq_index.DenyIds(ids) if args.deny else ids
     threads = -1 if args.threads is None else args.threads
     nq = Q.shape[0]
     scores = np.empty((nq, args.k), np.float32)
@@ -343,7 +348,7 @@ def cmd_info(args, extra=None) -> int:
         f"kind            {meta.get('kind')}",
         f"spec            {meta.get('spec')}",
         f"d               {meta.get('d')}",
-        f"ntotal          {meta.get('ntotal')}",
+        f"ntotal          {meta.get('ntotal')}" + (f" rows, {meta['removed']} removed" if meta.get("removed") else ""),
         f"bytes           {info['data_bytes']} data (codes, ids, scales, re-rank copy, structure arrays)"
         + (f" = {info['file_bytes_per_vector']:.1f} file bytes/vec"
            if info["file_bytes_per_vector"] is not None else "")
@@ -629,6 +634,8 @@ def _add_search(sub, common) -> None:
                    help=".npy: (nq, k) int64 ids plus <stem>.scores.npy; .csv: query,rank,id,score")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="search keyword argument, e.g. rerank=2 (repeatable; passed to index.search)")
+    p.add_argument("--filter", metavar="IDS", help="only these ids: .npy (ids or id mask), text file or a,b,c")
+    p.add_argument("--deny", action="store_true", help="with --filter: return every id except those")
     _add_run_options(p, "queries")
 
 
@@ -697,7 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_build, _add_search, _add_info, _add_warmup, _add_bench, _add_datasets, _add_demo):
+    from .cli_edit import add_add, add_remove
+
+    for add in (_add_build, _add_search, add_add, add_remove, _add_info, _add_warmup, _add_bench, _add_datasets, _add_demo):
         add(sub, common)
     return ap
 

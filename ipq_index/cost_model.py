@@ -71,3 +71,17 @@ def exact_ns_per_dim(copy_nbytes: int) -> float:
     """Cost of one dimension of an exact dot product with a stored copy of
     this many bytes (random rows, prefetched)."""
     return EXACT_NS_PER_DIM if copy_nbytes <= EXACT_NEAR_BYTES else EXACT_NS_PER_DIM_FAR
+
+
+#: the SIMD fast-scan, per coarse code byte of a scanned row (50k MiniLM
+#: rows, 48-byte coarse codes: ~100 us of a single-query search)
+SCAN_NS_PER_BYTE = 0.04
+
+
+def scan_allowed_rows(enc, allowed, scanned, coarse_bytes) -> bool:
+    """Whether a filtered search should score only the ``allowed`` rows with
+    the full ADC (lookup tables built, one lookup per code byte of each
+    allowed row) rather than fast-scan the ``scanned`` rows (``coarse_bytes``
+    each) with the filter in the scan."""
+    tables = ENTRY_NS * 256 * enc.nbytes + LOOKUP_NS * allowed * enc.nbytes
+    return tables <= SCAN_NS_PER_BYTE * scanned * coarse_bytes

@@ -50,9 +50,13 @@ class FlatSettings:
     #: the exact re-rank of every coarse candidate is chosen up to this many
     #: times the estimated cost of ADC rescoring + the exact re-rank of the best
     exact_preference: float = 1.3
+    #: ``remove_ids`` compacts the index (``compact``) once removed rows
+    #: exceed this share of the rows held (1.0: never automatically)
+    compact_share: float = 0.5
 
     def __post_init__(self):
         _int(self.fs, "fs", 1)
+        _share(self.compact_share, "compact_share")
         _int(self.fastscan_min_rows, "fastscan_min_rows", 0)
         _share(self.coverage, "coverage", allow_none=True)
         _share(self.cand_coverage, "cand_coverage")

@@ -24,7 +24,7 @@ __all__ = ["validate_index", "KIND_ARRAYS"]
 _COMMON = {"enc.mean": "<f8", "enc.energy": "<f8", "enc.bits": "<i4", "enc.byte_of": "<i4",
            "enc.shift_of": "<i4", "enc.levels": "<f8", "enc.level_off": "<i8", "codes": "|u1", "ids": "<i8"}
 #: arrays present only in some indexes of a kind (rotation, per-vector scales, re-rank copy)
-_OPTIONAL = {"enc.rotation": "<f4", "scales": "<f4", "vectors": None}
+_OPTIONAL = {"enc.rotation": "<f4", "scales": "<f4", "vectors": None, "removed": "|u1"}
 KIND_ARRAYS = {
     "flat": dict(_COMMON),
     "ivf": {**_COMMON, "ivf.centroids": "<f4", "ivf.assign": "<i4"},
@@ -152,6 +152,8 @@ def _names(c, arrays, kind, config, meta):
     rr_dtype = _RERANK_DTYPES[meta["rerank_dtype"]]
     if meta["rerank"] > 0 or "vectors" in arrays:
         want["vectors"] = rr_dtype
+    if "removed" in arrays:  # rows removed since the last compaction (tombstones)
+        want["removed"] = _OPTIONAL["removed"]
     for name, dt in want.items():
         if name not in arrays:
             why = {"enc.rotation": f" (transform {config.transform!r})", "scales": " (scaled codes)",
@@ -256,6 +258,9 @@ def _rows(c, arrays, d, n, nbytes, meta):
     if "vectors" in arrays:
         _shape(c, arrays, "vectors", (n, d))
         _finite(c, arrays, "vectors")
+    if "removed" in arrays:
+        _shape(c, arrays, "removed", (n,))
+        _range(c, arrays, "removed", 0, 2)
 
 
 def _ivf(c, arrays, d, n, meta):

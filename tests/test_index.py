@@ -585,8 +585,9 @@ def test_graph_large_ef_reproduces_flat_and_roundtrips(tmp_path, sample):
     back = ipq_index.load(path)
     np.testing.assert_array_equal(back.search(Q, 10, ef=40)[1], g.search(Q, 10, ef=40)[1])
     np.testing.assert_array_equal(g.search(Q, 10, ef=40, num_threads=1)[1], g.search(Q, 10, ef=40, num_threads=2)[1])
-    with pytest.raises(RuntimeError, match="one call"):
-        g.add(X[:5])
+    g.add(X[:5], ids=np.arange(10 ** 6, 10 ** 6 + 5))  # later adds insert into the graph
+    assert g.ntotal == back.ntotal + 5
+    np.testing.assert_array_equal(g.search(X[:5], 1, ef=40, rerank=0)[1][:, 0] >= 0, True)
     with pytest.raises(ValueError, match="ef"):
         g.search(Q, 10, ef=0)
 

@@ -14,7 +14,7 @@ from .coarse_tables import nav_table_one
 from .rerank import PLAN_FIELDS, PLAN_TABLES, add_mean_one, rerank_rows, rescore_rerank_one, search_outputs
 from .rotation import rotate_query
 from .tables import _build_table, row_score, rows4_sums, scale4
-from .topk import heap_offer, heap_to_sorted, ids_of_rows_one, swap_entries
+from .topk import allowed, heap_offer, heap_to_sorted, ids_of_rows_one, swap_entries
 
 
 @kernel
@@ -63,11 +63,14 @@ def _score4(T, codes, scales, has_scale, rows, u, nn, sc4):
 
 
 @kernel
-def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited, tag,
+def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited, tag, allow,
               out_v, out_i):
     """One query: greedy descent through the upper levels, then a beam of
     width ``ef`` on level 0; ``visited[r] == tag`` marks scored rows; the best
-    min(kk, ef) go to out_v/out_i (descending).  T: float tables (ADC
+    min(kk, ef) rows that ``allow`` lets through (a filter, nonzero = allowed;
+    None: all) go to out_v/out_i (descending): filtered-out rows are still
+    walked through, and the beam runs until it holds ef allowed rows.  T:
+    float tables (ADC
     scores) or integer tables (exact integer sums, e.g. the int16 navigation
     tables).
 
@@ -116,8 +119,10 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
     ri = np.full(ef, -1, np.int64)
     csize = _max_heap_push(cv, ci, 0, cur_s, cur)
     visited[cur] = tag
-    heap_offer(rv, ri, cur_s, cur)  # rv: min-heap over ef slots (-inf = empty)
-    nres = 1
+    nres = 0  # allowed rows in rv, a min-heap over ef slots (-inf = empty)
+    if allowed(allow, cur):
+        heap_offer(rv, ri, cur_s, cur)
+        nres = 1
     while csize > 0:
         c_s = cv[0]
         c = ci[0]
@@ -148,9 +153,10 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
                 if nres < ef or s > rv[0]:
                     if csize < cap:
                         csize = _max_heap_push(cv, ci, csize, s, nb)
-                    heap_offer(rv, ri, s, nb)
-                    if nres < ef:
-                        nres += 1
+                    if allowed(allow, nb):
+                        heap_offer(rv, ri, s, nb)
+                        if nres < ef:
+                            nres += 1
     heap_to_sorted(rv, ri)
     for t in range(min(out_v.shape[0], ef)):
         out_v[t] = rv[t]
@@ -159,11 +165,12 @@ def _beam_one(T, codes, scales, neighbors, offsets, cum, entry, max_level, ef, c
 
 @kernel
 def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offsets, cum, entry, max_level,
-                       ef, cap, visited, tag0, levels, fields, cl, tabs, codes, scales, kk, plan, ids, V, k):
+                       ef, cap, visited, tag0, allow, levels, fields, cl, tabs, codes, scales, kk, plan, ids, V, k):
     """The whole single-thread graph search of a few queries in one call
     (each step alone is a few microseconds, and so was the Python between
     them): rotate (``R`` (d, d); (0, 0): none), then a beam of width ``ef``
-    (``_beam_one``) on the navigation codes (int16 tables), then
+    (``_beam_one``; rows ``allow`` lets through, None: all) on the
+    navigation codes (int16 tables), then
 
     - PLAN_FIELDS / PLAN_TABLES: full ADC of the beam, field by field or
       through lookup tables (``rerank.adc_topk_one``), top-kk, plus
@@ -211,7 +218,7 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
             level_off, bits, field_ptr, field_dim = tabs
             _build_table(Y, 0, Tf[0], levels, level_off, bits, field_ptr, field_dim, codes.shape[1], prev)
             _beam_one(Tf[0], codes, scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited[0],
-                      tag0 + qi + 1, beam_v, beam_r[0])
+                      tag0 + qi + 1, allow, beam_v, beam_r[0])
             if V is not None:  # None: no re-rank compiled
                 if exact:
                     hr[:] = beam_r[0, :kk]
@@ -223,7 +230,7 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
         else:
             nav_table_one(Y, 0, slot_dim, centT, lut, low, T)
             _beam_one(T, nav_codes, no_scales, neighbors, offsets, cum, entry, max_level, ef, cap, visited[0],
-                      tag0 + qi + 1, beam_v, beam_r[0])
+                      tag0 + qi + 1, allow, beam_v, beam_r[0])
             if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, tabs, Tf, codes, scales, beam_r, plan, V,
                                       hv, hr, out_v[qi], out_r[qi]):
                 for t in range(ef):

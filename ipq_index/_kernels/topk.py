@@ -64,3 +64,11 @@ def ids_of_rows_one(out_v, out_r, out_ids, ids):
             out_ids[t] = ids[r]
         else:
             out_v[t] = -np.inf
+
+
+@kernel
+def allowed(allow, r):
+    """Whether a filter lets row r through (``allow[r]`` nonzero; None: every row)."""
+    if allow is None:
+        return True
+    return allow[r] != 0

@@ -103,9 +103,10 @@ def collect_query_args(args, names=(), where: str = "query argument") -> dict:
 
 
 #: ``index.search`` keywords the callers here (``ipq search``, the benchmark
-#: wrappers) set themselves: ``num_threads`` has its own option, and
-#: ``return_std`` would add a third output none of them reads.
-CALLER_SEARCH_PARAMS = ("num_threads", "return_std")
+#: wrappers) set themselves: ``num_threads`` has its own option,
+#: ``return_std`` would add a third output none of them reads, and
+#: ``filter`` is an array (``ipq search --filter FILE``).
+CALLER_SEARCH_PARAMS = ("num_threads", "return_std", "filter")
 
 
 def check_search_params(index, params: dict, reserved=CALLER_SEARCH_PARAMS) -> None:

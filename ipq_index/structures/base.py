@@ -9,6 +9,7 @@ Scores are raw inner products (float32, descending), not ``1 - ip``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict
 
 import numpy as np
@@ -20,6 +21,7 @@ from .._kernels import tables as _tables
 from .._numba import SERIAL_QUERIES, concat_rows, map_chunks, readonly, resolve_threads
 from ..encoder import ASQEncoder, EncoderConfig, check_matrix
 from ..fast_scanner import FastScanner
+from ..filters import allowed_rows
 from ..settings import FlatSettings
 
 #: queries processed together (bounds the lookup-table memory)
@@ -53,6 +55,10 @@ class IndexBase:
         self.scales = np.zeros(0, np.float32)
         self.ids = np.zeros(0, np.int64)
         self.vectors = None  # re-rank copy
+        self.removed = None  # tombstones: uint8 (nrows,), 1 = removed by remove_ids (None: none)
+        self._n_removed = 0
+        self._lock = threading.RLock()  # a search snapshots the rows under it; add/remove/compact change them under it
+        self._live_allow = None  # uint8 (nrows,) of the rows not removed (derived from ``removed``)
         self._scanner = None  # fast-scan candidate generator (derived, rebuilt lazily)
         self._scanner_rows = -1
         self._search_state = None  # per-index arguments of the search kernels (see _search_arrays)
@@ -75,6 +81,12 @@ class IndexBase:
 
     @property
     def ntotal(self) -> int:
+        """Vectors the index holds (removed ones not counted)."""
+        return int(self.ids.shape[0]) - self._n_removed
+
+    @property
+    def nrows(self) -> int:
+        """Rows held, removed ones included until ``compact``."""
         return int(self.ids.shape[0])
 
     def __len__(self) -> int:
@@ -97,6 +109,8 @@ class IndexBase:
         total = self.codes.nbytes + self.ids.nbytes + (self.scales.nbytes if self.encoder.config.scale else 0)
         if self.vectors is not None:
             total += self.vectors.nbytes
+        if self.removed is not None:
+            total += self.removed.nbytes
         total += sum(int(np.asarray(a).nbytes) for a in self._extra_state()[1].values())
         return int(total)
 
@@ -104,8 +118,10 @@ class IndexBase:
         """Change per-index settings (see ``settings_class``; validated, saved
         with the index); derived search structures are rebuilt on the next
         search.  Returns the index."""
-        self.settings = self.settings.replace(**settings)
-        self._reset_derived()
+        new = self.settings.replace(**settings)
+        with self._lock:
+            self.settings = new
+            self._reset_derived()
         return self
 
     def _reset_derived(self):
@@ -154,8 +170,8 @@ class IndexBase:
         An index that already holds vectors cannot be retrained (their codes
         belong to the current quantizer): build a new index instead.
         """
-        if self.ntotal:
-            raise RuntimeError(f"the index holds {self.ntotal} vectors encoded with the current "
+        if self.nrows:
+            raise RuntimeError(f"the index holds {self.nrows} vectors encoded with the current "
                                "quantizer: create a new index to retrain")
         X = check_matrix(X, self.d, "training data")
         self._check_training(X)
@@ -163,10 +179,11 @@ class IndexBase:
         enc = ASQEncoder(self.d, self.encoder.config)
         enc.train(X, queries, weights=weights, num_threads=num_threads)
         commit = self._train_structure(X, enc)
-        self.encoder = enc
-        self.codes = np.zeros((0, enc.nbytes), np.uint8)
-        self._reset_derived()
-        commit()
+        with self._lock:
+            self.encoder = enc
+            self.codes = np.zeros((0, enc.nbytes), np.uint8)
+            self._reset_derived()
+            commit()
         return self
 
     def _check_training(self, X):
@@ -178,40 +195,137 @@ class IndexBase:
         the encoder is swapped in)."""
         return lambda: None
 
-    def add(self, X, ids=None, *, num_threads=-1):
-        """Encode and append vectors; ``ids`` default to 0..n-1 continuing."""
+    def add(self, X, ids=None, *, on_duplicate="replace", num_threads=-1):
+        """Encode and append vectors; ``ids`` default to 0..n-1 continuing
+        after the largest id held.  An id already in the index is an update:
+        its old vector is removed and the new one added (``on_duplicate=
+        "replace"``), or the call raises and changes nothing
+        (``"error"``).  Ids repeated within one call raise."""
         if not self.is_trained:
             raise RuntimeError("the index is not trained: call train() before add()")
+        if on_duplicate not in ("replace", "error"):
+            raise ValueError(f'on_duplicate must be "replace" or "error", got {on_duplicate!r}')
         X = check_matrix(X, self.d, "vectors")
         n = X.shape[0]
-        if ids is None:
-            start = int(self.ids.max()) + 1 if self.ntotal else 0
-            if start + n - 1 > np.iinfo(np.int64).max:
-                raise ValueError(f"default ids continue after the largest id {start - 1}: {n} more overflow "
-                                 "int64 (pass ids explicitly)")
-            new_ids = np.arange(start, start + n, dtype=np.int64)
-        else:
-            new_ids = np.asarray(ids)
-            if new_ids.shape != (n,) or not np.issubdtype(new_ids.dtype, np.integer):
-                raise ValueError(f"ids must be {n} integers, got shape {new_ids.shape} dtype {new_ids.dtype}")
-            new_ids = new_ids.astype(np.int64)
-            if (new_ids < 0).any():
-                raise ValueError("ids must be non-negative (-1 marks an empty result slot)")
+        new_ids = None if ids is None else _check_ids(ids, n)
         if self.rerank and self.rerank_dtype == "float16" and np.abs(X).max() > np.finfo(np.float16).max:
             raise ValueError(f"vectors exceed the float16 range (|x| > {np.finfo(np.float16).max:g}) of the "
                              "re-rank copy: use a float32 copy (',Rerank<k>F32')")
-        codes, scales = self.encoder.encode(X, row0=self.ntotal, num_threads=num_threads)
-        # everything computed: now commit (nothing changes if encoding failed)
-        self.codes = readonly(np.concatenate([np.asarray(self.codes), codes]) if self.ntotal else codes)
+        codes, scales = self.encoder.encode(X, row0=self.nrows, num_threads=num_threads)
+        extra = self._encode_extra(X, num_threads)  # the structure's per-row data (IVF lists)
+        with self._lock:  # everything computed: now commit (nothing changes if anything failed)
+            if new_ids is None:
+                new_ids = self._default_ids(n)
+            old = self._live_rows_of(new_ids)
+            if old.size and on_duplicate == "error":
+                raise ValueError(f"{old.size} of the ids are already in the index (e.g. "
+                                 f"{int(self.ids[old[0]])}): remove them first or pass on_duplicate='replace'")
+            self._append_rows(X, codes, scales, new_ids, extra, num_threads)
+            if old.size:
+                self._tombstone(old)
+        return self
+
+    def _encode_extra(self, X, num_threads):
+        """The structure's per-row data of new vectors X (computed before anything changes)."""
+        return None
+
+    def _append_rows(self, X, codes, scales, new_ids, extra, num_threads):
+        """Append encoded rows (under the lock); structures extend it."""
+        first = self.nrows == 0
+        self.codes = readonly(codes if first else np.concatenate([np.asarray(self.codes), codes]))
         if scales is not None:
-            self.scales = readonly(np.concatenate([np.asarray(self.scales), scales]) if self.ntotal else scales)
+            self.scales = readonly(scales if first else np.concatenate([np.asarray(self.scales), scales]))
         if self.rerank:
             vec = X.astype(self.rerank_dtype)
             self.vectors = readonly(np.concatenate([np.asarray(self.vectors), vec])
                                     if self.vectors is not None else vec)
-        self.ids = readonly(np.concatenate([np.asarray(self.ids), new_ids]) if self.ntotal else new_ids)
-        self._prepared_calls = {}  # prepared calls hold the old arrays
+        if self.removed is not None:
+            self.removed = readonly(np.concatenate([np.asarray(self.removed), np.zeros(len(new_ids), np.uint8)]))
+        self.ids = readonly(new_ids if first else np.concatenate([np.asarray(self.ids), new_ids]))
+        self._changed()
+
+    def _default_ids(self, n):
+        start = int(self.ids.max()) + 1 if self.nrows else 0
+        if start + n - 1 > np.iinfo(np.int64).max:
+            raise ValueError(f"default ids continue after the largest id {start - 1}: {n} more overflow "
+                             "int64 (pass ids explicitly)")
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def _live_rows_of(self, ids):
+        """Rows (sorted) holding one of ``ids`` and not removed."""
+        if not self.nrows:
+            return np.zeros(0, np.int64)
+        hit = np.isin(np.asarray(self.ids), ids)
+        if self.removed is not None:
+            hit &= np.asarray(self.removed) == 0
+        return np.flatnonzero(hit)
+
+    def remove_ids(self, ids) -> int:
+        """Remove the vectors with these ids; returns how many were removed
+        (ids not in the index are ignored).  Removed rows never appear in
+        results; their space is reclaimed by ``compact``, which runs by itself
+        once removed rows exceed the setting ``compact_share`` of the rows."""
+        ids = np.unique(_check_ids(ids, None))
+        with self._lock:
+            rows = self._live_rows_of(ids)
+            if rows.size:
+                self._tombstone(rows)
+                if self._n_removed > self.settings.compact_share * self.nrows:
+                    self.compact()
+        return int(rows.size)
+
+    def _tombstone(self, rows):
+        removed = np.zeros(self.nrows, np.uint8) if self.removed is None else np.array(self.removed)
+        removed[rows] = 1
+        self.removed = readonly(removed)
+        self._n_removed = int(removed.sum())
+        self._prepared_calls = {}  # they hold the old mask
+        self._live_allow = None
+
+    def compact(self) -> "IndexBase":
+        """Drop removed rows for good (rows renumbered, ids kept; a graph
+        relinks its remaining nodes).  Searches give the same results
+        before and after, up to the graph's new links."""
+        with self._lock:
+            if self.removed is None:
+                return self
+            keep = np.flatnonzero(np.asarray(self.removed) == 0)
+            self._keep_rows(keep)
+            self.removed = None
+            self._n_removed = 0
+            self._changed()
         return self
+
+    def _keep_rows(self, keep):
+        """Keep only rows ``keep`` (sorted); structures extend it."""
+        self.codes = readonly(np.asarray(self.codes)[keep])
+        if self.encoder.config.scale:
+            self.scales = readonly(np.asarray(self.scales)[keep])
+        if self.vectors is not None:
+            self.vectors = readonly(np.asarray(self.vectors)[keep])
+        self.ids = readonly(np.asarray(self.ids)[keep])
+
+    def _changed(self):
+        """The rows changed: what was derived from them is rebuilt on the next search."""
+        self._prepared_calls = {}  # prepared calls hold the old arrays
+        self._live_allow = None
+        self._scanner = None
+        self._rows_layout = None
+
+    def _allowed(self, filter):
+        """(allow, m) for a search: ``allow`` the read-only uint8 (nrows,)
+        of rows it may return (removed ones out, then ``filter``; None: all
+        rows), m how many."""
+        if filter is None:
+            if self.removed is None:
+                return None, self.nrows
+            if self._live_allow is None:
+                self._live_allow = readonly((np.asarray(self.removed) == 0).view(np.uint8))
+            return self._live_allow, self.ntotal
+        ok = allowed_rows(filter, np.asarray(self.ids))
+        if self.removed is not None:
+            ok &= np.asarray(self.removed) == 0
+        return readonly(ok.view(np.uint8)), int(ok.sum())
 
     # -- search ---------------------------------------------------------------
     def _search_arrays(self):
@@ -290,14 +404,20 @@ class IndexBase:
             got = sc._cand_layout = (self.encoder.candidate_layout(keep),)
         return got[0]
 
-    def _search_with(self, Q, k, rerank, num_threads, return_std, key, prepare):
+    def _search_with(self, Q, k, rerank, num_threads, return_std, key, prepare, filter=None):
         """The one search path of every structure: validation, then
-        ``prepare(k, rr, kk, exact_ns)`` (the structure's kernel call for k,
-        the re-rank factor, the pool the ADC keeps and the exact re-rank's
-        cost) returns (``single(Q)``, ``batch(Q, threads)``), each giving
-        (scores, rows, ids) with at least k columns: a few queries run
-        ``single`` on the calling thread (the call is kept for ``key``,
+        ``prepare(k, rr, kk, exact_ns, allow, m)`` (the structure's kernel
+        call for k, the re-rank factor, the pool the ADC keeps, the exact
+        re-rank's cost, and the rows the search may return: ``_allowed``)
+        returns (``single(Q)``, ``batch(Q, threads)``), each giving (scores,
+        rows, ids) with at least k columns: a few queries run ``single`` on
+        the calling thread (the call is kept for ``key``,
         ``_prepared_call``), more run ``batch`` (``_over_chunks``).
+
+        The index's rows are read under its lock and the kernels run on
+        that snapshot (arrays are never changed in place), so a search
+        running while another thread adds or removes sees the index before
+        or after the change, never a mix.
 
         With ``return_std`` a third array bounds the standard deviation of each
         ADC score under unbiased rounding: E[score] is the exact inner product
@@ -305,26 +425,36 @@ class IndexBase:
         re-ranked scores.  A candidate whose score is more than ~3 std below
         the k-th score is very unlikely to belong to the top-k: use it to
         size ``rerank``."""
-        Q, rr, kk, nthreads, exact_ns = self._prepare(Q, k, rerank, num_threads, return_std, finite=False)
-        single, batch = prepare(k, rr, kk, exact_ns)
+        with self._lock:
+            Q, rr, kk, nthreads, exact_ns = self._prepare(Q, k, rerank, num_threads, return_std, finite=False)
+            allow, m = self._allowed(filter)
+            if m == 0:  # nothing may be returned: the kernels still check the queries
+                allow, m, empty = None, self.nrows, True
+            else:
+                empty = False
+            single, batch = prepare(k, rr, kk, exact_ns, allow, m)
+            codes, scales = np.asarray(self.codes), self._scales()
         if self._few_queries(Q.shape[0]):
-            self._keep_call(key, single, k)
+            if allow is None or allow is self._live_allow:
+                self._keep_call(key, single, k)
             v, rows, ids = single(Q)
         else:
             v, rows, ids = batch(Q, nthreads)
+        v, rows, ids = v[:, :k], rows[:, :k], ids[:, :k]
+        if empty:
+            v, rows, ids = np.full_like(v, -np.inf), np.full_like(rows, -1), np.full_like(ids, -1)
         if return_std:
-            return v[:, :k], ids[:, :k], self._score_std(Q, rows[:, :k], rr)
-        return v[:, :k], ids[:, :k]
+            return v, ids, self._score_std(Q, codes, scales, rows, rr)
+        return v, ids
 
-    def _score_std(self, Q, rows, rr):
+    def _score_std(self, Q, codes, scales, rows, rr):
         """Bound on the standard deviation of the ADC scores of result
         ``rows`` (``_search_with``; 0 for -1 rows and re-ranked scores)."""
         if rr:
             return np.zeros(rows.shape, np.float32)
         var = self.encoder.variance_tables(self.encoder.rotate_queries(Q, num_threads=1))
-        scales = self._scales()
         sc2 = scales.astype(np.float64) ** 2 if scales.size else scales
-        return np.sqrt(_tables.table_sums(var, np.asarray(self.codes), sc2, rows)).astype(np.float32)
+        return np.sqrt(_tables.table_sums(var, codes, sc2, rows)).astype(np.float32)
 
     @staticmethod
     def _over_chunks(Q, num_threads, chunk):
@@ -337,10 +467,10 @@ class IndexBase:
 
         return concat_rows(map_chunks(run, Q.shape[0], num_threads))
 
-    def _call_key(self, return_std, *params):
+    def _call_key(self, return_std, filter, *params):
         """The key of a search's prepared call (``_prepared_call``): its
-        parameters and the default rerank; None for ``return_std``."""
-        return None if return_std else (*params, self.rerank)
+        parameters and the default rerank; None for ``return_std`` or a filter."""
+        return None if return_std or filter is not None else (*params, self.rerank)
 
     def _prepared_call(self, key, Q):
         """The single-query search state of one parameter set: the kernel's
@@ -376,7 +506,7 @@ class IndexBase:
         checked by the search kernel instead (``check_matrix``)."""
         if return_std and self.encoder.config.rounding != "unbiased":
             raise ValueError("return_std needs unbiased codes (spec flag 'u'): nearest rounding is biased")
-        n = self.ids.shape[0]
+        n = self.ntotal
         if n == 0:
             if not self.is_trained:
                 raise RuntimeError("the index is not trained: call train() and add() first")
@@ -398,11 +528,11 @@ class IndexBase:
         return np.asarray(self.scales) if self.encoder.config.scale else np.zeros(0, np.float32)
 
     def _fast_scanner(self):
-        if self._scanner is None or self._scanner_rows != self.ntotal:
+        if self._scanner is None or self._scanner_rows != self.nrows:
             scales = np.asarray(self.scales) if self.encoder.config.scale else None
             self._scanner = FastScanner(self.encoder, np.asarray(self.codes), scales, self._scan_lists(),
                                         coverage=self.coverage, residual=self._scan_residual())
-            self._scanner_rows = self.ntotal
+            self._scanner_rows = self.nrows
         return self._scanner
 
     def _scan_lists(self):
@@ -447,20 +577,24 @@ class IndexBase:
         """Write one versioned file (atomic: temp file + rename)."""
         if not self.is_trained:
             raise RuntimeError("cannot save an untrained index")
-        enc_meta, arrays = self.encoder.state()
-        meta = {"kind": self.kind, "spec": self.spec, "d": self.d, "ntotal": self.ntotal,
-                "encoder": enc_meta, "rerank": self.rerank, "rerank_dtype": self.rerank_dtype,
-                "settings": self.resolved_settings(), "library": "ipq_index"}
-        meta["search_defaults"] = {"rerank": self.rerank, **{k: v for k, v in meta["settings"].items()
-                                                              if k in ("fs", "nprobe", "ef", "nav")}}
-        arrays.update({"codes": np.asarray(self.codes), "ids": np.asarray(self.ids)})
-        if self.encoder.config.scale:
-            arrays["scales"] = np.asarray(self.scales)
-        if self.vectors is not None:
-            arrays["vectors"] = np.asarray(self.vectors)
-        extra_meta, extra_arrays = self._extra_state()
-        meta.update(extra_meta)
-        arrays.update(extra_arrays)
+        with self._lock:  # one consistent snapshot of the rows
+            enc_meta, arrays = self.encoder.state()
+            meta = {"kind": self.kind, "spec": self.spec, "d": self.d, "ntotal": self.nrows,
+                    "encoder": enc_meta, "rerank": self.rerank, "rerank_dtype": self.rerank_dtype,
+                    "settings": self.resolved_settings(), "library": "ipq_index"}
+            meta["search_defaults"] = {"rerank": self.rerank, **{k: v for k, v in meta["settings"].items()
+                                                                  if k in ("fs", "nprobe", "ef", "nav")}}
+            arrays.update({"codes": np.asarray(self.codes), "ids": np.asarray(self.ids)})
+            if self.encoder.config.scale:
+                arrays["scales"] = np.asarray(self.scales)
+            if self.vectors is not None:
+                arrays["vectors"] = np.asarray(self.vectors)
+            if self.removed is not None:
+                arrays["removed"] = np.asarray(self.removed)
+                meta["removed"] = self._n_removed  # shown by ipq info (the array is the record)
+            extra_meta, extra_arrays = self._extra_state()
+            meta.update(extra_meta)
+            arrays.update(extra_arrays)
         storage.save_arrays(path, meta, arrays)
 
     def _extra_state(self):
@@ -496,6 +630,9 @@ class IndexBase:
         if enc.config.scale:
             idx.scales = arrays["scales"]
         idx.vectors = arrays.get("vectors")
+        if "removed" in arrays:
+            idx.removed = arrays["removed"]
+            idx._n_removed = int(np.count_nonzero(idx.removed))
         idx._load_extra(meta, arrays)
         if idx.codes.shape != (int(meta["ntotal"]), enc.nbytes) or idx.ids.shape != (int(meta["ntotal"]),):
             raise storage.FormatError("index file is inconsistent: array shapes do not match the header")
@@ -534,6 +671,24 @@ def _plain_key(key) -> bool:
         if p is not None and type(p) is not int and type(p) is not str:
             return False
     return True
+
+
+def _check_ids(ids, n):
+    """``ids`` as int64 (n,) (any length when n is None), non-negative, no repeats."""
+    a = np.asarray(ids)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.ndim != 1 or (n is not None and a.shape[0] != n) or not (a.size == 0 or np.issubdtype(a.dtype, np.integer)):
+        want = f"{n} integers" if n is not None else "a 1-D array of integers"
+        raise ValueError(f"ids must be {want}, got shape {a.shape} dtype {a.dtype}")
+    if a.size and a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:
+        raise ValueError("ids must fit in int64")
+    a = a.astype(np.int64)
+    if a.size and a.min() < 0:
+        raise ValueError("ids must be non-negative (-1 marks an empty result slot)")
+    if n is not None and np.unique(a).size != a.size:
+        raise ValueError("ids repeat within one add: each id names one vector")
+    return a
 
 
 def positive_int(value, name):

@@ -32,7 +32,7 @@ class FlatIndex(IndexBase):
     settings_class = FlatSettings
 
     # -- search ---------------------------------------------------------------
-    def search(self, Q, k: int, *, rerank: int | None = None, fs: int | None = None,
+    def search(self, Q, k: int, *, rerank: int | None = None, fs: int | None = None, filter=None,
                num_threads: int | None = -1, return_std: bool = False):
         """Top-k inner products: (scores float32 (nq, k) descending, ids int64 (nq, k)).
 
@@ -42,75 +42,118 @@ class FlatIndex(IndexBase):
         coarse scores are rescored with the full ADC; 0 scans every code with
         the full ADC; default: the setting ``fs``, growing as sqrt(n / 100,000)
         above 100,000 vectors; used when the index holds at least
-        ``fastscan_min_rows`` vectors).  Slots beyond the index size hold
-        id -1 and score -inf.  ``return_std`` (unbiased codes only): also return
-        an upper bound on the standard deviation of each returned score (0 for
+        ``fastscan_min_rows`` vectors).  ``filter``: the ids the search may
+        return (``ipq_index.filters``: allowed ids, a boolean id mask or
+        ``DenyIds``), applied inside the scan; when few rows pass, only
+        they are scored.  Slots beyond the rows that pass hold id -1 and
+        score -inf.  ``return_std`` (unbiased codes only): also return an
+        upper bound on the standard deviation of each returned score (0 for
         exactly re-ranked scores); see ``_search_with``.
         """
-        key = self._call_key(return_std, k, rerank, fs, num_threads)
+        key = self._call_key(return_std, filter, k, rerank, fs, num_threads)
         out = self._prepared_call(key, Q)
         if out is not None:
             return out
-        return self._scan_search(Q, k, rerank, num_threads, return_std, key, self._fs_factor(fs, self.ntotal),
-                                 self.ntotal, _NO_PROBE)
+        return self._scan_search(Q, k, rerank, num_threads, return_std, key, fs, filter)
 
-    def _scan_search(self, Q, k, rerank, num_threads, return_std, key, fsf, scanned, probe, exhaustive_probe=None):
+    def _probe_count(self, nprobe, m):
+        """(lists probed, rows scanned, about) when ``m`` rows may be returned."""
+        return 1, self.nrows
+
+    def _kernel_probe(self, npb, fast):
+        """The scan kernel's probe arguments (dims, centroids, spread, nprobe,
+        residual) for ``npb`` lists, of the fast scan (``fast``) or of the
+        scan of every row; ``_NO_PROBE``: no lists to choose."""
+        return _NO_PROBE
+
+    def _scan_search(self, Q, k, rerank, num_threads, return_std, key, fs, filter, nprobe=None):
         """A scan search through ``_fs.scan_query_serial`` (rotation to ids in
         one kernel per chunk of queries): the ``fs``-factor best coarse
-        scores rescored (``fsf`` > 0 and at least ``fastscan_min_rows``
-        rows), else every row of the scanned lists (``scanned``: how many
-        rows that is, about).  ``probe``: (dims, Ct, spread, nprobe, resid)
-        of an IVF index (``exhaustive_probe``: the same for the scan of
-        every row, which needs no list terms), ``_NO_PROBE`` for the flat
-        index."""
-        every = fsf == 0 or self.ntotal < self.settings.fastscan_min_rows
-        if every and exhaustive_probe is not None:
-            probe = exhaustive_probe
+        scores among the allowed rows rescored (at least
+        ``fastscan_min_rows`` rows), else every allowed row of the scanned
+        lists; a filter that lets few rows through (``cost_model.
+        scan_allowed_rows``) scores those rows alone."""
+        fs = None if fs is None else nonneg_int(fs, "fs")
 
-        def prepare(k, rr, kk, exact_ns):
+        def prepare(k, rr, kk, exact_ns, allow, m):
+            npb, scanned = self._probe_count(nprobe, m)
+            fsf = self._fs_factor(fs, scanned)
+            every = fsf == 0 or self.nrows < self.settings.fastscan_min_rows
+            sc = None if every else self._fast_scanner()
+            few = allow is not None and (every or cost_model.scan_allowed_rows(
+                self.encoder, m, scanned, sc.blocks.shape[1]))
             R, mean, levels, fields, tabs, codes, scales, ids, V, no_V = self._search_arrays()
-            if every:
-                ncand, cl, scan = 0, _NO_CAND, self._row_layout()
-                nc = min(self.ntotal, max(kk, int(scanned)))
+            block_allow = None
+            if few:  # the allowed rows alone, every one scored (one list: no probe)
+                ncand, cl, scan, probe = 0, _NO_CAND, self._row_layout(allow), self._kernel_probe(0, False)
+                nc = max(kk, m)
+            elif every:
+                ncand, cl, scan, probe = 0, _NO_CAND, self._row_layout(None), self._kernel_probe(npb, False)
+                nc = min(self.nrows, max(kk, int(scanned)))
             else:
-                R_lead, R_cand, cl, scan = self._scan_arrays(self._fast_scanner())
+                probe = self._kernel_probe(npb, True)
+                R_lead, R_cand, cl, scan = self._scan_arrays(sc)
                 ncand = nc = self._coarse_count(fsf, kk)
+                if allow is not None:
+                    block_allow = self._block_allow(sc, allow)
             plan = cost_model.rescore_plan(self.encoder, nc, kk, exact_ns, self.settings.exact_preference,
                                            cl=None if cl is _NO_CAND else cl)
-            if not every:
+            if not (every or few):
                 # without the full ADC of the candidates only some leading
                 # transformed dimensions are read (coarse tables, probes, the
                 # candidate ADC's fields): rotate those alone
                 R = {"exact": R_lead, "cand": R_cand}.get(plan, R)
-            args = (R, mean, *scan, *probe, ncand, levels, fields, cl, tabs, codes, scales, kk, PLAN_CODES[plan],
-                    ids, V if rr else no_V, k)
+            args = (R, mean, *scan, block_allow, *probe, ncand, levels, fields, cl, tabs, codes, scales, kk,
+                    PLAN_CODES[plan], ids, V if rr else no_V, k)
 
             def single(Qc):
                 return _fs.scan_query_serial(Qc, *args)
 
             return single, lambda Q, nt: self._over_chunks(Q, nt, lambda Qc, part: _cut(single(Qc), k))
 
-        return self._search_with(Q, k, rerank, num_threads, return_std, key, prepare)
+        return self._search_with(Q, k, rerank, num_threads, return_std, key, prepare, filter)
 
     def _candidate_args(self, sc):
         return (sc.slot_dim, sc._centT, sc.blocks, sc.block_rows, sc.block_ptr, sc.block_fill)
 
-    def _row_layout(self):
+    def _block_allow(self, sc, allow):
+        """int64 (blocks,): bit v of entry b set when slot v of block b holds
+        a row ``allow`` lets through (the scan's filter); cached for the
+        index's own live-row mask."""
+        if allow is self._live_allow and getattr(sc, "_live_bits", (None,))[0] is allow:
+            return sc._live_bits[1]
+        rows = sc.block_rows
+        ok = np.zeros(rows.shape[0], bool)
+        valid = rows >= 0
+        ok[valid] = np.asarray(allow)[rows[valid]] != 0
+        bits = np.packbits(ok.reshape(-1, 32), axis=1, bitorder="little").view("<u4")[:, 0].astype(np.int64)
+        if allow is self._live_allow:
+            sc._live_bits = (allow, bits)
+        return bits
+
+    def _row_layout(self, allow=None):
         """The scan layout of a search without coarse codes (every row of the
         lists, ``_fs.scan_query_serial`` with ``ncand`` = 0): the block
         layout of the rows (``_fs.layout_blocks``) with empty coarse arrays
         of the fast-scan layout's types (writeable, derived arrays as the
-        scanner's: one kernel build serves both).
-        Cached per index size."""
+        scanner's: one kernel build serves both); with ``allow``, one list
+        of the rows it lets through.  Cached per index size without it."""
+        if allow is not None:
+            order = np.flatnonzero(np.asarray(allow)).astype(np.int64)
+            return self._layout_of(np.array([0, order.size], np.int64), order, self.nrows)
         got = self._rows_layout
-        if got is None or got[0] != self.ntotal:
+        if got is None or got[0] != self.nrows:
+            n = self.nrows
             lists = self._scan_lists()
-            ptr, order = lists if lists is not None else (np.array([0, self.ntotal], np.int64),
-                                                          np.arange(self.ntotal, dtype=np.int64))
-            blocks, rows, bptr, fill = _fs.layout_blocks(np.zeros((self.ntotal, 0), np.uint8), ptr, order)
-            scan = (np.zeros((0, FS_DSUB), np.int64), np.zeros((0, FS_DSUB, 16), np.float32), blocks, rows, bptr, fill)
-            got = self._rows_layout = (self.ntotal, scan)
+            ptr, order = lists if lists is not None else (np.array([0, n], np.int64), np.arange(n, dtype=np.int64))
+            got = self._rows_layout = (n, self._layout_of(ptr, order, n))
         return got[1]
+
+    @staticmethod
+    def _layout_of(ptr, order, n):
+        """``_row_layout`` of lists (``ptr``, ``order``) over n rows."""
+        blocks, rows, bptr, fill = _fs.layout_blocks(np.zeros((n, 0), np.uint8), ptr, order)
+        return (np.zeros((0, FS_DSUB), np.int64), np.zeros((0, FS_DSUB, 16), np.float32), blocks, rows, bptr, fill)
 
     def _fs_factor(self, fs, scanned_rows):
         """Fast-scan candidate factor: ``fs`` if given, else the setting
@@ -126,7 +169,7 @@ class FlatIndex(IndexBase):
         1.5x faster on MiniLM 50k at equal recall but lost recall at 10^6
         (IVF1024 Rerank4 nprobe=64: 0.961 -> 0.935): lower ``fs`` per call
         to trade recall for speed."""
-        return min(self.ntotal, fsf * kk)
+        return min(self.nrows, fsf * kk)
 
     def _warmup_params(self):
         return ({}, {"fs": 0})

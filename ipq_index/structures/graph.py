@@ -10,7 +10,7 @@ import numpy as np
 from .. import cost_model
 from .._kernels import graph_search as _gs
 from .._numba import readonly, resolve_threads
-from ..encoder import EncoderConfig, check_matrix
+from ..encoder import EncoderConfig
 from ..settings import NAVS, GraphSettings, setting_property
 from .base import _NO_CAND, PLAN_CODES, positive_int
 from .flat import FlatIndex, _cut
@@ -29,7 +29,8 @@ class GraphIndex(FlatIndex):
     walk scores nodes on the coarse fast-scan codes (or the full ADC, ``nav``)
     and the full ADC rescores the beam.  The float vectors are used only
     during ``add``; search reads the graph arrays and the codes (+ the re-rank
-    copy).  The graph is built once: add all vectors in one call.
+    copy).  Later ``add`` calls insert their vectors into the graph (the
+    existing nodes scored by their float copy, else their decoded codes).
     """
 
     kind = "hnsw"
@@ -48,33 +49,60 @@ class GraphIndex(FlatIndex):
     ef = setting_property("Beam width by default (setting ``ef``).")
     ef_construction = setting_property("Beam width of the graph build (setting ``ef_construction``).")
 
-    def add(self, X, ids=None, *, num_threads=-1):
+    def _append_rows(self, X, codes, scales, new_ids, extra, num_threads):
+        graph = self._grown_graph(X, num_threads)
+        super()._append_rows(X, codes, scales, new_ids, extra, num_threads)
+        self.graph = graph
+
+    def _grown_graph(self, X, num_threads, old=None):
+        """The graph with new vectors X inserted in the HNSW manner (faiss
+        ``IndexHNSWFlat``, inner product: each new node searches its
+        neighbours from the entry point, links to them and prunes their
+        lists); the existing nodes keep their links and are scored by their
+        float copy, or their decoded codes without one (``old``: the rows to
+        start from instead of the index's graph, for ``compact``)."""
         import faiss
 
-        if self.ntotal:
-            raise RuntimeError("GraphIndex.add builds the graph once: add all vectors in one call")
-        X = check_matrix(X, self.d, "vectors")
         hnsw = faiss.IndexHNSWFlat(self.d, self.M, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = self.settings.ef_construction
+        if old is not None:
+            X = np.concatenate([old, X])
+        elif self.nrows:
+            g, n = self.graph, self.nrows
+            hnsw.storage.add(self._float_rows())
+            faiss.copy_array_to_vector(np.ascontiguousarray(g["neighbors"], np.int32), hnsw.hnsw.neighbors)
+            faiss.copy_array_to_vector(np.ascontiguousarray(g["offsets"], np.uint64), hnsw.hnsw.offsets)
+            faiss.copy_array_to_vector(_node_levels(g).astype(np.int32), hnsw.hnsw.levels)
+            hnsw.hnsw.entry_point, hnsw.hnsw.max_level = int(g["entry"][0]), int(g["entry"][1])
+            hnsw.ntotal = n
         prev = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(resolve_threads(num_threads))
         try:
-            hnsw.add(X)
+            hnsw.add(np.ascontiguousarray(X, np.float32))
         finally:
             faiss.omp_set_num_threads(prev)
         g = hnsw.hnsw
-        graph = {
+        return {k: readonly(v) for k, v in {
             "neighbors": faiss.vector_to_array(g.neighbors).astype(np.int32),
             "offsets": faiss.vector_to_array(g.offsets).astype(np.int64),
             "cum": faiss.vector_to_array(g.cum_nneighbor_per_level).astype(np.int64),
-            "entry": np.array([g.entry_point, g.max_level], np.int64),
-        }
-        super().add(X, ids, num_threads=num_threads)
-        self.graph = {k: readonly(v) for k, v in graph.items()}
-        return self
+            "entry": np.array([g.entry_point, g.max_level], np.int64)}.items()}
+
+    def _float_rows(self, rows=None):
+        """Float32 vectors of rows (all by default): the stored copy, else the decoded codes."""
+        if self.vectors is not None:
+            v = np.asarray(self.vectors)
+            return (v if rows is None else v[rows]).astype(np.float32)
+        return self.reconstruct(rows)
+
+    def _keep_rows(self, keep):
+        # the remaining nodes are linked anew (removed ones may have carried their links)
+        graph = self._grown_graph(np.zeros((0, self.d), np.float32), -1, old=self._float_rows(keep))
+        super()._keep_rows(keep)
+        self.graph = graph
 
     def search(self, Q, k: int, *, rerank: int | None = None, ef: int | None = None,
-               nav: str | None = None, num_threads: int | None = -1, return_std: bool = False):
+               nav: str | None = None, filter=None, num_threads: int | None = -1, return_std: bool = False):
         """Top-k inner products with a beam of width ``ef`` (default: the
         index's; raised to the candidate count when smaller).
 
@@ -85,9 +113,11 @@ class GraphIndex(FlatIndex):
         ``"full"`` walks on the full ADC.  Codes of 6-8 bits rescore the
         beam more precisely than 4-bit ones at the same walk cost, so they
         reach a recall at a smaller ``ef``.  ``ef`` and ``nav`` default to
-        the index's settings.
+        the index's settings.  ``filter``: as in ``FlatIndex.search``; the
+        walk goes through filtered-out (and removed) nodes but keeps only
+        allowed ones, and runs until its beam holds ``ef`` of them.
         """
-        key = self._call_key(return_std, k, rerank, ef, nav, num_threads)
+        key = self._call_key(return_std, filter, k, rerank, ef, nav, num_threads)
         out = self._prepared_call(key, Q)
         if out is not None:
             return out
@@ -96,10 +126,10 @@ class GraphIndex(FlatIndex):
         if nav not in NAVS:
             raise ValueError(f"nav must be one of {NAVS}, got {nav!r}")
 
-        def prepare(k, rr, kk, exact_ns):
-            return self._walk_calls(k, rr, kk, min(max(efv, kk), self.ntotal), exact_ns, nav)
+        def prepare(k, rr, kk, exact_ns, allow, m):
+            return self._walk_calls(k, rr, kk, min(max(efv, kk), self.nrows), exact_ns, nav, allow)
 
-        return self._search_with(Q, k, rerank, num_threads, return_std, key, prepare)
+        return self._search_with(Q, k, rerank, num_threads, return_std, key, prepare, filter)
 
     def _scan_lists(self):
         return "codes"  # plain coarse codes for navigation, no FAISS index
@@ -107,15 +137,16 @@ class GraphIndex(FlatIndex):
     def _lead_dims(self, sc):
         return self.d  # the walk rescores on every dimension: no narrowed rotation (nor its copy)
 
-    def _walk_calls(self, k, rr, kk, e, exact_ns, nav):
+    def _walk_calls(self, k, rr, kk, e, exact_ns, nav, allow):
         """(single, batch) calls of the whole walk in one kernel
         (``_gs.graph_query_serial``), exact re-rank included, for
         ``_search_with``: a few queries on the calling thread, more
         QUERY_CHUNK at a time on the thread pool, each thread with its own
         visited row.  The beam (width e) is rescored by the plan the cost
         model picks; ``nav="full"`` walks on the full ADC instead and keeps
-        its best kk."""
+        its best kk.  ``allow``: the rows the walk may keep (None: all)."""
         sc = self._fast_scanner()
+        n = self.nrows
         R, mean, levels, fields, tabs, codes, scales, ids, V, no_V = self._search_arrays()
         _, _, cl, walk = self._scan_arrays(sc)
         plan = "fields"
@@ -128,11 +159,11 @@ class GraphIndex(FlatIndex):
 
         def call(Qc, visited, tags, part):
             tag0 = self._next_tag(visited, tags, part, Qc.shape[0])
-            return _gs.graph_query_serial(Qc, R, mean, *walk, e, cap, visited[part:part + 1], tag0, levels, fields,
-                                          cl, tabs, codes, scales, kk, code, ids, copy, k)
+            return _gs.graph_query_serial(Qc, R, mean, *walk, e, cap, visited[part:part + 1], tag0, allow, levels,
+                                          fields, cl, tabs, codes, scales, kk, code, ids, copy, k)
 
         def single(Qc):
-            visited, tags, held = self._take_visited(1)
+            visited, tags, held = self._take_visited(1, n)
             try:
                 return call(Qc, visited, tags, 0)
             finally:
@@ -140,7 +171,7 @@ class GraphIndex(FlatIndex):
                     self._visit_lock.release()
 
         def batch(Q, nthreads):
-            visited, tags, held = self._take_visited(nthreads)
+            visited, tags, held = self._take_visited(nthreads, n)
             try:
                 return self._over_chunks(Q, nthreads, lambda Qc, part: _cut(call(Qc, visited, tags, part), k))
             finally:
@@ -151,18 +182,19 @@ class GraphIndex(FlatIndex):
 
     def _candidate_args(self, sc):
         """The walk's arguments of the search kernel: navigation layout and
-        codes, graph arrays, entry point and its level (the graph is built
-        once, with the codes, so the cache key of ``_search_arrays`` covers it)."""
+        codes, graph arrays, entry point and its level (the graph changes
+        with the rows only, which rebuilds the scanner these are kept on)."""
         gr = self.graph
         return (sc.slot_dim, sc._centT, sc.codes, gr["neighbors"], gr["offsets"], gr["cum"],
                 int(gr["entry"][0]), int(gr["entry"][1]))
 
     def _beam_cap(self, e):
         """Bound of the walk's candidate heap for beam width e (pushes beyond it are dropped)."""
-        return min(self.ntotal + 1, 64 * e + 4096)
+        return min(self.nrows + 1, 64 * e + 4096)
 
-    def _take_visited(self, slots):
-        """(visited-tag rows (slots, n) uint8, their next tags (slots,), held):
+    def _take_visited(self, slots, n):
+        """(visited-tag rows (slots, n) uint8, their next tags (slots,), held)
+        for a walk over n rows (the search's snapshot of the index):
         rows kept between searches, one per thread of a search (row p for
         part p), zeroed when their tags wrap (``_next_tag``; zeroing an
         n-byte array per query costs more than the walk at 10^6 vectors; one
@@ -172,11 +204,11 @@ class GraphIndex(FlatIndex):
         concurrent search from another Python thread gets fresh rows instead
         (held False)."""
         if not self._visit_lock.acquire(blocking=False):
-            return np.zeros((slots, self.ntotal), _TAG_DTYPE), np.zeros(slots, np.int64), False
+            return np.zeros((slots, n), _TAG_DTYPE), np.zeros(slots, np.int64), False
         try:
             buf = self._visit_buf
-            if buf is None or buf.shape[0] < slots or buf.shape[1] != self.ntotal:
-                buf = self._visit_buf = np.zeros((max(slots, 1), self.ntotal), _TAG_DTYPE)
+            if buf is None or buf.shape[0] < slots or buf.shape[1] != n:
+                buf = self._visit_buf = np.zeros((max(slots, 1), n), _TAG_DTYPE)
                 self._visit_tag = np.zeros(buf.shape[0], np.int64)
             return buf[:slots], self._visit_tag, True
         except BaseException:
@@ -216,3 +248,9 @@ class GraphIndex(FlatIndex):
     @classmethod
     def _size_args(cls, header):
         return (int(header.get("M", 0)),)
+
+
+def _node_levels(graph):
+    """Levels per node (faiss ``HNSW.levels``: 1 = level 0 only) from the offsets and ``cum``."""
+    span = np.diff(np.asarray(graph["offsets"]))
+    return np.searchsorted(np.asarray(graph["cum"]), span)

@@ -3,13 +3,15 @@ the k-means centroids."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .._kernels import codes as _codes
 from .._kernels import probe as _probe
 from .._kernels import rotation as _rotation
 from .._numba import readonly, split_rows
-from ..encoder import EncoderConfig, check_matrix
+from ..encoder import EncoderConfig
 from ..settings import IVFSettings, setting_property
 from .base import positive_int
 from .flat import FlatIndex
@@ -77,54 +79,67 @@ class IVFIndex(FlatIndex):
 
         return install
 
-    def add(self, X, ids=None, *, num_threads=-1):
+    def _encode_extra(self, X, num_threads):
+        """The new rows' lists: nearest centroid (L2, faiss)."""
         import faiss
 
-        if not self.is_trained:
-            raise RuntimeError("the index is not trained: call train() before add()")
-        X = check_matrix(X, self.d, "vectors")
         flat = faiss.IndexFlatL2(self.d)
         flat.add(self.centroids)
         _, a = flat.search(X, 1)
-        super().add(X, ids, num_threads=num_threads)
-        self.assign = readonly(np.concatenate([np.asarray(self.assign), a[:, 0].astype(np.int32)]))
+        return a[:, 0].astype(np.int32)
+
+    def _append_rows(self, X, codes, scales, new_ids, extra, num_threads):
+        self.assign = readonly(np.concatenate([np.asarray(self.assign), extra]))
+        super()._append_rows(X, codes, scales, new_ids, extra, num_threads)
+
+    def _keep_rows(self, keep):
+        super()._keep_rows(keep)
+        self.assign = readonly(np.asarray(self.assign)[keep])
+
+    def _changed(self):
+        super()._changed()
         self._lists = None
-        return self
+        self._spread = None
 
     def _list_index(self):
-        if self._lists is None or self._lists[1].size != self.ntotal:
+        if self._lists is None or self._lists[1].size != self.nrows:
             order = np.argsort(np.asarray(self.assign), kind="stable").astype(np.int64)
             ptr = np.searchsorted(np.asarray(self.assign)[order], np.arange(self.nlist + 1)).astype(np.int64)
             self._lists = (ptr, order)
         return self._lists
 
     def search(self, Q, k: int, *, rerank: int | None = None, nprobe: int | None = None,
-               fs: int | None = None, num_threads: int | None = -1, return_std: bool = False):
+               fs: int | None = None, filter=None, num_threads: int | None = -1, return_std: bool = False):
         """Top-k inner products probing ``nprobe`` lists (default: the index's
         ``nprobe``; ``nprobe = nlist`` scans everything, like the flat index).
 
         The probed lists are scanned by the SIMD fast-scan over coarse codes
         and the best ``fs * max(k, rerank * k)`` are rescored with the full
         ADC (``fs``: as in ``FlatIndex.search``, the default growing with the
-        rows scanned; ``fs=0`` scans the lists with the full ADC).
+        rows scanned; ``fs=0`` scans the lists with the full ADC).  ``filter``: as in
+        ``FlatIndex.search``; the probe reaches further lists as the filter
+        leaves fewer rows (nprobe * rows / allowed rows, at most nlist).
         """
-        key = self._call_key(return_std, k, rerank, fs, nprobe, num_threads)
+        key = self._call_key(return_std, filter, k, rerank, fs, nprobe, num_threads)
         out = self._prepared_call(key, Q)
         if out is not None:
             return out
         npb = min(self.nprobe if nprobe is None else positive_int(nprobe, "nprobe"), self.nlist)
-        scanned = self.ntotal * npb / max(1, self.nlist)
-        fsf = self._fs_factor(fs, scanned)
+        return self._scan_search(Q, k, rerank, num_threads, return_std, key, fs, filter, npb)
+
+    def _probe_count(self, nprobe, m):
+        n = self.nrows
+        if 0 < m < n:  # a filter (or removals) leaves fewer rows per list: probe further
+            nprobe = min(self.nlist, math.ceil(nprobe * n / m))
+        return nprobe, n * nprobe / max(1, self.nlist)
+
+    def _kernel_probe(self, npb, fast):
         dims, Ct = self._probe_args()
-        spread = self._list_spread()
-        # residual coarse codes need every scanned list's <q, c_l>: the probe
-        # runs even for nprobe = nlist; the scan of every row needs no list terms
-        every_probe = (dims, Ct, spread, npb if npb < self.nlist else 0, False)
-        probe = every_probe
-        if fsf > 0 and self.ntotal >= self.settings.fastscan_min_rows:
-            resid = self._fast_scanner().residual
-            probe = (dims, Ct, spread, npb if npb < self.nlist or resid else 0, resid)
-        return self._scan_search(Q, k, rerank, num_threads, return_std, key, fsf, scanned, probe, every_probe)
+        if not fast:  # the scan of every row needs no list terms
+            return dims, Ct, self._list_spread(), npb if 0 < npb < self.nlist else 0, False
+        # residual coarse codes need every scanned list's <q, c_l>: the probe runs even for nprobe = nlist
+        resid = self._fast_scanner().residual
+        return dims, Ct, self._list_spread(), npb if npb < self.nlist or resid else 0, resid
 
     def _scan_lists(self):
         return self._list_index()
@@ -191,7 +206,7 @@ class IVFIndex(FlatIndex):
         size (not saved)."""
         if self.settings.probe_spread <= 0:
             return np.zeros(0, np.float32)
-        if self._spread is None or self._spread[0] != self.ntotal:
+        if self._spread is None or self._spread[0] != self.nrows:
             enc = self.encoder
             Cr = self._transformed_centroids()
             w = np.ones(self.d) if enc.energy is None else np.maximum(np.asarray(enc.energy, np.float64), 0)
@@ -200,12 +215,12 @@ class IVFIndex(FlatIndex):
             assign = np.asarray(self.assign)
             args = (np.asarray(self.codes), scales, enc.levels, enc.level_off, enc.bits, enc.byte_of, enc.shift_of,
                     assign, np.ascontiguousarray(Cr, np.float32), w)
-            res = split_rows(_codes.residual_energy, self.ntotal, -1, args, rows=(0, 1, 7) if scales.size else (0, 7),
+            res = split_rows(_codes.residual_energy, self.nrows, -1, args, rows=(0, 1, 7) if scales.size else (0, 7),
                              min_chunk=4096)
             tot = np.bincount(assign, weights=res, minlength=self.nlist)
             cnt = np.bincount(assign, minlength=self.nlist)
             spread = self.settings.probe_spread * np.sqrt(tot / np.maximum(cnt, 1))
-            self._spread = (self.ntotal, spread.astype(np.float32))
+            self._spread = (self.nrows, spread.astype(np.float32))
         return self._spread[1]
 
     def _probes(self, Y, nprobe, Q=None, with_raw=False):
