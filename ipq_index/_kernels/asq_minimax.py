@@ -167,10 +167,17 @@ def minimax_levels(v, w, s, rtol):
         best[1] = hi_v
         return best[:2].copy()
     unit = wmin == wmax and wmin > 0.0
-    cnt, _ = _greedy(v, w, tau_hi, s, out, unit, wmin)
-    nbest = cnt
-    for q in range(cnt):
-        best[q] = out[q]
+    # the two end levels meet tau_hi by construction; the walk at tau_hi can
+    # still come out a hair short in floating point, so it only replaces them
+    # when it reports itself feasible
+    best[0] = lo_v
+    best[1] = hi_v
+    nbest = 2
+    cnt, g = _greedy(v, w, tau_hi, s, out, unit, wmin)
+    if cnt <= s and g >= 0.0:
+        nbest = cnt
+        for q in range(cnt):
+            best[q] = out[q]
     r_lo = 0.0  # sqrt(tau) bracket
     r_hi = np.sqrt(tau_hi)
     g_lo = -(hi_v - lo_v)

@@ -69,6 +69,13 @@ def _positive(value, name):
     return int(value)
 
 
+def _is_file_entry(f) -> bool:
+    """A path, or a (path, dataset) pair: an entry of a list of input files."""
+    if isinstance(f, tuple) and len(f) == 2:
+        f = f[0]
+    return isinstance(f, (str, os.PathLike))
+
+
 def _is_dask_array(x) -> bool:
     return type(x).__module__.startswith("dask.") and hasattr(x, "to_delayed") and hasattr(x, "chunks")
 
@@ -268,8 +275,7 @@ class ShardedIndex:
     def _pieces(self, X):
         """(n, pieces(a, b)): the row count and a function giving the input
         pieces of rows [a, b) (see ``_worker.read_piece``)."""
-        if isinstance(X, (list, tuple)) and X and not isinstance(X[0], (Integral, float, np.generic)) \
-                and not (isinstance(X[0], (list, tuple)) and X[0] and isinstance(X[0][0], (Integral, float))):
+        if isinstance(X, (list, tuple)) and X and all(_is_file_entry(f) for f in X):
             return self._file_pieces(list(X))
         if _is_dask_array(X):
             if X.ndim != 2:
