@@ -274,6 +274,12 @@ def _exact_sum(v, wv, s, filled=False, span=0.0):
 # ---------------------------------------------------------------------------
 
 
+def _far_exponent(m) -> int:
+    """The binary exponent of ``m`` > 0 when it lies outside 2^-100..2^100, else 0."""
+    e = int(np.frexp(m)[1]) if m > 0 else 0
+    return e if abs(e) > 100 else 0
+
+
 def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol=MINIMAX_TOL):
     """Levels minimising the (weighted) ASQ objective with at most ``s`` levels.
 
@@ -298,6 +304,14 @@ def solve(x, s, *, weights=None, objective="sum", method="exact", grid=None, tol
     w = _weights(weights, x.size)
     _choice(objective, OBJECTIVES, "objective")
     _choice(method, METHODS, "method")
+    e = _far_exponent(max(-x.min(), x.max()))
+    if e or (w.size and _far_exponent(w.max())):
+        # the costs are products of up to three values (or a weight and two):
+        # they under- or overflow far from 1, so solve at magnitude ~1 (a
+        # power-of-two scaling is exact; levels scale back, weights do not matter)
+        w = np.ldexp(w, -int(np.frexp(w.max())[1])) if w.size else None
+        return np.ldexp(solve(np.ldexp(x, -e), s, weights=w, objective=objective, method=method,
+                              grid=grid, tol=tol), e)
     if objective == "max" and method == "approx":
         raise ValueError('method="approx" is only available for objective="sum"')
     if method == "approx":
