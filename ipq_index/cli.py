@@ -1,8 +1,11 @@
 """The ``ipq`` command line: build, search, inspect and benchmark indexes.
 
     ipq build DATA --index SPEC -o OUT.ipq [--n-train N] [--train-queries N] [--seed S] [--threads T]
-    ipq search INDEX.ipq QUERIES --k 10 -o OUT.npy|OUT.csv [--param key=value ...] [--threads T]
-    ipq info INDEX.ipq [--json]
+    ipq build DATA --index SPEC -o OUT_DIR --workers N | --scheduler ADDRESS [--shards S]   (sharded, Dask)
+    ipq search INDEX.ipq|DIR QUERIES --k 10 -o OUT.npy|OUT.csv [--param key=value ...] [--filter IDS]
+    ipq add INDEX.ipq DATA [--ids IDS]
+    ipq remove INDEX.ipq IDS
+    ipq info INDEX.ipq|DIR [--json]
     ipq warmup SPEC [SPEC ...]
     ipq bench --config configs/NAME.yaml [--out DIR] [--dataset PATH] [--strict]
     ipq datasets list [--dir DIR]
@@ -28,9 +31,9 @@ imported inside the commands that use them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -40,30 +43,6 @@ import numpy as np
 PROG = "ipq"
 ADD_CHUNK = 65536
 SEARCH_CHUNK = 4096
-DEFAULT_BASE_URL = "http://ann-benchmarks.com"
-
-#: ann-benchmarks datasets (name, dim, train, test, metric as stored, download size).
-KNOWN_DATASETS = [
-    ("lastfm-64-dot", 65, 292_385, 50_000, "angular (MIPS via augmentation)", "135 MB"),
-    ("glove-25-angular", 25, 1_183_514, 10_000, "angular", "121 MB"),
-    ("glove-50-angular", 50, 1_183_514, 10_000, "angular", "235 MB"),
-    ("glove-100-angular", 100, 1_183_514, 10_000, "angular", "463 MB"),
-    ("glove-200-angular", 200, 1_183_514, 10_000, "angular", "918 MB"),
-    ("nytimes-256-angular", 256, 290_000, 10_000, "angular", "301 MB"),
-    ("nytimes-16-angular", 16, 290_000, 10_000, "angular", ""),
-    ("deep-image-96-angular", 96, 9_990_000, 10_000, "angular", "3.6 GB"),
-    ("coco-i2i-512-angular", 512, 113_287, 10_000, "angular", "136 MB"),
-    ("coco-t2i-512-angular", 512, 113_287, 10_000, "angular", "136 MB"),
-    ("fashion-mnist-784-euclidean", 784, 60_000, 10_000, "euclidean (not MIPS)", "217 MB"),
-    ("sift-128-euclidean", 128, 1_000_000, 10_000, "euclidean (not MIPS)", "501 MB"),
-]
-
-_SAMPLE_INFO = {
-    "minilm": "raw paraphrase-MiniLM-L3-v2 embeddings of PyPI package summaries (inner product)",
-    "glove50": "GloVe 6B 50-d word vectors with natural norms (inner product)",
-}
-
-
 class _UsageError(Exception):
     """A command-line usage error (reported like every other user error)."""
 
@@ -196,7 +175,11 @@ def cmd_build(args, extra=None) -> int:
 
     from .bench.params import unit
 
-    out = _check_output(Path(args.output))
+    from .cli_distributed import check_cluster_options
+
+    check_cluster_options(args)
+    sharded = bool(args.workers or args.scheduler)
+    out = Path(args.output) if sharded else _check_output(Path(args.output))
     X, metric = read_vectors(args.data, "train")
     n_all = X.shape[0]
     if args.n_train is not None:
@@ -220,6 +203,10 @@ def cmd_build(args, extra=None) -> int:
         queries = np.ascontiguousarray(X[perm[:n_held]])
         ids = np.sort(perm[n_held:])
         X = np.ascontiguousarray(X[ids])
+    if sharded:
+        from .cli_distributed import build
+
+        return build(args, X, ids, queries)
     overrides = {} if args.seed is None else {"seed": args.seed}
     index = ipq_index.index_factory(X.shape[1], args.index, **overrides)
     threads = -1 if args.threads is None else args.threads
@@ -249,7 +236,8 @@ def cmd_build(args, extra=None) -> int:
 def cmd_search(args, extra=None) -> int:
     import ipq_index
 
-    from .bench.params import check_search_params, parse_params, unit
+    from .bench.params import parse_params
+    from .cli_distributed import check_cluster_options, is_sharded, open_for_search
 
     out = _check_output(Path(args.output), (".npy", ".csv"))
     params = parse_params(args.param)
@@ -259,7 +247,18 @@ def cmd_search(args, extra=None) -> int:
             raise ValueError(f"--param {reserved}=... is not allowed; {instead}")
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    index = ipq_index.load(args.index, mmap=True)
+    check_cluster_options(args)
+    cluster = contextlib.ExitStack()
+    with cluster:
+        index = open_for_search(args, cluster) if is_sharded(args.index) else ipq_index.load(args.index, mmap=True)
+        return _search(args, index, params, out)
+
+
+def _search(args, index, params, out) -> int:
+    import ipq_index
+
+    from .bench.params import check_search_params, unit
+
     Q, metric = read_vectors(args.queries, "test")
     d = getattr(index, "d", None)
     if d is not None and Q.shape[1] != d:
@@ -275,7 +274,7 @@ def cmd_search(args, extra=None) -> int:
 
         ids = read_ids(args.filter)
         params["filter"] = ipq_index.DenyIds(ids) if args.deny else ids
-    threads = -1 if args.threads is None else args.threads
+    threads = args.threads if args.threads is not None else (None if hasattr(index, "n_shards") else -1)
     nq = Q.shape[0]
     scores = np.empty((nq, args.k), np.float32)
     ids = np.empty((nq, args.k), np.int64)
@@ -337,9 +336,13 @@ def index_info(path) -> dict:
 
 
 def cmd_info(args, extra=None) -> int:
-    info = index_info(args.index)
-    if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+    from . import cli_distributed
+
+    sharded = cli_distributed.is_sharded(args.index)
+    info = cli_distributed.info(args.index) if sharded else index_info(args.index)
+    if args.json or sharded:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str) if args.json
+              else "\n".join(cli_distributed.info_lines(info)))
         return 0
     meta = info["meta"]
     lines = [
@@ -420,153 +423,6 @@ def cmd_bench(args, extra=None) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- datasets
-
-
-def _npz_shapes(path: Path) -> dict:
-    """Array shapes in an .npz, read from the member headers only."""
-    import zipfile
-
-    shapes = {}
-    with zipfile.ZipFile(path) as z:
-        for info in z.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            with z.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, _, _ = np.lib.format.read_array_header_1_0(f)
-                else:
-                    shape, _, _ = np.lib.format.read_array_header_2_0(f)
-            shapes[info.filename[:-4]] = shape
-    return shapes
-
-
-def cmd_datasets_list(args, extra=None) -> int:
-    from .bench import datasets
-
-    print("shipped samples (use as DATA / QUERIES / dataset: sample:<name>):")
-    for name in datasets.SAMPLES:
-        p = datasets.sample_path(name)
-        try:
-            sh = _npz_shapes(p)
-            size = f"train {sh['train'][0]} x {sh['train'][1]}, test {sh['test'][0]}"
-        except (OSError, KeyError, ValueError):
-            size = "missing"
-        print(f"  sample:{name:<10} {size:<32} {_SAMPLE_INFO.get(name, '')}")
-    print(f"\nann-benchmarks datasets (ipq datasets fetch NAME; from {DEFAULT_BASE_URL}/NAME.hdf5):")
-    print(f"  {'name':<28} {'dim':>4} {'train':>10} {'test':>7}  {'size':>7}  metric")
-    for name, dim, ntr, nte, metric, size in KNOWN_DATASETS:
-        print(f"  {name:<28} {dim:>4} {ntr:>10,} {nte:>7,}  {size:>7}  {metric}")
-    print("  (angular sets are searched as inner product on normalised vectors; only true-MIPS data "
-          "exercises raw inner products)")
-    d = Path(args.dir)
-    local = sorted(d.glob("*.hdf5")) if d.is_dir() else []
-    if local:
-        print(f"\nlocal files in {d}/:")
-        for p in local:
-            print(f"  {p.name:<44} {_human(p.stat().st_size)}")
-    return 0
-
-
-def cmd_datasets_fetch(args, extra=None) -> int:
-    name = args.name[:-5] if args.name.endswith(".hdf5") else args.name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ValueError(f"bad dataset name {args.name!r} (letters, digits, '.', '_', '-')")
-    unknown = "" if name in {k[0] for k in KNOWN_DATASETS} else \
-        f" ({name!r} is not among the names in 'ipq datasets list')"
-    url = f"{args.base_url.rstrip('/')}/{name}.hdf5"
-    dest_dir = Path(args.dir)
-    dest = dest_dir / f"{name}.hdf5"
-    if dest.exists() and not args.force:
-        print(f"{dest} already exists ({_human(dest.stat().st_size)}); use --force to download again")
-        return 0
-    created = _make_dirs(dest_dir)
-    try:
-        _download(args, name, url, dest, unknown)
-    except BaseException:
-        _remove_dirs(created)
-        raise
-    print(f"wrote {dest} ({_human(dest.stat().st_size)})")
-    return 0
-
-
-def _make_dirs(path: Path) -> list[Path]:
-    """``mkdir -p path``; returns the directories it created, deepest first."""
-    missing = []
-    p = path
-    while not p.exists() and p.parent != p:
-        missing.append(p)
-        p = p.parent
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except BaseException:
-        _remove_dirs(missing)
-        raise
-    return missing
-
-
-def _remove_dirs(dirs: list[Path]) -> None:
-    """Remove the (empty) directories ``_make_dirs`` created, deepest first;
-    stops at the first one that cannot go (it holds something)."""
-    for d in dirs:
-        try:
-            d.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError:
-            break
-
-
-def _download(args, name: str, url: str, dest: Path, unknown: str) -> None:
-    """Download ``url`` into a temporary file next to ``dest``, check it is
-    HDF5, and rename it to ``dest``; nothing is left behind on failure."""
-    import socket
-    import tempfile
-    import urllib.error
-    import urllib.request
-
-    dest_dir = dest.parent
-    hint = f"download {url} on a machine with internet access and copy it to {dest}"
-    try:
-        resp = urllib.request.urlopen(url, timeout=args.timeout)
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"cannot download {url}: HTTP {e.code} {e.reason}{unknown}") from None
-    except (urllib.error.URLError, socket.timeout, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise RuntimeError(f"cannot reach {url} ({reason}); {hint}") from None
-    from .storage import new_file_mode
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest_dir)
-    try:
-        os.chmod(tmp, new_file_mode(dest))  # mkstemp's 0o600 would hide the data from other users
-        total = int(resp.headers.get("Content-Length") or 0) or None
-        written = 0
-        with os.fdopen(fd, "wb") as f, _progress(args, total, name, "B", unit_divisor=1024) as bar:
-            while True:
-                try:
-                    chunk = resp.read(1 << 20)
-                except (socket.timeout, OSError) as e:
-                    raise RuntimeError(f"download of {url} interrupted ({e}); {hint}") from None
-                if not chunk:
-                    break
-                f.write(chunk)
-                written += len(chunk)
-                bar.update(len(chunk))
-        resp.close()
-        if total is not None and written != total:
-            raise RuntimeError(f"download of {url} is incomplete ({written} of {total} bytes); {hint}")
-        import h5py
-
-        if not h5py.is_hdf5(tmp):
-            raise RuntimeError(f"{url} did not return an HDF5 file ({written} bytes)")
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------- demo
 
 
@@ -621,6 +477,10 @@ def _add_build(sub, common) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="encoder seed and seed of the --train-queries draw (default: index default / 0)")
     _add_run_options(p, "vectors")
+    from .cli_distributed import add_cluster_options
+
+    add_cluster_options(p)
+    p.add_argument("--shards", type=int, default=None, metavar="S", help="with a cluster: shards (default: workers)")
 
 
 def _add_search(sub, common) -> None:
@@ -637,6 +497,9 @@ def _add_search(sub, common) -> None:
     p.add_argument("--filter", metavar="IDS", help="only these ids: .npy (ids or id mask), text file or a,b,c")
     p.add_argument("--deny", action="store_true", help="with --filter: return every id except those")
     _add_run_options(p, "queries")
+    from .cli_distributed import add_cluster_options
+
+    add_cluster_options(p)
 
 
 def _add_info(sub, common) -> None:
@@ -665,21 +528,6 @@ def _add_bench(sub, common) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first failing method")
 
 
-def _add_datasets(sub, common) -> None:
-    p = sub.add_parser("datasets", parents=[common], help="list or download datasets",
-                       description="Shipped samples and ann-benchmarks datasets.")
-    dsub = p.add_subparsers(dest="datasets_command", metavar="ACTION", parser_class=_Parser)
-    dsub.required = True
-    q = _command(dsub, common, "list", cmd_datasets_list, help="list samples and known datasets")
-    q.add_argument("--dir", default="data", help="also list *.hdf5 files here (default %(default)s)")
-    q = _command(dsub, common, "fetch", cmd_datasets_fetch, help="download an ann-benchmarks dataset")
-    q.add_argument("name", metavar="NAME", help="e.g. glove-100-angular")
-    q.add_argument("--dir", default="data", help="destination directory (default %(default)s)")
-    q.add_argument("--base-url", default=DEFAULT_BASE_URL, help="server (default %(default)s)")
-    q.add_argument("--timeout", type=float, default=30.0, help="network timeout in s (default %(default)s)")
-    q.add_argument("--force", action="store_true", help="download even if the file exists")
-
-
 def _add_demo(sub, common) -> None:
     _command(sub, common, "demo", cmd_demo, add_help=False,  # --help goes to the demo itself
              help="the main job (python -m ipq_index.bench.demo)",
@@ -704,9 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    from .cli_datasets import add_datasets
     from .cli_edit import add_add, add_remove
 
-    for add in (_add_build, _add_search, add_add, add_remove, _add_info, _add_warmup, _add_bench, _add_datasets, _add_demo):
+    for add in (_add_build, _add_search, add_add, add_remove, _add_info, _add_warmup, _add_bench, add_datasets, _add_demo):
         add(sub, common)
     return ap
 

@@ -121,6 +121,7 @@ class FastScanner:
         self._centT = np.ascontiguousarray(cent.transpose(0, 2, 1))  # (M, DSUB, 16)
         self.ntotal = n
         self.codes = None
+        self.coarse_bytes = packed.shape[1]  # per row
         if lists == "codes":
             self.codes = packed  # plain coarse codes (graph navigation)
         else:

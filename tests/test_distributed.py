@@ -383,3 +383,55 @@ def test_no_client_is_a_clear_error():
             "try:\n    ShardedIndex(8, 'ASQ4', 2)\nexcept ValueError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "no Dask client" in out.stdout, out.stderr
+
+
+# -- command line ------------------------------------------------------------------------
+def test_cli_build_info_search_on_a_sharded_index(client, data, tmp_path, capsys):
+    """``ipq build --workers 2`` writes a sharded directory; ``ipq info`` reads its
+    manifest; ``ipq search --scheduler`` on it gives the top-k of a single-node
+    index with the same encoder over the same rows, filters included."""
+    from ipq_index import cli
+
+    X, Q = data
+    np.save(tmp_path / "x.npy", X)
+    np.save(tmp_path / "q.npy", Q)
+    out = tmp_path / "sharded"
+    assert cli.main(["build", str(tmp_path / "x.npy"), "--index", "PCA,ASQ4", "-o", str(out), "--workers", "2",
+                     "--shards", "3", "--threads", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "sharded" and info["n_shards"] == 3 and info["ntotal"] == N
+    assert sum(info["shard_sizes"]) == N
+    assert cli.main(["info", str(out)]) == 0
+    assert "3 shards" in capsys.readouterr().out
+
+    ref = ipq_index.load(out / info["encoder_file"], mmap=False)  # the trained encoder, no rows
+    ref.add(X)
+    address = client.scheduler.address
+    allowed = np.arange(0, N, 7)
+    np.save(tmp_path / "allowed.npy", allowed)
+    for extra, params in (([], {}), (["--filter", str(tmp_path / "allowed.npy")], {"filter": allowed})):
+        res = tmp_path / "res.npy"
+        assert cli.main(["search", str(out), str(tmp_path / "q.npy"), "--k", "10", "-o", str(res),
+                         "--scheduler", address, "--quiet", *extra]) == 0
+        want_scores, want_ids = ref.search(Q, 10, **params)
+        np.testing.assert_array_equal(np.load(res), want_ids)
+        np.testing.assert_allclose(np.load(tmp_path / "res.scores.npy"), want_scores, rtol=1e-6)
+
+
+def test_cli_cluster_options_are_checked(tmp_path, capsys):
+    from ipq_index import cli
+
+    np.save(tmp_path / "x.npy", np.ones((10, 4), np.float32))
+    for bad, msg in ((["--workers", "0"], "--workers must be >= 1"),
+                     (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "not both"),
+                     (["--workers", "1", "--shards", "0"], "--shards must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["build", str(tmp_path / "x.npy"), "--index", "ASQ4", "-o", str(tmp_path / "o"), *bad])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["build", str(tmp_path / "x.npy"), "--index", "ASQ4", "-o", str(tmp_path / "taken"), "--workers", "1"])
+    assert e.value.code == 2 and "not a sharded index" in capsys.readouterr().err

@@ -140,6 +140,40 @@ def test_filter_combines_with_removals_and_rejects_bad_values(data):
             idx.search(Q, 10, filter=bad)
 
 
+@pytest.mark.parametrize("spec", ["PCA,ASQ6", "PCA,IVF16,ASQ6", "PCA,HNSW16,ASQ6"])
+def test_a_filter_object_reused_follows_the_index(data, spec):
+    """A filter object keeps its resolved rows and prepared search for the
+    index it serves: reused across single-query calls it gives the results
+    of a fresh array filter, and after removals, updates and adds (and on a
+    second index) it answers for the index as it is now."""
+    X, Q = data
+    n = len(X)
+    idx = _build(spec, X[:5000])
+    other = _build(spec, X[:3000])
+    allowed = np.arange(0, n, 3)
+    for f in (ipq_index.AllowIds(allowed), ipq_index.IdMask(np.isin(np.arange(n), allowed)),
+              ipq_index.DenyIds(np.setdiff1d(np.arange(n), allowed))):
+        def check(index, live):
+            for i in range(4):  # single queries: the prepared call of this filter object
+                q = Q[i:i + 1]
+                got = index.search(q, 10, filter=f)
+                want = index.search(q, 10, filter=np.intersect1d(allowed, live))
+                np.testing.assert_array_equal(got[1], want[1])
+                assert np.isin(got[1], np.intersect1d(allowed, live)).all()
+
+        check(idx, np.arange(5000))
+        check(other, np.arange(3000))
+        check(idx, np.arange(5000))
+        gone = np.arange(0, 5000, 2)
+        idx.remove_ids(gone)
+        check(idx, np.setdiff1d(np.arange(5000), gone))
+        idx.add(X[5000:], ids=np.arange(5000, n))
+        check(idx, np.setdiff1d(np.arange(n), gone))
+        idx.add(X[gone], ids=gone)  # back again
+        check(idx, np.arange(n))
+        idx = _build(spec, X[:5000])
+
+
 def test_graph_grows_by_inserting(data):
     """Ten rounds of +10% insert into the graph: recall close to a graph
     built at once, at the same ef."""

@@ -412,12 +412,10 @@ def _compact(res_v, res_i, cnt, kk, hist):
 
 
 @kernel
-def _scan_pass(blocks, block_ptr, block_fill, block_allow, lut, q, lists, bias, kk, thr, step, res_v, res_i, hist, buf):
+def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, step, res_v, res_i, hist, buf):
     """Collect the best kk rows scoring >= thr over every ``step``-th block
     of ``lists`` (step 1: all) into res (slots, unordered); a row of
-    lists[li] scores its table sum + bias[li] (``bias`` empty: + 0); only
-    slots whose bit is set in ``block_allow[b]`` (a filter; None: all);
-    returns
+    lists[li] scores its table sum + bias[li] (``bias`` empty: + 0); returns
     (count <= kk, kk-th best score or -1 when fewer than kk passed)."""
     cnt = 0
     g = 0  # blocks seen, for the stride
@@ -451,8 +449,6 @@ def _scan_pass(blocks, block_ptr, block_fill, block_allow, lut, q, lists, bias, 
             mask = block_scores(blocks, b, lut, q, buf, max(thr - add, 0))
             if b + 1 == b1:  # padding slots (only in a list's last block)
                 mask &= (np.int64(1) << block_fill[lst]) - 1
-            if block_allow is not None:  # None: no filter, and this build compiles none
-                mask &= block_allow[b]
             if mask == 0:
                 continue
             # slots (block * 32 + row in block): rows are looked up at the end
@@ -468,7 +464,7 @@ def _scan_pass(blocks, block_ptr, block_fill, block_allow, lut, q, lists, bias, 
 
 
 @kernel
-def _scan_one(blocks, block_rows, block_ptr, block_fill, block_allow, lut, q, lists, bias, kk, out_i):
+def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk, out_i):
     """The kk rows of query q's best quantized scores over the blocks of
     ``lists`` into out_i, unordered (-1 padded; among equal scores at the
     cut, the first scanned).  The buffer holds slots (block * 32 + row in
@@ -493,14 +489,14 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, block_allow, lut, q, li
     thr = 0
     if kk >= SAMPLE_KK and SAMPLE_MIN * kk <= nblk * BLOCK <= SAMPLE_MAX * kk:
         ks = (2 * kk) // SAMPLE_STEP
-        _, t = _scan_pass(blocks, block_ptr, block_fill, block_allow, lut, q, lists, bias, ks, 0, SAMPLE_STEP,
+        _, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, ks, 0, SAMPLE_STEP,
                             res_v, res_i, hist, buf)
         if t >= 0:
             thr = t
-    cnt, t = _scan_pass(blocks, block_ptr, block_fill, block_allow, lut, q, lists, bias, kk, thr, 1, res_v, res_i,
+    cnt, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, 1, res_v, res_i,
                         hist, buf)
     if t < 0 and thr > 0:  # the sample aimed too high: scan again, keeping everything
-        cnt, t = _scan_pass(blocks, block_ptr, block_fill, block_allow, lut, q, lists, bias, kk, 0, 1, res_v, res_i,
+        cnt, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, 0, 1, res_v, res_i,
                             hist, buf)
     for j in range(cnt):
         out_i[j] = block_rows[res_i[j]]
@@ -517,7 +513,7 @@ def scan_tables_topk(blocks, block_rows, block_ptr, block_fill, lut, probes, kk,
     out = np.empty((nq, kk), np.int64)
     nobias = np.zeros(0, np.int64)
     for q in range(nq):
-        _scan_one(blocks, block_rows, block_ptr, block_fill, None, lut, q, probes[q],
+        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, probes[q],
                   bias[q] if bias.shape[0] > 0 else nobias, kk, out[q])
     return out
 
@@ -536,7 +532,7 @@ def _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill
     else:
         _quantize_one(Y[q:q + 1], 0, slot_dim, centT, scratch, lut, np.float32(0.0))
         bias = np.zeros(0, np.int64)
-    _scan_one(blocks, block_rows, block_ptr, block_fill, None, lut, 0, probes[q], bias, kk, out[q])
+    _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, probes[q], bias, kk, out[q])
 
 
 @kernel
@@ -555,7 +551,7 @@ def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, pro
 
 
 @kernel
-def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, block_allow, dims, Ct,
+def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, dims, Ct,
                       spread, nprobe, resid, ncand, levels, fields, cl, tabs, codes, scales, kk, plan, ids, V, k):
     """The whole single-thread search of a few queries in one call (flat:
     one list, ``Ct`` None and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
@@ -566,10 +562,9 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     (d, m): the leading m transformed dimensions alone, enough when no ADC
     of the candidates follows and the coarse tables and probes read no
     others; the rest stay 0), then the candidates: the ``ncand`` best
-    coarse scores (uint8 tables, ``_scan_one``) among the slots
-    ``block_allow`` lets through (a filter; None: every slot), or with
-    ``ncand`` = 0 every row of the lists (``block_rows``; no coarse codes
-    needed; a filter lays out its allowed rows alone), then
+    coarse scores (uint8 tables, ``_scan_one``), or with ``ncand`` = 0
+    every row of the lists (``block_rows``; no coarse codes needed), then
+    (a filter passes a layout of its allowed rows alone)
     (``plan``, ``rerank.PLAN_*``)
 
     - PLAN_FIELDS / PLAN_TABLES: full ADC of those rows, field by field or
@@ -620,7 +615,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
                 _list_bias(raw, lists, scale, bias)
             else:
                 _quantize_one(Y, 0, slot_dim, centT, scratch, lut, np.float32(0.0))
-            _scan_one(blocks, block_rows, block_ptr, block_fill, block_allow, lut, 0, lists, bias, ncand, cand[0])
+            _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, ncand, cand[0])
         if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, rows, plan, V, hv, hr,
                                   out_v[qi], out_r[qi]):
             for t in range(ncand):

@@ -18,6 +18,7 @@ an opened shard is mapped again from its file.  See docs/distributed.md.
 
 from __future__ import annotations
 
+import inspect
 import os
 import uuid
 import warnings
@@ -107,7 +108,9 @@ class ShardedIndex:
         self.shard_threads = None if shard_threads is None else _positive(shard_threads, "shard_threads")
         # validates spec and settings now, on the client; kept to make each train's fresh index
         self._settings = dict(settings)
-        self.spec = index_factory(self.d, spec, **settings).spec
+        proto = index_factory(self.d, spec, **settings)
+        self.spec = proto.spec
+        self._search_signature = inspect.signature(proto.search)  # checks search parameters on the client
         self.client = _client(client)
         self._trained = None  # the trained, empty index as ipq file bytes (shipped to workers)
         self._shards = [None] * self.n_shards  # Futures of _worker.Shard
@@ -367,6 +370,11 @@ class ShardedIndex:
         k = int(k)
         if k > self.ntotal:
             raise ValueError(f"k={k} exceeds the number of indexed vectors ({self.ntotal})")
+        try:
+            self._search_signature.bind(Q, k, **params)
+        except TypeError as e:
+            raise ValueError(f"search parameters {sorted(params)}: {e} ({self.spec})") from None
+        params = dict(params)
         threads = params.pop("num_threads", self.shard_threads)
         live = [s for s in range(self.n_shards) if self._sizes[s]]
         found = self._search_direct(live, Q, k, params, threads) if self.direct_search else {}

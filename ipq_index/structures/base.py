@@ -10,6 +10,7 @@ Scores are raw inner products (float32, descending), not ``1 - ip``.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import asdict
 
 import numpy as np
@@ -21,7 +22,7 @@ from .._kernels import tables as _tables
 from .._numba import SERIAL_QUERIES, concat_rows, map_chunks, readonly, resolve_threads
 from ..encoder import ASQEncoder, EncoderConfig, check_matrix
 from ..fast_scanner import FastScanner
-from ..filters import allowed_rows
+from ..filters import _IdFilter, as_filter
 from ..settings import FlatSettings
 
 #: queries processed together (bounds the lookup-table memory)
@@ -59,6 +60,7 @@ class IndexBase:
         self._n_removed = 0
         self._lock = threading.RLock()  # a search snapshots the rows under it; add/remove/compact change them under it
         self._live_allow = None  # uint8 (nrows,) of the rows not removed (derived from ``removed``)
+        self._live_token = object()  # replaced whenever the rows or removals change
         self._scanner = None  # fast-scan candidate generator (derived, rebuilt lazily)
         self._scanner_rows = -1
         self._search_state = None  # per-index arguments of the search kernels (see _search_arrays)
@@ -281,6 +283,7 @@ class IndexBase:
         self._n_removed = int(removed.sum())
         self._prepared_calls = {}  # they hold the old mask
         self._live_allow = None
+        self._live_token = object()  # filters resolved for the old rows are stale
 
     def compact(self) -> "IndexBase":
         """Drop removed rows for good (rows renumbered, ids kept; a graph
@@ -309,6 +312,7 @@ class IndexBase:
         """The rows changed: what was derived from them is rebuilt on the next search."""
         self._prepared_calls = {}  # prepared calls hold the old arrays
         self._live_allow = None
+        self._live_token = object()
         self._scanner = None
         self._rows_layout = None
 
@@ -322,10 +326,16 @@ class IndexBase:
             if self._live_allow is None:
                 self._live_allow = readonly((np.asarray(self.removed) == 0).view(np.uint8))
             return self._live_allow, self.ntotal
-        ok = allowed_rows(filter, np.asarray(self.ids))
+        f = as_filter(filter)
+        memo = f._memo  # (index, rows state, allow, m) of the last index this filter served
+        if memo is not None and memo[0]() is self and memo[1] is self._live_token:
+            return memo[2], memo[3]
+        ok = f.rows(np.asarray(self.ids))
         if self.removed is not None:
             ok &= np.asarray(self.removed) == 0
-        return readonly(ok.view(np.uint8)), int(ok.sum())
+        got = readonly(ok.view(np.uint8)), int(ok.sum())
+        f._memo = (weakref.ref(self), self._live_token, *got)
+        return got
 
     # -- search ---------------------------------------------------------------
     def _search_arrays(self):
@@ -435,7 +445,7 @@ class IndexBase:
             single, batch = prepare(k, rr, kk, exact_ns, allow, m)
             codes, scales = np.asarray(self.codes), self._scales()
         if self._few_queries(Q.shape[0]):
-            if allow is None or allow is self._live_allow:
+            if not empty:
                 self._keep_call(key, single, k)
             v, rows, ids = single(Q)
         else:
@@ -469,8 +479,12 @@ class IndexBase:
 
     def _call_key(self, return_std, filter, *params):
         """The key of a search's prepared call (``_prepared_call``): its
-        parameters and the default rerank; None for ``return_std`` or a filter."""
-        return None if return_std or filter is not None else (*params, self.rerank)
+        parameters, the default rerank and the filter object (kept alive by
+        the key, so never confused with another); None for ``return_std``
+        or a filter given as a plain array (converted on every call)."""
+        if return_std or not (filter is None or isinstance(filter, _IdFilter)):
+            return None
+        return (*params, self.rerank, filter)
 
     def _prepared_call(self, key, Q):
         """The single-query search state of one parameter set: the kernel's
@@ -664,10 +678,10 @@ def _round16(m, d):
 
 
 def _plain_key(key) -> bool:
-    """Whether every search parameter in ``key`` is a plain int, str or None
-    (True would find the entry of 1: such calls always take the validating
-    path)."""
-    for p in key:
+    """Whether every search parameter in ``key`` (all but its last entry,
+    the filter object or None) is a plain int, str or None (True would find
+    the entry of 1: such calls always take the validating path)."""
+    for p in key[:-1]:
         if p is not None and type(p) is not int and type(p) is not str:
             return False
     return True

@@ -57,8 +57,9 @@ class FlatIndex(IndexBase):
         return self._scan_search(Q, k, rerank, num_threads, return_std, key, fs, filter)
 
     def _probe_count(self, nprobe, m):
-        """(lists probed, rows scanned, about) when ``m`` rows may be returned."""
-        return 1, self.nrows
+        """(lists probed, rows scanned, about) when ``m`` rows may be
+        returned (a filtered scan reads those alone: ``_allowed_scan``)."""
+        return 1, m
 
     def _kernel_probe(self, npb, fast):
         """The scan kernel's probe arguments (dims, centroids, spread, nprobe,
@@ -67,69 +68,90 @@ class FlatIndex(IndexBase):
         return _NO_PROBE
 
     def _scan_search(self, Q, k, rerank, num_threads, return_std, key, fs, filter, nprobe=None):
-        """A scan search through ``_fs.scan_query_serial`` (rotation to ids in
-        one kernel per chunk of queries): the ``fs``-factor best coarse
-        scores among the allowed rows rescored (at least
-        ``fastscan_min_rows`` rows), else every allowed row of the scanned
-        lists; a filter that lets few rows through (``cost_model.
-        scan_allowed_rows``) scores those rows alone."""
+        """A scan search (``_scan_calls``) through ``_search_with``."""
         fs = None if fs is None else nonneg_int(fs, "fs")
 
         def prepare(k, rr, kk, exact_ns, allow, m):
-            npb, scanned = self._probe_count(nprobe, m)
-            fsf = self._fs_factor(fs, scanned)
-            every = fsf == 0 or self.nrows < self.settings.fastscan_min_rows
-            sc = None if every else self._fast_scanner()
-            few = allow is not None and (every or cost_model.scan_allowed_rows(
-                self.encoder, m, scanned, sc.blocks.shape[1]))
-            R, mean, levels, fields, tabs, codes, scales, ids, V, no_V = self._search_arrays()
-            block_allow = None
-            if few:  # the allowed rows alone, every one scored (one list: no probe)
-                ncand, cl, scan, probe = 0, _NO_CAND, self._row_layout(allow), self._kernel_probe(0, False)
-                nc = max(kk, m)
-            elif every:
-                ncand, cl, scan, probe = 0, _NO_CAND, self._row_layout(None), self._kernel_probe(npb, False)
-                nc = min(self.nrows, max(kk, int(scanned)))
-            else:
-                probe = self._kernel_probe(npb, True)
-                R_lead, R_cand, cl, scan = self._scan_arrays(sc)
-                ncand = nc = self._coarse_count(fsf, kk)
-                if allow is not None:
-                    block_allow = self._block_allow(sc, allow)
-            plan = cost_model.rescore_plan(self.encoder, nc, kk, exact_ns, self.settings.exact_preference,
-                                           cl=None if cl is _NO_CAND else cl)
-            if not (every or few):
-                # without the full ADC of the candidates only some leading
-                # transformed dimensions are read (coarse tables, probes, the
-                # candidate ADC's fields): rotate those alone
-                R = {"exact": R_lead, "cand": R_cand}.get(plan, R)
-            args = (R, mean, *scan, block_allow, *probe, ncand, levels, fields, cl, tabs, codes, scales, kk,
-                    PLAN_CODES[plan], ids, V if rr else no_V, k)
-
-            def single(Qc):
-                return _fs.scan_query_serial(Qc, *args)
-
-            return single, lambda Q, nt: self._over_chunks(Q, nt, lambda Qc, part: _cut(single(Qc), k))
+            return self._scan_calls(k, rr, kk, exact_ns, allow, m, fs, nprobe)
 
         return self._search_with(Q, k, rerank, num_threads, return_std, key, prepare, filter)
+
+    def _scan_calls(self, k, rr, kk, exact_ns, allow, m, fs, nprobe):
+        """(single, batch) calls of a scan search through
+        ``_fs.scan_query_serial`` (rotation to ids in one kernel per chunk of
+        queries), for ``_search_with``: the ``fs``-factor best coarse scores
+        among the allowed rows rescored (at least ``fastscan_min_rows``
+        rows), else every allowed row of the scanned lists; a filter that
+        lets few rows through (``cost_model.scan_allowed_rows``) scores
+        those rows alone."""
+        npb, scanned = self._probe_count(nprobe, m)
+        fsf = self._fs_factor(fs, scanned)
+        every = fsf == 0 or self.nrows < self.settings.fastscan_min_rows
+        sc = None if every else self._fast_scanner()
+        few = allow is not None and (every or cost_model.scan_allowed_rows(
+            self.encoder, m, scanned, sc.coarse_bytes, self._coarse_count(fsf, kk)))
+        R, mean, levels, fields, tabs, codes, scales, ids, V, no_V = self._search_arrays()
+        if few:  # the allowed rows alone, every one scored (one list: no probe)
+            ncand, cl, scan, probe = 0, _NO_CAND, self._row_layout(allow), self._kernel_probe(0, False)
+            nc = max(kk, m)
+        elif every:
+            ncand, cl, scan, probe = 0, _NO_CAND, self._row_layout(None), self._kernel_probe(npb, False)
+            nc = min(self.nrows, max(kk, int(scanned)))
+        else:
+            probe = self._kernel_probe(npb, True)
+            R_lead, R_cand, cl, scan = self._scan_arrays(sc)
+            ncand = nc = self._coarse_count(fsf, kk)
+            if allow is not None:  # the lists' allowed rows alone
+                scan = self._allowed_scan(sc, allow)
+        plan = cost_model.rescore_plan(self.encoder, nc, kk, exact_ns, self.settings.exact_preference,
+                                       cl=None if cl is _NO_CAND else cl)
+        if not (every or few):
+            # without the full ADC of the candidates only some leading
+            # transformed dimensions are read (coarse tables, probes, the
+            # candidate ADC's fields): rotate those alone
+            R = {"exact": R_lead, "cand": R_cand}.get(plan, R)
+        args = (R, mean, *scan, *probe, ncand, levels, fields, cl, tabs, codes, scales, kk,
+                PLAN_CODES[plan], ids, V if rr else no_V, k)
+
+        def single(Qc):
+            return _fs.scan_query_serial(Qc, *args)
+
+        return single, lambda Q, nt: self._over_chunks(Q, nt, lambda Qc, part: _cut(single(Qc), k))
 
     def _candidate_args(self, sc):
         return (sc.slot_dim, sc._centT, sc.blocks, sc.block_rows, sc.block_ptr, sc.block_fill)
 
-    def _block_allow(self, sc, allow):
-        """int64 (blocks,): bit v of entry b set when slot v of block b holds
-        a row ``allow`` lets through (the scan's filter); cached for the
-        index's own live-row mask."""
-        if allow is self._live_allow and getattr(sc, "_live_bits", (None,))[0] is allow:
-            return sc._live_bits[1]
-        rows = sc.block_rows
-        ok = np.zeros(rows.shape[0], bool)
-        valid = rows >= 0
-        ok[valid] = np.asarray(allow)[rows[valid]] != 0
-        bits = np.packbits(ok.reshape(-1, 32), axis=1, bitorder="little").view("<u4")[:, 0].astype(np.int64)
-        if allow is self._live_allow:
-            sc._live_bits = (allow, bits)
-        return bits
+    def _allowed_scan(self, sc, allow):
+        """The scan kernel's candidate layout (``_candidate_args``) of the
+        rows ``allow`` lets through alone, list by list (``_allowed_layout``,
+        O(rows) once): a filtered search scans those alone.  Kept on the
+        scanner for the last few ``allow`` arrays (a filter object hands the
+        same array to every search until the index changes:
+        ``IndexBase._allowed``)."""
+        memo = sc.__dict__.setdefault("_allowed_scans", {})
+        got = memo.get(id(allow))
+        if got is not None and got[0] is allow:
+            return got[1]
+        got = (sc.slot_dim, sc._centT, *self._allowed_layout(sc, np.asarray(allow) != 0))
+        if len(memo) >= 4:
+            memo.clear()
+        memo[id(allow)] = (allow, got)
+        return got
+
+    @staticmethod
+    def _allowed_layout(sc, ok):
+        """The block layout (``_fs.layout_blocks``) of the scanner's lists cut
+        down to the rows ``ok`` (bool, per row) keeps: their coarse codes are
+        copied out of the blocks."""
+        blocks, block_rows, block_ptr = sc.blocks, sc.block_rows, sc.block_ptr
+        slots = np.flatnonzero(block_rows >= 0)
+        slots = slots[ok[block_rows[slots]]]  # in list order
+        lists = np.searchsorted(block_ptr, slots // _fs.BLOCK, side="right") - 1
+        ptr = np.zeros(block_ptr.shape[0], np.int64)
+        np.cumsum(np.bincount(lists, minlength=ptr.shape[0] - 1), out=ptr[1:])
+        packed = blocks[slots // _fs.BLOCK, :, slots % _fs.BLOCK]  # (rows, bytes): their coarse codes
+        sub, local, sub_ptr, fill = _fs.layout_blocks(packed, ptr, np.arange(slots.size, dtype=np.int64))
+        return sub, np.where(local >= 0, block_rows[slots][np.maximum(local, 0)], -1), sub_ptr, fill
 
     def _row_layout(self, allow=None):
         """The scan layout of a search without coarse codes (every row of the

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from .. import cost_model
+from .._kernels import fastscan as _fs
 from .._kernels import graph_search as _gs
 from .._numba import readonly, resolve_threads
 from ..encoder import EncoderConfig
@@ -115,7 +116,9 @@ class GraphIndex(FlatIndex):
         reach a recall at a smaller ``ef``.  ``ef`` and ``nav`` default to
         the index's settings.  ``filter``: as in ``FlatIndex.search``; the
         walk goes through filtered-out (and removed) nodes but keeps only
-        allowed ones, and runs until its beam holds ``ef`` of them.
+        allowed ones, and runs until its beam holds ``ef`` of them; when
+        few rows pass (``cost_model.scan_beats_walk``), the allowed rows
+        alone are fast-scanned on the navigation codes instead.
         """
         key = self._call_key(return_std, filter, k, rerank, ef, nav, num_threads)
         out = self._prepared_call(key, Q)
@@ -127,7 +130,12 @@ class GraphIndex(FlatIndex):
             raise ValueError(f"nav must be one of {NAVS}, got {nav!r}")
 
         def prepare(k, rr, kk, exact_ns, allow, m):
-            return self._walk_calls(k, rr, kk, min(max(efv, kk), self.nrows), exact_ns, nav, allow)
+            e = min(max(efv, kk), self.nrows)
+            if allow is not None and cost_model.scan_beats_walk(
+                    self.encoder, m, self.ntotal, e, self._fast_scanner().coarse_bytes, self._coarse_count(
+                        self._fs_factor(None, m), kk)):
+                return self._scan_calls(k, rr, kk, exact_ns, allow, m, None, None)  # the allowed rows alone
+            return self._walk_calls(k, rr, kk, e, exact_ns, nav, allow)
 
         return self._search_with(Q, k, rerank, num_threads, return_std, key, prepare, filter)
 
@@ -179,6 +187,14 @@ class GraphIndex(FlatIndex):
                     self._visit_lock.release()
 
         return single, batch
+
+    @staticmethod
+    def _allowed_layout(sc, ok):
+        """A filtered scan's block layout (``FlatIndex._allowed_layout``) from
+        the navigation codes: one list of the rows ``ok`` keeps."""
+        rows = np.flatnonzero(ok).astype(np.int64)
+        blocks, local, ptr, fill = _fs.layout_blocks(sc.codes, np.array([0, rows.size], np.int64), rows)
+        return blocks, local, ptr, fill
 
     def _candidate_args(self, sc):
         """The walk's arguments of the search kernel: navigation layout and

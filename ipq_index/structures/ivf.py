@@ -118,7 +118,7 @@ class IVFIndex(FlatIndex):
         ADC (``fs``: as in ``FlatIndex.search``, the default growing with the
         rows scanned; ``fs=0`` scans the lists with the full ADC).  ``filter``: as in
         ``FlatIndex.search``; the probe reaches further lists as the filter
-        leaves fewer rows (nprobe * rows / allowed rows, at most nlist).
+        leaves fewer rows (nprobe * live rows / allowed rows, at most nlist).
         """
         key = self._call_key(return_std, filter, k, rerank, fs, nprobe, num_threads)
         out = self._prepared_call(key, Q)
@@ -128,10 +128,10 @@ class IVFIndex(FlatIndex):
         return self._scan_search(Q, k, rerank, num_threads, return_std, key, fs, filter, npb)
 
     def _probe_count(self, nprobe, m):
-        n = self.nrows
-        if 0 < m < n:  # a filter (or removals) leaves fewer rows per list: probe further
-            nprobe = min(self.nlist, math.ceil(nprobe * n / m))
-        return nprobe, n * nprobe / max(1, self.nlist)
+        live = self.ntotal  # removed rows do not count: an index of the live rows alone would hold these
+        if 0 < m < live:  # a filter leaves fewer rows per list: probe further
+            nprobe = min(self.nlist, math.ceil(nprobe * live / m))
+        return nprobe, m * nprobe / max(1, self.nlist)  # the allowed rows of the lists are scanned
 
     def _kernel_probe(self, npb, fast):
         dims, Ct = self._probe_args()
