@@ -174,7 +174,6 @@ def cmd_build(args, extra=None) -> int:
     import ipq_index
 
     from .bench.params import unit
-
     from .cli_distributed import check_cluster_options
 
     check_cluster_options(args)
@@ -271,9 +270,11 @@ def _search(args, index, params, out) -> int:
         raise ValueError(f"--k {args.k} exceeds the number of indexed vectors ({len(index)})")
     if args.filter:
         from .cli_edit import read_ids
+        from .filters import as_filter
 
         ids = read_ids(args.filter)
-        params["filter"] = ipq_index.DenyIds(ids) if args.deny else ids
+        # one filter object for every chunk: its rows are resolved once
+        params["filter"] = ipq_index.DenyIds(ids) if args.deny else as_filter(ids)
     threads = args.threads if args.threads is not None else (None if hasattr(index, "n_shards") else -1)
     nq = Q.shape[0]
     scores = np.empty((nq, args.k), np.float32)
