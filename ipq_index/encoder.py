@@ -13,7 +13,10 @@ Training (``ASQEncoder.train``):
    unbiased); for nearest rounding the direction is rounded after the
    pre-scale t in SCALE_SEARCH that best aligns the result with it, and the
    least-squares scale <z, z_hat> / <z_hat, z_hat> is stored.  The ASQ objective weighs each vector by norm^2, its share of
-   the score variance;
+   the score variance.  ``scale=None`` (a spec without ``s`` or ``n``)
+   decides on the data: both encoders are trained and the scale kept when
+   it finds significantly more of the true top-10 on a held-out sample
+   (``_scale_trial``; the record: ``scale_choice``);
 4. for every dimension and every width b = 1..max_bits, ASQ levels
    (``asq.solve_columns``, objective ``sum`` or ``max``) and their cost F_j(b);
 5. bit allocation: widths b_j in 0..max_bits with sum b_j <= round(bits * d),
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import heapq
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -69,7 +72,9 @@ class EncoderConfig:
     transform: str = "pca"
     objective: str = "sum"  #: ASQ objective within a dimension: "sum" or "max"
     rounding: str = "nearest"
-    scale: bool = False  #: store a per-vector norm (4 bytes) and quantize directions
+    #: store a per-vector norm (4 bytes) and quantize directions; None: decided
+    #: by ``train`` on the data (``ASQEncoder.scale_choice``)
+    scale: bool | None = False
     max_bits: int = 8
     sample_size: int = 100_000  #: training rows used (seeded sample)
     #: ASQ method for the level sets: "approx", "exact", or "auto" (approx
@@ -95,6 +100,8 @@ class EncoderConfig:
             raise ValueError('the minimax objective ("max", spec flag m) is solved exactly: method="exact"')
         if not (isinstance(self.max_bits, int) and 1 <= self.max_bits <= 8):
             raise ValueError(f"max_bits must be an int in 1..8, got {self.max_bits!r}")
+        if self.scale is not None and not isinstance(self.scale, (bool, np.bool_)):
+            raise ValueError(f"scale must be True, False or None (decided by train), got {self.scale!r}")
         if not (isinstance(self.sample_size, int) and self.sample_size >= 2):
             raise ValueError(f"sample_size must be an int >= 2, got {self.sample_size!r}")
 
@@ -145,6 +152,8 @@ class ASQEncoder:
     level_off: np.ndarray | None = None  # (d+1,) int64
     nbytes: int = 0
     energy: np.ndarray | None = None  # (d,) E[y_j^2] used for the allocation
+    #: how train decided the scale when the config left it open (``_scale_trial``), else None
+    scale_choice: dict | None = None
     _fields: tuple | None = field(default=None, repr=False)  # per-byte field lists (derived)
     _vmax: np.ndarray | None = field(default=None, repr=False)  # variance bound per level (derived)
     _field_rows: np.ndarray | None = field(default=None, repr=False)  # see field_table (derived)
@@ -168,6 +177,8 @@ class ASQEncoder:
         """Learn the encoder; on any error the previous state is kept."""
         snapshot = dict(self.__dict__)
         try:
+            if self.config.scale is None:
+                return self._train_choosing_scale(X, queries, weights, num_threads)
             return self._train(X, queries, weights, num_threads)
         except BaseException:
             self.__dict__.clear()
@@ -201,6 +212,17 @@ class ASQEncoder:
         self.levels = np.concatenate(levels).astype(np.float64)
         self.level_off = np.asarray(off, np.int64)
         self._freeze()
+        return self
+
+    def _train_choosing_scale(self, X, queries, weights, num_threads):
+        """Train with and without the per-vector scale and keep the encoder
+        ``_scale_trial`` picks (its config then says which)."""
+        X = check_matrix(X, self.d, "training data")
+        trained = {on: ASQEncoder(self.d, replace(self.config, scale=on))._train(X, queries, weights, num_threads)
+                   for on in (False, True)}
+        choice = _scale_trial(trained[False], trained[True], X, queries, self.config.seed)
+        self.__dict__.update(trained[choice["scale"]].__dict__)
+        self.scale_choice = choice
         return self
 
     def _training_columns(self, Xc, queries, weights):
@@ -512,6 +534,8 @@ class ASQEncoder:
     # -- persistence ------------------------------------------------------
     def state(self) -> tuple[dict, dict]:
         meta = {"d": self.d, "config": asdict(self.config), "nbytes": self.nbytes}
+        if self.scale_choice is not None:
+            meta["scale_choice"] = self.scale_choice
         arrays = {"enc.mean": self.mean, "enc.bits": self.bits, "enc.byte_of": self.byte_of,
                   "enc.shift_of": self.shift_of, "enc.levels": self.levels,
                   "enc.level_off": self.level_off, "enc.energy": self.energy}
@@ -522,6 +546,9 @@ class ASQEncoder:
     @classmethod
     def from_state(cls, meta: dict, arrays: dict) -> "ASQEncoder":
         enc = cls(int(meta["d"]), EncoderConfig.from_dict(meta["config"]))
+        if enc.config.scale is None:
+            raise ValueError("encoder state has no decided scale")
+        enc.scale_choice = meta.get("scale_choice")
         enc.nbytes = int(meta["nbytes"])
         enc.mean = np.asarray(arrays["enc.mean"])
         enc.rotation = np.asarray(arrays["enc.rotation"]) if "enc.rotation" in arrays else None
@@ -529,6 +556,53 @@ class ASQEncoder:
             setattr(enc, name, np.ascontiguousarray(arrays[f"enc.{name}"]))
         enc._freeze()
         return enc
+
+
+#: the scale trial (``_scale_trial``): queries, rows and k of its top-k
+SCALE_TRIAL_QUERIES, SCALE_TRIAL_ROWS, SCALE_TRIAL_K = 256, 20_000, 10
+
+
+def _scale_trial(plain, scaled, X, queries, seed) -> dict:
+    """Whether the per-vector scale pays, measured: on a seeded sample of
+    rows (``SCALE_TRIAL_ROWS``) and of queries (the sample queries, else
+    other rows of X), how many of each query's exact top-k inner products
+    (``SCALE_TRIAL_K``) each encoder's ADC scores put in its top-k.  The
+    scale (4 bytes per vector) is kept when it misses fewer by more than
+    twice the standard error of the paired difference.  Returns the record
+    ``{"scale", "recall_plain", "recall_scaled", "queries", "rows", "k"}``
+    (too few rows to measure: no scale)."""
+    rng = np.random.default_rng(seed + 1)
+    n = X.shape[0]
+    if queries is not None:
+        Q = check_matrix(queries, X.shape[1], "sample queries")
+        Q = Q[np.sort(rng.permutation(Q.shape[0])[:SCALE_TRIAL_QUERIES])]
+        rows = np.sort(rng.permutation(n)[:SCALE_TRIAL_ROWS])
+    else:
+        perm = rng.permutation(n)
+        nq = min(SCALE_TRIAL_QUERIES, n // 4)
+        Q, rows = X[np.sort(perm[:nq])], np.sort(perm[nq:nq + SCALE_TRIAL_ROWS])
+    k = min(SCALE_TRIAL_K, rows.size // 4)
+    record = {"scale": False, "recall_plain": None, "recall_scaled": None, "queries": int(Q.shape[0]),
+              "rows": int(rows.size), "k": int(k)}
+    if k < 1 or Q.shape[0] < 8:
+        return record
+    D = X[rows]
+    Q64 = Q.astype(np.float64)
+
+    def top(S):
+        return np.argpartition(-S, k - 1, axis=1)[:, :k]
+
+    truth = top(Q64 @ D.astype(np.float64).T)
+    hits = {}
+    for name, enc in (("plain", plain), ("scaled", scaled)):
+        codes, sc = enc.encode(D)
+        found = top(Q64 @ enc.decode(codes, sc).astype(np.float64).T)
+        hits[name] = np.array([np.intersect1d(a, b).size for a, b in zip(truth, found)], np.float64)
+        record[f"recall_{name}"] = round(float(hits[name].mean()) / k, 4)
+    gain = hits["scaled"] - hits["plain"]
+    se = gain.std(ddof=1) / np.sqrt(gain.size) if gain.size > 1 else np.inf
+    record["scale"] = bool(gain.mean() > 2.0 * se)
+    return record
 
 
 def _training_sample(X, weights, sample_size, rng):

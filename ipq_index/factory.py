@@ -28,7 +28,8 @@ def parse_spec(spec: str) -> dict:
     the k-means centroids), ``HNSW<M>`` (graph walk scored by ADC); a flat
     scan when absent.
     flags on the codec: ``u`` unbiased rounding (default nearest), ``s``
-    per-vector scale, ``m`` minimax (worst-case) objective.
+    per-vector scale, ``n`` no per-vector scale (neither: ``train`` decides
+    on the data, ``EncoderConfig.scale``), ``m`` minimax (worst-case) objective.
     ``Rerank4`` keeps a float16 copy (``F32``: float32) and re-ranks 4 x k
     ADC candidates exactly by default.
     Spaces around components are ignored (``index_factory`` stores the spec
@@ -62,18 +63,20 @@ def parse_spec(spec: str) -> dict:
         else:
             raise ValueError(
                 f"bad index spec {spec!r}: cannot parse {tok!r} (expected "
-                "'[PCA|ROT,][IVF<nlist>|HNSW<M>,]ASQ<bits>[u][s][m][,Rerank[<factor>][F16|F32]]')")
+                "'[PCA|ROT,][IVF<nlist>|HNSW<M>,]ASQ<bits>[u][s|n][m][,Rerank[<factor>][F16|F32]]')")
     if codec is None:
         raise ValueError(f"bad index spec {spec!r}: no ASQ<bits> codec")
     flags = codec.group("flags")
-    if set(flags) - set("usm") or len(set(flags)) != len(flags):
-        raise ValueError(f"bad index spec {spec!r}: unknown codec flags {flags!r} (u, s, m)")
+    if set(flags) - set("usnm") or len(set(flags)) != len(flags):
+        raise ValueError(f"bad index spec {spec!r}: unknown codec flags {flags!r} (u, s or n, m)")
+    if "s" in flags and "n" in flags:
+        raise ValueError(f"bad index spec {spec!r}: flags s (scale) and n (no scale) exclude each other")
     out["bits"] = float(codec.group("bits"))
     if not 0 < out["bits"] <= 8:
         raise ValueError(f"bad index spec {spec!r}: ASQ bits per dimension must be in (0, 8], "
                          f"got {codec.group('bits')}")
     out["rounding"] = "unbiased" if "u" in flags else "nearest"
-    out["scale"] = "s" in flags
+    out["scale"] = True if "s" in flags else False if "n" in flags else None
     out["objective"] = "max" if "m" in flags else "sum"
     return out
 

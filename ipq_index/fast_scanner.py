@@ -307,12 +307,13 @@ class FastScanner:
         byte table's span."""
         return _coarse.coarse_byte_tables_i16(np.ascontiguousarray(Y, np.float32), self.slot_dim, self._centT)
 
-    def candidates(self, Y, kk: int, num_threads: int, probes=None, raw=None) -> np.ndarray:
+    def candidates(self, Y, kk: int, num_threads: int, probes=None, raw=None, with_scores: bool = False):
         """Rows (nq, kk) of the best coarse scores of rotated queries Y, in no
         particular order (-1 padded); ``probes`` (nq, nprobe) int64: the lists
         to scan (IVF scanners only); ``raw`` (nq, nprobe): their centroid
         scores <y, c_l> (needed with ``residual`` codes).  Queries split
-        across ``num_threads`` threads."""
+        across ``num_threads`` threads.  ``with_scores``: also their
+        quantized coarse scores (uint16, comparable within a query)."""
         Y = np.ascontiguousarray(Y, np.float32)
         nq = Y.shape[0]
         kk = max(1, min(int(kk), self.ntotal))
@@ -327,7 +328,8 @@ class FastScanner:
             raw = np.zeros((0, 0), np.float32)
         args = (Y, self.slot_dim, self._centT, self.blocks, self.block_rows, self.block_ptr, self.block_fill,
                 probes, raw, kk)
-        return split_rows(_fs.scan_topk, nq, num_threads, args, rows=(0, 7, 8))
+        rows, scores = split_rows(_fs.scan_topk, nq, num_threads, args, rows=(0, 7, 8))
+        return (rows, scores) if with_scores else rows
 
 
 def _nibble_groups(bits, cb):

@@ -38,6 +38,12 @@ class FlatSettings:
     #: 100,000) above that many rows (per call: ``search(..., fs=)``, 0 =
     #: exhaustive full ADC)
     fs: int = 10
+    #: the fast-scan candidate pool (``fs`` above) grows, per query, until it
+    #: is this many times deeper than the coarse rank of the deepest of the k
+    #: results (rank r: the pool holds at least depth * r rows); the scan
+    #: and rescoring are repeated with a larger pool when it is not (0: a
+    #: fixed pool; a per-call ``fs`` also fixes it)
+    depth: float = 6.0
     #: below this many vectors every code is scored with the full ADC
     fastscan_min_rows: int = 4096
     #: share of the estimated score variance the fast-scan coarse codes keep
@@ -56,6 +62,7 @@ class FlatSettings:
 
     def __post_init__(self):
         _int(self.fs, "fs", 1)
+        _nonneg(self.depth, "depth")
         _share(self.compact_share, "compact_share")
         _int(self.fastscan_min_rows, "fastscan_min_rows", 0)
         _share(self.coverage, "coverage", allow_none=True)

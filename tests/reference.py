@@ -131,18 +131,78 @@ def staged_search(idx, Q, k, *, rerank=None, fs=None, nprobe=None):
         cand = sc.candidates(Y, nc, 1, probes, raw)
     plan = cost_model.rescore_plan(enc, nc, kk, exact_ns, idx.settings.exact_preference, cl=cl)
     offsets = Q.astype(np.float64) @ np.asarray(enc.mean, np.float64)
-    if plan == "exact":
-        v, r = None, cand
-    elif plan == "cand":
-        v, r = cand_adc.candidate_topk(Y, enc.levels32(), cl, codes, scales, cand, kk)
-    elif plan == "fields":
-        v, r = fields.rescore_fields(Y, enc.levels32(), enc.field_layout(), codes, scales, cand, kk)
-    else:
-        v, r = tables.rescore_topk(enc.rotated_tables(Y, num_threads=1), codes, scales, cand, kk)
-    if rr:
-        v, r = rr_kernels.rerank(Q, copy_rows(idx.vectors), np.ascontiguousarray(r, np.int64), k)
-    else:
-        v = (v.astype(np.float64) + offsets[:, None]).astype(np.float32)
+
+    def rescore(cand, Yq, Qq, off):
+        if plan == "exact":
+            v, r = None, cand
+        elif plan == "cand":
+            v, r = cand_adc.candidate_topk(Yq, enc.levels32(), cl, codes, scales, cand, kk)
+        elif plan == "fields":
+            v, r = fields.rescore_fields(Yq, enc.levels32(), enc.field_layout(), codes, scales, cand, kk)
+        else:
+            v, r = tables.rescore_topk(enc.rotated_tables(Yq, num_threads=1), codes, scales, cand, kk)
+        if rr:
+            return rr_kernels.rerank(Qq, copy_rows(idx.vectors), np.ascontiguousarray(r, np.int64), k)
+        return (v.astype(np.float64) + off[:, None]).astype(np.float32), r
+
+    depth = idx.settings.depth if fs is None else 0.0
+    if every or not depth:
+        v, r = rescore(cand, Y, Q, offsets)
+    else:  # the pool grows per query until deep enough (``_fs._deep_candidates``)
+        width = kk if not rr else k
+        v, r = np.full((len(Q), width), -np.inf, np.float32), np.full((len(Q), width), -1, np.int64)
+        for i in range(len(Q)):
+            pq = None if probes is None else probes[i:i + 1]
+            rq = None if raw is None else raw[i:i + 1]
+            v[i], r[i] = deep_candidates(sc, Y[i:i + 1], pq, rq, nc, depth, k,
+                                         lambda c: rescore(c, Y[i:i + 1], Q[i:i + 1], offsets[i:i + 1]))
     v, r = v[:, :k], r[:, :k]
     ids = np.where(r >= 0, np.asarray(idx.ids)[np.maximum(r, 0)], -1)
     return np.where(r >= 0, v, -np.inf).astype(np.float32), ids
+
+
+def best_of(vals, m):
+    """Positions (in pool order) of the m best scores ``vals``, ties at the cut: the first."""
+    cnt = vals.size
+    if m >= cnt:
+        return np.arange(cnt)
+    t = np.sort(vals)[::-1][m - 1]
+    above = np.flatnonzero(vals > t)
+    ties = np.flatnonzero(vals == t)[:m - above.size]
+    return np.sort(np.concatenate([above, ties]))
+
+
+def deep_candidates(sc, Yq, probes, raw, nc, depth, k, rescore):
+    """One query's pool grown until deep enough, step by step: the scan's
+    pool of ceil(depth * nc) rows and their quantized coarse scores; its
+    best m rows (m = nc first) rescored (``rescore``: a fresh rescoring of
+    every row taken so far, in the order taken); the rank r within the pool
+    of the coarsest of the k results; stop at m >= ceil(depth * r), else
+    m = max(that, 2 m), a pool twice as large when m outgrows it."""
+    bp = sc.block_ptr
+    lists = np.arange(bp.size - 1) if probes is None else probes[0][probes[0] >= 0]
+    slots = int((bp[lists + 1] - bp[lists]).sum()) * 32
+    size = min(max(nc, int(np.ceil(min(depth * nc, 1e15)))), max(slots, nc))
+    m = nc
+    while True:
+        full = size >= slots
+        pool, pv = sc.candidates(Yq, size, 1, probes, raw, with_scores=True)
+        pool, pv = pool[0], pv[0].astype(np.int64)
+        cnt = int(np.argmin(pool >= 0)) if (pool < 0).any() else size
+        taken = np.zeros(cnt, bool)
+        order = []
+        while True:
+            new = [p for p in best_of(pv[:cnt], min(m, cnt)) if not taken[p]]
+            taken[new] = True
+            order += new
+            v, r = rescore(pool[order][None].astype(np.int64))
+            res = r[0, :k]
+            vals = [pv[p] for p in order if pool[p] in set(res[res >= 0].tolist())]
+            need = int(np.ceil(min(depth * (pv[:cnt] >= min(vals)).sum(), 1e15))) if vals else 0
+            if need <= m or (m >= cnt and (cnt < size or full)):
+                return v[0], r[0]
+            m = max(need, 2 * m)
+            if m > cnt and not full:
+                break
+            m = min(m, cnt)
+        size = min(max(m, 2 * size), slots)

@@ -292,7 +292,8 @@ def test_scan_search_matches_the_stepwise_reference(monkeypatch, spec):
     rotation or none, scaled codes, IVF probes, every list probed, every
     rescoring plan including the exact re-rank of all candidates with the
     rotation cut to its leading columns, the scan of every row (fs=0),
-    float16 and float32 copies)."""
+    float16 and float32 copies; without ``fs`` the candidates grow per
+    query until deep enough: setting ``depth``)."""
     from ipq_index.structures import base
 
     ds = datasets.load_sample("minilm")
@@ -309,9 +310,9 @@ def test_scan_search_matches_the_stepwise_reference(monkeypatch, spec):
     real = cost_model.rescore_plan
     monkeypatch.setattr(cost_model, "rescore_plan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
     monkeypatch.setattr(base.IndexBase, "_prepared_call", lambda *a: None)  # every call plans
-    params = [dict(fs=2), dict(fs=20), dict(fs=0)]
+    params = [dict(fs=2), dict(fs=20), dict(fs=0), dict()]  # default: the pool grows by depth
     if idx.rerank:
-        params += [dict(fs=3, rerank=1), dict(fs=2, rerank=0), dict(fs=30, rerank=4), dict(fs=0, rerank=1),
+        params += [dict(rerank=1), dict(fs=3, rerank=1), dict(fs=2, rerank=0), dict(fs=30, rerank=4), dict(fs=0, rerank=1),
                    dict(fs=0, rerank=0)]
     if "IVF" in spec:
         params = [dict(p, nprobe=n) for p in params for n in (3, 32)]
@@ -322,6 +323,32 @@ def test_scan_search_matches_the_stepwise_reference(monkeypatch, spec):
             np.testing.assert_array_equal(i1, i2)
             np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
     assert {"fields", "tables"} <= set(plans) and (not idx.rerank or "exact" in plans)
+
+
+@pytest.mark.parametrize("spec", ["PCA,ASQ4n", "PCA,IVF16,ASQ4n,Rerank2"])
+def test_candidates_grow_by_depth_to_the_exhaustive_adc(spec):
+    """Without ``fs`` the candidate pool grows per query until it is
+    ``depth`` times deeper than the coarse rank of the deepest result: from a
+    pool of k rows (setting fs=1), depth 8 finds the exhaustive ADC's top-10
+    (fs=0) that the fixed pool misses, and a depth beyond the rows rescores
+    every row; per-call ``fs`` keeps the pool fixed."""
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:40]
+    idx = ipq_index.index_factory(X.shape[1], spec, fs=1).train(X).add(X)
+    p = dict(nprobe=4) if "IVF" in spec else {}
+    _, every = idx.search(Q, 10, fs=0, rerank=0, **p)
+
+    def found(I):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, every)])
+
+    fixed = found(idx.search(Q, 10, fs=1, rerank=0, **p)[1])
+    idx.configure(depth=0.0)
+    assert found(idx.search(Q, 10, rerank=0, **p)[1]) == fixed
+    idx.configure(depth=8.0)
+    deep = found(idx.search(Q, 10, rerank=0, **p)[1])
+    assert fixed < 0.9 and deep >= 0.99, (fixed, deep)
+    idx.configure(depth=1e300)  # the pool: every row of the lists
+    assert found(idx.search(Q, 10, rerank=0, **p)[1]) == 1.0
 
 
 def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):

@@ -44,7 +44,7 @@ from numba.extending import intrinsic
 from .._numba import kernel, splat, target_has
 from .coarse_tables import _coarse_luts
 from .probe import _probe_one
-from .rerank import PLAN_FIELDS, PLAN_TABLES, rescore_rerank_one, search_outputs
+from .rerank import PLAN_FIELDS, PLAN_TABLES, rescore_more, rescore_rerank_one, search_outputs
 from .rotation import rotate_query
 from .topk import ids_of_rows_one
 
@@ -464,10 +464,10 @@ def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, step
 
 
 @kernel
-def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk, out_i):
+def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk, out_i, out_v):
     """The kk rows of query q's best quantized scores over the blocks of
-    ``lists`` into out_i, unordered (-1 padded; among equal scores at the
-    cut, the first scanned).  The buffer holds slots (block * 32 + row in
+    ``lists`` into out_i, their scores into out_v (uint16), unordered (-1
+    and 0 padded; among equal scores at the cut, the first scanned).  The buffer holds slots (block * 32 + row in
     block), mapped to rows only for the final kk: ``block_rows`` is large
     and cold, one lookup per passing row cost more than the scan.  ``bias``:
     per-list score offsets (``_scan_pass``; empty: none).
@@ -500,8 +500,10 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk
                             hist, buf)
     for j in range(cnt):
         out_i[j] = block_rows[res_i[j]]
+        out_v[j] = res_v[j]
     for j in range(cnt, kk):
         out_i[j] = -1
+        out_v[j] = 0
 
 
 @kernel
@@ -511,15 +513,16 @@ def scan_tables_topk(blocks, block_rows, block_ptr, block_fill, lut, probes, kk,
     scores its table sum + bias[q, t]; (0, 0): none) (tests)."""
     nq = probes.shape[0]
     out = np.empty((nq, kk), np.int64)
+    vals = np.empty((nq, kk), np.uint16)
     nobias = np.zeros(0, np.int64)
     for q in range(nq):
         _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, probes[q],
-                  bias[q] if bias.shape[0] > 0 else nobias, kk, out[q])
+                  bias[q] if bias.shape[0] > 0 else nobias, kk, out[q], vals[q])
     return out
 
 
 @kernel
-def _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk, out):
+def _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk, out, vals):
     """Tables and scan of query q (``scan_topk``)."""
     M = centT.shape[0]
     G = M // 2
@@ -532,7 +535,7 @@ def _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill
     else:
         _quantize_one(Y[q:q + 1], 0, slot_dim, centT, scratch, lut, np.float32(0.0))
         bias = np.zeros(0, np.int64)
-    _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, probes[q], bias, kk, out[q])
+    _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, probes[q], bias, kk, out[q], vals[q])
 
 
 @kernel
@@ -540,19 +543,22 @@ def scan_topk(Y, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, pro
     """(nq, kk) rows of the best coarse scores of queries Y (nq, d) (tables
     from ``quantize_luts``) over the blocks of their lists ``probes`` (nq,
     nprobe) (-1 entries skipped; a flat index is one list), in no particular
-    order (see ``_scan_one``), -1 padded.  ``raw`` (nq, nprobe) float32:
+    order (see ``_scan_one``), -1 padded, and their quantized scores (uint16,
+    0 padded).  ``raw`` (nq, nprobe) float32:
     the probed lists' centroid scores <y, c_l> for residual coarse codes
     (``_list_bias``); (0, 0): direct codes."""
     nq = probes.shape[0]
     out = np.empty((nq, kk), np.int64)
+    vals = np.empty((nq, kk), np.uint16)
     for q in range(nq):
-        _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk, out)
-    return out
+        _scan_query(Y, q, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, probes, raw, kk, out, vals)
+    return out, vals
 
 
 @kernel
 def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr, block_fill, dims, Ct,
-                      spread, nprobe, resid, ncand, levels, fields, cl, tabs, codes, scales, kk, plan, ids, V, k):
+                      spread, nprobe, resid, ncand, depth, levels, fields, cl, tabs, codes, scales, kk, plan, ids, V,
+                      k):
     """The whole single-thread search of a few queries in one call (flat:
     one list, ``Ct`` None and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
     largest probe scores, ``_probe_one`` with ``dims``, ``Ct``, ``spread``;
@@ -576,6 +582,10 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
 
     then, when ``V`` (the stored copy: float32 rows or float16 bit patterns
     as uint16) has rows, the exact top-k of those rows (``rescore_rerank_one``).
+    With ``depth`` > 0 (and a plan that rescores) the candidates grow per
+    query until they reach ``depth`` times the coarse rank of the deepest of
+    the k results (``_deep_candidates``).
+
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
     (width k if re-ranked, else kk after an ADC, else ncand); out_ids =
     ids[rows], -1 (score -inf) for empty slots.  Raises ValueError when Q
@@ -589,6 +599,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     lut = np.empty((1, (G + G % 2) * LUT_STRIDE), np.uint8)
     scratch = np.empty((M, 16), np.float32)
     cand = np.empty((1, ncand), np.int64)
+    cvals = np.empty(ncand, np.uint16)
     T = np.empty((1 if plan == PLAN_TABLES else 0, codes.shape[1], 256), np.float32)
     nlist = block_ptr.shape[0] - 1
     lists = np.arange(nlist) if nprobe == 0 else np.empty(nprobe, np.int64)
@@ -615,13 +626,123 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
                 _list_bias(raw, lists, scale, bias)
             else:
                 _quantize_one(Y, 0, slot_dim, centT, scratch, lut, np.float32(0.0))
-            _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, ncand, cand[0])
+            if depth > 0:
+                _deep_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q,
+                                 qi, mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v[qi],
+                                 out_r[qi])
+                ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
+                continue
+            _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, ncand, cand[0], cvals)
         if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, rows, plan, V, hv, hr,
                                   out_v[qi], out_r[qi]):
             for t in range(ncand):
                 out_r[qi, t] = cand[0, t]
         ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
     return out_v, out_r, out_ids
+
+
+@kernel
+def _deep_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q, qi, mean,
+                     levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v, out_r):
+    """Query qi's candidates chosen by their depth: the scan keeps a pool of
+    the ceil(depth * ncand) best coarse scores; its best m rows (m = ncand
+    first, ``_best_of``) are rescored (``rescore_more`` into out_v, out_r);
+    the result stands once m >= depth * r, r the coarse rank within the pool
+    of the deepest of the first k results (``_needed``), else m grows to
+    max(depth * r, 2 m) and the next rows of the pool are rescored; a pool
+    too small for m is scanned again, at least twice as large (its best m
+    rows rescored anew).  A pool that holds every row of the lists ends it
+    (all of them rescored)."""
+    slots = 0  # the pool never needs more: it then holds every row of the lists
+    for li in range(lists.shape[0]):
+        if lists[li] >= 0:
+            slots += (block_ptr[lists[li] + 1] - block_ptr[lists[li]]) * BLOCK
+    size = min(max(ncand, np.int64(np.ceil(min(depth * ncand, 1e15)))), max(slots, ncand))
+    hist = np.empty((4, 256), np.int32)
+    m = ncand
+    while True:
+        full = size >= slots
+        pool = np.empty(size, np.int64)
+        pool_v = np.empty(size, np.uint16)
+        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, size, pool, pool_v)
+        cnt = 0
+        while cnt < size and pool[cnt] >= 0:
+            cnt += 1
+        taken = np.zeros(cnt, np.bool_)
+        first = True
+        while True:
+            pos = _best_of(pool_v, cnt, min(m, cnt), hist)
+            nb = 0
+            for t in range(pos.shape[0]):
+                if not taken[pos[t]]:
+                    nb += 1
+            band = np.empty((1, nb), np.int64)  # the rows not rescored yet, in pool order
+            nb = 0
+            for t in range(pos.shape[0]):
+                if not taken[pos[t]]:
+                    taken[pos[t]] = True
+                    band[0, nb] = pool[pos[t]]
+                    nb += 1
+            rescore_more(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, band, plan, V, hv, hr,
+                         out_v, out_r, first)
+            first = False
+            need = _needed(pool, pool_v, taken, out_r, k, depth)
+            if need <= m or m >= cnt and (cnt < size or full):
+                return  # deep enough, or every row of the lists rescored
+            m = max(need, 2 * m)
+            if m > cnt and not full:
+                break  # the pool is too small: scan again
+            m = min(m, cnt)
+        size = min(max(m, 2 * size), slots)
+
+
+@kernel
+def _best_of(pool_v, cnt, m, hist):
+    """Positions of the m best of the pool's first cnt scores (ties at the
+    cut: the first in pool order), in pool order.  The best m are among the
+    best m' >= m (nested, ``_deep_candidates``)."""
+    pos = np.empty(m, np.int64)
+    if m == 0:
+        return pos
+    t = np.int64(_kth_largest(pool_v, cnt, m, hist)) if m < cnt else np.int64(0)
+    above = 0
+    for j in range(cnt):
+        if np.int64(pool_v[j]) > t:
+            above += 1
+    ties = m - above
+    w = 0
+    for j in range(cnt):
+        v = np.int64(pool_v[j])
+        if v > t or (v == t and ties > 0):
+            if v == t:
+                ties -= 1
+            pos[w] = j
+            w += 1
+    return pos
+
+
+@kernel
+def _needed(pool, pool_v, taken, out_r, k, depth):
+    """ceil(depth * r), r the coarse rank of the deepest of the first k
+    result rows ``out_r`` among the rescored pool rows (``taken``): how many
+    of the pool's scores reach its score (ties count); 0 when no result row
+    is set."""
+    deepest = np.int64(65536)
+    cnt = taken.shape[0]
+    for t in range(cnt):
+        if taken[t]:
+            r = pool[t]
+            for j in range(k):
+                if out_r[j] == r:
+                    deepest = min(deepest, np.int64(pool_v[t]))
+                    break
+    if deepest == 65536:
+        return 0
+    rank = 0
+    for t in range(cnt):
+        if np.int64(pool_v[t]) >= deepest:
+            rank += 1
+    return np.int64(np.ceil(min(depth * rank, 1e15)))
 
 
 @kernel

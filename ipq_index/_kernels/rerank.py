@@ -269,6 +269,70 @@ def rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scale
 
 
 @_kernel
+def rescore_more(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, band, plan, V, hv, hr, out_v, out_r,
+                 first):
+    """``rescore_rerank_one`` of a candidate set that grows by bands of new
+    rows ``band`` (1, c): out_v / out_r hold the results of every band so
+    far (those of one call with their union, up to the order of equal
+    scores).  ``first``: the first band (the heaps start empty, the lookup
+    tables of PLAN_TABLES are built into T).  For plans that rescore (not
+    PLAN_NONE without rows in ``V``)."""
+    if V is None:
+        _offer_band(Y, levels, fields, cl, tabs, T, codes, scales, band, plan, hv, hr, first)
+        out_v[:] = hv
+        out_r[:] = hr
+        add_mean_one(Q, qi, mean, out_v, out_r)
+        return
+    exact = V.shape[0] > 0
+    if exact and plan == PLAN_NONE:  # every candidate re-ranked exactly: the results are the heap
+        if first:
+            out_v[:] = -np.inf
+            out_r[:] = -1
+        else:
+            _reverse(out_v, out_r)
+        rerank_rows(Q[qi], V, band[0], out_v, out_r)
+        return
+    _offer_band(Y, levels, fields, cl, tabs, T, codes, scales, band, plan, hv, hr, first)
+    if exact:
+        out_v[:] = -np.inf
+        out_r[:] = -1
+        rerank_rows(Q[qi], V, hr, out_v, out_r)
+    else:
+        out_v[:] = hv
+        out_r[:] = hr
+        add_mean_one(Q, qi, mean, out_v, out_r)
+
+
+@_kernel
+def _offer_band(Y, levels, fields, cl, tabs, T, codes, scales, band, plan, hv, hr, first):
+    """The ADC top-len(hv) of the rows offered so far into (hv, hr), sorted
+    descending (``rescore_more``)."""
+    if first:
+        hv[:] = -np.inf
+        hr[:] = -1
+        if plan == PLAN_TABLES:
+            level_off, bits, field_ptr, field_dim = tabs
+            prev = np.empty(256, np.float32)
+            _build_table(Y, 0, T[0], levels, level_off, bits, field_ptr, field_dim, codes.shape[1], prev)
+    else:
+        _reverse(hv, hr)  # ascending: a min-heap again
+    if plan == PLAN_CAND:
+        candidate_topk_one(Y, 0, levels, cl, codes, scales, band[0], hv, hr)
+    elif plan == PLAN_TABLES:
+        _rescore_one(T, codes, scales, band, 0, hv, hr)
+    else:
+        rescore_fields_one(Y, 0, levels, fields, codes, scales, band, hv, hr)
+
+
+@_kernel
+def _reverse(v, r):
+    n = v.shape[0]
+    for t in range(n // 2):
+        v[t], v[n - 1 - t] = v[n - 1 - t], v[t]
+        r[t], r[n - 1 - t] = r[n - 1 - t], r[t]
+
+
+@_kernel
 def _rerank_one(Q, qi, V, cand, hv, hi):
     rerank_rows(Q[qi], V, cand[qi], hv, hi)
 

@@ -70,7 +70,7 @@ class IndexBase:
     def _default_spec(self):
         c = self.encoder.config
         t = {"none": "", "pca": "PCA,", "random": "ROT,"}[c.transform]
-        flags = ("u" if c.rounding == "unbiased" else "") + ("s" if c.scale else "") + \
+        flags = ("u" if c.rounding == "unbiased" else "") + {True: "s", False: "n", None: ""}[c.scale] + \
             ("m" if c.objective == "max" else "")
         bits = f"{c.bits:g}"
         rr = f",Rerank{self.rerank}{'F32' if self.rerank_dtype == 'float32' else ''}" if self.rerank else ""

@@ -86,6 +86,7 @@ class FlatIndex(IndexBase):
         those rows alone."""
         npb, scanned = self._probe_count(nprobe, m)
         fsf = self._fs_factor(fs, scanned)
+        depth = float(self.settings.depth) if fs is None else 0.0  # an explicit fs: a fixed pool
         every = fsf == 0 or self.nrows < self.settings.fastscan_min_rows
         sc = None if every else self._fast_scanner()
         few = allow is not None and (every or cost_model.scan_allowed_rows(
@@ -110,7 +111,7 @@ class FlatIndex(IndexBase):
             # transformed dimensions are read (coarse tables, probes, the
             # candidate ADC's fields): rotate those alone
             R = {"exact": R_lead, "cand": R_cand}.get(plan, R)
-        args = (R, mean, *scan, *probe, ncand, levels, fields, cl, tabs, codes, scales, kk,
+        args = (R, mean, *scan, *probe, ncand, depth, levels, fields, cl, tabs, codes, scales, kk,
                 PLAN_CODES[plan], ids, V if rr else no_V, k)
 
         def single(Qc):
