@@ -3,10 +3,11 @@ thread control (a pool of Python threads running GIL-free kernels)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numba
 import numba.core.event
@@ -176,12 +177,42 @@ def target_has(feature: str) -> bool:
 _default_threads = [0]  # set_num_threads' count (0: every core numba may use)
 
 
+def _cgroup_cpus() -> int:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max``: a container
+    limited to 1.5 CPUs gives 2), or a large number when there is none."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return 1 << 30
+
+
+def default_threads() -> int:
+    """Threads used when none are set: ``NUMBA_NUM_THREADS`` when that
+    variable is set, else the cores this process may run on (its CPU
+    affinity and its cgroup's CPU quota), at most ``OMP_NUM_THREADS`` when
+    that is set (as FAISS and NumPy's BLAS read it)."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    if "NUMBA_NUM_THREADS" in os.environ:
+        return limit
+    if hasattr(os, "sched_getaffinity"):
+        limit = min(limit, len(os.sched_getaffinity(0)))
+    limit = min(limit, _cgroup_cpus())
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if omp.isdigit() and int(omp) > 0:
+        limit = min(limit, int(omp))
+    return max(1, limit)
+
+
 def resolve_threads(num_threads: int | None) -> int:
     """Map ``num_threads`` (``None``/``-1`` = the default: ``set_num_threads``,
-    else every core) to a thread count."""
+    else ``default_threads``) to a thread count."""
     limit = numba.config.NUMBA_NUM_THREADS
     if num_threads is None or num_threads == -1:
-        return _default_threads[0] or limit
+        return _default_threads[0] or default_threads()
     if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
         raise ValueError(f"num_threads must be a positive int or -1, got {num_threads!r}")
     return min(int(num_threads), limit)
@@ -215,11 +246,20 @@ def _reset_pool():
 os.register_at_fork(after_in_child=_reset_pool)
 
 
+#: chunks per thread in ``map_chunks``: threads claim them one at a time, so a
+#: thread slowed down (a busy core) holds up at most its last chunk
+CLAIMS_PER_THREAD = 4
+
+
 def map_chunks(call, n: int, num_threads: int | None = -1, min_chunk: int = 1) -> list:
-    """``[call(a, b, p) for the chunks a:b of range(n)]`` in order, run
-    concurrently on up to ``num_threads`` threads (chunk p of thread p, at
-    least ``min_chunk`` items each; ``call`` runs GIL-free kernels).  With
-    several threads the first item is a chunk of its own, run first (thread 0)."""
+    """``[call(a, b, p) ...]`` over consecutive chunks a:b of range(n), in
+    order, run concurrently on up to ``num_threads`` threads (``p``: the
+    index of the thread running the chunk, 0 = the calling thread; ``call``
+    runs GIL-free kernels).  The first item runs alone first; the rest is
+    cut into about ``CLAIMS_PER_THREAD`` chunks per thread (at least
+    ``min_chunk`` items each) that the threads claim one by one, the calling
+    thread among them: a thread that gets less of the CPU (another process
+    on its core) claims fewer chunks instead of holding up the others."""
     nthreads = resolve_threads(num_threads)
     if threading.current_thread().name.startswith(_POOL_NAME):
         nthreads = 1  # already on a pool thread: waiting on the pool from it could deadlock
@@ -230,15 +270,28 @@ def map_chunks(call, n: int, num_threads: int | None = -1, min_chunk: int = 1) -
     # (or load from numba's cache) here, before several threads run them (a
     # kernel's first calls from two threads at once crashed the process)
     head = call(0, 1, 0)
-    bounds = [1 + (n - 1) * p // parts for p in range(parts + 1)]
+    grain = max(min_chunk, -(-(n - 1) // (parts * CLAIMS_PER_THREAD)))
+    bounds = list(range(1, n, grain)) + [n]
+    results = [None] * (len(bounds) - 1)
+    claims = itertools.count()  # next() is atomic under the GIL
+
+    def work(p):
+        while (c := next(claims)) < len(results):
+            results[c] = call(bounds[c], bounds[c + 1], p)
+
     with _pool_lock:
         if _pool[0] is None:  # parts <= resolve_threads' limit: enough workers
             _pool[0] = ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
                                           thread_name_prefix=_POOL_NAME)
         pool = _pool[0]
-    futures = [pool.submit(call, bounds[p], bounds[p + 1], p) for p in range(1, parts)]
-    first = call(bounds[0], bounds[1], 0)  # the calling thread takes the first chunk
-    return [head, first] + [f.result() for f in futures]
+    futures = [pool.submit(work, p) for p in range(1, parts)]
+    try:
+        work(0)
+    finally:
+        wait(futures)  # no chunk still runs once this returns or raises
+    for f in futures:
+        f.result()  # a worker's exception
+    return [head] + results
 
 
 def concat_rows(results: list):

@@ -365,6 +365,11 @@ def cmd_info(args, extra=None) -> int:
         lines.append("encoder         " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
         if "nbytes" in enc:
             lines.append(f"code bytes      {enc['nbytes']} per vector (packed codes)")
+        ch = enc.get("scale_choice")
+        if isinstance(ch, dict):
+            lines.append(f"scale_choice    {'on' if ch.get('scale') else 'off'} (decided by train: top-{ch.get('k')} "
+                         f"recall {ch.get('recall_plain')} unscaled vs {ch.get('recall_scaled')} scaled, "
+                         f"{ch.get('queries')} queries over {ch.get('rows')} held-out rows)")
     shown = {"kind", "spec", "d", "ntotal", "search_defaults", "encoder", "library"}
     for key, value in meta.items():
         if key not in shown:

@@ -110,7 +110,7 @@ def test_candidate_topk_ranks_by_the_estimates():
 
 
 @needs_simd
-@pytest.mark.parametrize("spec", ["PCA,IVF32,ASQ4,Rerank2", "PCA,ASQ4s,Rerank2", "PCA,HNSW16,ASQ4,Rerank2"])
+@pytest.mark.parametrize("spec", ["PCA,IVF32,ASQ4n,Rerank2", "PCA,ASQ4s,Rerank2", "PCA,HNSW16,ASQ4n,Rerank2"])
 def test_candidate_plan_matches_the_reference_and_keeps_recall(monkeypatch, spec):
     """The candidate-ADC plan (forced) in the search kernels: the same ids
     and scores as the stepwise reference (flat, IVF) and as a batch;

@@ -24,7 +24,7 @@ from fuzz_helpers import collect, region_of, run_in_subprocess
 D, N = 32, 2000
 #: one index per kind, between them: rotation or none, per-vector scales,
 #: float16 and float32 re-rank copies, residual IVF codes, 4- and 6-bit fields
-SPECS = {"flat": "ASQ4s,Rerank2", "ivf": "PCA,IVF16,ASQ4,Rerank2F32", "hnsw": "PCA,HNSW16,ASQ6"}
+SPECS = {"flat": "ASQ4s,Rerank2", "ivf": "PCA,IVF16,ASQ4n,Rerank2F32", "hnsw": "PCA,HNSW16,ASQ6n"}
 #: the flat and IVF indexes take the fast-scan paths at this size too
 OPTIONS = {"flat": {"fastscan_min_rows": 512}, "ivf": {"fastscan_min_rows": 512}, "hnsw": {}}
 #: words a rejection of a damaged prefix or header names

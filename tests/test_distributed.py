@@ -56,7 +56,7 @@ def data():
 def flat(client, data):
     """A 3-shard flat index over 2 workers (uneven placement), built from a dask.array."""
     X, _ = data
-    sh = ShardedIndex(D, "PCA,ASQ4,Rerank2", 3, client)
+    sh = ShardedIndex(D, "PCA,ASQ4n,Rerank2", 3, client)
     sh.train(X)
     sh.add(da.from_array(X, chunks=700))
     ref = sh.reference_index()
@@ -143,7 +143,7 @@ def test_numpy_and_file_inputs_continue_ids_like_single_node(client, data, tmp_p
     import h5py
 
     X, Q = data
-    sh = ShardedIndex(D, "PCA,ASQ4", 2, client)
+    sh = ShardedIndex(D, "PCA,ASQ4n", 2, client)
     sh.train(X)
     sh.add(X[:1000])                                      # NumPy rows, ids 0..999
     np.save(tmp_path / "a.npy", X[1000:2200])
@@ -170,7 +170,7 @@ def test_numpy_and_file_inputs_continue_ids_like_single_node(client, data, tmp_p
     assert pos[0] < pos[10_000] and pos[10_000] + 0 < 10 ** 9 and pos[1] < pos[10_001] and 10_051 in pos
 
 
-@pytest.mark.parametrize("spec, params", [("PCA,IVF16,ASQ4", {"nprobe": 3}), ("PCA,HNSW16,ASQ6", {"ef": 24})])
+@pytest.mark.parametrize("spec, params", [("PCA,IVF16,ASQ4n", {"nprobe": 3}), ("PCA,HNSW16,ASQ6n", {"ef": 24})])
 def test_ivf_and_graph_shards_recall_close_to_single_node(client, data, spec, params):
     X, Q = data
     truth = np.argsort(-(Q @ X.T), axis=1)[:, :10]
@@ -283,7 +283,7 @@ def test_failed_save_leaves_no_manifest_and_keeps_the_old_one(client, flat, data
 # -- lost workers -------------------------------------------------------------------------
 def test_worker_killed_during_add_gives_complete_results(client, data, tmp_path):
     X, Q = data
-    sh = ShardedIndex(D, "PCA,ASQ4", 2, client)
+    sh = ShardedIndex(D, "PCA,ASQ4n", 2, client)
     sh.train(X)
     marker = tmp_path / "killed-in-add"
     _arm(client, marker, "add")
@@ -306,7 +306,7 @@ def test_worker_killed_during_add_gives_complete_results(client, data, tmp_path)
 def test_worker_killed_during_search_gives_complete_results(client, data, tmp_path, source, direct):
     """Killed inside an actor's search (``direct``: then the shards go to tasks) or inside a search task."""
     X, Q = data
-    sh = ShardedIndex(D, "PCA,ASQ4", 2, client)
+    sh = ShardedIndex(D, "PCA,ASQ4n", 2, client)
     sh.train(X)
     sh.add(da.from_array(X, chunks=1000))  # a lost built shard is rebuilt from these blocks
     if source == "loaded":  # a lost opened shard is mapped again from its file
@@ -344,12 +344,12 @@ def test_bad_input_raises_clear_errors(client, flat, data, tmp_path):
     sh, _ = flat
     X, Q = data
     with pytest.raises(ValueError, match="n_shards"):
-        ShardedIndex(D, "PCA,ASQ4", 0, client)
+        ShardedIndex(D, "PCA,ASQ4n", 0, client)
     with pytest.raises(ValueError):
-        ShardedIndex(D, "PCA,FOO,ASQ4", 2, client)
+        ShardedIndex(D, "PCA,FOO,ASQ4n", 2, client)
     with pytest.raises(TypeError, match="dask.distributed.Client"):
-        ShardedIndex(D, "PCA,ASQ4", 2, client="tcp://nowhere:1")
-    fresh = ShardedIndex(D, "PCA,ASQ4", 2, client)
+        ShardedIndex(D, "PCA,ASQ4n", 2, client="tcp://nowhere:1")
+    fresh = ShardedIndex(D, "PCA,ASQ4n", 2, client)
     with pytest.raises(RuntimeError, match="not trained"):
         fresh.add(X)
     with pytest.raises(RuntimeError, match="not trained"):
@@ -380,7 +380,7 @@ def test_bad_input_raises_clear_errors(client, flat, data, tmp_path):
 
 def test_no_client_is_a_clear_error():
     code = ("from ipq_index.distributed import ShardedIndex\n"
-            "try:\n    ShardedIndex(8, 'ASQ4', 2)\nexcept ValueError as e:\n    print(e)\n")
+            "try:\n    ShardedIndex(8, 'ASQ4n', 2)\nexcept ValueError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "no Dask client" in out.stdout, out.stderr
 
@@ -396,7 +396,7 @@ def test_cli_build_info_search_on_a_sharded_index(client, data, tmp_path, capsys
     np.save(tmp_path / "x.npy", X)
     np.save(tmp_path / "q.npy", Q)
     out = tmp_path / "sharded"
-    assert cli.main(["build", str(tmp_path / "x.npy"), "--index", "PCA,ASQ4", "-o", str(out), "--workers", "2",
+    assert cli.main(["build", str(tmp_path / "x.npy"), "--index", "PCA,ASQ4n", "-o", str(out), "--workers", "2",
                      "--shards", "3", "--threads", "1", "--quiet"]) == 0
     capsys.readouterr()
     assert cli.main(["info", str(out), "--json"]) == 0
@@ -428,10 +428,10 @@ def test_cli_cluster_options_are_checked(tmp_path, capsys):
                      (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "not both"),
                      (["--workers", "1", "--shards", "0"], "--shards must be >= 1")):
         with pytest.raises(SystemExit) as e:
-            cli.main(["build", str(tmp_path / "x.npy"), "--index", "ASQ4", "-o", str(tmp_path / "o"), *bad])
+            cli.main(["build", str(tmp_path / "x.npy"), "--index", "ASQ4n", "-o", str(tmp_path / "o"), *bad])
         assert e.value.code == 2 and msg in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "f").write_text("x")
     with pytest.raises(SystemExit) as e:
-        cli.main(["build", str(tmp_path / "x.npy"), "--index", "ASQ4", "-o", str(tmp_path / "taken"), "--workers", "1"])
+        cli.main(["build", str(tmp_path / "x.npy"), "--index", "ASQ4n", "-o", str(tmp_path / "taken"), "--workers", "1"])
     assert e.value.code == 2 and "not a sharded index" in capsys.readouterr().err

@@ -276,7 +276,7 @@ def test_residual_coarse_codes_rank_by_the_list_term_plus_the_residual_code(monk
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:20]
-    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF64,ASQ4").train(X).add(X)
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF64,ASQ4n").train(X).add(X)
     sc = ivf._fast_scanner()
     assert sc.residual and sc.ntotal == X.shape[0]
     Y = ivf.encoder.rotate_queries(Q)

@@ -37,7 +37,7 @@ def recall(I, gt):
 def built(sample):
     X, Q = sample
     out = {}
-    for spec in ("PCA,ASQ4", "PCA,ASQ4u", "PCA,ASQ4s", "ASQ4", "PCA,ASQ4,Rerank4"):
+    for spec in ("PCA,ASQ4n", "PCA,ASQ4un", "PCA,ASQ4s", "ASQ4n", "PCA,ASQ4n,Rerank4"):
         idx = ipq_index.index_factory(X.shape[1], spec)
         idx.train(X)
         idx.add(X)
@@ -53,14 +53,14 @@ def test_recall_against_faiss_exact_and_sq4(sample, built):
     sq4.add(X)
     r_sq4 = recall(sq4.search(Q, 10)[1], gt)
     r = {spec: recall(idx.search(Q, 10)[1], gt) for spec, idx in built.items()}
-    assert r["PCA,ASQ4"] >= r_sq4, (r, r_sq4)
-    assert r["PCA,ASQ4"] >= 0.93
-    assert r["PCA,ASQ4,Rerank4"] >= 0.99
+    assert r["PCA,ASQ4n"] >= r_sq4, (r, r_sq4)
+    assert r["PCA,ASQ4n"] >= 0.93
+    assert r["PCA,ASQ4n,Rerank4"] >= 0.99
 
 
 def test_scores_match_reconstruction_and_are_sorted(sample, built):
     X, Q = sample
-    idx = built["PCA,ASQ4"]
+    idx = built["PCA,ASQ4n"]
     D, I = idx.search(Q, 10)
     assert D.dtype == np.float32 and I.dtype == np.int64 and D.shape == (len(Q), 10)
     assert np.all(np.diff(D, axis=1) <= 1e-6)
@@ -68,7 +68,7 @@ def test_scores_match_reconstruction_and_are_sorted(sample, built):
     ref = np.einsum("qkd,qd->qk", R.astype(np.float64), Q.astype(np.float64))
     np.testing.assert_allclose(D, ref, rtol=1e-4, atol=1e-4)
     # re-ranked scores are exact inner products
-    D2, I2 = built["PCA,ASQ4,Rerank4"].search(Q, 10)
+    D2, I2 = built["PCA,ASQ4n,Rerank4"].search(Q, 10)
     np.testing.assert_allclose(D2, np.einsum("qkd,qd->qk", X[I2], Q), rtol=1e-3, atol=1e-3)
 
 
@@ -86,7 +86,7 @@ def test_unbiased_scores_average_out(sample):
     X, Q = X[:1500], Q[:8]
     errs = []
     for seed in range(12):
-        idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ2u", seed=seed)
+        idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ2un", seed=seed)
         idx.train(X)
         idx.add(X)
         est = Q.astype(np.float64) @ idx.reconstruct().astype(np.float64).T
@@ -100,7 +100,7 @@ def test_unbiased_scores_average_out(sample):
     z = mean.sum() / np.sqrt((se**2).sum())
     assert abs(z) < 4, z
     # nearest rounding is biased: same check fails on a dataset-wide scale
-    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ2")
+    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ2n")
     idx.train(X)
     idx.add(X)
     near_err = Q.astype(np.float64) @ idx.reconstruct().astype(np.float64).T - Q.astype(np.float64) @ X.T
@@ -110,8 +110,8 @@ def test_unbiased_scores_average_out(sample):
 def test_unbiased_encoding_reproducible_and_independent_of_batching(sample):
     X, _ = sample
     X = X[:800]
-    a = ipq_index.index_factory(X.shape[1], "PCA,ASQ4u", seed=3).train(X).add(X)
-    b = ipq_index.index_factory(X.shape[1], "PCA,ASQ4u", seed=3).train(X)
+    a = ipq_index.index_factory(X.shape[1], "PCA,ASQ4un", seed=3).train(X).add(X)
+    b = ipq_index.index_factory(X.shape[1], "PCA,ASQ4un", seed=3).train(X)
     b.add(X[:300])
     b.add(X[300:])
     np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
@@ -119,7 +119,7 @@ def test_unbiased_encoding_reproducible_and_independent_of_batching(sample):
 
 def test_save_load_roundtrip(tmp_path, sample, built):
     X, Q = sample
-    for spec in ("PCA,ASQ4s", "PCA,ASQ4,Rerank4"):
+    for spec in ("PCA,ASQ4s", "PCA,ASQ4n,Rerank4"):
         idx = built[spec]
         path = tmp_path / "x.ipq"
         idx.save(path)
@@ -138,7 +138,7 @@ def test_save_load_roundtrip(tmp_path, sample, built):
 
 
 def test_corrupt_truncated_foreign_newer_files(tmp_path, built):
-    idx = built["PCA,ASQ4"]
+    idx = built["PCA,ASQ4n"]
     path = tmp_path / "a.ipq"
     idx.save(path)
     raw = path.read_bytes()
@@ -168,7 +168,7 @@ def test_corrupt_truncated_foreign_newer_files(tmp_path, built):
 
 
 def test_failed_save_leaves_nothing(tmp_path, built, monkeypatch):
-    idx = built["PCA,ASQ4"]
+    idx = built["PCA,ASQ4n"]
     path = tmp_path / "fail.ipq"
     import ipq_index.storage as st
 
@@ -183,7 +183,7 @@ def test_failed_save_leaves_nothing(tmp_path, built, monkeypatch):
 
 def test_bad_input(sample, built):
     X, Q = sample
-    idx = built["PCA,ASQ4"]
+    idx = built["PCA,ASQ4n"]
     with pytest.raises(ValueError, match="NaN"):
         idx.search(np.full((1, X.shape[1]), np.nan, np.float32), 5)
     with pytest.raises(ValueError, match="dimension"):
@@ -196,7 +196,7 @@ def test_bad_input(sample, built):
         idx.search(Q, 0)
     with pytest.raises(ValueError, match="re-rank"):
         idx.search(Q, 5, rerank=4)
-    fresh = ipq_index.index_factory(X.shape[1], "ASQ4")
+    fresh = ipq_index.index_factory(X.shape[1], "ASQ4n")
     with pytest.raises(RuntimeError, match="not trained"):
         fresh.add(X)
     with pytest.raises(RuntimeError, match="not trained"):
@@ -209,14 +209,14 @@ def test_bad_input(sample, built):
     with pytest.raises(ValueError, match="ids"):
         fresh.add(X[:5], ids=[1, 2])
     assert len(fresh) == 0  # nothing half-added
-    for spec in ("", "IVF,ASQ4", "ASQ", "ASQ4x", "Rerank,ASQ4", "PCA,ASQ9", 5):
+    for spec in ("", "IVF,ASQ4n", "ASQ", "ASQ4x", "Rerank,ASQ4n", "PCA,ASQ9n", 5):
         with pytest.raises(ValueError):
             ipq_index.index_factory(X.shape[1], spec)
 
 
 def test_k_larger_than_rerank_pool_pads(sample):
     X, Q = sample
-    idx = ipq_index.index_factory(X.shape[1], "ASQ2,Rerank2").train(X[:50]).add(X[:7])
+    idx = ipq_index.index_factory(X.shape[1], "ASQ2n,Rerank2").train(X[:50]).add(X[:7])
     D, I = idx.search(Q[:3], 7)
     assert set(I[0]) == set(range(7))
     np.testing.assert_allclose(D, np.sort(Q[:3] @ X[:7].T, axis=1)[:, ::-1], rtol=1e-3, atol=1e-3)
@@ -269,7 +269,7 @@ def test_fast_scan_stage_matches_full_adc():
     X, Q = ds.train, ds.test[:80]
     assert X.shape[0] >= ipq_index.settings.FlatSettings().fastscan_min_rows
     _, gt = exact_topk(X, Q, 10)
-    for spec in ("PCA,ASQ4", "PCA,ASQ4s"):
+    for spec in ("PCA,ASQ4n", "PCA,ASQ4s"):
         idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
         D_full, I_full = idx.search(Q, 10, fs=0)
         D_wide, I_wide = idx.search(Q, 10, fs=100)
@@ -284,7 +284,7 @@ def test_fast_scan_stage_matches_full_adc():
         np.testing.assert_array_equal(I1, I_def)
 
 
-@pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,ASQ4s,Rerank2", "PCA,IVF32,ASQ4,Rerank4F32", "IVF32,ASQ6"])
+@pytest.mark.parametrize("spec", ["PCA,ASQ4n", "PCA,ASQ4s,Rerank2", "PCA,IVF32,ASQ4n,Rerank4F32", "IVF32,ASQ6n"])
 def test_scan_search_matches_the_stepwise_reference(monkeypatch, spec):
     """The whole scan search runs in one kernel per query chunk
     (``FlatIndex._scan_search``): same ids and scores as the search composed
@@ -358,7 +358,7 @@ def test_fused_scan_sees_vectors_added_after_a_search(monkeypatch):
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:8]
     n0 = ipq_index.settings.FlatSettings().fastscan_min_rows
-    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4,Rerank2").train(X).add(X[:n0])
+    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4n,Rerank2").train(X).add(X[:n0])
     before = [idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))]
     idx.add(X[n0:])
     after = np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1)[1] for i in range(len(Q))])
@@ -376,7 +376,7 @@ def test_single_query_searches_follow_settings_and_rows_and_still_validate(monke
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:6]
     n0 = ipq_index.settings.FlatSettings().fastscan_min_rows
-    idx = ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4,Rerank2").train(X).add(X[:n0])
+    idx = ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4n,Rerank2").train(X).add(X[:n0])
 
     def run(**p):
         return np.concatenate([idx.search(Q[i:i + 1], 10, num_threads=1, **p)[1] for i in range(len(Q))])
@@ -428,8 +428,8 @@ def test_single_query_searches_follow_settings_and_rows_and_still_validate(monke
 
 def test_ivf_full_probe_reproduces_flat_and_roundtrips(tmp_path, sample):
     X, Q = sample
-    flat = ipq_index.index_factory(X.shape[1], "PCA,ASQ4").train(X).add(X)
-    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF32,ASQ4").train(X).add(X)
+    flat = ipq_index.index_factory(X.shape[1], "PCA,ASQ4n").train(X).add(X)
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF32,ASQ4n").train(X).add(X)
     assert type(ivf).__name__ == "IVFIndex" and ivf.nlist == 32
     D_flat, I_flat = flat.search(Q, 10, fs=0)
     D_ivf, I_ivf = ivf.search(Q, 10, nprobe=32)
@@ -452,7 +452,7 @@ def test_ivf_full_probe_reproduces_flat_and_roundtrips(tmp_path, sample):
     with pytest.raises(TypeError):
         ivf.search(Q, 10, ef=3)  # a graph-index parameter
     with pytest.raises(ValueError, match="training vectors"):
-        ipq_index.index_factory(X.shape[1], "IVF5000,ASQ4").train(X[:100])
+        ipq_index.index_factory(X.shape[1], "IVF5000,ASQ4n").train(X[:100])
 
 
 def test_ivf_fast_scan_lists_match_full_adc(tmp_path):
@@ -462,7 +462,7 @@ def test_ivf_fast_scan_lists_match_full_adc(tmp_path):
     scaled codes, and with every list probed it equals the flat index."""
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:60]
-    for spec in ("PCA,IVF64,ASQ4", "PCA,IVF64,ASQ4s"):
+    for spec in ("PCA,IVF64,ASQ4n", "PCA,IVF64,ASQ4s"):
         ivf = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
         assert ivf.ntotal >= ivf.settings.fastscan_min_rows
         for nprobe in (3, 16):
@@ -498,7 +498,7 @@ def test_table_free_rescoring_equals_table_adc(sample, built):
 
     X, Q = sample
     rng = np.random.default_rng(3)
-    for spec in ("PCA,ASQ4", "PCA,ASQ4s", "ASQ4"):
+    for spec in ("PCA,ASQ4n", "PCA,ASQ4s", "ASQ4n"):
         idx = built[spec]
         enc = idx.encoder
         Y = enc.rotate_queries(Q[:9])
@@ -528,7 +528,7 @@ def test_graph_search_reuses_visited_tags_safely(sample):
     from concurrent.futures import ThreadPoolExecutor
 
     X, Q = sample
-    g = ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4").train(X[:1500]).add(X[:1500])
+    g = ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4n").train(X[:1500]).add(X[:1500])
     D_b, I_b = g.search(Q, 10, ef=32)
     for _ in range(4):
         singles = [g.search(Q[i:i + 1], 10, ef=32)[1][0] for i in range(len(Q))]
@@ -540,7 +540,7 @@ def test_graph_search_reuses_visited_tags_safely(sample):
         np.testing.assert_array_equal(out, I_b)
 
 
-@pytest.mark.parametrize("spec", ["PCA,HNSW16,ASQ4", "HNSW16,ASQ6", "PCA,HNSW16,ASQ4s,Rerank2"])
+@pytest.mark.parametrize("spec", ["PCA,HNSW16,ASQ4n", "HNSW16,ASQ6n", "PCA,HNSW16,ASQ4s,Rerank2"])
 def test_graph_walk_scores_and_full_beam_match_brute_force(monkeypatch, sample, spec):
     """The whole walk runs in one kernel per query chunk: its scores are the
     ADC scores (reconstruction) or, re-ranked, the exact inner products of
@@ -589,8 +589,8 @@ def test_graph_walk_scores_and_full_beam_match_brute_force(monkeypatch, sample, 
 def test_graph_large_ef_reproduces_flat_and_roundtrips(tmp_path, sample):
     X, Q = sample
     X = X[:2000]
-    flat = ipq_index.index_factory(X.shape[1], "PCA,ASQ4").train(X).add(X)
-    g = ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4").train(X).add(X)
+    flat = ipq_index.index_factory(X.shape[1], "PCA,ASQ4n").train(X).add(X)
+    g = ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4n").train(X).add(X)
     assert type(g).__name__ == "GraphIndex" and repr(g).startswith("GraphIndex(d=")
     D_flat, _ = flat.search(Q, 10, fs=0)
     for nav in ("coarse", "full"):
@@ -624,7 +624,7 @@ def test_unbiased_std_bound_covers_the_observed_error(sample):
     over re-encodings with different seeds (same levels)."""
     X, Q = sample
     X, Q = X[:1500], Q[:10]
-    base = ipq_index.index_factory(X.shape[1], "PCA,ASQ4u").train(X).add(X)
+    base = ipq_index.index_factory(X.shape[1], "PCA,ASQ4un").train(X).add(X)
     _, ids, std = base.search(Q, 10, return_std=True, fs=0)
     assert std.shape == (10, 10) and np.all(std > 0)
     exact = np.einsum("qkd,qd->qk", X[ids].astype(np.float64), Q.astype(np.float64))
@@ -640,13 +640,13 @@ def test_unbiased_std_bound_covers_the_observed_error(sample):
     assert np.mean(emp_std <= std * 1.2) > 0.95  # bound holds (sampling slack 20%)
     assert np.abs(scores.mean(axis=0) - exact).max() < 6 * std.max() / np.sqrt(len(scores)) + 1e-6
     with pytest.raises(ValueError, match="unbiased"):
-        ipq_index.index_factory(X.shape[1], "ASQ4").train(X).add(X).search(Q, 5, return_std=True)
+        ipq_index.index_factory(X.shape[1], "ASQ4n").train(X).add(X).search(Q, 5, return_std=True)
 
 
 def test_failed_retrain_keeps_the_trained_state(sample):
     X, Q = sample
     X = X[:1200]
-    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4", sample_size=1000).train(X)
+    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4n", sample_size=1000).train(X)
     levels = idx.encoder.levels.copy()
     with pytest.raises(ValueError, match="non-negative"):
         idx.train(X * 2, weights=-np.ones(len(X)))
@@ -654,13 +654,13 @@ def test_failed_retrain_keeps_the_trained_state(sample):
         idx.train(X, weights=np.ones(3))
     np.testing.assert_array_equal(idx.encoder.levels, levels)  # the old quantizer survives
     idx.add(X)
-    ref = ipq_index.index_factory(X.shape[1], "PCA,ASQ4", sample_size=1000).train(X).add(X)
+    ref = ipq_index.index_factory(X.shape[1], "PCA,ASQ4n", sample_size=1000).train(X).add(X)
     np.testing.assert_array_equal(idx.search(Q, 5)[1], ref.search(Q, 5)[1])
     with pytest.raises(RuntimeError, match="retrain"):
         idx.train(X)
     # weights are subsampled together with the rows (sample_size < n)
     w = np.linspace(0.5, 2.0, len(X))
-    ipq_index.index_factory(X.shape[1], "PCA,ASQ2", sample_size=700).train(X, weights=w)
+    ipq_index.index_factory(X.shape[1], "PCA,ASQ2n", sample_size=700).train(X, weights=w)
 
 
 def test_exact_rerank_kernels_match_float64_reference():
@@ -701,12 +701,12 @@ def test_float16_rerank_widens_every_finite_half_exactly():
 
 def test_float16_rerank_copy_rejects_out_of_range_vectors(sample):
     X, _ = sample
-    idx = ipq_index.index_factory(X.shape[1], "ASQ4,Rerank2").train(X)
+    idx = ipq_index.index_factory(X.shape[1], "ASQ4n,Rerank2").train(X)
     big = X[:10] * 1e5
     with pytest.raises(ValueError, match="float16 range"):
         idx.add(big)
     assert idx.ntotal == 0
-    idx32 = ipq_index.index_factory(X.shape[1], "ASQ4,Rerank2F32").train(X)
+    idx32 = ipq_index.index_factory(X.shape[1], "ASQ4n,Rerank2F32").train(X)
     idx32.add(big)
     assert idx32.ntotal == 10
 
@@ -723,7 +723,7 @@ def test_coarse_codes_keep_the_score_variance(sample, built):
     from ipq_index._kernels import codes as code_kernels
 
     X, Q = sample
-    idx = built["PCA,ASQ4"]
+    idx = built["PCA,ASQ4n"]
     enc, codes = idx.encoder, np.asarray(idx.codes)
     maxb = np.minimum(enc.bits, 4)
     full = fast_scanner.FastScanner(enc, codes, coverage=1.0, lists="codes")
@@ -777,7 +777,7 @@ def test_ivf_concurrent_searches_with_different_nprobe():
 
     ds = datasets.load_sample("minilm")
     X, Q = ds.train[:6000], ds.test[:40]
-    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF32,ASQ4").train(X).add(X)
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF32,ASQ4n").train(X).add(X)
     assert ivf.ntotal >= ipq_index.FlatSettings().fastscan_min_rows
     alone = {p: ivf.search(Q, 10, nprobe=p, num_threads=1)[1] for p in (2, 16)}
     with ThreadPoolExecutor(4) as pool:
@@ -794,7 +794,7 @@ def test_ivf_probes_are_the_top_inner_product_lists(monkeypatch):
     changes almost nothing."""
     ds = datasets.load_sample("minilm")
     X, Q = ds.train[:4000], ds.test[:20]
-    for spec in ("IVF40,ASQ4", "PCA,IVF40,ASQ4"):
+    for spec in ("IVF40,ASQ4n", "PCA,IVF40,ASQ4n"):
         ivf = ipq_index.index_factory(X.shape[1], spec, probe_spread=0.0).train(X)
         ref = Q.astype(np.float64) @ ivf.centroids.astype(np.float64).T
         Y = ivf.encoder.rotate_queries(Q)
@@ -856,7 +856,7 @@ def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
     X, Q = ds.train, ds.test[:60]
     z = ipq_index.IVFSettings().probe_spread
     assert z > 0
-    for spec in ("PCA,IVF64,ASQ4", "IVF64,ASQ4s"):
+    for spec in ("PCA,IVF64,ASQ4n", "IVF64,ASQ4s"):
         ivf = ipq_index.index_factory(X.shape[1], spec, probe_coverage=1.0).train(X).add(X)
         enc = ivf.encoder
         R = np.eye(X.shape[1]) if enc.rotation is None else np.asarray(enc.rotation, np.float64)
@@ -883,7 +883,7 @@ def test_ivf_spread_aware_probes_match_a_float64_reference(monkeypatch):
                 kth = np.sort(ucb[q])[::-1][5]
                 assert (ucb[q, P[q]] >= kth - 2 * slack[q] - 1e-4 * np.abs(ucb[q]).max()).all()
     # real data: the spread term finds more of the true top-10 per probe
-    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF64,ASQ4").train(X).add(X)
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF64,ASQ4n").train(X).add(X)
     Qa = ds.test
     true = np.argsort(-(Qa.astype(np.float64) @ X.astype(np.float64).T), axis=1)[:, :10]
     a = np.asarray(ivf.assign)
@@ -903,7 +903,7 @@ def test_index_coverage_setting_is_used_saved_and_checked(tmp_path):
     save/load, bad values refused."""
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:50]
-    idx = ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4").train(X).add(X)
+    idx = ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4n").train(X).add(X)
     _, gt = exact_topk(X, Q, 10)
     idx.search(Q, 10, nprobe=16)
     m_default = idx._fast_scanner().M
@@ -921,13 +921,13 @@ def test_index_coverage_setting_is_used_saved_and_checked(tmp_path):
         with pytest.raises(ValueError, match="coverage"):
             idx.coverage = bad
         with pytest.raises(ValueError, match="coverage"):
-            ipq_index.index_factory(X.shape[1], "PCA,ASQ4", coverage=bad)
-    assert ipq_index.index_factory(X.shape[1], "PCA,ASQ4", coverage=0.9).coverage == 0.9
+            ipq_index.index_factory(X.shape[1], "PCA,ASQ4n", coverage=bad)
+    assert ipq_index.index_factory(X.shape[1], "PCA,ASQ4n", coverage=0.9).coverage == 0.9
     idx.coverage = None
     assert idx.coverage == fast_scanner.COVERAGE and idx._fast_scanner().M == m_default
     # defaults by structure and code type: graph navigation, scaled codes
-    assert ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4").coverage == fast_scanner.NAV_COVERAGE
-    assert ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4").coverage == fast_scanner.COVERAGE
+    assert ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ4n").coverage == fast_scanner.NAV_COVERAGE
+    assert ipq_index.index_factory(X.shape[1], "PCA,IVF16,ASQ4n").coverage == fast_scanner.COVERAGE
     for spec in ("PCA,ASQ4s", "PCA,HNSW16,ASQ4s"):
         assert ipq_index.index_factory(X.shape[1], spec).coverage == fast_scanner.COVERAGE_SCALED
 
@@ -936,7 +936,7 @@ def test_coarse_byte_tables_score_the_packed_nibbles(sample, built):
     """The graph walk's coarse tables: a row's sum of byte lookups equals
     the sum over its 4-bit sub-codes of <centroid, query slice> (float64
     reference from the packed codes)."""
-    idx = built["PCA,ASQ4"]
+    idx = built["PCA,ASQ4n"]
     sc = fast_scanner.FastScanner(idx.encoder, np.asarray(idx.codes), lists="codes")
     X, Q = sample
     Y = idx.encoder.rotate_queries(Q[:5])
@@ -973,7 +973,7 @@ def test_rotation_kernels_match_float64(sample, built):
         for fn in (rotation.rotate_rows,):
             assert np.array_equal(fn(Qr, R16.view(np.uint16)), fn(Qr, R16.astype(np.float32)))
     X, Q = sample
-    enc = built["PCA,ASQ4"].encoder
+    enc = built["PCA,ASQ4n"].encoder
     # queries are rotated with the rotation rounded to float16: within float32
     # sums of that, and within the rounding bound (2^-11 relative per entry) of the trained one
     R = np.asarray(enc.rotation, np.float64)
@@ -995,7 +995,7 @@ def test_nav_tables_are_the_coarse_tables_in_int16_steps(sample, built):
     the largest byte-table span / NAV_SPAN, all computed here from the
     float tables; so the walk ranks rows as the coarse scores do."""
     from ipq_index._kernels import coarse_tables
-    idx = built["PCA,ASQ4"]
+    idx = built["PCA,ASQ4n"]
     sc = fast_scanner.FastScanner(idx.encoder, np.asarray(idx.codes), lists="codes")
     X, Q = sample
     Y = idx.encoder.rotate_queries(Q[:8])
@@ -1019,7 +1019,7 @@ def test_results_are_padded_when_fewer_than_k_are_found(sample):
     list's rows come first (the exact ADC order of the flat index restricted
     to them), then ids -1 with scores -inf."""
     X, Q = sample
-    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF64,ASQ4").train(X).add(X)
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF64,ASQ4n").train(X).add(X)
     sizes = np.bincount(np.asarray(ivf.assign), minlength=64)
     k = int(sizes.max()) + 3
     D, I = ivf.search(Q[:20], k, nprobe=1)
@@ -1044,7 +1044,7 @@ def test_direct_exact_rerank_of_coarse_candidates(monkeypatch):
     and recall is at least the ADC-filtered path's."""
     ds = datasets.load_sample("minilm")
     X, Q = ds.train, ds.test[:60]
-    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4,Rerank2").train(X).add(X)
+    idx = ipq_index.index_factory(X.shape[1], "PCA,ASQ4n,Rerank2").train(X).add(X)
     assert idx.ntotal >= idx.settings.fastscan_min_rows
     _, gt = exact_topk(X, Q, 10)
     monkeypatch.setattr(cost_model, "EXACT_NS_PER_DIM", 1e9)  # never direct
@@ -1091,9 +1091,9 @@ print(sorted(k for k in after if after[k] != before.get(k, 0)))
 """
 
 
-@pytest.mark.parametrize("spec,params,mmap", [("PCA,ASQ4,Rerank2", "dict(fs=20, rerank=8)", True),
-                                              ("PCA,IVF16,ASQ4", "dict(fs=30, nprobe=4)", False),
-                                              ("PCA,HNSW16,ASQ4", "dict(ef=200)", False)])
+@pytest.mark.parametrize("spec,params,mmap", [("PCA,ASQ4n,Rerank2", "dict(fs=20, rerank=8)", True),
+                                              ("PCA,IVF16,ASQ4n", "dict(fs=30, nprobe=4)", False),
+                                              ("PCA,HNSW16,ASQ4n", "dict(ef=200)", False)])
 def test_warmup_compiles_every_search_path(tmp_path, spec, params, mmap):
     """After ``warmup()`` single-query searches (few and many candidates:
     the fused and the staged kernels) and a batch compile nothing: in a
@@ -1115,7 +1115,7 @@ def test_warmup_compiles_every_search_path(tmp_path, spec, params, mmap):
     assert res.stdout.strip() == "[]", res.stdout
 
 
-@pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,IVF32,ASQ4,Rerank2", "PCA,HNSW16,ASQ4s,Rerank2"])
+@pytest.mark.parametrize("spec", ["PCA,ASQ4n", "PCA,IVF32,ASQ4n,Rerank2", "PCA,HNSW16,ASQ4s,Rerank2"])
 def test_batches_on_the_pool_equal_single_queries_and_the_reference(spec):
     """Many queries run the per-query kernels in chunks on the thread pool:
     the same ids and scores on one and two threads, as one query at a time,
@@ -1140,7 +1140,7 @@ def test_prepared_single_query_calls_still_reject_bad_queries(sample):
     validated when it was prepared): NaN / inf queries still raise, on every
     structure, and other dtypes give the same results."""
     X, Q = sample
-    for spec in ("PCA,ASQ4", "PCA,IVF16,ASQ4", "PCA,HNSW8,ASQ4"):
+    for spec in ("PCA,ASQ4n", "PCA,IVF16,ASQ4n", "PCA,HNSW8,ASQ4n"):
         idx = ipq_index.index_factory(X.shape[1], spec, fastscan_min_rows=1000).train(X).add(X)
         want = idx.search(Q[:1], 5, num_threads=1)
         np.testing.assert_array_equal(idx.search(Q[:1], 5, num_threads=1)[1], want[1])  # prepared
@@ -1162,10 +1162,10 @@ def test_settings_are_validated_saved_and_loaded(tmp_path, sample):
 
     X, Q = sample
     with pytest.raises(ValueError, match="nprobe"):
-        ipq_index.index_factory(X.shape[1], "PCA,ASQ4", nprobe=4)  # not a flat setting
+        ipq_index.index_factory(X.shape[1], "PCA,ASQ4n", nprobe=4)  # not a flat setting
     with pytest.raises(ValueError, match="probe_spread"):
-        ipq_index.index_factory(X.shape[1], "PCA,IVF8,ASQ4", probe_spread=-1.0)
-    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF8,ASQ4", nprobe=3, probe_spread=1.5, seed=2)
+        ipq_index.index_factory(X.shape[1], "PCA,IVF8,ASQ4n", probe_spread=-1.0)
+    ivf = ipq_index.index_factory(X.shape[1], "PCA,IVF8,ASQ4n", nprobe=3, probe_spread=1.5, seed=2)
     assert ivf.nprobe == 3 and ivf.settings.probe_spread == 1.5 and ivf.encoder.config.seed == 2
     with pytest.raises(ValueError, match="ef"):
         ivf.configure(ef=10)
@@ -1187,3 +1187,42 @@ def test_settings_are_validated_saved_and_loaded(tmp_path, sample):
     storage.save_arrays(tmp_path / "f.ipq", meta, arrays)
     with pytest.raises(ipq_index.FormatError, match="settings"):
         ipq_index.load(tmp_path / "f.ipq")
+
+
+def test_a_plain_spec_decides_the_scale_on_the_data(tmp_path):
+    """``ASQ4`` (no ``s`` / ``n``) trains both encoders and keeps the
+    per-vector scale when it finds significantly more of the top-10 on a
+    held-out sample: on GloVe word vectors (norms 0.05-14) it does, and the
+    index then finds as many of the exact top-10 (brute force) as the forced
+    ``ASQ4s`` and more than ``ASQ4n``; the record is saved, loaded and shown
+    by ``ipq info``; ``s`` with ``n`` is refused."""
+    from ipq_index.cli import main as cli_main
+
+    ds = datasets.load_sample("glove50")
+    X, Q = ds.train, ds.test[:200]
+    gt = np.argsort(-(Q.astype(np.float64) @ X.T.astype(np.float64)), axis=1)[:, :10]
+
+    def recall(idx):
+        _, I = idx.search(Q, 10, fs=0)
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, gt)])
+
+    auto = ipq_index.index_factory(X.shape[1], "PCA,ASQ4").train(X).add(X)
+    choice = auto.encoder.scale_choice
+    assert choice["scale"] is True and auto.encoder.config.scale is True
+    assert choice["recall_scaled"] > choice["recall_plain"] and choice["rows"] > 0 and choice["k"] == 10
+    forced = {f: ipq_index.index_factory(X.shape[1], f"PCA,ASQ4{f}").train(X).add(X) for f in "sn"}
+    assert forced["s"].encoder.scale_choice is None and forced["n"].encoder.config.scale is False
+    assert recall(auto) == recall(forced["s"]) > recall(forced["n"]) + 0.05
+    path = tmp_path / "auto.ipq"
+    auto.save(path)
+    back = ipq_index.load(path)
+    assert back.encoder.scale_choice == choice and back.spec == "PCA,ASQ4"
+    np.testing.assert_array_equal(back.search(Q, 10)[1], auto.search(Q, 10)[1])
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli_main(["info", str(path)])
+    assert "scale_choice" in out.getvalue() and str(choice["recall_plain"]) in out.getvalue()
+    with pytest.raises(ValueError, match="exclude each other"):
+        ipq_index.index_factory(X.shape[1], "PCA,ASQ4sn")

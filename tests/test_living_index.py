@@ -9,7 +9,7 @@ import pytest
 
 import ipq_index
 
-SPECS = ["PCA,ASQ6", "PCA,IVF16,ASQ6", "PCA,HNSW16,ASQ6", "PCA,ASQ4,Rerank4"]
+SPECS = ["PCA,ASQ6n", "PCA,IVF16,ASQ6n", "PCA,HNSW16,ASQ6n", "PCA,ASQ4n,Rerank4"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_remove_half_then_add_back(tmp_path, data, spec):
 
 def test_removal_past_the_share_compacts(data):
     X, Q = data
-    idx = _build("PCA,IVF16,ASQ6", X, compact_share=0.3)
+    idx = _build("PCA,IVF16,ASQ6n", X, compact_share=0.3)
     idx.remove_ids(np.arange(1000))
     assert idx.nrows == len(X)  # 1000 of 6000: below the share
     idx.remove_ids(np.arange(1000, 2000))
@@ -130,7 +130,7 @@ def test_filtered_search_returns_exactly_the_allowed(data, spec):
 
 def test_filter_combines_with_removals_and_rejects_bad_values(data):
     X, Q = data
-    idx = _build("PCA,ASQ6", X)
+    idx = _build("PCA,ASQ6n", X)
     idx.remove_ids(np.arange(0, 6000, 2))
     allowed = np.arange(0, 200)
     I = idx.search(Q, 10, filter=allowed)[1]
@@ -140,7 +140,7 @@ def test_filter_combines_with_removals_and_rejects_bad_values(data):
             idx.search(Q, 10, filter=bad)
 
 
-@pytest.mark.parametrize("spec", ["PCA,ASQ6", "PCA,IVF16,ASQ6", "PCA,HNSW16,ASQ6"])
+@pytest.mark.parametrize("spec", ["PCA,ASQ6n", "PCA,IVF16,ASQ6n", "PCA,HNSW16,ASQ6n"])
 def test_a_filter_object_reused_follows_the_index(data, spec):
     """A filter object keeps its resolved rows and prepared search for the
     index it serves: reused across single-query calls it gives the results
@@ -179,8 +179,8 @@ def test_graph_grows_by_inserting(data):
     built at once, at the same ef."""
     X, Q = data
     n = len(X)
-    once = _build("PCA,HNSW16,ASQ6", X)
-    grown = ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ6").train(X)
+    once = _build("PCA,HNSW16,ASQ6n", X)
+    grown = ipq_index.index_factory(X.shape[1], "PCA,HNSW16,ASQ6n").train(X)
     for r in range(10):
         grown.add(X[r * n // 10:(r + 1) * n // 10])
     assert grown.ntotal == n and grown.graph["offsets"].shape == (n + 1,)
@@ -188,7 +188,7 @@ def test_graph_grows_by_inserting(data):
     assert _recall(grown.search(Q, 10, ef=64)[1], gt) >= _recall(once.search(Q, 10, ef=64)[1], gt) - 0.02
 
 
-@pytest.mark.parametrize("spec", ["PCA,ASQ6", "PCA,HNSW16,ASQ6"])
+@pytest.mark.parametrize("spec", ["PCA,ASQ6n", "PCA,HNSW16,ASQ6n"])
 def test_search_during_changes_sees_before_or_after(data, spec):
     """Searches running while another thread removes and adds see the index
     before or after each change, never a mix."""

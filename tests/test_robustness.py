@@ -10,7 +10,7 @@ import pytest
 
 import ipq_index
 
-SPECS = ["PCA,ASQ4", "IVF16,ASQ4", "HNSW8,ASQ4"]
+SPECS = ["PCA,ASQ4n", "IVF16,ASQ4n", "HNSW8,ASQ4n"]
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,13 @@ def test_fork_pool_searches_an_index_trained_in_the_parent(tmp_path):
 
 def test_failed_ivf_train_leaves_the_index_untouched(data):
     X, Q = data
-    idx = ipq_index.index_factory(24, "IVF64,ASQ4")
+    idx = ipq_index.index_factory(24, "IVF64,ASQ4n")
     with pytest.raises(ValueError, match="IVF64 needs at least 64 training vectors"):
         idx.train(X[:30])
     assert not idx.is_trained and idx.centroids is None
     with pytest.raises(RuntimeError, match="not trained"):
         idx.add(X)
-    trained = ipq_index.index_factory(24, "IVF16,ASQ4").train(X)
+    trained = ipq_index.index_factory(24, "IVF16,ASQ4n").train(X)
     before = trained.encoder, trained.centroids
     with pytest.raises(ValueError):
         trained.train(X[:10])  # too few rows for the lists: nothing changes
@@ -68,7 +68,7 @@ def test_failed_ivf_train_leaves_the_index_untouched(data):
     assert _recall(trained.search(Q, 5, nprobe=16)[1], X, Q) > 0.5
 
 
-@pytest.mark.parametrize("spec", ["ASQ4m", "PCA,ASQ3m", "IVF16,ASQ4m", "HNSW8,ASQ4m,Rerank2"])
+@pytest.mark.parametrize("spec", ["ASQ4mn", "PCA,ASQ3mn", "IVF16,ASQ4mn", "HNSW8,ASQ4mn,Rerank2"])
 def test_minimax_flag_builds_on_every_structure(data, spec):
     """The documented ``m`` flag (worst-case objective, solved exactly) works
     on every structure and finds the neighbours."""
@@ -85,12 +85,12 @@ def test_bad_training_weights_are_refused(data):
     for w, msg in ((np.zeros(len(X)), "all zero"), (-np.ones(len(X)), "non-negative"),
                    (np.full(len(X), np.nan), "finite")):
         with pytest.raises(ValueError, match=msg):
-            ipq_index.index_factory(24, "ASQ4").train(X, weights=w)
+            ipq_index.index_factory(24, "ASQ4n").train(X, weights=w)
 
 
 def test_default_ids_never_overflow(data):
     X, _ = data
-    idx = ipq_index.index_factory(24, "ASQ4").train(X)
+    idx = ipq_index.index_factory(24, "ASQ4n").train(X)
     idx.add(X[:2], ids=[5, np.iinfo(np.int64).max])
     with pytest.raises(ValueError, match="overflow"):
         idx.add(X[2:4])
@@ -116,7 +116,7 @@ def test_large_magnitude_data_probes_searches_and_loads(tmp_path, data):
     in float32, found as at unit scale, and their saved index loads."""
     X, Q = data
     s = np.float32(1e5)
-    for spec in ("IVF16,ASQ4", "PCA,IVF16,ASQ6"):
+    for spec in ("IVF16,ASQ4n", "PCA,IVF16,ASQ6n"):
         idx = ipq_index.index_factory(24, spec).train(X * s).add(X * s)
         D, I = idx.search(Q * s, 5, nprobe=8)
         assert np.isfinite(D).all() and _recall(I, X, Q) > 0.5
@@ -126,14 +126,14 @@ def test_large_magnitude_data_probes_searches_and_loads(tmp_path, data):
 
 def test_huge_beam_and_probe_counts_are_capped(data):
     X, Q = data
-    g = ipq_index.index_factory(24, "HNSW8,ASQ4").train(X).add(X)
+    g = ipq_index.index_factory(24, "HNSW8,ASQ4n").train(X).add(X)
     D, I = g.search(Q, 5, ef=10 ** 12)
     np.testing.assert_array_equal(I, g.search(Q, 5, ef=len(X))[1])
-    v = ipq_index.index_factory(24, "IVF16,ASQ4").train(X).add(X)
+    v = ipq_index.index_factory(24, "IVF16,ASQ4n").train(X).add(X)
     np.testing.assert_array_equal(v.search(Q, 5, nprobe=10 ** 12)[1], v.search(Q, 5, nprobe=16)[1])
 
 
 def test_pca_on_fewer_rows_than_dimensions_warns(data):
     X, _ = data
     with pytest.warns(UserWarning, match="PCA fitted on 5 training rows of 24 dimensions"):
-        ipq_index.index_factory(24, "PCA,ASQ4").train(X[:5])
+        ipq_index.index_factory(24, "PCA,ASQ4n").train(X[:5])

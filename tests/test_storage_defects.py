@@ -20,7 +20,7 @@ ARRAYS = {"a": np.arange(10, dtype=np.float32), "b": np.ones((3, 4), np.int64)}
 @pytest.fixture(scope="module")
 def index():
     X = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
-    idx = ipq_index.index_factory(8, "ASQ4")
+    idx = ipq_index.index_factory(8, "ASQ4n")
     idx.train(X, num_threads=1)
     idx.add(X, num_threads=1)
     return idx
