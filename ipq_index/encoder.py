@@ -12,11 +12,12 @@ Training (``ASQEncoder.train``):
    float32 scale per vector: the norm for unbiased rounding (keeps scores
    unbiased); for nearest rounding the direction is rounded after the
    pre-scale t in SCALE_SEARCH that best aligns the result with it, and the
-   least-squares scale <z, z_hat> / <z_hat, z_hat> is stored.  The ASQ objective weighs each vector by norm^2, its share of
-   the score variance.  ``scale=None`` (a spec without ``s`` or ``n``)
-   decides on the data: both encoders are trained and the scale kept when
-   it finds significantly more of the true top-10 on a held-out sample
-   (``_scale_trial``; the record: ``scale_choice``);
+   least-squares scale <z, z_hat> / <z_hat, z_hat> is stored.  The ASQ
+   objective weighs each vector by norm^2, its share of the score variance.
+   ``scale=None`` (a spec without ``s`` or ``n``) decides on the data: both
+   encoders are trained and the scale kept when it finds significantly
+   more of the true top-10 on a held-out sample (``_scale_trial``; the
+   record: ``scale_choice``);
 4. for every dimension and every width b = 1..max_bits, ASQ levels
    (``asq.solve_columns``, objective ``sum`` or ``max``) and their cost F_j(b);
 5. bit allocation: widths b_j in 0..max_bits with sum b_j <= round(bits * d),

@@ -467,10 +467,11 @@ def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, step
 def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk, out_i, out_v):
     """The kk rows of query q's best quantized scores over the blocks of
     ``lists`` into out_i, their scores into out_v (uint16), unordered (-1
-    and 0 padded; among equal scores at the cut, the first scanned).  The buffer holds slots (block * 32 + row in
-    block), mapped to rows only for the final kk: ``block_rows`` is large
-    and cold, one lookup per passing row cost more than the scan.  ``bias``:
-    per-list score offsets (``_scan_pass``; empty: none).
+    and 0 padded; among equal scores at the cut, the first scanned).  The
+    buffer holds slots (block * 32 + row in block), mapped to rows only for
+    the final kk: ``block_rows`` is large and cold, one lookup per passing
+    row cost more than the scan.  ``bias``: per-list score offsets
+    (``_scan_pass``; empty: none).
 
     With many rows per candidate, a first pass over every SAMPLE_STEP-th
     block sets the starting threshold: the (2 kk / SAMPLE_STEP)-th best
