@@ -170,6 +170,43 @@ def test_numpy_and_file_inputs_continue_ids_like_single_node(client, data, tmp_p
     assert pos[0] < pos[10_000] and pos[10_000] + 0 < 10 ** 9 and pos[1] < pos[10_001] and 10_051 in pos
 
 
+def test_remove_and_update_by_id_across_shards(client, data):
+    """``remove_ids`` removes rows from whichever shards hold them and
+    ``add`` with ids already held (in other shards) moves them with their new
+    vectors: results equal a single-node index with the same encoder and the
+    same removals and updates (brute-force ids on the exhaustive ADC);
+    ``on_duplicate="error"`` raises and changes nothing."""
+    X, Q = data
+    sh = ShardedIndex(D, "PCA,ASQ4n", 3, client)
+    sh.train(X)
+    sh.add(X)
+    ref = sh.reference_index()
+    ref.add(X)
+    gone = np.arange(0, N, 7)  # rows of every shard
+    assert sh.remove_ids(np.concatenate([gone, [10 ** 6]])) == gone.size == ref.remove_ids(gone)
+    assert sh.ntotal == N - gone.size
+    # ids 1..200 (shard 0) and 3000..3100 (shard 2) get new vectors; the call puts them in other shards
+    upd = np.concatenate([np.arange(1, 201), np.arange(3000, 3101)])
+    upd = upd[upd % 7 != 0]
+    newX = (X[::-1][:upd.size] + np.random.default_rng(3).standard_normal((upd.size, D))).astype(np.float32)
+    with pytest.raises(ValueError, match="already in the index"):
+        sh.add(newX, ids=upd, on_duplicate="error")
+    assert sh.ntotal == N - gone.size
+    sh.add(newX, ids=upd)
+    ref.add(newX, ids=upd)
+    assert sh.ntotal == ref.ntotal == N - gone.size
+    s, i = sh.search(Q, 20, fs=0)
+    rs, ri = ref.search(Q, 20, fs=0)
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_array_equal(s, rs)
+    assert not np.isin(i, gone).any()
+    # an updated id is found with its new vector, once
+    _, top = sh.search(newX[:5], 1, fs=0)
+    np.testing.assert_array_equal(top[:, 0], upd[:5])
+    _, everything = sh.search(Q[:1], sh.ntotal, fs=0)
+    assert np.unique(everything).size == sh.ntotal
+
+
 @pytest.mark.parametrize("spec, params", [("PCA,IVF16,ASQ4n", {"nprobe": 3}), ("PCA,HNSW16,ASQ6n", {"ef": 24})])
 def test_ivf_and_graph_shards_recall_close_to_single_node(client, data, spec, params):
     X, Q = data

@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import index_factory
 from ..encoder import check_matrix
+from ..structures.base import _check_ids
 from . import _manifest, _worker
 from ._worker import ShardFileError
 
@@ -222,7 +223,7 @@ class ShardedIndex:
         if not self.is_trained:
             raise RuntimeError(f"the index is not trained: call train() before {what}()")
 
-    def add(self, X, ids=None):
+    def add(self, X, ids=None, *, on_duplicate="replace"):
         """Add rows to the shards, built on the workers in parallel.
 
         ``X``: a dask.array (blocks computed on the workers), a NumPy array
@@ -233,15 +234,28 @@ class ShardedIndex:
         the largest id so far, as in the single-node index.
 
         Rows go to shards by position: of this call's n rows, shard s gets
-        rows [s*n//S, (s+1)*n//S).  The call returns when every shard is
-        built; if any shard fails, the index is left as it was.
+        rows [s*n//S, (s+1)*n//S).  An id the index already holds (in any
+        shard) is an update, as in the single-node index: its old vector is
+        removed (``on_duplicate="replace"``), or the call raises and changes
+        nothing (``"error"``).  The call returns when every shard is built;
+        if any shard fails, the index is left as it was.
         """
         self._require_trained("add")
+        if on_duplicate not in ("replace", "error"):
+            raise ValueError(f'on_duplicate must be "replace" or "error", got {on_duplicate!r}')
         n, pieces = self._pieces(X)
         if n == 0:
             raise ValueError("vectors is empty (0 rows)")
         bounds = [s * n // self.n_shards for s in range(self.n_shards + 1)]
         id_pieces, next_id = self._id_pieces(ids, n, bounds)
+        replaced = None  # every id of the call, removed from each shard first (explicit ids only)
+        if ids is not None and self.ntotal:
+            replaced = [p for s in range(self.n_shards) for p in id_pieces[s]]
+            if on_duplicate == "error":
+                held = self._count_ids(replaced)
+                if held:
+                    raise ValueError(f"{held} of the ids are already in the index: remove them first or pass "
+                                     "on_duplicate='replace'")
         import dask
 
         futures = []
@@ -250,12 +264,12 @@ class ShardedIndex:
         try:
             for s in range(self.n_shards):
                 a, b = bounds[s], bounds[s + 1]
-                if a == b and self._shards[s] is not None:
+                if a == b and self._shards[s] is not None and (replaced is None or not self._sizes[s]):
                     futures.append(self._shards[s])  # nothing new for this shard
                     continue
                 task = dask.delayed(_worker.add_rows, pure=False)(
                     self._shards[s], self._trained, s, pieces(a, b), id_pieces[s], self.shard_threads,
-                    dask_key_name=f"ipq-shard-{self._token}-add{self._round}-{s}")
+                    replaced, dask_key_name=f"ipq-shard-{self._token}-add{self._round}-{s}")
                 with warnings.catch_warnings():
                     # NumPy rows travel inside the tasks on purpose: the scheduler keeps them, so a
                     # shard lost with its worker can be rebuilt (Dask warns about large graphs)
@@ -274,6 +288,41 @@ class ShardedIndex:
         self._where = [st["worker"] for st in stats]
         self._next_id = max([next_id] + [st["max_id"] + 1 for st in stats])
         return self
+
+    def _count_ids(self, pieces) -> int:
+        """How many of the ids in ``pieces`` the shards hold."""
+        live = [s for s in range(self.n_shards) if self._sizes[s]]
+        return int(sum(self.client.gather([self.client.submit(_worker.count_ids, self._shards[s], pieces,
+                                                              pure=False, **self._on(s)) for s in live])))
+
+    def remove_ids(self, ids) -> int:
+        """Remove the vectors with these ids from whichever shards hold them
+        (ids not in the index are ignored); returns how many were removed.
+        Each shard's worker removes its rows (``IndexBase.remove_ids``:
+        tombstones, compacted past the setting ``compact_share``); if any
+        shard fails, the index is left as it was."""
+        self._require_trained("remove_ids")
+        ids = np.unique(_check_ids(ids, None))
+        live = [s for s in range(self.n_shards) if self._sizes[s]]
+        if not ids.size or not live:
+            return 0
+        futures = {}
+        try:
+            for s in live:
+                futures[s] = self.client.submit(_worker.remove_rows, self._shards[s], s, ids, pure=False,
+                                                **self._on(s))
+            stats = dict(zip(live, self.client.gather([self.client.submit(_worker.shard_stats, futures[s], pure=False,
+                                                                           **self._on(s)) for s in live])))
+        except BaseException:
+            self.client.cancel(list(futures.values()))
+            raise
+        before = self.ntotal
+        for s in live:
+            self._shards[s] = futures[s]
+            self._stats[s] = stats[s]
+            self._sizes[s] = stats[s]["ntotal"]
+            self._where[s] = stats[s]["worker"]
+        return before - self.ntotal
 
     def _pieces(self, X):
         """(n, pieces(a, b)): the row count and a function giving the input

@@ -169,13 +169,19 @@ def _rows(pieces):
 
 
 # -- tasks ----------------------------------------------------------------------
-def add_rows(shard, trained, number, pieces, ids, num_threads):
+def add_rows(shard, trained, number, pieces, ids, num_threads, replaced=None):
     """Shard ``number`` after adding its rows of one ``add`` call: a new
     ``Shard`` (the previous one, ``shard``, is left as it was, so a failed
     add elsewhere can keep it); ``shard`` None starts from the trained,
     empty index ``trained`` (bytes).  ``ids``: ("range", start, stop) or
-    pieces like the rows' (None: no rows)."""
+    pieces like the rows' (None: no rows).  ``replaced``: pieces of every
+    id the call adds (to any shard), removed from this shard first: an id
+    held by another shard moves with its new vector."""
     index = index_from_bytes(trained) if shard is None else copy.copy(shard.index)
+    if replaced is not None and index.ntotal:
+        gone = _rows(replaced)
+        if gone is not None:
+            index.remove_ids(gone)
     X = _rows(pieces)
     if X is not None and X.shape[0]:
         if isinstance(ids, tuple) and ids and ids[0] == "range":
@@ -188,6 +194,22 @@ def add_rows(shard, trained, number, pieces, ids, num_threads):
         # ones) so the previous shard stays valid for the scheduler and for a failed add
         index.add(X, ids=id_arr, num_threads=worker_threads(num_threads))
     return Shard(index, number)
+
+
+def remove_rows(shard, number, ids):
+    """Shard ``number`` without the rows of ``ids``: a new ``Shard`` (the
+    previous one is left as it was)."""
+    index = copy.copy(shard.index)
+    index.remove_ids(ids)
+    return Shard(index, number)
+
+
+def count_ids(shard, pieces):
+    """How many of the ids in ``pieces`` the shard holds."""
+    ids = _rows(pieces)
+    if ids is None or not shard.index.ntotal:
+        return 0
+    return int(shard.index._live_rows_of(np.asarray(ids, np.int64)).size)
 
 
 def shard_stats(shard):
