@@ -129,10 +129,13 @@ def test_sharded_flat_topk_equals_single_node(flat, data, params):
 
 
 def test_shards_stay_on_their_workers(client, flat, data):
+    """Searches run where the shards are: the placement never changes.  (Where
+    the shards were built is the scheduler's choice: the add tasks ask for
+    worker s % workers but may be stolen by an idle worker, so the spread
+    over both workers is not asserted.)"""
     sh, _ = flat
     before = sh.placement()
     assert sorted(before) == [0, 1, 2] and all(len(w) == 1 for w in before.values())
-    assert len({w[0] for w in before.values()}) == 2  # spread over both workers
     for _ in range(3):
         sh.search(data[1], 5)
     assert sh.placement() == before

@@ -44,7 +44,7 @@ from numba.extending import intrinsic
 from .._numba import kernel, splat, target_has
 from .coarse_tables import _coarse_luts
 from .probe import _probe_one
-from .rerank import PLAN_FIELDS, PLAN_TABLES, rescore_more, rescore_rerank_one, search_outputs
+from .rerank import PLAN_FIELDS, PLAN_TABLES, rescore_more, search_outputs
 from .rotation import rotate_query
 from .topk import ids_of_rows_one
 
@@ -575,20 +575,20 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     (``plan``, ``rerank.PLAN_*``)
 
     - PLAN_FIELDS / PLAN_TABLES: full ADC of those rows, field by field or
-      through lookup tables (``tabs``; ``rerank.adc_topk_one``), top-kk,
+      through lookup tables (``tabs``; ``rerank.rescore_more``), top-kk,
       plus <q, mean> (float64): inner-product estimates;
     - PLAN_CAND (with ``V`` only): SIMD candidate ADC (``cl``:
       ``Encoder.candidate_layout``), top-kk;
-    - PLAN_NONE: the candidate rows as they are (for an exact re-rank);
+    - PLAN_NONE (with ``V`` only): every candidate to the exact re-rank;
 
     then, when ``V`` (the stored copy: float32 rows or float16 bit patterns
-    as uint16) has rows, the exact top-k of those rows (``rescore_rerank_one``).
-    With ``depth`` > 0 (and a plan that rescores) the candidates grow per
-    query until they reach ``depth`` times the coarse rank of the deepest of
-    the k results (``_deep_candidates``).
+    as uint16) has rows, the exact top-k of those rows (``rescore_more``).
+    With ``depth`` > 0 the candidates grow per query until they reach
+    ``depth`` times the coarse rank of the deepest of the k results
+    (``_rescore_candidates``).
 
     Returns (scores float32, rows int64, out_ids int64), each (nq, width)
-    (width k if re-ranked, else kk after an ADC, else ncand); out_ids =
+    (width k if re-ranked, else kk); out_ids =
     ids[rows], -1 (score -inf) for empty slots.  Raises ValueError when Q
     holds NaN or inf (``IndexBase._prepared_call`` leaves that check to
     this call)."""
@@ -599,8 +599,6 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     G = M // 2
     lut = np.empty((1, (G + G % 2) * LUT_STRIDE), np.uint8)
     scratch = np.empty((M, 16), np.float32)
-    cand = np.empty((1, ncand), np.int64)
-    cvals = np.empty(ncand, np.uint16)
     T = np.empty((1 if plan == PLAN_TABLES else 0, codes.shape[1], 256), np.float32)
     nlist = block_ptr.shape[0] - 1
     lists = np.arange(nlist) if nprobe == 0 else np.empty(nprobe, np.int64)
@@ -618,90 +616,103 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
         if Ct is not None:
             if nprobe > 0:
                 _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi], raw)
-        rows = cand
-        if ncand == 0:
-            rows = _list_rows(block_rows, block_ptr, lists)
-        else:
+        if ncand > 0:
             if resid:
                 scale = _quantize_one(Y, 0, slot_dim, centT, scratch, lut, _bias_span(raw, lists))
                 _list_bias(raw, lists, scale, bias)
             else:
                 _quantize_one(Y, 0, slot_dim, centT, scratch, lut, np.float32(0.0))
-            if depth > 0:
-                _deep_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q,
-                                 qi, mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v[qi],
-                                 out_r[qi])
-                ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
-                continue
-            _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, ncand, cand[0], cvals)
-        if not rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, rows, plan, V, hv, hr,
-                                  out_v[qi], out_r[qi]):
-            for t in range(ncand):
-                out_r[qi, t] = cand[0, t]
+        _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q, qi,
+                            mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v[qi], out_r[qi])
         ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
     return out_v, out_r, out_ids
 
 
 @kernel
-def _deep_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q, qi, mean,
-                     levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v, out_r):
-    """Query qi's candidates chosen by their depth: the scan keeps a pool of
-    the ceil(depth * ncand) best coarse scores; its best m rows (m = ncand
-    first, ``_best_of``) are rescored (``rescore_more`` into out_v, out_r);
-    the result stands once m >= depth * r, r the coarse rank within the pool
-    of the deepest of the first k results (``_needed``), else m grows to
-    max(depth * r, 2 m) and the next rows of the pool are rescored; a pool
-    too small for m is scanned again, at least twice as large (its best m
-    rows rescored anew).  A pool that holds every row of the lists ends it
-    (all of them rescored)."""
+def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q, qi,
+                        mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v, out_r):
+    """Query qi's candidates rescored (``rescore_more`` into out_v, out_r;
+    its only call in the scan kernel: one build of it).  ``ncand`` = 0:
+    every row of the lists, one band.  Else the scan keeps a pool of the
+    best coarse scores (``_scan_one``: ncand rows, or ceil(depth * ncand)
+    with ``depth`` > 0) whose best m rows are rescored (m = ncand first,
+    ``_best_of``).  With ``depth`` > 0 the result stands once m >= depth *
+    r, r the coarse rank within the pool of the deepest of the first k
+    results (``_needed``); else m grows to max(depth * r, 2 m) and the next
+    rows of the pool are rescored; a pool too small for m is scanned again,
+    at least twice as large (its best m rows rescored anew).  A pool that
+    holds every row of the lists ends it (all of them rescored)."""
     slots = 0  # the pool never needs more: it then holds every row of the lists
     for li in range(lists.shape[0]):
         if lists[li] >= 0:
             slots += (block_ptr[lists[li] + 1] - block_ptr[lists[li]]) * BLOCK
-    size = min(max(ncand, np.int64(np.ceil(min(depth * ncand, 1e15)))), max(slots, ncand))
+    size = ncand
+    if depth > 0:
+        size = min(max(ncand, np.int64(np.ceil(min(depth * ncand, 1e15)))), max(slots, ncand))
     hist = np.empty((4, 256), np.int32)
     m = ncand
+    scan = ncand > 0  # a pool to scan before the next band
+    pool = np.empty(0, np.int64)
+    pool_v = np.empty(0, np.uint16)
+    taken = np.zeros(0, np.int64)
+    cnt = 0
+    full = True
+    first = True
     while True:
-        full = size >= slots
-        pool = np.empty(size, np.int64)
-        pool_v = np.empty(size, np.uint16)
-        _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, size, pool, pool_v)
-        cnt = 0
-        while cnt < size and pool[cnt] >= 0:
-            cnt += 1
-        taken = np.zeros(cnt, np.bool_)
-        first = True
-        while True:
-            pos = _best_of(pool_v, cnt, min(m, cnt), hist)
-            nb = 0
-            for t in range(pos.shape[0]):
-                if not taken[pos[t]]:
-                    nb += 1
-            band = np.empty((1, nb), np.int64)  # the rows not rescored yet, in pool order
-            nb = 0
-            for t in range(pos.shape[0]):
-                if not taken[pos[t]]:
-                    taken[pos[t]] = True
-                    band[0, nb] = pool[pos[t]]
-                    nb += 1
-            rescore_more(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, band, plan, V, hv, hr,
-                         out_v, out_r, first)
-            first = False
-            need = _needed(pool, pool_v, taken, out_r, k, depth)
-            if need <= m or m >= cnt and (cnt < size or full):
-                return  # deep enough, or every row of the lists rescored
-            m = max(need, 2 * m)
-            if m > cnt and not full:
-                break  # the pool is too small: scan again
+        if ncand == 0:
+            band = _list_rows(block_rows, block_ptr, lists)
+        else:
+            if scan:
+                full = size >= slots
+                pool = np.empty(size, np.int64)
+                pool_v = np.empty(size, np.uint16)
+                _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, size, pool, pool_v)
+                cnt = 0
+                while cnt < size and pool[cnt] >= 0:
+                    cnt += 1
+                taken = np.zeros(cnt, np.int64)
+                first = True
+                scan = False
+            band = _band(pool, taken, _best_of(pool_v, cnt, min(m, cnt), hist))
+        rescore_more(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, band, plan, V, hv, hr, out_v, out_r,
+                     first)
+        first = False
+        if ncand == 0 or depth == 0:
+            return
+        need = _needed(pool, pool_v, taken, out_r, k, depth)
+        if need <= m or m >= cnt and (cnt < size or full):
+            return  # deep enough, or every row of the lists rescored
+        m = max(need, 2 * m)
+        if m > cnt and not full:
+            size = min(max(m, 2 * size), slots)  # the pool is too small: scan again
+            scan = True
+        else:
             m = min(m, cnt)
-        size = min(max(m, 2 * size), slots)
+
+
+@kernel
+def _band(pool, taken, pos):
+    """(1, c) the pool rows at positions ``pos`` not rescored yet (then
+    marked ``taken``), in pool order."""
+    nb = 0
+    for t in range(pos.shape[0]):
+        if not taken[pos[t]]:
+            nb += 1
+    band = np.empty((1, nb), np.int64)
+    nb = 0
+    for t in range(pos.shape[0]):
+        if not taken[pos[t]]:
+            taken[pos[t]] = 1
+            band[0, nb] = pool[pos[t]]
+            nb += 1
+    return band
 
 
 @kernel
 def _best_of(pool_v, cnt, m, hist):
     """Positions of the m best of the pool's first cnt scores (ties at the
     cut: the first in pool order), in pool order.  The best m are among the
-    best m' >= m (nested, ``_deep_candidates``)."""
+    best m' >= m (nested, ``_rescore_candidates``)."""
     pos = np.empty(m, np.int64)
     if m == 0:
         return pos

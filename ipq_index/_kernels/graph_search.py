@@ -173,7 +173,7 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
     navigation codes (int16 tables), then
 
     - PLAN_FIELDS / PLAN_TABLES: full ADC of the beam, field by field or
-      through lookup tables (``rerank.adc_topk_one``), top-kk, plus
+      through lookup tables (``rerank.rescore_more``), top-kk, plus
       <q, mean> (float64): inner-product estimates;
     - PLAN_CAND (with ``V`` only): SIMD candidate ADC (``cl``), top-kk;
     - PLAN_NONE: the beam's rows as they are (for an exact re-rank);

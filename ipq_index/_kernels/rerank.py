@@ -207,23 +207,6 @@ def search_outputs(Q, V, adc, k, kk, kept):
 
 
 @_kernel
-def adc_topk_one(Y, levels, fields, tabs, T, codes, scales, cand, plan, hv, hr):
-    """Full-ADC top-len(hv) of the candidate rows cand (1, c) (-1 = none) of
-    rotated query Y[0] into (hv, hr) (filled with -inf / -1 by the caller),
-    sorted descending: field by field (PLAN_FIELDS, ``fields``:
-    ``Encoder.field_layout``) or through lookup tables (PLAN_TABLES, built
-    into the scratch T (1, nbytes, 256) from ``tabs`` = (level offsets,
-    bits, byte-field pointers, byte-field dims): ``Encoder.table_layout``)."""
-    if plan == PLAN_TABLES:
-        level_off, bits, field_ptr, field_dim = tabs
-        prev = np.empty(256, np.float32)
-        _build_table(Y, 0, T[0], levels, level_off, bits, field_ptr, field_dim, codes.shape[1], prev)
-        _rescore_one(T, codes, scales, cand, 0, hv, hr)
-    else:
-        rescore_fields_one(Y, 0, levels, fields, codes, scales, cand, hv, hr)
-
-
-@_kernel
 def add_mean_one(Q, qi, mean, out_v, out_r):
     """ADC scores of centred codes plus <Q[qi], mean> (float64): inner-product estimates."""
     off = 0.0
@@ -238,95 +221,94 @@ def add_mean_one(Q, qi, mean, out_v, out_r):
 def rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, cand, plan, V, hv, hr,
                        out_v, out_r):
     """The search kernels' last step for query qi and its candidate rows cand
-    (1, c): the ADC top-kk (``plan``: PLAN_FIELDS or PLAN_TABLES,
-    ``adc_topk_one``; PLAN_CAND with the candidate layout ``cl``; scratch
-    hv / hr of size kk), then the exact top-len(out_v) when ``V`` has rows;
-    ADC scores (plus <q, mean>) when only rescoring.  Returns False (out
-    untouched) when neither applies: the caller keeps the candidates as
-    they are.  ``V`` None (an index without a copy): the re-rank and the
-    candidate ADC are not compiled."""
-    adc = plan == PLAN_FIELDS or plan == PLAN_TABLES
-    if V is None:
-        if adc:
-            adc_topk_one(Y, levels, fields, tabs, T, codes, scales, cand, plan, out_v, out_r)
-            add_mean_one(Q, qi, mean, out_v, out_r)
-        return adc
-    exact = V.shape[0] > 0
-    if exact and plan != PLAN_NONE:
-        hv[:] = -np.inf
-        hr[:] = -1
-        if plan == PLAN_CAND:
-            candidate_topk_one(Y, 0, levels, cl, codes, scales, cand[0], hv, hr)
-        else:
-            adc_topk_one(Y, levels, fields, tabs, T, codes, scales, cand, plan, hv, hr)
-        rerank_rows(Q[qi], V, hr, out_v, out_r)
-    elif exact:
-        rerank_rows(Q[qi], V, cand[0], out_v, out_r)
-    elif adc:
-        adc_topk_one(Y, levels, fields, tabs, T, codes, scales, cand, plan, out_v, out_r)
-        add_mean_one(Q, qi, mean, out_v, out_r)
-    return exact or adc
+    (1, c): ``rescore_more`` of them as one band.  Returns False (out
+    untouched) when the plan neither rescores nor re-ranks (PLAN_NONE or
+    PLAN_CAND without rows in ``V``): the caller keeps the candidates as
+    they are."""
+    exact = False
+    if V is not None:
+        exact = V.shape[0] > 0
+    if not (exact or plan == PLAN_FIELDS or plan == PLAN_TABLES):
+        return False
+    first = qi >= 0  # True, typed as a plain bool: the same build of rescore_more as _deep_candidates' calls
+    rescore_more(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, cand, plan, V, hv, hr, out_v, out_r,
+                 first)
+    return True
 
 
 @_kernel
 def rescore_more(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, band, plan, V, hv, hr, out_v, out_r,
                  first):
-    """``rescore_rerank_one`` of a candidate set that grows by bands of new
-    rows ``band`` (1, c): out_v / out_r hold the results of every band so
-    far (those of one call with their union, up to the order of equal
-    scores).  ``first``: the first band (the heaps start empty, the lookup
-    tables of PLAN_TABLES are built into T).  For plans that rescore (not
-    PLAN_NONE without rows in ``V``)."""
+    """Query qi's results from a candidate set that grows by bands of new
+    rows ``band`` (1, c) (-1 = none): the ADC top-kk (hv / hr, size kk;
+    ``plan``: PLAN_FIELDS field by field, PLAN_TABLES through lookup tables
+    built into the scratch T (1, nbytes, 256) from ``tabs``, PLAN_CAND the
+    SIMD candidate ADC with the layout ``cl``; ``_offer_adc``), then the
+    exact top-len(out_v) of those when ``V`` has rows, else their ADC
+    scores plus <q, mean>; PLAN_NONE (with rows in ``V``): every candidate
+    re-ranked exactly.  out_v / out_r hold the results of every band so far
+    (those of one call with their union, up to the order of equal scores).
+    ``first``: the first band (the heaps start empty, the tables are built).
+    ``V`` None (an index without a copy): the re-rank and the candidate ADC
+    are not compiled."""
     if V is None:
-        _offer_band(Y, levels, fields, cl, tabs, T, codes, scales, band, plan, hv, hr, first)
-        out_v[:] = hv
-        out_r[:] = hr
+        _offer_adc(Y, levels, fields, tabs, T, codes, scales, band, plan, hv, hr, first)
+        _copy_top(hv, hr, out_v, out_r)
         add_mean_one(Q, qi, mean, out_v, out_r)
         return
     exact = V.shape[0] > 0
     if exact and plan == PLAN_NONE:  # every candidate re-ranked exactly: the results are the heap
-        if first:
-            out_v[:] = -np.inf
-            out_r[:] = -1
-        else:
-            _reverse(out_v, out_r)
+        _resume_heap(out_v, out_r, first)
         rerank_rows(Q[qi], V, band[0], out_v, out_r)
         return
-    _offer_band(Y, levels, fields, cl, tabs, T, codes, scales, band, plan, hv, hr, first)
+    if plan == PLAN_CAND:
+        _resume_heap(hv, hr, first)
+        candidate_topk_one(Y, 0, levels, cl, codes, scales, band[0], hv, hr)
+    else:
+        _offer_adc(Y, levels, fields, tabs, T, codes, scales, band, plan, hv, hr, first)
     if exact:
-        out_v[:] = -np.inf
-        out_r[:] = -1
+        _resume_heap(out_v, out_r, True)
         rerank_rows(Q[qi], V, hr, out_v, out_r)
     else:
-        out_v[:] = hv
-        out_r[:] = hr
+        _copy_top(hv, hr, out_v, out_r)
         add_mean_one(Q, qi, mean, out_v, out_r)
 
 
 @_kernel
-def _offer_band(Y, levels, fields, cl, tabs, T, codes, scales, band, plan, hv, hr, first):
-    """The ADC top-len(hv) of the rows offered so far into (hv, hr), sorted
-    descending (``rescore_more``)."""
-    if first:
-        hv[:] = -np.inf
-        hr[:] = -1
-        if plan == PLAN_TABLES:
+def _offer_adc(Y, levels, fields, tabs, T, codes, scales, band, plan, hv, hr, first):
+    """The full-ADC top-len(hv) of the rows offered so far into (hv, hr),
+    sorted descending: field by field (PLAN_FIELDS, ``fields``:
+    ``Encoder.field_layout``) or through lookup tables (PLAN_TABLES, built
+    into T with the first band from ``tabs`` = (level offsets, bits,
+    byte-field pointers, byte-field dims): ``Encoder.table_layout``)."""
+    _resume_heap(hv, hr, first)
+    if plan == PLAN_TABLES:
+        if first:
             level_off, bits, field_ptr, field_dim = tabs
             prev = np.empty(256, np.float32)
             _build_table(Y, 0, T[0], levels, level_off, bits, field_ptr, field_dim, codes.shape[1], prev)
-    else:
-        _reverse(hv, hr)  # ascending: a min-heap again
-    if plan == PLAN_CAND:
-        candidate_topk_one(Y, 0, levels, cl, codes, scales, band[0], hv, hr)
-    elif plan == PLAN_TABLES:
         _rescore_one(T, codes, scales, band, 0, hv, hr)
     else:
         rescore_fields_one(Y, 0, levels, fields, codes, scales, band, hv, hr)
 
 
 @_kernel
-def _reverse(v, r):
+def _copy_top(hv, hr, out_v, out_r):
+    for t in range(hv.shape[0]):
+        out_v[t] = hv[t]
+        out_r[t] = hr[t]
+
+
+@_kernel
+def _resume_heap(v, r, first):
+    """A top-k kept sorted descending in (v, r) as a min-heap again (ascending
+    order), or emptied for the ``first`` offers."""
     n = v.shape[0]
+    if first:
+        for t in range(n):
+            v[t] = -np.inf
+            r[t] = -1
+        return
     for t in range(n // 2):
         v[t], v[n - 1 - t] = v[n - 1 - t], v[t]
         r[t], r[n - 1 - t] = r[n - 1 - t], r[t]
