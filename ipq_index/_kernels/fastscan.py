@@ -652,7 +652,8 @@ def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, b
     hist = np.empty((4, 256), np.int32)
     m = ncand
     scan = ncand > 0  # a pool to scan before the next band
-    pool = np.empty(0, np.int64)
+    rows = np.empty((1, 0), np.int64)
+    pool = rows[0]
     pool_v = np.empty(0, np.uint16)
     taken = np.zeros(0, np.int64)
     cnt = 0
@@ -664,7 +665,8 @@ def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, b
         else:
             if scan:
                 full = size >= slots
-                pool = np.empty(size, np.int64)
+                rows = np.empty((1, size), np.int64)
+                pool = rows[0]
                 pool_v = np.empty(size, np.uint16)
                 _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, size, pool, pool_v)
                 cnt = 0
@@ -673,7 +675,7 @@ def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, b
                 taken = np.zeros(cnt, np.int64)
                 first = True
                 scan = False
-            band = _band(pool, taken, _best_of(pool_v, cnt, min(m, cnt), hist))
+            band = rows if depth == 0 else _band(pool, taken, _best_of(pool_v, cnt, min(m, cnt), hist))
         rescore_more(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, band, plan, V, hv, hr, out_v, out_r,
                      first)
         first = False
