@@ -43,12 +43,12 @@ class FlatSettings:
     #: results (rank r: the pool holds at least depth * r rows); the scan
     #: and rescoring are repeated with a larger pool when it is not (0: a
     #: fixed pool; a per-call ``fs`` also fixes it)
-    depth: float = 6.0
+    depth: float = 4.0
     #: below this many vectors every code is scored with the full ADC
     fastscan_min_rows: int = 4096
     #: share of the estimated score variance the fast-scan coarse codes keep
-    #: (None: 0.95; 0.99 for per-vector-scaled codes; 0.98 for a graph's
-    #: navigation codes); lower scans fewer bytes per row, ranks more coarsely
+    #: (None: 0.97 flat, 0.95 IVF; 0.99 for per-vector-scaled codes; 0.98 for a
+    #: graph's navigation codes); lower scans fewer bytes per row, ranks more coarsely
     coverage: float | None = None
     #: share of the score variance whose dimensions the candidate ADC reads
     #: when it picks the rows for the exact re-rank

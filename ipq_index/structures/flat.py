@@ -30,6 +30,7 @@ class FlatIndex(IndexBase):
 
     kind = "flat"
     settings_class = FlatSettings
+    _coverage_name = "FLAT_COVERAGE"
 
     # -- search ---------------------------------------------------------------
     def search(self, Q, k: int, *, rerank: int | None = None, fs: int | None = None, filter=None,

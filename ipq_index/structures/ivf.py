@@ -37,6 +37,7 @@ class IVFIndex(FlatIndex):
 
     kind = "ivf"
     settings_class = IVFSettings
+    _coverage_name = "COVERAGE"  # residual coarse codes (fast_scanner.COVERAGE)
 
     def __init__(self, d: int, nlist: int, config: EncoderConfig | None = None, *, rerank: int = 0,
                  rerank_dtype: str = "float16", spec: str | None = None, settings: IVFSettings | None = None):
