@@ -42,8 +42,10 @@ class FlatIndex(IndexBase):
         factor of the SIMD fast-scan stage (the best ``fs * max(k, rerank * k)``
         coarse scores are rescored with the full ADC; 0 scans every code with
         the full ADC; default: the setting ``fs``, growing as sqrt(n / 100,000)
-        above 100,000 vectors; used when the index holds at least
-        ``fastscan_min_rows`` vectors).  ``filter``: the ids the search may
+        above 100,000 vectors, then per query until the rescored rows reach
+        the setting ``depth`` times the coarse rank of the deepest result; a
+        given ``fs`` keeps the pool fixed; used when the index holds at
+        least ``fastscan_min_rows`` vectors).  ``filter``: the ids the search may
         return (``ipq_index.filters``: allowed ids, a boolean id mask or
         ``DenyIds``), applied inside the scan; when few rows pass, only
         they are scored.  Slots beyond the rows that pass hold id -1 and
