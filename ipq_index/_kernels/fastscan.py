@@ -741,15 +741,27 @@ def _needed(pool, pool_v, taken, out_r, k, depth):
     result rows ``out_r`` among the rescored pool rows (``taken``): how many
     of the pool's scores reach its score (ties count); 0 when no result row
     is set."""
+    cap = 2
+    while cap < 2 * k:
+        cap *= 2
+    table = np.full(cap, -1, np.int64)  # the result rows, open addressing (O(pool + k), not O(pool k))
+    for j in range(k):
+        if out_r[j] >= 0:
+            h = _slot(out_r[j], cap)
+            while table[h] >= 0 and table[h] != out_r[j]:
+                h = (h + 1) & (cap - 1)
+            table[h] = out_r[j]
     deepest = np.int64(65536)
     cnt = taken.shape[0]
     for t in range(cnt):
         if taken[t]:
             r = pool[t]
-            for j in range(k):
-                if out_r[j] == r:
+            h = _slot(r, cap)
+            while table[h] >= 0:
+                if table[h] == r:
                     deepest = min(deepest, np.int64(pool_v[t]))
                     break
+                h = (h + 1) & (cap - 1)
     if deepest == 65536:
         return 0
     rank = 0
@@ -757,6 +769,12 @@ def _needed(pool, pool_v, taken, out_r, k, depth):
         if np.int64(pool_v[t]) >= deepest:
             rank += 1
     return np.int64(np.ceil(min(depth * rank, 1e15)))
+
+
+@kernel
+def _slot(r, cap):
+    """Fibonacci hash of row r into 0..cap-1 (cap a power of two)."""
+    return np.int64((np.uint64(r) * np.uint64(11400714819323198485)) >> np.uint64(40)) & (cap - 1)
 
 
 @kernel
