@@ -597,7 +597,7 @@ class IndexBase:
                     "encoder": enc_meta, "rerank": self.rerank, "rerank_dtype": self.rerank_dtype,
                     "settings": self.resolved_settings(), "library": "ipq_index"}
             meta["search_defaults"] = {"rerank": self.rerank, **{k: v for k, v in meta["settings"].items()
-                                                                  if k in ("fs", "nprobe", "ef", "nav")}}
+                                                                  if k in ("fs", "depth", "nprobe", "ef", "nav")}}
             arrays.update({"codes": np.asarray(self.codes), "ids": np.asarray(self.ids)})
             if self.encoder.config.scale:
                 arrays["scales"] = np.asarray(self.scales)
