@@ -148,7 +148,7 @@ def staged_search(idx, Q, k, *, rerank=None, fs=None, nprobe=None):
     depth = idx.settings.depth if fs is None else 0.0
     if every or not depth:
         v, r = rescore(cand, Y, Q, offsets)
-    else:  # the pool grows per query until deep enough (``_fs._deep_candidates``)
+    else:  # the pool grows per query until deep enough (``_fs._rescore_candidates``)
         width = kk if not rr else k
         v, r = np.full((len(Q), width), -np.inf, np.float32), np.full((len(Q), width), -1, np.int64)
         for i in range(len(Q)):

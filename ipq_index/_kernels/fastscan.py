@@ -669,10 +669,11 @@ def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, b
                 pool = rows[0]
                 pool_v = np.empty(size, np.uint16)
                 _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, size, pool, pool_v)
-                cnt = 0
-                while cnt < size and pool[cnt] >= 0:
-                    cnt += 1
-                taken = np.zeros(cnt, np.int64)
+                if depth > 0:  # a fixed pool is rescored as it is
+                    cnt = 0
+                    while cnt < size and pool[cnt] >= 0:
+                        cnt += 1
+                    taken = np.zeros(cnt, np.int64)
                 first = True
                 scan = False
             band = rows if depth == 0 else _band(pool, taken, _best_of(pool_v, cnt, min(m, cnt), hist))

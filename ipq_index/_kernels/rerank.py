@@ -230,7 +230,7 @@ def rescore_rerank_one(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scale
         exact = V.shape[0] > 0
     if not (exact or plan == PLAN_FIELDS or plan == PLAN_TABLES):
         return False
-    first = qi >= 0  # True, typed as a plain bool: the same build of rescore_more as _deep_candidates' calls
+    first = qi >= 0  # True, typed as a plain bool: one build of rescore_more with _rescore_candidates' calls
     rescore_more(Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, cand, plan, V, hv, hr, out_v, out_r,
                  first)
     return True
