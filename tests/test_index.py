@@ -972,6 +972,11 @@ def test_rotation_kernels_match_float64(sample, built):
         R16 = R.astype(np.float16)
         for fn in (rotation.rotate_rows,):
             assert np.array_equal(fn(Qr, R16.view(np.uint16)), fn(Qr, R16.astype(np.float32)))
+        # the leading columns alone (R (n, m) into rows longer than m): the rest stay 0
+        for Rk in (R16.astype(np.float32), R16.view(np.uint16)):
+            Y = np.zeros((1, m + 9), np.float32)
+            rotation.rotate_query(Qr, 0, Rk, Y)
+            assert np.array_equal(Y[0, :m], rotation.rotate_rows(Qr[:1], Rk)[0]) and not Y[0, m:].any()
     X, Q = sample
     enc = built["PCA,ASQ4n"].encoder
     # queries are rotated with the rotation rounded to float16: within float32

@@ -77,9 +77,10 @@ def _weighted_row_sum_impl(qv, R, o):
 
 @kernel
 def _row_sum_pass(qv, R, t, c, o):
-    """o[j] += the sum over rows t..t+c of R (c <= 8) weighted by qv[t..t+c]:
-    for c = 8 the tree of ``weighted_row_sum``, else row by row."""
-    m = o.shape[0]
+    """o[j] += the sum over rows t..t+c of R (c <= 8) weighted by qv[t..t+c]
+    (j below the shorter of o and R's rows): for c = 8 the tree of
+    ``weighted_row_sum``, else row by row."""
+    m = min(o.shape[0], R.shape[1])
     if c == 8:
         q0, q1, q2, q3 = qv[t], qv[t + 1], qv[t + 2], qv[t + 3]
         q4, q5, q6, q7 = qv[t + 4], qv[t + 5], qv[t + 6], qv[t + 7]
