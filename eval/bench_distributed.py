@@ -156,6 +156,7 @@ def run_size(n, args, workdir):
             row[f"w{workers}_batch"], (_, ids) = timed(lambda: sh.search(Q, k, **params), args.reps)
             row[f"w{workers}_recall"] = recall(ids, truth)
             row[f"w{workers}_lat"] = latency(lambda q: sh.search(q, k, **params), Q, args.latency_queries)
+            row[f"w{workers}_floor"] = latency(lambda q: round_trip(sh, q), Q, args.latency_queries)
             sh.direct_search = False
             row[f"w{workers}_lat_tasks"] = latency(lambda q: sh.search(q, k, **params), Q, args.latency_queries // 4)
             sh.close()
@@ -163,6 +164,26 @@ def run_size(n, args, workdir):
         os.unlink(f)
     _report(n, args, row)
     return row
+
+
+def round_trip(sh, q):
+    """One call to every worker's search actor that searches nothing: the
+    same path as a search (one coroutine, straight to the workers), what
+    Dask's messaging alone costs per query."""
+    import asyncio
+
+    from distributed.protocol import to_serialize
+
+    actors = {w: sh._server(w).key for w in set(sh._where) if w is not None}
+
+    async def ask(w):
+        return await sh.client.rpc(w).actor_execute(function="search", actor=actors[w], kwargs={},
+                                                    args=[to_serialize(a) for a in ([], q, {}, 1)])
+
+    async def ask_all():
+        return await asyncio.gather(*(ask(w) for w in actors))
+
+    return sh.client.sync(ask_all)
 
 
 def _bytes(index):
@@ -188,6 +209,8 @@ def _report(n, args, r):
     for name, b, s, lat, rec in lines:
         lat_s = f"{lat[0]:.2f} / {lat[1]:.2f}" if lat else "-"
         print(f"{name:<34} {b:>8.2f} {n / b:>12,.0f} {nq / s:>10,.0f} {lat_s:>21} {rec:>9.4f}")
+    print(f"Dask round trip to every worker's actor, searching nothing (p50/p90): 1 worker "
+          f"{r['w1_floor'][0]:.2f} / {r['w1_floor'][1]:.2f} ms, 2 workers {r['w2_floor'][0]:.2f} / {r['w2_floor'][1]:.2f} ms")
     print(f"single-query latency through scheduler tasks only (direct_search=False): 1 worker "
           f"{r['w1_lat_tasks'][0]:.2f} ms, 2 workers {r['w2_lat_tasks'][0]:.2f} ms (p50)")
     print(f"bytes/vector: file {r['stored_bpv']:.0f}, RAM {r['ram_bpv']:.0f} (single node; a shard holds the same per vector)")
@@ -195,7 +218,8 @@ def _report(n, args, r):
     print(f"  build, 2 workers / 1 worker:            {r['w1_build'] / r['w2_build']:.2f}x  (target >= 1.6x)")
     print(f"  batch search, 2 workers / 1 worker:     {r['w1_batch'] / r['w2_batch']:.2f}x  (target >= 1.5x)")
     print(f"  single-query overhead, 2 workers vs single node (p50): {r['w2_lat'][0] - r['single_lat'][0]:+.2f} ms  "
-          f"(target <= 2 ms); 1 worker: {r['w1_lat'][0] - r['single_lat'][0]:+.2f} ms")
+          f"(target <= 2 ms); 1 worker: {r['w1_lat'][0] - r['single_lat'][0]:+.2f} ms; "
+          f"above the round trip: {r['w2_lat'][0] - r['w2_floor'][0]:+.2f} / {r['w1_lat'][0] - r['w1_floor'][0]:+.2f} ms")
     print(f"  build, 1 worker / single node 1 thread: {r['single_build_1t'] / r['w1_build']:.2f}x;  "
           f"2 workers / single node 2 threads: {r['single_build_2t'] / r['w2_build']:.2f}x")
     print(f"  batch search, 1 worker / single node 1 thread: {r['single_batch_1t'] / r['w1_batch']:.2f}x;  "

@@ -440,26 +440,50 @@ class ShardedIndex:
 
     def _search_direct(self, live, Q, k, params, threads) -> dict:
         """The fast path: each worker's ShardServer actor searches the shards
-        it holds; returns shard -> result for those answered.  Any failure
-        (a worker gone, an actor lost with it) leaves that worker's shards
-        to the task path, which raises a real error again if there is one."""
+        it holds; returns shard -> result for those answered.  One coroutine
+        on the client's event loop calls every worker at once, straight to
+        the worker (``actor_execute``, the handler Dask's own actor calls
+        use) whatever the client's ``direct_to_workers``: no scheduler in
+        the path and one hand-off between the caller's thread and the loop.
+        Any failure (a worker gone, an actor lost with it) leaves that
+        worker's shards to the task path, which raises a real error again
+        if there is one."""
         by_worker = {}
         for s in live:
             if self._where[s] is not None:
                 by_worker.setdefault(self._where[s], []).append((s, self._shards[s].key, min(k, self._sizes[s])))
-        calls = {}
-        for w, requests in by_worker.items():
+        actors = {}
+        for w in by_worker:
             try:
-                server = self._server(w)
-                calls[w] = server.search(requests, Q, params, threads)
+                actors[w] = self._server(w).key
             except Exception:  # noqa: BLE001 - any failure sends these shards to the task path
                 self._servers.pop(w, None)
-        found = {}
-        for w, call in calls.items():
+        if not actors:
+            return {}
+        from distributed.protocol import to_serialize
+
+        client = self.client
+
+        async def ask(w):
             try:
-                found.update(call.result())
+                args = [by_worker[w], Q, params, threads]
+                reply = await client.rpc(w).actor_execute(function="search", actor=actors[w],
+                                                          args=[to_serialize(a) for a in args], kwargs={})
             except Exception:  # noqa: BLE001 - as above
+                return w, None
+            return w, reply["result"] if reply.get("status") == "OK" else None
+
+        async def ask_all():
+            import asyncio
+
+            return await asyncio.gather(*(ask(w) for w in actors))
+
+        found = {}
+        for w, result in client.sync(ask_all):
+            if result is None:
                 self._servers.pop(w, None)
+            else:
+                found.update(result)
         return found
 
     def _server(self, worker):
