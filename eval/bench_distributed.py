@@ -14,7 +14,9 @@ client and shared by every configuration:
   workers), the same batch search and single-query latency.
 
 Prints build time, batch QPS, single-query latency (median and p90) and
-recall@k against the exact inner-product top-k, then the ratios the issue
+recall@k against the exact inner-product top-k, Dask's own round trip (a
+call to every worker's search actor that searches nothing: the floor of a
+sharded query's latency on this host), then the ratios the issue
 sets targets for (2 workers / 1 worker: build >= 1.6x, batch search >= 1.5x;
 single-query overhead over the single node <= 2 ms).
 

@@ -2,11 +2,14 @@
 workers, one encoder for all of them; and ``load`` for saved ones.
 
 Where shards live: each shard is the in-memory result of a Dask task (a
-``Future`` held by the client) on one worker.  Searches are tasks that
-depend on that future; the scheduler runs them where the shard is, because
-the shard reports its real size (``_worker.Shard``) and moving it would
-cost more than waiting for that worker.  Nothing but queries and top-k
-results crosses the network during a search.
+``Future`` held by the client) on one worker.  A search calls one actor per
+worker (``_worker.ShardServer``), straight from the client, which searches
+the shards in its worker's memory; a shard it does not answer for is
+searched by a task that depends on the shard's future, which the scheduler
+runs where the shard is (the shard reports its real size,
+``_worker.Shard``, so moving it would cost more than waiting for that
+worker).  Nothing but queries and top-k results crosses the network during
+a search.
 
 Faults: a task's description (function + arguments + the keys it depends
 on) stays with the scheduler while the client holds the shard's future.
