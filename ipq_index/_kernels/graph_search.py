@@ -221,11 +221,13 @@ def graph_query_serial(Q, R, mean, slot_dim, centT, nav_codes, neighbors, offset
                       tag0 + qi + 1, allow, beam_v, beam_r[0])
             if V is not None:  # None: no re-rank compiled
                 if exact:
-                    hr[:] = beam_r[0, :kk]
+                    for t in range(kk):
+                        hr[t] = beam_r[0, t]
                     rerank_rows(Q[qi], V, hr, out_v[qi], out_r[qi])
             if not exact:
-                out_v[qi] = beam_v[:kk]
-                out_r[qi] = beam_r[0, :kk]
+                for t in range(kk):
+                    out_v[qi, t] = beam_v[t]
+                    out_r[qi, t] = beam_r[0, t]
                 add_mean_one(Q, qi, mean, out_v[qi], out_r[qi])
         else:
             nav_table_one(Y, 0, slot_dim, centT, lut, low, T)

@@ -195,4 +195,5 @@ def rotate_query(Q, qi, R, Y):
     if R.shape[0] > 0:
         weighted_row_sum(Q[qi], R, Y[0])
     else:
-        Y[0] = Q[qi]
+        for j in range(Q.shape[1]):  # a row copy without numba's slice assignment (string code)
+            Y[0, j] = Q[qi, j]

@@ -46,7 +46,8 @@ def _build_table(Y, qi, T2, levels, level_off, bits, field_ptr, field_dim, nbyte
                 y = np.float32(Y[qi, j])
                 lo = level_off[j]
                 nb = 1 << bits[j]
-                prev[:size] = T[:size]
+                for c in range(size):  # element by element: a slice copy compiles numba's
+                    prev[c] = T[c]     # shape-check messages (string code) into every caller
                 for c_hi in range(nb):
                     add = y * levels[lo + c_hi]
                     base = c_hi * size
