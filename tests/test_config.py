@@ -153,8 +153,7 @@ def test_load_config_errors(tmp_path):
         load_config(wrong)
 
 
-@pytest.mark.parametrize("name", ["tiny", "sample", "minilm", "glove", "structures_minilm",
-                                  "structures_npm", "structures_glove"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_are_valid(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.methods and all(m.library in ("ipq", "faiss", "hnswlib", "scann") for m in cfg.methods)
