@@ -39,10 +39,13 @@ class FlatSettings:
     #: exhaustive full ADC)
     fs: int = 10
     #: the fast-scan candidate pool (``fs`` above) grows, per query, until it
-    #: is this many times deeper than the coarse rank of the deepest of the k
-    #: results (rank r: the pool holds at least depth * r rows); the scan
+    #: is depth_k times deeper than the coarse rank of the deepest of the k
+    #: results (rank r: the pool holds at least depth_k * r rows); the scan
     #: and rescoring are repeated with a larger pool when it is not (0: a
-    #: fixed pool; a per-call ``fs`` also fixes it)
+    #: fixed pool; a per-call ``fs`` also fixes it).  depth_k = depth *
+    #: ln 11 / ln(k + 1) (``depth_for_k``): this value at k = 10, more for
+    #: fewer results, less for more (the deepest of k results bounds the
+    #: others' rank displacement better as k grows; ``structures.flat.depth_for_k``)
     depth: float = 4.0
     #: below this many vectors every code is scored with the full ADC
     fastscan_min_rows: int = 4096

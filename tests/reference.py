@@ -145,7 +145,8 @@ def staged_search(idx, Q, k, *, rerank=None, fs=None, nprobe=None):
             return rr_kernels.rerank(Qq, copy_rows(idx.vectors), np.ascontiguousarray(r, np.int64), k)
         return (v.astype(np.float64) + off[:, None]).astype(np.float32), r
 
-    depth = idx.settings.depth if fs is None else 0.0
+    # the setting at k = 10, scaled by ln 11 / ln(k + 1) (``flat.depth_for_k``)
+    depth = idx.settings.depth * np.log(11.0) / np.log(k + 1.0) if fs is None else 0.0
     if every or not depth:
         v, r = rescore(cand, Y, Q, offsets)
     else:  # the pool grows per query until deep enough (``_fs._rescore_candidates``)

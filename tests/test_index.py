@@ -293,7 +293,7 @@ def test_scan_search_matches_the_stepwise_reference(monkeypatch, spec):
     rescoring plan including the exact re-rank of all candidates with the
     rotation cut to its leading columns, the scan of every row (fs=0),
     float16 and float32 copies; without ``fs`` the candidates grow per
-    query until deep enough: setting ``depth``)."""
+    query until deep enough: setting ``depth``, scaled by k)."""
     from ipq_index.structures import base
 
     ds = datasets.load_sample("minilm")
@@ -317,11 +317,13 @@ def test_scan_search_matches_the_stepwise_reference(monkeypatch, spec):
     if "IVF" in spec:
         params = [dict(p, nprobe=n) for p in params for n in (3, 32)]
     for p in params:
-        one = [idx.search(Q[i:i + 1], 10, num_threads=1, **p) for i in range(len(Q))]
-        ref = [reference.staged_search(idx, Q[i:i + 1], 10, **p) for i in range(len(Q))]
-        for (d1, i1), (d2, i2) in zip(one, ref):
-            np.testing.assert_array_equal(i1, i2)
-            np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
+        # the growth rule's multiplier depends on k (``flat.depth_for_k``): the default pool at other k too
+        for k in (10,) if "fs" in p else (10, 1, 40):
+            one = [idx.search(Q[i:i + 1], k, num_threads=1, **p) for i in range(len(Q))]
+            ref = [reference.staged_search(idx, Q[i:i + 1], k, **p) for i in range(len(Q))]
+            for (d1, i1), (d2, i2) in zip(one, ref):
+                np.testing.assert_array_equal(i1, i2)
+                np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
     assert {"fields", "tables"} <= set(plans) and (not idx.rerank or "exact" in plans)
 
 
