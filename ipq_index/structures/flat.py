@@ -60,9 +60,8 @@ class FlatIndex(IndexBase):
         the full ADC; default: the setting ``fs``, growing as sqrt(n / 100,000)
         above 100,000 vectors, then per query until the rescored rows reach
         ``depth_for_k`` of the setting ``depth`` times the coarse rank of the
-        deepest result; a
-        given ``fs`` keeps the pool fixed; used when the index holds at
-        least ``fastscan_min_rows`` vectors).  ``filter``: the ids the search may
+        deepest result; a given ``fs`` keeps the pool fixed; used when the
+        index holds at least ``fastscan_min_rows`` vectors).  ``filter``: the ids the search may
         return (``ipq_index.filters``: allowed ids, a boolean id mask or
         ``DenyIds``), applied inside the scan; when few rows pass, only
         they are scored.  Slots beyond the rows that pass hold id -1 and
