@@ -170,22 +170,9 @@ def run_size(n, args, workdir):
 
 def round_trip(sh, q):
     """One call to every worker's search actor that searches nothing: the
-    same path as a search (one coroutine, straight to the workers), what
-    Dask's messaging alone costs per query."""
-    import asyncio
-
-    from distributed.protocol import to_serialize
-
-    actors = {w: sh._server(w).key for w in set(sh._where) if w is not None}
-
-    async def ask(w):
-        return await sh.client.rpc(w).actor_execute(function="search", actor=actors[w], kwargs={},
-                                                    args=[to_serialize(a) for a in ([], q, {}, 1)])
-
-    async def ask_all():
-        return await asyncio.gather(*(ask(w) for w in actors))
-
-    return sh.client.sync(ask_all)
+    same path as a search (``ShardedIndex._ask_actors``), what Dask's
+    messaging alone costs per query."""
+    return sh._ask_actors({w: [] for w in set(sh._where) if w is not None}, q, {}, 1)
 
 
 def _bytes(index):

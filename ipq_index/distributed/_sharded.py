@@ -455,21 +455,38 @@ class ShardedIndex:
         for s in live:
             if self._where[s] is not None:
                 by_worker.setdefault(self._where[s], []).append((s, self._shards[s].key, min(k, self._sizes[s])))
+        found = {}
+        for w, result in self._ask_actors(by_worker, Q, params, threads).items():
+            if result is None:
+                self._servers.pop(w, None)
+            else:
+                found.update(result)
+        return found
+
+    def _ask_actors(self, requests, Q, params, threads) -> dict:
+        """worker -> its ShardServer's answer to ``requests[worker]`` ((shard,
+        key, k) triples), or None when the worker, its actor or the call
+        failed: one coroutine on the client's event loop calls every worker
+        at once, straight to the worker (``actor_execute``, the handler
+        Dask's own actor calls use)."""
         actors = {}
-        for w in by_worker:
+        for w in requests:
             try:
                 actors[w] = self._server(w).key
-            except Exception:  # noqa: BLE001 - any failure sends these shards to the task path
+            except Exception:  # noqa: BLE001 - any failure: no answer from this worker
                 self._servers.pop(w, None)
+        out = dict.fromkeys(requests)
         if not actors:
-            return {}
+            return out
+        import asyncio
+
         from distributed.protocol import to_serialize
 
         client = self.client
 
         async def ask(w):
             try:
-                args = [by_worker[w], Q, params, threads]
+                args = [requests[w], Q, params, threads]
                 reply = await client.rpc(w).actor_execute(function="search", actor=actors[w],
                                                           args=[to_serialize(a) for a in args], kwargs={})
             except Exception:  # noqa: BLE001 - as above
@@ -477,17 +494,10 @@ class ShardedIndex:
             return w, reply["result"] if reply.get("status") == "OK" else None
 
         async def ask_all():
-            import asyncio
-
             return await asyncio.gather(*(ask(w) for w in actors))
 
-        found = {}
-        for w, result in client.sync(ask_all):
-            if result is None:
-                self._servers.pop(w, None)
-            else:
-                found.update(result)
-        return found
+        out.update(client.sync(ask_all))
+        return out
 
     def _server(self, worker):
         """The worker's ShardServer actor, started on first use (an actor is
