@@ -40,7 +40,7 @@ def test_block_scores_simd_and_scalar_equal_the_reference(n, G):
     blocks, rows, bptr, fill = fk.layout_blocks(packed, np.array([0, n]), np.arange(n))
     assert blocks.shape == (-(-n // 32), G + G % 2, 32) and bptr.tolist() == [0, blocks.shape[0]]
     assert (np.sort(rows[rows >= 0]) == np.arange(n)).all() and fill.tolist() == [n - 32 * (blocks.shape[0] - 1)]
-    T = rng.integers(0, 256, (2 * G, 16), dtype=np.uint8)
+    T = _byte_tables(rng, G)
     lut = _place_tables(T)[None, :]
     ref = _scores(packed, T)
     simd = fk.block_scores_all(blocks, lut, 0, True)
@@ -67,14 +67,14 @@ def test_scan_keeps_the_best_scores_of_the_probed_lists(with_bias):
     ptr = np.searchsorted(assign[order], np.arange(nlist + 1))
     blocks, rows, bptr, fill = fk.layout_blocks(packed, ptr, order)
     nq = 10
-    T = rng.integers(0, 256, (nq, 2 * G, 16), dtype=np.uint8)
+    T = _byte_tables(rng, G, nq)
     lut = np.stack([_place_tables(t) for t in T])
     probes = np.stack([rng.permutation(nlist)[:5] for _ in range(nq)]).astype(np.int64)
     probes[0, 1] = -1
     probes[1, :] = [nlist - 1, -1, 0, -1, -1]
-    # offsets up to 65535 - the largest table sum (16 * 255): the uint16 sums never wrap
-    bias = rng.integers(0, 65535 - 16 * 255 + 1, probes.shape) if with_bias else np.zeros(probes.shape, np.int64)
-    bias[:, 0] = 65535 - 16 * 255 if with_bias else 0
+    # offsets up to 65535 - the largest table sum (G * 255): the uint16 sums never wrap
+    bias = rng.integers(0, 65535 - G * 255 + 1, probes.shape) if with_bias else np.zeros(probes.shape, np.int64)
+    bias[:, 0] = 65535 - G * 255 if with_bias else 0
     assert fk.SAMPLE_KK <= 37 and fk.SAMPLE_MIN * 37 <= 5 * (n // nlist)  # kk = 37 takes the sampled threshold
     for kk in (1, 37, 400, n):
         got = fk.scan_tables_topk(blocks, rows, bptr, fill, lut, probes, kk,
@@ -97,10 +97,58 @@ def test_scan_keeps_the_best_scores_of_the_probed_lists(with_bias):
             assert (np.sort(score[kept])[::-1] == want).all()
 
 
+def test_a_tile_scan_keeps_each_querys_rows():
+    """``_scan_tile`` (queries that scan the same lists score each block
+    together) keeps, for each query, the rows ``_scan_one`` keeps for it
+    alone (same tie rule), over uneven lists with an empty one, kk below
+    and above the rows."""
+    rng = np.random.default_rng(4)
+    n, G, nlist, nq = 5000, 8, 7, 5
+    packed = rng.integers(0, 16, (n, G), dtype=np.uint8)  # few distinct scores: many ties
+    assign = rng.integers(0, nlist - 1, n)
+    order = np.argsort(assign, kind="stable")
+    ptr = np.searchsorted(assign[order], np.arange(nlist + 1))
+    blocks, rows, bptr, fill = fk.layout_blocks(packed, ptr, order)
+    lut = np.stack([_place_tables(t) for t in _byte_tables(rng, G, nq)])
+    lists = np.arange(nlist, dtype=np.int64)
+    for kk in (1, 37, 300, n + 10):
+        out_i = np.empty((nq, kk), np.int64)
+        out_v = np.empty((nq, kk), np.uint16)
+        fk._scan_tile(blocks, rows, bptr, fill, lut, nq, lists, kk, out_i, out_v)
+        alone = fk.scan_tables_topk(blocks, rows, bptr, fill, lut, np.tile(lists, (nq, 1)), kk,
+                                    np.zeros((0, 0), np.int64))
+        np.testing.assert_array_equal(np.sort(out_i, axis=1), np.sort(alone, axis=1))
+
+
+@pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,ASQ4,Rerank2"])
+def test_a_batch_finds_what_each_query_finds_alone(spec):
+    """A batch over a flat index scans the blocks for a tile of queries at a
+    time; each query's results (ids and scores, bit for bit) are those of the
+    query searched alone, across tile edges (19 queries: tiles of 8, 8 and 3),
+    with the default depth rule, a fixed pool and an allow-list."""
+    import ipq_index
+    from ipq_index.bench import datasets
+
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:19]
+    idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
+    assert idx.ntotal >= idx.settings.fastscan_min_rows
+    sc = idx._fast_scanner()
+    assert fk.TILE_TABLE_BYTES // (fk.padded_bytes(sc.M) * fk.LUT_STRIDE) >= fk.TILE_QUERIES == 8
+    allowed = np.arange(0, X.shape[0], 3)
+    for params in ({}, {"fs": 3}, {"filter": allowed}):
+        D, I = idx.search(Q, 10, num_threads=1, **params)
+        for q in range(len(Q)):
+            d1, i1 = idx.search(Q[q:q + 1], 10, num_threads=1, **params)
+            np.testing.assert_array_equal(i1[0], I[q])
+            np.testing.assert_array_equal(d1[0], D[q])
+
+
 def test_quantized_tables_round_the_float_tables():
     """quantize_luts: each sub-quantizer's 16 float scores of the query
     (numpy float64 from the centroids), minus their minimum, times one
-    scale = min(255 / widest span, (65535 - M) / sum of spans), rounded;
+    scale = min(254 / widest sum of a code byte's two spans, (65535 - M) /
+    sum of spans), rounded, so a byte's two entries sum to at most 255;
     also for M > 257, where the uint16 sums would otherwise overflow."""
     rng = np.random.default_rng(5)
     for M, d in ((6, 10), (300, 600)):
@@ -114,13 +162,28 @@ def test_quantized_tables_round_the_float_tables():
             F = np.einsum("mcs,ms->mc", cent.astype(np.float64), yv)
             F -= F.min(axis=1, keepdims=True)
             span = F.max(axis=1)
-            scale = min(255 / span.max(), (65535 - M) / span.sum())
+            scale = min(254 / (span[0::2] + span[1::2]).max(), (65535 - M) / span.sum())
             want = _place_tables(np.clip(np.round(F * scale), 0, 255).astype(np.uint8))
             diff = np.abs(got[q].astype(np.int64) - want.astype(np.int64))
             # float32 arithmetic may round a value at .5 the other way
             assert diff.max() <= 1 and (diff > 0).mean() < 0.01
             Tq = np.stack([got[q][(m // 4) * 128 + (m // 2 % 2) * 32 + (m % 2) * 64:][:16] for m in range(M)])
             assert int(Tq.max(axis=1).astype(np.int64).sum()) <= 65535
+            top = Tq.max(axis=1).astype(np.int64)
+            assert (top[0::2] + top[1::2]).max() <= 255
+
+
+def _byte_tables(rng, G, nq=None):
+    """Random uint8 tables of G code bytes ((2 G, 16), or (nq, 2 G, 16)) as
+    ``quantize_luts`` makes them: the two tables of a byte (2g, 2g + 1)
+    reach at most 255 together, up to exactly 255 (the kernel adds them as
+    bytes)."""
+    shape = (G,) if nq is None else (nq, G)
+    split = rng.integers(0, 256, shape)  # the largest entry of table 2g; table 2g + 1 gets 255 - split
+    lo = (rng.random(shape + (16,)) * (split[..., None] + 1)).astype(np.uint8)
+    hi = (rng.random(shape + (16,)) * (256 - split[..., None])).astype(np.uint8)
+    lo[..., 0], hi[..., 15] = split, 255 - split
+    return np.stack([lo, hi], axis=-2).reshape(shape[:-1] + (2 * G, 16))
 
 
 _OTHER_TARGET = """
@@ -167,7 +230,7 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     n, G = 999, 21
     packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
     blocks, rows, bptr, fill = fk.layout_blocks(packed, np.array([0, n]), np.arange(n))
-    lut = _place_tables(rng.integers(0, 256, (2 * G, 16), dtype=np.uint8))[None, :]
+    lut = _place_tables(_byte_tables(rng, G))[None, :]
     V = rng.standard_normal((300, 37)).astype(np.float16).view(np.uint16)
     Q = rng.standard_normal((2, 37)).astype(np.float32)
     cand = rng.integers(-1, 300, (2, 40))
@@ -214,19 +277,19 @@ def test_sampled_threshold_stays_exact():
     assert kk >= fk.SAMPLE_KK
     n = 32 * step * 12
     assert fk.SAMPLE_MIN * kk <= n <= fk.SAMPLE_MAX * kk
-    T = rng.integers(0, 200, (2 * G, 16), dtype=np.uint8)
+    T = rng.integers(0, 100, (2 * G, 16), dtype=np.uint8)  # a byte's two entries: <= 255 (quantize_luts)
     lut = _place_tables(T)[None, :]
     for adversarial in (False, True):
         packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
         ks = 2 * kk // step
         if adversarial:  # ks + 1 top rows, all inside sampled blocks (block index % step == 0)
-            # (entries of T are < 200; the top rows' entries are raised to 255 below)
+            # (entries of T are < 100; the top rows' entries are raised to 127 below)
             tops = (np.arange(ks + 1) * step) * 32 + 3
             packed[tops] = np.array([T[2 * g].argmax() | (T[2 * g + 1].argmax() << 4) for g in range(G)], np.uint8)
             T2 = T.copy()
             for g in range(G):  # make those codes score far above every other row
-                T2[2 * g, T[2 * g].argmax()] = 255
-                T2[2 * g + 1, T[2 * g + 1].argmax()] = 255
+                T2[2 * g, T[2 * g].argmax()] = 127
+                T2[2 * g + 1, T[2 * g + 1].argmax()] = 127
             lut = _place_tables(T2)[None, :]
             scores = _scores(packed, T2)
             sample = np.concatenate([scores[b * 32:(b + 1) * 32] for b in range(0, n // 32, step)])
@@ -298,7 +361,7 @@ def test_residual_coarse_codes_rank_by_the_list_term_plus_the_residual_code(monk
         tabs = np.einsum("ms,msc->mc", np.where(sc.slot_dim >= 0, Y[q].astype(np.float64)[sd], 0.0),
                          sc._centT.astype(np.float64))
         span = tabs.max(axis=1) - tabs.min(axis=1)
-        scale = min(255 / span.max(), (65535 - sc.M) / (span.sum() + np.ptp(raw[q])))
+        scale = min(254 / (span[0::2] + span[1::2]).max(), (65535 - sc.M) / (span.sum() + np.ptp(raw[q])))
         tol = (sc.M + 1) / scale + 1e-3  # both rows' rounding, each <= (M + 1) / 2 units
         assert np.isin(got[q], members).all() and np.unique(got[q]).size == kk
         kth = np.sort(ref[members])[::-1][kk - 1]

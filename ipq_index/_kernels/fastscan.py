@@ -10,7 +10,8 @@ slots have row -1 in ``block_rows``; G is padded to even with a zero byte.
 
 Tables.  A query's 16-entry float table of each sub-quantizer is quantized
 to uint8 (``quantize_luts``: minus its minimum, times one scale for all
-tables, 255 at the widest span), each stored twice (one 16-byte copy per
+tables, the two tables of one code byte spanning at most 255 together, so
+the kernel adds them as bytes), each stored twice (one 16-byte copy per
 128-bit lane, as ``pshufb`` looks up within lanes): for bytes g = 2h, 2h + 1,
 128 bytes [lo(2h) | lo(2h + 1) | hi(2h) | hi(2h + 1)], lo(g) the table of
 sub-quantizer 2g (low nibbles), hi(g) that of 2g + 1, so a 64-byte register
@@ -31,6 +32,11 @@ found (radix select), the best kk kept and the threshold raised to t + 1
 (FAISS's "reservoir" idea, without its heap).  IVF lists come best first
 (``probe._probe_one``), so the threshold rises early.  The final kk are
 returned unordered (the rescoring ranks them).
+
+Tiles.  A block is read from L3 or memory at about 26 GB/s on one core,
+which bounds one query's scan of a large list; queries that scan the same
+lists (a flat index) score each block for a tile of queries while it is in
+cache (``_scan_tile``), with the same rows as one query at a time.
 """
 
 from __future__ import annotations
@@ -64,6 +70,14 @@ BUFFER = 4
 SAMPLE_STEP, SAMPLE_MIN, SAMPLE_MAX, SAMPLE_KK = 16, 64, 4096, 32
 #: bytes of quantized tables per code byte (two sub-quantizers, two lanes each)
 LUT_STRIDE = 64
+#: queries that scan every list together (``_scan_tile``: one pass over the
+#: blocks scores each block for all of them while it is in L1) hold at most
+#: this many bytes of tables, so the tables stay in a 48 KiB L1 data cache
+#: beside the block (a block is read from L3 or memory at about 26 GB/s on
+#: one core, which bounds a single query's scan; a tile reads it once)
+TILE_TABLE_BYTES = 24 * 1024
+#: and at most this many queries per tile
+TILE_QUERIES = 8
 
 
 #: byte width of the shuffles that score blocks: 64 (AVX-512BW), 32 (AVX2)
@@ -116,9 +130,12 @@ def _block_scores_codegen(width):
             t_hi = load(lptr, builder.add(lo_off, ir.Constant(i64, LUT_STRIDE)))
             r_lo = builder.bitcast(builder.call(pshufb, [t_lo, builder.and_(c, nib)]), vw)
             r_hi = builder.bitcast(builder.call(pshufb, [t_hi, builder.and_(builder.lshr(c, four), nib)]), vw)
-            builder.store(builder.add(builder.load(acc_all), builder.add(r_lo, r_hi)), acc_all)
-            o = builder.add(builder.lshr(r_lo, eight), builder.lshr(r_hi, eight))
-            builder.store(builder.add(builder.load(acc_odd), o), acc_odd)
+            # a code byte's two entries sum to at most 255 (``_quantize_one``): the
+            # uint16 lanes of r_lo + r_hi hold the even rows' sums in their low
+            # byte without a carry into the odd rows' high byte
+            both = builder.add(r_lo, r_hi)
+            builder.store(builder.add(builder.load(acc_all), both), acc_all)
+            builder.store(builder.add(builder.load(acc_odd), builder.lshr(both, eight)), acc_odd)
         odd = builder.load(acc_odd)
         even = builder.sub(builder.load(acc_all), builder.shl(odd, eight))
         if width == 64:  # lanes 16..31 hold the odd g of each step: fold them
@@ -272,14 +289,16 @@ def padded_bytes(M: int) -> int:
 @kernel
 def _quantize_one(Y, q, slot_dim, centT, lut, out, bias_span):
     """Query q's uint8 tables into out[q] (see module doc); lut (M, 16)
-    float32 scratch.  One scale for all tables, returned: the widest span
-    maps to 255, or less when the M maxima plus list biases spanning
+    float32 scratch.  One scale for all tables, returned: the widest sum of
+    the spans of a code byte's two tables maps to 254, or less when the M
+    maxima plus list biases spanning
     ``bias_span`` (residual coarse codes, ``_list_bias``; else 0) could
     overflow the uint16 sums (M > 257, or wide biases)."""
     M = centT.shape[0]
     _coarse_luts(Y, q, slot_dim, centT, lut)
-    span = np.float32(0.0)
+    span = np.float32(0.0)  # the widest pair of tables of one code byte
     total = np.float64(0.0)
+    pair = np.float32(0.0)
     for m in range(M):
         lo = lut[m, 0]
         hi = lo
@@ -288,12 +307,15 @@ def _quantize_one(Y, q, slot_dim, centT, lut, out, bias_span):
             hi = max(hi, lut[m, c])
         for c in range(16):
             lut[m, c] -= lo
-        span = max(span, hi - lo)
+        pair = hi - lo if m % 2 == 0 else pair + (hi - lo)
+        span = max(span, pair)
         total += hi - lo
     scale = np.float32(0.0)
     if span > 0:
-        # rounding adds at most 1/2 per table: sums stay <= 65535
-        scale = np.float32(min(255.0 / span, (65535.0 - M) / (total + bias_span)))
+        # a code byte's two entries sum to <= 255 (254 plus two roundings of
+        # at most 1/2): the SIMD sums of a byte need no carry; all M entries
+        # plus the bias sum to <= 65535
+        scale = np.float32(min(254.0 / span, (65535.0 - M) / (total + bias_span)))
     out[q, :] = 0
     for m in range(M):
         g = m >> 1
@@ -508,6 +530,54 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk
 
 
 @kernel
+def _scan_tile(blocks, block_rows, block_ptr, block_fill, lut, nt, lists, kk, out_i, out_v):
+    """``_scan_one`` of queries 0..nt-1 of ``lut`` at once over the same
+    ``lists`` (no list bias): one pass over the blocks, each scored for
+    every query of the tile while it is in cache, with a collector per
+    query; out_i / out_v (nt, kk).  Same rows as ``_scan_one`` (the best kk;
+    among equal scores at the cut, the first scanned) without its sample
+    pass: with several queries per block the scan is not bound by reading
+    the blocks."""
+    cap = BUFFER * kk + BLOCK
+    res_v = np.empty((nt, cap), np.uint16)
+    res_i = np.empty((nt, cap), np.int64)
+    cnt = np.zeros(nt, np.int64)
+    thr = np.zeros(nt, np.int64)
+    buf = np.empty(BLOCK, np.uint16)
+    hist = np.empty((4, 256), np.int32)
+    for li in range(lists.shape[0]):
+        lst = lists[li]
+        if lst < 0:
+            continue
+        b0, b1 = block_ptr[lst], block_ptr[lst + 1]
+        for b in range(b0, b1):
+            if b + PREFETCH < b1:
+                _prefetch_block(blocks, b + PREFETCH)
+            fill = BLOCK if b + 1 < b1 else block_fill[lst]  # padding slots: only in a list's last block
+            for t in range(nt):
+                mask = block_scores(blocks, b, lut, t, buf, thr[t]) & ((np.int64(1) << fill) - 1)
+                if mask == 0:
+                    continue
+                c = _append_passing(buf, mask, b * BLOCK, res_v[t], res_i[t], cnt[t], np.int64(0))
+                if c > BUFFER * kk:
+                    th = _compact(res_v[t], res_i[t], c, kk, hist)
+                    c = kk
+                    thr[t] = min(np.int64(th) + 1, 65535)
+                cnt[t] = c
+    for t in range(nt):
+        c = cnt[t]
+        if c >= kk:
+            _compact(res_v[t], res_i[t], c, kk, hist)
+            c = kk
+        for j in range(c):
+            out_i[t, j] = block_rows[res_i[t, j]]
+            out_v[t, j] = res_v[t, j]
+        for j in range(c, kk):
+            out_i[t, j] = -1
+            out_v[t, j] = 0
+
+
+@kernel
 def scan_tables_topk(blocks, block_rows, block_ptr, block_fill, lut, probes, kk, bias):
     """``scan_topk`` with given uint8 tables ``lut`` (nq, ...) and per-list
     score offsets ``bias`` (nq, nprobe) int64 (a row of list probes[q, t]
@@ -611,26 +681,72 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     bias = np.empty(nprobe if resid else 0, np.int64)
     hv = np.empty(kk, np.float32)  # ADC top-kk before an exact re-rank
     hr = np.empty(kk, np.int64)
-    for qi in range(nq):
-        rotate_query(Q, qi, R, Y)
-        if Ct is not None:
-            if nprobe > 0:
-                _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi], raw)
-        if ncand > 0:
-            if resid:
-                scale = _quantize_one(Y, 0, slot_dim, centT, scratch, lut, _bias_span(raw, lists))
-                _list_bias(raw, lists, scale, bias)
+    # queries that scan every list share the pass over the blocks, a tile at a time
+    tile = 1
+    if nprobe == 0 and ncand > 0:
+        tile = max(1, min(nq, TILE_QUERIES, TILE_TABLE_BYTES // lut.shape[1]))
+    size = _pool_size(block_ptr, lists, ncand, depth)[1] if tile > 1 else 0  # else the probe fills ``lists``
+    Yt = np.zeros((tile if tile > 1 else 0, d), np.float32)
+    luts = np.empty((tile if tile > 1 else 0, lut.shape[1]), np.uint8)
+    pool_i = np.empty((tile if tile > 1 else 0, size), np.int64)
+    pool_v = np.empty((tile if tile > 1 else 0, size), np.uint16)
+    no_i = np.empty((1, 0), np.int64)
+    no_v = np.empty((1, 0), np.uint16)
+    for q0 in range(0, nq, tile):
+        nt = min(tile, nq - q0)
+        if tile > 1:  # the tile's rotations and tables, then one scan for all of them
+            for t in range(nt):
+                rotate_query(Q, q0 + t, R, Y)
+                for j in range(d):
+                    Yt[t, j] = Y[0, j]
+                _quantize_one(Yt, t, slot_dim, centT, scratch, luts, np.float32(0.0))
+            _scan_tile(blocks, block_rows, block_ptr, block_fill, luts, nt, lists, size, pool_i, pool_v)
+        for t in range(nt):
+            qi = q0 + t
+            if tile > 1:
+                for j in range(d):
+                    Y[0, j] = Yt[t, j]
+                for j in range(lut.shape[1]):  # a deeper pool rescans with the query's tables
+                    lut[0, j] = luts[t, j]
             else:
-                _quantize_one(Y, 0, slot_dim, centT, scratch, lut, np.float32(0.0))
-        _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q, qi,
-                            mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v[qi], out_r[qi])
-        ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
+                rotate_query(Q, qi, R, Y)
+                if Ct is not None:
+                    if nprobe > 0:
+                        _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi], raw)
+                if ncand > 0:
+                    if resid:
+                        scale = _quantize_one(Y, 0, slot_dim, centT, scratch, lut, _bias_span(raw, lists))
+                        _list_bias(raw, lists, scale, bias)
+                    else:
+                        _quantize_one(Y, 0, slot_dim, centT, scratch, lut, np.float32(0.0))
+            first_i = pool_i[t] if tile > 1 else no_i[0]
+            first_v = pool_v[t] if tile > 1 else no_v[0]
+            _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q,
+                                qi, mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v[qi],
+                                out_r[qi], first_i, first_v)
+            ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
     return out_v, out_r, out_ids
 
 
 @kernel
+def _pool_size(block_ptr, lists, ncand, depth):
+    """(slots of the lists, rows of a query's first candidate pool): ncand,
+    or ceil(depth * ncand) with ``depth`` > 0, at most every slot
+    (``_rescore_candidates``)."""
+    slots = 0  # the pool never needs more: it then holds every row of the lists
+    for li in range(lists.shape[0]):
+        if lists[li] >= 0:
+            slots += (block_ptr[lists[li] + 1] - block_ptr[lists[li]]) * BLOCK
+    size = ncand
+    if depth > 0:
+        size = min(max(ncand, np.int64(np.ceil(min(depth * ncand, 1e15)))), max(slots, ncand))
+    return slots, size
+
+
+@kernel
 def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q, qi,
-                        mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v, out_r):
+                        mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v, out_r, first_i,
+                        first_v):
     """Query qi's candidates rescored (``rescore_more`` into out_v, out_r;
     its only call in the scan kernel: one build of it).  ``ncand`` = 0:
     every row of the lists, one band.  Else the scan keeps a pool of the
@@ -641,14 +757,11 @@ def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, b
     results (``_needed``); else m grows to max(depth * r, 2 m) and the next
     rows of the pool are rescored; a pool too small for m is scanned again,
     at least twice as large (its best m rows rescored anew).  A pool that
-    holds every row of the lists ends it (all of them rescored)."""
-    slots = 0  # the pool never needs more: it then holds every row of the lists
-    for li in range(lists.shape[0]):
-        if lists[li] >= 0:
-            slots += (block_ptr[lists[li] + 1] - block_ptr[lists[li]]) * BLOCK
-    size = ncand
-    if depth > 0:
-        size = min(max(ncand, np.int64(np.ceil(min(depth * ncand, 1e15)))), max(slots, ncand))
+    holds every row of the lists ends it (all of them rescored).
+    ``first_i`` / ``first_v``: the first pool when a tile scan found it
+    (``_scan_tile``; empty: scanned here)."""
+    slots, size = _pool_size(block_ptr, lists, ncand, depth)
+    tiled = ncand > 0 and first_i.shape[0] == size
     hist = np.empty((4, 256), np.int32)
     m = ncand
     scan = ncand > 0  # a pool to scan before the next band
@@ -668,7 +781,13 @@ def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, b
                 rows = np.empty((1, size), np.int64)
                 pool = rows[0]
                 pool_v = np.empty(size, np.uint16)
-                _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, size, pool, pool_v)
+                if tiled:  # the tile's scan
+                    for j in range(size):
+                        pool[j] = first_i[j]
+                        pool_v[j] = first_v[j]
+                    tiled = False
+                else:
+                    _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, size, pool, pool_v)
                 if depth > 0:  # a fixed pool is rescored as it is
                     cnt = 0
                     while cnt < size and pool[cnt] >= 0:
