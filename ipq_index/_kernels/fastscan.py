@@ -434,12 +434,14 @@ def _compact(res_v, res_i, cnt, kk, hist):
 
 
 @kernel
-def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, step, res_v, res_i, hist, buf):
-    """Collect the best kk rows scoring >= thr over every ``step``-th block
-    of ``lists`` (step 1: all) into res (slots, unordered); a row of
-    lists[li] scores its table sum + bias[li] (``bias`` empty: + 0); returns
-    (count <= kk, kk-th best score or -1 when fewer than kk passed)."""
-    cnt = 0
+def _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, kk, thr, step, res_v, res_i, cnt, hist,
+               buf):
+    """For each query t < nt (tables lut[q0 + t]): collect the best kk rows scoring >=
+    thr[t] over every ``step``-th block of ``lists`` (step 1: all) into
+    res_v[t] / res_i[t] (slots, unordered; cnt[t] of them, <= kk after
+    ``_finish_pass``), thr[t] rising as the collector fills; a row of
+    lists[li] scores its table sum + bias[li] (``bias`` empty: + 0).  The
+    queries score each block in turn while it is in cache."""
     g = 0  # blocks seen, for the stride
     for li in range(lists.shape[0]):
         lst = lists[li]
@@ -468,21 +470,26 @@ def _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, step
                     _prefetch_block(blocks, n0 + ahead - b1)
             elif b + PREFETCH * step < b1:  # a strided sample: the hardware does not follow it
                 _prefetch_block(blocks, b + PREFETCH * step)
-            mask = block_scores(blocks, b, lut, q, buf, max(thr - add, 0))
-            if b + 1 == b1:  # padding slots (only in a list's last block)
-                mask &= (np.int64(1) << block_fill[lst]) - 1
-            if mask == 0:
-                continue
-            # slots (block * 32 + row in block): rows are looked up at the end
-            cnt = _append_passing(buf, mask, b * BLOCK, res_v, res_i, cnt, add)
-            if cnt > BUFFER * kk:
-                t = _compact(res_v, res_i, cnt, kk, hist)
-                cnt = kk
-                thr = min(np.int64(t) + 1, 65535)
+            fill = BLOCK if b + 1 < b1 else block_fill[lst]  # padding slots: only in a list's last block
+            for t in range(nt):
+                mask = block_scores(blocks, b, lut, q0 + t, buf, max(thr[t] - add, 0)) & ((np.int64(1) << fill) - 1)
+                if mask == 0:
+                    continue
+                # slots (block * 32 + row in block): rows are looked up at the end
+                c = _append_passing(buf, mask, b * BLOCK, res_v[t], res_i[t], cnt[t], add)
+                if c > BUFFER * kk:
+                    thr[t] = min(np.int64(_compact(res_v[t], res_i[t], c, kk, hist)) + 1, 65535)
+                    c = kk
+                cnt[t] = c
+
+
+@kernel
+def _finish_pass(res_v, res_i, cnt, kk, hist):
+    """(count <= kk, kk-th best score or -1 when fewer than kk passed) of a
+    query's collector after ``_scan_pass``, its best kk kept."""
     if cnt < kk:
         return cnt, -1
-    t = _compact(res_v, res_i, cnt, kk, hist)
-    return kk, np.int64(t)
+    return kk, np.int64(_compact(res_v, res_i, cnt, kk, hist))
 
 
 @kernel
@@ -501,30 +508,41 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk
     and the buffer rarely needs cutting.  The result stays exact: when
     fewer than kk rows reach that threshold the scan is repeated from 0."""
     cap = BUFFER * kk + BLOCK
-    res_v = np.empty(cap, np.uint16)
-    res_i = np.empty(cap, np.int64)
+    res_v = np.empty((1, cap), np.uint16)
+    res_i = np.empty((1, cap), np.int64)
+    cnt = np.zeros(1, np.int64)
+    thr = np.zeros(1, np.int64)
     buf = np.empty(BLOCK, np.uint16)
     hist = np.empty((4, 256), np.int32)
     nblk = 0
     for li in range(lists.shape[0]):
         if lists[li] >= 0:
             nblk += block_ptr[lists[li] + 1] - block_ptr[lists[li]]
-    thr = 0
     if kk >= SAMPLE_KK and SAMPLE_MIN * kk <= nblk * BLOCK <= SAMPLE_MAX * kk:
         ks = (2 * kk) // SAMPLE_STEP
-        _, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, ks, 0, SAMPLE_STEP,
-                            res_v, res_i, hist, buf)
-        if t >= 0:
-            thr = t
-    cnt, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, thr, 1, res_v, res_i,
-                        hist, buf)
-    if t < 0 and thr > 0:  # the sample aimed too high: scan again, keeping everything
-        cnt, t = _scan_pass(blocks, block_ptr, block_fill, lut, q, lists, bias, kk, 0, 1, res_v, res_i,
-                            hist, buf)
-    for j in range(cnt):
+        _scan_pass(blocks, block_ptr, block_fill, lut, q, 1, lists, bias, ks, thr, SAMPLE_STEP, res_v, res_i, cnt,
+                   hist, buf)
+        thr[0] = max(_finish_pass(res_v[0], res_i[0], cnt[0], ks, hist)[1], 0)
+        cnt[0] = 0
+    start = thr[0]
+    _scan_pass(blocks, block_ptr, block_fill, lut, q, 1, lists, bias, kk, thr, 1, res_v, res_i, cnt, hist, buf)
+    c, t = _finish_pass(res_v[0], res_i[0], cnt[0], kk, hist)
+    if t < 0 and start > 0:  # the sample aimed too high: scan again, keeping everything
+        thr[0] = 0
+        cnt[0] = 0
+        _scan_pass(blocks, block_ptr, block_fill, lut, q, 1, lists, bias, kk, thr, 1, res_v, res_i, cnt, hist, buf)
+        c, t = _finish_pass(res_v[0], res_i[0], cnt[0], kk, hist)
+    _rows_of_slots(res_v[0], res_i[0], c, block_rows, out_i, out_v)
+
+
+@kernel
+def _rows_of_slots(res_v, res_i, c, block_rows, out_i, out_v):
+    """The collector's first c slots as rows into out_i (scores into out_v),
+    -1 (and 0) after them."""
+    for j in range(c):
         out_i[j] = block_rows[res_i[j]]
         out_v[j] = res_v[j]
-    for j in range(cnt, kk):
+    for j in range(c, out_i.shape[0]):
         out_i[j] = -1
         out_v[j] = 0
 
@@ -532,12 +550,11 @@ def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk
 @kernel
 def _scan_tile(blocks, block_rows, block_ptr, block_fill, lut, nt, lists, kk, out_i, out_v):
     """``_scan_one`` of queries 0..nt-1 of ``lut`` at once over the same
-    ``lists`` (no list bias): one pass over the blocks, each scored for
-    every query of the tile while it is in cache, with a collector per
-    query; out_i / out_v (nt, kk).  Same rows as ``_scan_one`` (the best kk;
-    among equal scores at the cut, the first scanned) without its sample
-    pass: with several queries per block the scan is not bound by reading
-    the blocks."""
+    ``lists`` (no list bias), out_i / out_v (nt, kk): one pass over the
+    blocks, each scored for every query of the tile while it is in cache
+    (``_scan_pass``).  Same rows as ``_scan_one`` (the best kk; among equal
+    scores at the cut, the first scanned) without its sample pass: with
+    several queries per block the scan is not bound by reading the blocks."""
     cap = BUFFER * kk + BLOCK
     res_v = np.empty((nt, cap), np.uint16)
     res_i = np.empty((nt, cap), np.int64)
@@ -545,36 +562,11 @@ def _scan_tile(blocks, block_rows, block_ptr, block_fill, lut, nt, lists, kk, ou
     thr = np.zeros(nt, np.int64)
     buf = np.empty(BLOCK, np.uint16)
     hist = np.empty((4, 256), np.int32)
-    for li in range(lists.shape[0]):
-        lst = lists[li]
-        if lst < 0:
-            continue
-        b0, b1 = block_ptr[lst], block_ptr[lst + 1]
-        for b in range(b0, b1):
-            if b + PREFETCH < b1:
-                _prefetch_block(blocks, b + PREFETCH)
-            fill = BLOCK if b + 1 < b1 else block_fill[lst]  # padding slots: only in a list's last block
-            for t in range(nt):
-                mask = block_scores(blocks, b, lut, t, buf, thr[t]) & ((np.int64(1) << fill) - 1)
-                if mask == 0:
-                    continue
-                c = _append_passing(buf, mask, b * BLOCK, res_v[t], res_i[t], cnt[t], np.int64(0))
-                if c > BUFFER * kk:
-                    th = _compact(res_v[t], res_i[t], c, kk, hist)
-                    c = kk
-                    thr[t] = min(np.int64(th) + 1, 65535)
-                cnt[t] = c
+    _scan_pass(blocks, block_ptr, block_fill, lut, 0, nt, lists, np.zeros(0, np.int64), kk, thr, 1, res_v, res_i, cnt,
+               hist, buf)
     for t in range(nt):
-        c = cnt[t]
-        if c >= kk:
-            _compact(res_v[t], res_i[t], c, kk, hist)
-            c = kk
-        for j in range(c):
-            out_i[t, j] = block_rows[res_i[t, j]]
-            out_v[t, j] = res_v[t, j]
-        for j in range(c, kk):
-            out_i[t, j] = -1
-            out_v[t, j] = 0
+        c = _finish_pass(res_v[t], res_i[t], cnt[t], kk, hist)[0]
+        _rows_of_slots(res_v[t], res_i[t], c, block_rows, out_i[t], out_v[t])
 
 
 @kernel
@@ -706,8 +698,6 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
             if tile > 1:
                 for j in range(d):
                     Y[0, j] = Yt[t, j]
-                for j in range(lut.shape[1]):  # a deeper pool rescans with the query's tables
-                    lut[0, j] = luts[t, j]
             else:
                 rotate_query(Q, qi, R, Y)
                 if Ct is not None:
@@ -721,9 +711,10 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
                         _quantize_one(Y, 0, slot_dim, centT, scratch, lut, np.float32(0.0))
             first_i = pool_i[t] if tile > 1 else no_i[0]
             first_v = pool_v[t] if tile > 1 else no_v[0]
-            _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q,
-                                qi, mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v[qi],
-                                out_r[qi], first_i, first_v)
+            # (a deeper pool rescans with the query's tables)
+            _rescore_candidates(blocks, block_rows, block_ptr, block_fill, luts if tile > 1 else lut, t if tile > 1 else 0,
+                                lists, bias, ncand, depth, k, Y, Q, qi, mean, levels, fields, cl, tabs, T, codes,
+                                scales, plan, V, hv, hr, out_v[qi], out_r[qi], first_i, first_v)
             ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
     return out_v, out_r, out_ids
 
@@ -744,11 +735,12 @@ def _pool_size(block_ptr, lists, ncand, depth):
 
 
 @kernel
-def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, bias, ncand, depth, k, Y, Q, qi,
+def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lq, lists, bias, ncand, depth, k, Y, Q, qi,
                         mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr, out_v, out_r, first_i,
                         first_v):
     """Query qi's candidates rescored (``rescore_more`` into out_v, out_r;
-    its only call in the scan kernel: one build of it).  ``ncand`` = 0:
+    its only call in the scan kernel: one build of it), its coarse tables
+    lut[lq].  ``ncand`` = 0:
     every row of the lists, one band.  Else the scan keeps a pool of the
     best coarse scores (``_scan_one``: ncand rows, or ceil(depth * ncand)
     with ``depth`` > 0) whose best m rows are rescored (m = ncand first,
@@ -787,7 +779,7 @@ def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lists, b
                         pool_v[j] = first_v[j]
                     tiled = False
                 else:
-                    _scan_one(blocks, block_rows, block_ptr, block_fill, lut, 0, lists, bias, size, pool, pool_v)
+                    _scan_one(blocks, block_rows, block_ptr, block_fill, lut, lq, lists, bias, size, pool, pool_v)
                 if depth > 0:  # a fixed pool is rescored as it is
                     cnt = 0
                     while cnt < size and pool[cnt] >= 0:
