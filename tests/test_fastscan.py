@@ -98,10 +98,11 @@ def test_scan_keeps_the_best_scores_of_the_probed_lists(with_bias):
 
 
 def test_a_tile_scan_keeps_each_querys_rows():
-    """``_scan_tile`` (queries that scan the same lists score each block
-    together) keeps, for each query, the rows ``_scan_one`` keeps for it
-    alone (same tie rule), over uneven lists with an empty one, kk below
-    and above the rows."""
+    """``_scan_tile`` of several queries (each block scored for all of them
+    in turn, a collector per query) keeps each query's best kk scores, the
+    rows ``scan_tables_topk`` keeps for it alone (same tie rule), over uneven
+    lists with an empty one, kk below and above the rows (kk = 37: sampled
+    first thresholds)."""
     rng = np.random.default_rng(4)
     n, G, nlist, nq = 5000, 8, 7, 5
     packed = rng.integers(0, 16, (n, G), dtype=np.uint8)  # few distinct scores: many ties
@@ -109,15 +110,23 @@ def test_a_tile_scan_keeps_each_querys_rows():
     order = np.argsort(assign, kind="stable")
     ptr = np.searchsorted(assign[order], np.arange(nlist + 1))
     blocks, rows, bptr, fill = fk.layout_blocks(packed, ptr, order)
-    lut = np.stack([_place_tables(t) for t in _byte_tables(rng, G, nq)])
+    T = _byte_tables(rng, G, nq)
+    lut = np.stack([_place_tables(t) for t in T])
     lists = np.arange(nlist, dtype=np.int64)
+    assert fk.SAMPLE_MIN * 37 <= n <= fk.SAMPLE_MAX * 37
     for kk in (1, 37, 300, n + 10):
         out_i = np.empty((nq, kk), np.int64)
         out_v = np.empty((nq, kk), np.uint16)
-        fk._scan_tile(blocks, rows, bptr, fill, lut, nq, lists, kk, out_i, out_v)
+        fk._scan_tile(blocks, rows, bptr, fill, lut, 0, nq, lists, np.zeros(0, np.int64), kk, out_i, out_v)
         alone = fk.scan_tables_topk(blocks, rows, bptr, fill, lut, np.tile(lists, (nq, 1)), kk,
                                     np.zeros((0, 0), np.int64))
         np.testing.assert_array_equal(np.sort(out_i, axis=1), np.sort(alone, axis=1))
+        for q in range(nq):
+            kept = out_i[q][out_i[q] >= 0]
+            score = _scores(packed, T[q])
+            assert kept.size == min(kk, n) and np.unique(kept).size == kept.size
+            assert (np.sort(score[kept]) == np.sort(score)[::-1][:kept.size][::-1]).all()
+            assert (out_v[q][:kept.size].astype(np.int64) == score[kept]).all()
 
 
 @pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,ASQ4,Rerank2"])

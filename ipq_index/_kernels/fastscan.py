@@ -495,44 +495,14 @@ def _finish_pass(res_v, res_i, cnt, kk, hist):
 @kernel
 def _scan_one(blocks, block_rows, block_ptr, block_fill, lut, q, lists, bias, kk, out_i, out_v):
     """The kk rows of query q's best quantized scores over the blocks of
-    ``lists`` into out_i, their scores into out_v (uint16), unordered (-1
-    and 0 padded; among equal scores at the cut, the first scanned).  The
-    buffer holds slots (block * 32 + row in block), mapped to rows only for
-    the final kk: ``block_rows`` is large and cold, one lookup per passing
-    row cost more than the scan.  ``bias``: per-list score offsets
-    (``_scan_pass``; empty: none).
-
-    With many rows per candidate, a first pass over every SAMPLE_STEP-th
-    block sets the starting threshold: the (2 kk / SAMPLE_STEP)-th best
-    score of the sample, about the 2 kk-th best overall, so few rows pass
-    and the buffer rarely needs cutting.  The result stays exact: when
-    fewer than kk rows reach that threshold the scan is repeated from 0."""
-    cap = BUFFER * kk + BLOCK
-    res_v = np.empty((1, cap), np.uint16)
-    res_i = np.empty((1, cap), np.int64)
-    cnt = np.zeros(1, np.int64)
-    thr = np.zeros(1, np.int64)
-    buf = np.empty(BLOCK, np.uint16)
-    hist = np.empty((4, 256), np.int32)
-    nblk = 0
-    for li in range(lists.shape[0]):
-        if lists[li] >= 0:
-            nblk += block_ptr[lists[li] + 1] - block_ptr[lists[li]]
-    if kk >= SAMPLE_KK and SAMPLE_MIN * kk <= nblk * BLOCK <= SAMPLE_MAX * kk:
-        ks = (2 * kk) // SAMPLE_STEP
-        _scan_pass(blocks, block_ptr, block_fill, lut, q, 1, lists, bias, ks, thr, SAMPLE_STEP, res_v, res_i, cnt,
-                   hist, buf)
-        thr[0] = max(_finish_pass(res_v[0], res_i[0], cnt[0], ks, hist)[1], 0)
-        cnt[0] = 0
-    start = thr[0]
-    _scan_pass(blocks, block_ptr, block_fill, lut, q, 1, lists, bias, kk, thr, 1, res_v, res_i, cnt, hist, buf)
-    c, t = _finish_pass(res_v[0], res_i[0], cnt[0], kk, hist)
-    if t < 0 and start > 0:  # the sample aimed too high: scan again, keeping everything
-        thr[0] = 0
-        cnt[0] = 0
-        _scan_pass(blocks, block_ptr, block_fill, lut, q, 1, lists, bias, kk, thr, 1, res_v, res_i, cnt, hist, buf)
-        c, t = _finish_pass(res_v[0], res_i[0], cnt[0], kk, hist)
-    _rows_of_slots(res_v[0], res_i[0], c, block_rows, out_i, out_v)
+    ``lists`` into out_i, their scores into out_v (uint16): ``_scan_tile``
+    of one query."""
+    oi = np.empty((1, kk), np.int64)
+    ov = np.empty((1, kk), np.uint16)
+    _scan_tile(blocks, block_rows, block_ptr, block_fill, lut, q, 1, lists, bias, kk, oi, ov)
+    for j in range(kk):
+        out_i[j] = oi[0, j]
+        out_v[j] = ov[0, j]
 
 
 @kernel
@@ -548,25 +518,56 @@ def _rows_of_slots(res_v, res_i, c, block_rows, out_i, out_v):
 
 
 @kernel
-def _scan_tile(blocks, block_rows, block_ptr, block_fill, lut, nt, lists, kk, out_i, out_v):
-    """``_scan_one`` of queries 0..nt-1 of ``lut`` at once over the same
-    ``lists`` (no list bias), out_i / out_v (nt, kk): one pass over the
-    blocks, each scored for every query of the tile while it is in cache
-    (``_scan_pass``).  Same rows as ``_scan_one`` (the best kk; among equal
-    scores at the cut, the first scanned) without its sample pass: with
-    several queries per block the scan is not bound by reading the blocks."""
+def _scan_tile(blocks, block_rows, block_ptr, block_fill, lut, q0, nt, lists, bias, kk, out_i, out_v):
+    """For each query t < nt (tables lut[q0 + t]) the kk rows of its best
+    quantized scores over the blocks of ``lists`` into out_i[t], their
+    scores into out_v[t] (uint16), unordered (-1 and 0 padded; among equal
+    scores at the cut, the first scanned).  One pass over the blocks scores
+    each for every query while it is in cache (``_scan_pass``; ``bias``:
+    per-list score offsets, empty: none).  The collectors hold slots (block
+    * 32 + row in block), mapped to rows only for the final kk:
+    ``block_rows`` is large and cold, one lookup per passing row cost more
+    than the scan.
+
+    With many rows per candidate, a first pass over every SAMPLE_STEP-th
+    block sets each query's starting threshold: the (2 kk / SAMPLE_STEP)-th
+    best score of the sample, about the 2 kk-th best overall, so few rows
+    pass and the buffer rarely needs cutting.  The result stays exact: a
+    query with fewer than kk rows reaching its threshold is scanned again
+    from 0."""
     cap = BUFFER * kk + BLOCK
     res_v = np.empty((nt, cap), np.uint16)
     res_i = np.empty((nt, cap), np.int64)
     cnt = np.zeros(nt, np.int64)
     thr = np.zeros(nt, np.int64)
+    start = np.zeros(nt, np.int64)
     buf = np.empty(BLOCK, np.uint16)
     hist = np.empty((4, 256), np.int32)
-    _scan_pass(blocks, block_ptr, block_fill, lut, 0, nt, lists, np.zeros(0, np.int64), kk, thr, 1, res_v, res_i, cnt,
-               hist, buf)
+    nblk = 0
+    for li in range(lists.shape[0]):
+        if lists[li] >= 0:
+            nblk += block_ptr[lists[li] + 1] - block_ptr[lists[li]]
+    if kk >= SAMPLE_KK and SAMPLE_MIN * kk <= nblk * BLOCK <= SAMPLE_MAX * kk:
+        ks = (2 * kk) // SAMPLE_STEP
+        _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, ks, thr, SAMPLE_STEP, res_v, res_i, cnt,
+                   hist, buf)
+        for t in range(nt):
+            start[t] = max(_finish_pass(res_v[t], res_i[t], cnt[t], ks, hist)[1], 0)
+            thr[t] = start[t]
+            cnt[t] = 0
+    _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, kk, thr, 1, res_v, res_i, cnt, hist, buf)
     for t in range(nt):
-        c = _finish_pass(res_v[t], res_i[t], cnt[t], kk, hist)[0]
-        _rows_of_slots(res_v[t], res_i[t], c, block_rows, out_i[t], out_v[t])
+        c, th = _finish_pass(res_v[t], res_i[t], cnt[t], kk, hist)
+        if th < 0 and start[t] > 0:  # the sample aimed too high: scan again, keeping everything
+            rv = np.empty((1, cap), np.uint16)
+            ri = np.empty((1, cap), np.int64)
+            c1 = np.zeros(1, np.int64)
+            t1 = np.zeros(1, np.int64)
+            _scan_pass(blocks, block_ptr, block_fill, lut, q0 + t, 1, lists, bias, kk, t1, 1, rv, ri, c1, hist, buf)
+            c = _finish_pass(rv[0], ri[0], c1[0], kk, hist)[0]
+            _rows_of_slots(rv[0], ri[0], c, block_rows, out_i[t], out_v[t])
+        else:
+            _rows_of_slots(res_v[t], res_i[t], c, block_rows, out_i[t], out_v[t])
 
 
 @kernel
@@ -692,7 +693,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
                 for j in range(d):
                     Yt[t, j] = Y[0, j]
                 _quantize_one(Yt, t, slot_dim, centT, scratch, luts, np.float32(0.0))
-            _scan_tile(blocks, block_rows, block_ptr, block_fill, luts, nt, lists, size, pool_i, pool_v)
+            _scan_tile(blocks, block_rows, block_ptr, block_fill, luts, 0, nt, lists, bias, size, pool_i, pool_v)
         for t in range(nt):
             qi = q0 + t
             if tile > 1:
