@@ -70,11 +70,8 @@ BUFFER = 4
 SAMPLE_STEP, SAMPLE_MIN, SAMPLE_MAX, SAMPLE_KK = 16, 64, 4096, 32
 #: bytes of quantized tables per code byte (two sub-quantizers, two lanes each)
 LUT_STRIDE = 64
-#: queries that scan every list together (``_scan_tile``: one pass over the
-#: blocks scores each block for all of them while it is in L1) hold at most
-#: this many bytes of tables, so the tables stay in a 48 KiB L1 data cache
-#: beside the block (a block is read from L3 or memory at about 26 GB/s on
-#: one core, which bounds a single query's scan; a tile reads it once)
+#: a tile of queries (``_scan_tile``, module doc) holds at most this many
+#: bytes of tables: they stay in a 48 KiB L1 data cache beside the block
 TILE_TABLE_BYTES = 24 * 1024
 #: and at most this many queries per tile
 TILE_QUERIES = 8
@@ -436,10 +433,10 @@ def _compact(res_v, res_i, cnt, kk, hist):
 @kernel
 def _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, kk, thr, step, res_v, res_i, cnt, hist,
                buf):
-    """For each query t < nt (tables lut[q0 + t]): collect the best kk rows scoring >=
-    thr[t] over every ``step``-th block of ``lists`` (step 1: all) into
-    res_v[t] / res_i[t] (slots, unordered; cnt[t] of them, <= kk after
-    ``_finish_pass``), thr[t] rising as the collector fills; a row of
+    """For each query t < nt (tables lut[q0 + t]): collect the best kk rows
+    scoring >= thr[t] over every ``step``-th block of ``lists`` (step 1:
+    all) into res_v[t] / res_i[t] (slots, unordered; cnt[t] of them, <= kk
+    after ``_finish_pass``), thr[t] rising as the collector fills; a row of
     lists[li] scores its table sum + bias[li] (``bias`` empty: + 0).  The
     queries score each block in turn while it is in cache."""
     g = 0  # blocks seen, for the stride
@@ -712,10 +709,10 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
                         _quantize_one(Y, 0, slot_dim, centT, scratch, lut, np.float32(0.0))
             first_i = pool_i[t] if tile > 1 else no_i[0]
             first_v = pool_v[t] if tile > 1 else no_v[0]
-            # (a deeper pool rescans with the query's tables)
-            _rescore_candidates(blocks, block_rows, block_ptr, block_fill, luts if tile > 1 else lut, t if tile > 1 else 0,
-                                lists, bias, ncand, depth, k, Y, Q, qi, mean, levels, fields, cl, tabs, T, codes,
-                                scales, plan, V, hv, hr, out_v[qi], out_r[qi], first_i, first_v)
+            tabs_q, row_q = (luts, t) if tile > 1 else (lut, 0)  # a deeper pool is scanned with these tables
+            _rescore_candidates(blocks, block_rows, block_ptr, block_fill, tabs_q, row_q, lists, bias, ncand, depth,
+                                k, Y, Q, qi, mean, levels, fields, cl, tabs, T, codes, scales, plan, V, hv, hr,
+                                out_v[qi], out_r[qi], first_i, first_v)
             ids_of_rows_one(out_v[qi], out_r[qi], out_ids[qi], ids)
     return out_v, out_r, out_ids
 
@@ -741,8 +738,7 @@ def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lq, list
                         first_v):
     """Query qi's candidates rescored (``rescore_more`` into out_v, out_r;
     its only call in the scan kernel: one build of it), its coarse tables
-    lut[lq].  ``ncand`` = 0:
-    every row of the lists, one band.  Else the scan keeps a pool of the
+    lut[lq].  ``ncand`` = 0: every row of the lists, one band.  Else the scan keeps a pool of the
     best coarse scores (``_scan_one``: ncand rows, or ceil(depth * ncand)
     with ``depth`` > 0) whose best m rows are rescored (m = ncand first,
     ``_best_of``).  With ``depth`` > 0 the result stands once m >= depth *
