@@ -60,8 +60,12 @@ def table(paths, thresholds=THRESHOLDS, compressed_only: bool = False) -> str:
 
 
 def main(argv) -> int:
-    paths = [Path(p) for p in argv] or sorted(p for p in ROOT.glob("structures_*/structures_*.csv")
-                                             if not p.stem.endswith("_pareto"))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("csv", nargs="*", help="result CSVs of ipq bench (default: eval/results/structures_*)")
+    paths = [Path(p) for p in ap.parse_args(argv).csv] or sorted(
+        p for p in ROOT.glob("structures_*/structures_*.csv") if not p.stem.endswith("_pareto"))
     if not paths:
         print(f"no structures_*.csv under {ROOT}", file=sys.stderr)
         return 1
