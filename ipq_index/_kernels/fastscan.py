@@ -632,9 +632,10 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     (d, m): the leading m transformed dimensions alone, enough when no ADC
     of the candidates follows and the coarse tables and probes read no
     others; the rest stay 0), then the candidates: the ``ncand`` best
-    coarse scores (uint8 tables, ``_scan_one``), or with ``ncand`` = 0
-    every row of the lists (``block_rows``; no coarse codes needed), then
-    (a filter passes a layout of its allowed rows alone)
+    coarse scores (uint8 tables, ``_scan_one``; when every query scans
+    every list, nprobe = 0, a tile of queries at a time: ``_scan_tile``), or
+    with ``ncand`` = 0 every row of the lists (``block_rows``; no coarse
+    codes needed), then (a filter passes a layout of its allowed rows alone)
     (``plan``, ``rerank.PLAN_*``)
 
     - PLAN_FIELDS / PLAN_TABLES: full ADC of those rows, field by field or
