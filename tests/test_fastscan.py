@@ -129,12 +129,14 @@ def test_a_tile_scan_keeps_each_querys_rows():
             assert (out_v[q][:kept.size].astype(np.int64) == score[kept]).all()
 
 
-@pytest.mark.parametrize("spec", ["PCA,ASQ4", "PCA,ASQ4,Rerank2"])
-def test_a_batch_finds_what_each_query_finds_alone(spec):
-    """A batch over a flat index scans the blocks for a tile of queries at a
-    time; each query's results (ids and scores, bit for bit) are those of the
-    query searched alone, across tile edges (19 queries: whole tiles and a
-    partial one), with the default depth rule, a fixed pool and an
+@pytest.mark.parametrize("spec, probe", [("PCA,ASQ4", {}), ("PCA,ASQ4,Rerank2", {}),
+                                         ("PCA,IVF16,ASQ4s", {"nprobe": 16})])
+def test_a_batch_finds_what_each_query_finds_alone(spec, probe):
+    """A batch over a flat index (or an IVF index scanning every list:
+    scaled codes have no list terms) scans the blocks for a tile of queries
+    at a time; each query's results (ids and scores, bit for bit) are those
+    of the query searched alone, across tile edges (19 queries: whole tiles
+    and a partial one), with the default depth rule, a fixed pool and an
     allow-list."""
     import ipq_index
     from ipq_index.bench import datasets
@@ -147,7 +149,9 @@ def test_a_batch_finds_what_each_query_finds_alone(spec):
     tile = min(fk.TILE_QUERIES, fk.TILE_TABLE_BYTES // (fk.padded_bytes(sc.M) * fk.LUT_STRIDE))
     assert 2 <= tile < len(Q) and len(Q) % tile  # whole tiles and a partial one
     allowed = np.arange(0, X.shape[0], 3)
-    for params in ({}, {"fs": 3}, {"filter": allowed}):
+    if probe:  # every list scanned, no list terms: the kernel gets nprobe = 0 (the tile path)
+        assert not sc.residual and idx._kernel_probe(probe["nprobe"], True)[3] == 0
+    for params in ({**probe}, {"fs": 3, **probe}, {"filter": allowed, **probe}):
         D, I = idx.search(Q, 10, num_threads=1, **params)
         for q in range(len(Q)):
             d1, i1 = idx.search(Q[q:q + 1], 10, num_threads=1, **params)
