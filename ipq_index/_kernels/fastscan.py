@@ -632,8 +632,8 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     (d, m): the leading m transformed dimensions alone, enough when no ADC
     of the candidates follows and the coarse tables and probes read no
     others; the rest stay 0), then the candidates: the ``ncand`` best
-    coarse scores (uint8 tables, ``_scan_one``; when every query scans
-    every list, nprobe = 0, a tile of queries at a time: ``_scan_tile``), or
+    coarse scores (uint8 tables, ``_scan_tile``: a tile of queries at a
+    time when every query scans every list, nprobe = 0, else one query), or
     with ``ncand`` = 0 every row of the lists (``block_rows``; no coarse
     codes needed), then (a filter passes a layout of its allowed rows alone)
     (``plan``, ``rerank.PLAN_*``)
@@ -743,7 +743,7 @@ def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lq, list
     """Query qi's candidates rescored (``rescore_more`` into out_v, out_r;
     its only call in the scan kernel: one build of it), its coarse tables
     lut[lq].  ``ncand`` = 0: every row of the lists, one band.  Else the scan keeps a pool of the
-    best coarse scores (``_scan_one``: ncand rows, or ceil(depth * ncand)
+    best coarse scores (``_scan_tile``: ncand rows, or ceil(depth * ncand)
     with ``depth`` > 0) whose best m rows are rescored (m = ncand first,
     ``_best_of``).  With ``depth`` > 0 the result stands once m >= depth *
     r, r the coarse rank within the pool of the deepest of the first k
@@ -772,15 +772,16 @@ def _rescore_candidates(blocks, block_rows, block_ptr, block_fill, lut, lq, list
             if scan:
                 full = size >= slots
                 rows = np.empty((1, size), np.int64)
+                rows_v = np.empty((1, size), np.uint16)
                 pool = rows[0]
-                pool_v = np.empty(size, np.uint16)
+                pool_v = rows_v[0]
                 if tiled:  # the tile's scan
                     for j in range(size):
                         pool[j] = first_i[j]
                         pool_v[j] = first_v[j]
                     tiled = False
-                else:
-                    _scan_one(blocks, block_rows, block_ptr, block_fill, lut, lq, lists, bias, size, pool, pool_v)
+                else:  # a tile of this query alone
+                    _scan_tile(blocks, block_rows, block_ptr, block_fill, lut, lq, 1, lists, bias, size, rows, rows_v)
                 if depth > 0:  # a fixed pool is rescored as it is
                     cnt = 0
                     while cnt < size and pool[cnt] >= 0:
