@@ -115,6 +115,21 @@ def prefetch1(typingctx, arr, i):
     return types.void(arr, types.intp), _prefetch_codegen
 
 
+def _trailing_zeros_codegen(context, builder, signature, args):
+    i64 = ir.IntType(64)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
+    return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+
+@intrinsic
+def trailing_zeros(typingctx, x):
+    """``trailing_zeros(x)`` inside kernels: the index of the lowest set bit
+    of the int64 ``x`` (one ``tzcnt``); undefined for x = 0."""
+    if not isinstance(x, types.Integer):
+        return None
+    return types.int64(types.int64), _trailing_zeros_codegen
+
+
 class _VectorGEP(ir.Instruction):
     """``getelementptr inbounds elem, ptr base, <n x iK> idx``: a vector of
     element pointers from one base (llvmlite's ``gep`` takes scalar indices
