@@ -57,8 +57,13 @@ for p in params[idx.kind]:
 
 
 def run(code, script, *args):
+    """``script`` in a fresh interpreter importing ``ipq_index`` from ``code``
+    alone: started in ``code`` itself, since ``python -c`` puts the working
+    directory ahead of PYTHONPATH (run from a checkout, both versions would
+    import the checkout's package)."""
     env = dict(os.environ, PYTHONPATH=code, OMP_NUM_THREADS="2")
-    res = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
+                         cwd=code)
     if res.returncode:
         raise SystemExit(res.stderr[-2000:])
     return res.stdout
@@ -74,6 +79,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--queries", type=int, default=300)
     a = ap.parse_args(argv)
+    for key in ("old", "new", "data", "work"):  # the runs start in --old / --new
+        setattr(a, key, os.path.abspath(getattr(a, key)))
     os.makedirs(a.work, exist_ok=True)
     if a.build:
         for name, f in SETS.items():
