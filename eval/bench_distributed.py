@@ -145,7 +145,7 @@ def run_size(n, args, workdir):
     from ipq_index.distributed import ShardedIndex
 
     for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                           worker_dashboard_address=None) as cluster, Client(cluster) as client:
             # workers load the compiled kernels from the disk cache once, outside the timings
             warm = ShardedIndex.from_trained(_from_bytes(trained_bytes), workers, client)

@@ -38,7 +38,9 @@ N = 4000
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    # dashboard ":0": a free port (None still binds 8787 for the scheduler's HTTP routes, and a
+    # second cluster on the host, e.g. another test process's, then warns: an error here)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       worker_dashboard_address=None) as cluster, Client(cluster) as c:
         yield c
 
@@ -140,6 +142,31 @@ def test_shards_stay_on_their_workers(client, flat, data):
         sh.search(data[1], 5)
     assert sh.placement() == before
     assert sorted(sh._servers) == sorted({w[0] for w in before.values()})  # searched by the workers' actors
+
+
+@pytest.mark.parametrize("params", [{"fs": 0, "rerank": 0}, {"return_std": False, "fs": 3},
+                                    {"filter": "every third id", "fs": 0}])
+def test_actors_answer_with_the_single_node_results(flat, data, params):
+    """Each worker's actor answers for its shards (queries and results travel
+    as plain bytes; a filter object, not a plain value, goes pickled), and the
+    merged answers are the single-node top-k."""
+    sh, ref = flat
+    _, Q = data
+    if "filter" in params:
+        params = dict(params, filter=ipq_index.filters.AllowIds(np.arange(0, ref.ntotal, 3)))
+    by_worker = {}
+    for s, w in enumerate(sh._where):
+        by_worker.setdefault(w, []).append((s, sh._shards[s].key, 10))
+    answers = sh._ask_actors(by_worker, Q[:7], params, 1)
+    assert all(a is not None and sorted(a) == [s for s, _, _ in by_worker[w]] for w, a in answers.items())
+    parts = [part for a in answers.values() for part in a.values()]
+    assert all(p[0].flags.writeable and p[0].dtype == np.float32 and p[1].dtype == np.int64 for p in parts)
+    got = merge_topk(parts, 10)
+    want = ref.search(Q[:7], 10, **params)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    if "filter" in params:
+        assert np.all(got[1] % 3 == 0)
 
 
 def test_numpy_and_file_inputs_continue_ids_like_single_node(client, data, tmp_path):

@@ -454,7 +454,7 @@ class ShardedIndex:
         by_worker = {}
         for s in live:
             if self._where[s] is not None:
-                by_worker.setdefault(self._where[s], []).append((s, self._shards[s].key, min(k, self._sizes[s])))
+                by_worker.setdefault(self._where[s], []).append((int(s), self._shards[s].key, int(min(k, self._sizes[s]))))
         found = {}
         for w, result in self._ask_actors(by_worker, Q, params, threads).items():
             if result is None:
@@ -484,14 +484,21 @@ class ShardedIndex:
 
         client = self.client
 
+        queries = _worker.pack_arrays([Q])  # plain values (``ShardServer``) where Dask's messages allow
+        if not all(v is None or type(v) in (bool, int, float, str) for v in params.values()):
+            params = to_serialize(params)  # e.g. a filter object
+
         async def ask(w):
             try:
-                args = [requests[w], Q, params, threads]
+                reqs = requests[w]
+                reqs = reqs if all(type(key) is str for _, key, _ in reqs) else to_serialize(reqs)
                 reply = await client.rpc(w).actor_execute(function="search", actor=actors[w],
-                                                          args=[to_serialize(a) for a in args], kwargs={})
+                                                          args=[reqs, queries, params, threads], kwargs={})
+                if reply.get("status") != "OK":
+                    return w, None
+                return w, {s: _worker.unpack_arrays(result) for s, result in reply["result"]}
             except Exception:  # noqa: BLE001 - as above
                 return w, None
-            return w, reply["result"] if reply.get("status") == "OK" else None
 
         async def ask_all():
             return await asyncio.gather(*(ask(w) for w in actors))

@@ -230,7 +230,12 @@ class ShardServer:
     memory, called by the client directly (no scheduler in the path: one
     round trip instead of the several a task takes).  A shard it does not
     find is left out of the answer; the client then searches it with an
-    ordinary task, which the scheduler reruns or rebuilds as needed."""
+    ordinary task, which the scheduler reruns or rebuilds as needed.
+
+    The queries come and the results go as plain bytes (``pack_arrays``),
+    which Dask's messages carry as they are: its serialization of numpy
+    arguments and results cost 0.4-0.5 ms of a round trip of about 1 ms
+    (2 local workers, one query)."""
 
     #: at most this many queries are searched on the worker's event loop itself (a
     #: few hundred microseconds; saves two thread hand-offs per call), more on a thread
@@ -242,12 +247,18 @@ class ShardServer:
         self._worker = get_worker()
         self._threads = worker_threads(None)
 
-    async def search(self, requests, Q, params, num_threads):
+    async def search(self, requests, queries, params, num_threads):
+        """``search_shards`` of the queries ``queries`` (``pack_arrays`` of
+        one (nq, d) array): [shard, ``pack_arrays`` of its result] pairs."""
+        Q = unpack_arrays(queries)[0]
         if Q.shape[0] <= self.INLINE_QUERIES:
-            return self._search(requests, Q, params, num_threads)
-        import asyncio
+            out = self._search(requests, Q, params, num_threads)
+        else:
+            import asyncio
 
-        return await asyncio.get_running_loop().run_in_executor(None, self._search, requests, Q, params, num_threads)
+            out = await asyncio.get_running_loop().run_in_executor(None, self._search, requests, Q, params,
+                                                                   num_threads)
+        return [[s, pack_arrays(result)] for s, result in out.items()]
 
     def _search(self, requests, Q, params, num_threads):
         data = self._worker.data
@@ -260,6 +271,18 @@ class ShardServer:
                 continue
             out[s] = shard.index.search(Q, k, num_threads=threads, **params)
         return out
+
+
+def pack_arrays(arrays) -> list:
+    """Arrays as plain values for a Dask message: [bytes, dtype, shape] each
+    (``unpack_arrays`` inverts it)."""
+    return [[a.tobytes(), a.dtype.str, list(a.shape)] for a in map(np.ascontiguousarray, arrays)]
+
+
+def unpack_arrays(packed) -> tuple:
+    """The arrays of ``pack_arrays``, writeable (a search kernel compiles
+    once per array type, and read-only is another type)."""
+    return tuple(np.frombuffer(data, np.dtype(dtype)).reshape(shape).copy() for data, dtype, shape in packed)
 
 
 def _address():
