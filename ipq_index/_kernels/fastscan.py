@@ -201,7 +201,7 @@ def _append_passing(buf, mask, slot0, res_v, res_i, cnt, add):
     count.  One iteration per set bit (a block passes one or two rows
     once the threshold has risen): 2-12 ns per block where LLVM's
     ``masked.compressstore`` of the 32 lanes took 82-90 ns whatever the
-    mask (AVX-512 host, measured in a loop over random masks)."""
+    mask (AMD EPYC, AVX-512; a loop over random masks)."""
     m = mask
     while m != 0:
         v = trailing_zeros(m)
