@@ -197,8 +197,8 @@ def _append_passing(buf, mask, slot0, res_v, res_i, cnt, add):
     """Append the rows of bit mask ``mask`` (bit v: row v of the block whose
     first slot is ``slot0``) to the collector: scores buf[v] + add (the
     list's bias, no overflow: see ``_list_bias``) to res_v and slots
-    slot0 + v to res_i from position cnt, in row order; returns the new
-    count.  One iteration per set bit (a block passes one or two rows
+    slot0 + v to res_i from position cnt, in row order (they need room for
+    the mask's rows); returns the new count.  One iteration per set bit (a block passes one or two rows
     once the threshold has risen): 2-12 ns per block where LLVM's
     ``masked.compressstore`` of the 32 lanes took 82-90 ns whatever the
     mask (AMD EPYC, AVX-512; a loop over random masks)."""

@@ -454,7 +454,9 @@ class ShardedIndex:
         by_worker = {}
         for s in live:
             if self._where[s] is not None:
-                by_worker.setdefault(self._where[s], []).append((int(s), self._shards[s].key, int(min(k, self._sizes[s]))))
+                # plain ints: the request travels as a plain value (``_ask_actors``)
+                by_worker.setdefault(self._where[s], []).append((int(s), self._shards[s].key,
+                                                                 int(min(k, self._sizes[s]))))
         found = {}
         for w, result in self._ask_actors(by_worker, Q, params, threads).items():
             if result is None:

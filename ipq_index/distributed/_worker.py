@@ -248,8 +248,9 @@ class ShardServer:
         self._threads = worker_threads(None)
 
     async def search(self, requests, queries, params, num_threads):
-        """``search_shards`` of the queries ``queries`` (``pack_arrays`` of
-        one (nq, d) array): [shard, ``pack_arrays`` of its result] pairs."""
+        """The top-k of the queries ``queries`` (``pack_arrays`` of one (nq,
+        d) array) in each shard of ``requests`` ((shard, key, k) triples)
+        this worker holds: [shard, ``pack_arrays`` of its result] pairs."""
         Q = unpack_arrays(queries)[0]
         if Q.shape[0] <= self.INLINE_QUERIES:
             out = self._search(requests, Q, params, num_threads)
