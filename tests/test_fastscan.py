@@ -159,6 +159,41 @@ def test_a_batch_finds_what_each_query_finds_alone(spec, probe):
             np.testing.assert_array_equal(d1[0], D[q])
 
 
+@pytest.mark.parametrize("spec", ["PCA,IVF32,ASQ4n", "PCA,IVF32,ASQ4n,Rerank2", "IVF24,ASQ3s"])
+def test_an_ivf_batch_probes_and_finds_what_each_query_finds_alone(spec):
+    """A batch over an IVF index rotates and probes a tile of queries at a
+    time (``probe._probe_tile``: the centroids read once per tile); each
+    query's results (ids and scores, bit for bit) are those of the query
+    searched alone, across tile edges (37 queries: two whole tiles and a
+    partial one), with residual coarse codes (list terms) or scaled codes,
+    a fixed pool and the scan of every row of the probed lists (fs=0); and
+    every result lies in a list the one-query probe (``probe_lists``) picks."""
+    import ipq_index
+    from ipq_index._kernels import probe as _probe
+    from ipq_index.bench import datasets
+
+    ds = datasets.load_sample("minilm")
+    X, Q = ds.train, ds.test[:37]
+    idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
+    assert idx.ntotal >= idx.settings.fastscan_min_rows
+    assert idx._fast_scanner().residual == ("s" not in spec)
+    np.testing.assert_array_equal(idx.ids, np.arange(idx.ntotal))  # ids are rows
+    qt = min(fk.PROBE_QUERIES, fk.PROBE_TILE_BYTES // (4 * idx.nlist))
+    assert 2 <= qt < len(Q) and len(Q) % qt
+    dims, Ct = idx._probe_args()
+    Y = np.ascontiguousarray(idx.encoder.rotate_queries(Q, num_threads=1), np.float32)
+    assign = np.asarray(idx.assign)
+    for params in ({"nprobe": 5}, {"nprobe": 5, "fs": 3}, {"nprobe": 7, "fs": 0}):
+        D, I = idx.search(Q, 10, num_threads=1, **params)
+        for q in range(len(Q)):
+            d1, i1 = idx.search(Q[q:q + 1], 10, num_threads=1, **params)
+            np.testing.assert_array_equal(i1[0], I[q])
+            np.testing.assert_array_equal(d1[0], D[q])
+        lists, _ = _probe.probe_lists(Y, dims, Ct, idx._list_spread(), params["nprobe"], Q)
+        for q in range(len(Q)):
+            assert set(assign[I[q][I[q] >= 0]]) <= set(lists[q])
+
+
 def test_quantized_tables_round_the_float_tables():
     """quantize_luts: each sub-quantizer's 16 float scores of the query
     (numpy float64 from the centroids), minus their minimum, times one

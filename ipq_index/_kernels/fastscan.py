@@ -30,7 +30,7 @@ Collector.  Rows passing the threshold are appended (one step per passing row)
 to a buffer of ``BUFFER`` kk; when it fills, the kk-th largest score t is
 found (radix select), the best kk kept and the threshold raised to t + 1
 (FAISS's "reservoir" idea, without its heap).  IVF lists come best first
-(``probe._probe_one``), so the threshold rises early.  The final kk are
+(``probe._probe_select``), so the threshold rises early.  The final kk are
 returned unordered (the rescoring ranks them).
 
 Tiles.  A block is read from L3 or memory at about 26 GB/s on one core,
@@ -49,9 +49,9 @@ from numba.extending import intrinsic
 
 from .._numba import kernel, splat, target_has, trailing_zeros
 from .coarse_tables import _coarse_luts
-from .probe import _probe_one
+from .probe import _probe_tile
 from .rerank import PLAN_FIELDS, PLAN_TABLES, rescore_more, search_outputs
-from .rotation import rotate_query
+from .rotation import rotate_tile
 from .topk import ids_of_rows_one
 
 #: rows per block
@@ -78,6 +78,11 @@ TILE_TABLE_BYTES = 24 * 1024
 #: of 8, 359 in tiles of 16, 523 alone; npm MiniLM, 104 sub-quantizers, the
 #: table bound of 7: 106-114 us for tiles of 6 to 16, 162 alone)
 TILE_QUERIES = 16
+#: IVF queries rotated and probed together (``probe._probe_tile``: the
+#: rotation and the centroids read once per tile), at most as many as keep
+#: their centroid scores within PROBE_TILE_BYTES (beside the L2-resident
+#: centroids)
+PROBE_QUERIES, PROBE_TILE_BYTES = 16, 64 * 1024
 
 
 #: byte width of the shuffles that score blocks: 64 (AVX-512BW), 32 (AVX2)
@@ -602,13 +607,14 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
                       k):
     """The whole single-thread search of a few queries in one call (flat:
     one list, ``Ct`` None and ``nprobe`` = 0; IVF: the ``nprobe`` lists of the
-    largest probe scores, ``_probe_one`` with ``dims``, ``Ct``, ``spread``;
+    largest probe scores, ``_probe_tile`` with ``dims``, ``Ct``, ``spread``;
     ``nprobe`` = 0 scans every list; ``resid``: residual coarse codes, a
     row of list l scores <y, c_l> + its table sum, ``_list_bias``; needs
     nprobe > 0): rotate (``R`` (d, d); (0, 0): none;
     (d, m): the leading m transformed dimensions alone, enough when no ADC
     of the candidates follows and the coarse tables and probes read no
-    others; the rest stay 0), then the candidates: the ``ncand`` best
+    others; the rest stay 0; a tile of queries at a time, ``rotate_tile``,
+    with their probes, ``PROBE_QUERIES``), then the candidates: the ``ncand`` best
     coarse scores (uint8 tables, ``_scan_tile``: a tile of queries at a
     time when every query scans every list, nprobe = 0, else one query), or
     with ``ncand`` = 0 every row of the lists (``block_rows``; no coarse
@@ -646,7 +652,6 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     nacc = 0
     if Ct is not None:  # a flat index passes None: its build compiles no probe
         nacc = Ct.shape[1]
-    acc = np.empty(nacc, np.float32)
     pv = np.empty(max(nprobe, 1), np.float32)
     raw = np.empty(nprobe if resid else 0, np.float32)
     bias = np.empty(nprobe if resid else 0, np.int64)
@@ -657,31 +662,42 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     if nprobe == 0 and ncand > 0:
         tile = max(1, min(nq, TILE_QUERIES, TILE_TABLE_BYTES // lut.shape[1]))
     size = _pool_size(block_ptr, lists, ncand, depth)[1] if tile > 1 else 0  # else the probe fills ``lists``
-    Yt = np.zeros((tile if tile > 1 else 0, d), np.float32)
+    # the rotations (and the probes) of a tile of queries at once: the matrices are read once for it
+    qt = tile
+    probing = False
+    if Ct is not None:  # a flat index passes None: its build compiles no probe
+        probing = nprobe > 0
+        if probing:
+            qt = max(1, min(nq, PROBE_QUERIES, PROBE_TILE_BYTES // max(4 * nacc, 1)))
+    Yt = np.zeros((qt, d), np.float32)
+    acc_t = np.empty((qt if probing else 0, nacc), np.float32)
+    lists_t = np.empty((qt if probing else 0, nprobe), np.int64)
+    raw_t = np.empty((qt if probing else 0, raw.shape[0]), np.float32)
     luts = np.empty((tile if tile > 1 else 0, lut.shape[1]), np.uint8)
     pool_i = np.empty((tile if tile > 1 else 0, size), np.int64)
     pool_v = np.empty((tile if tile > 1 else 0, size), np.uint16)
     no_i = np.empty((1, 0), np.int64)
     no_v = np.empty((1, 0), np.uint16)
-    for q0 in range(0, nq, tile):
-        nt = min(tile, nq - q0)
-        if tile > 1:  # the tile's rotations and tables, then one scan for all of them
+    for q0 in range(0, nq, qt):
+        nt = min(qt, nq - q0)
+        rotate_tile(Q, q0, nt, R, Yt)
+        if Ct is not None:
+            if probing:
+                _probe_tile(Yt, nt, dims, Ct, spread, acc_t, pv, lists_t, Q, q0, raw_t)
+        if tile > 1:  # the tile's tables, then one scan for all of them
             for t in range(nt):
-                rotate_query(Q, q0 + t, R, Y)
-                for j in range(d):
-                    Yt[t, j] = Y[0, j]
                 _quantize_one(Yt, t, slot_dim, centT, scratch, luts, np.float32(0.0))
             _scan_tile(blocks, block_rows, block_ptr, block_fill, luts, 0, nt, lists, bias, size, pool_i, pool_v)
         for t in range(nt):
             qi = q0 + t
-            if tile > 1:
-                for j in range(d):
-                    Y[0, j] = Yt[t, j]
-            else:
-                rotate_query(Q, qi, R, Y)
-                if Ct is not None:
-                    if nprobe > 0:
-                        _probe_one(Y, dims, Ct, spread, 0, nprobe, acc, pv, lists, Q[qi], raw)
+            for j in range(d):
+                Y[0, j] = Yt[t, j]
+            if probing:
+                for j in range(nprobe):
+                    lists[j] = lists_t[t, j]
+                for j in range(raw.shape[0]):
+                    raw[j] = raw_t[t, j]
+            if tile == 1:
                 if ncand > 0:
                     if resid:
                         scale = _quantize_one(Y, 0, slot_dim, centT, scratch, lut, _bias_span(raw, lists))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._numba import kernel
-from .rotation import weighted_row_sum
+from .rotation import weighted_row_sum, weighted_rows_sum
 
 
 @kernel
@@ -17,11 +17,34 @@ def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi, qv, raw):
     ``qv`` is the query itself (|q| = |y|: the rotation is orthogonal).
     ``raw`` (nprobe or 0 entries): the chosen lists' <y_i[dims], Ct[:, l]>
     (without the spread term; residual coarse codes add it per list)."""
-    m = Ct.shape[1]
     qd = np.empty(dims.shape[0], np.float32)
     for t in range(dims.shape[0]):
         qd[t] = Y[i, dims[t]]
     weighted_row_sum(qd, Ct, acc)
+    _probe_select(acc, spread, qv, hv, hi, raw)
+
+
+@kernel
+def _probe_tile(Y, nt, dims, Ct, spread, acc, hv, lists, Q, q0, raw):
+    """``_probe_one`` of the rotated queries Y[t] (queries Q[q0 + t]) for t <
+    nt at once: their lists into lists[t], the raw scores into raw[t] (rows
+    of 0 entries: none); ``acc`` (>= nt, nlist) scratch.  The same lists and
+    scores as one at a time (``weighted_rows_sum``: the same sums), the
+    centroids read once for the tile."""
+    qd = np.empty((nt, dims.shape[0]), np.float32)
+    for t in range(nt):
+        for s in range(dims.shape[0]):
+            qd[t, s] = Y[t, dims[s]]
+    weighted_rows_sum(qd, 0, nt, Ct, acc)
+    for t in range(nt):
+        _probe_select(acc[t], spread, Q[q0 + t], hv, lists[t], raw[t])
+
+
+@kernel
+def _probe_select(acc, spread, qv, hv, hi, raw):
+    """The probe's choice from the centroid scores ``acc`` (nlist,; its
+    entries get the spread term): ``_probe_one``."""
+    m = acc.shape[0]
     pre = acc.copy() if raw.shape[0] > 0 else acc[:0]
     if spread.shape[0] > 0:
         nrm = 0.0

@@ -97,23 +97,24 @@ def _row_sum_pass(qv, R, t, c, o):
                 o[j] += q * r[j]
 
 
-def _half_row_sum_codegen(context, builder, signature, args):
-    """``weighted_row_sum`` of a float16 matrix (uint16 bits), 16 columns per
-    vector (``fpext`` of <16 x half>: ``vcvtph2ps``), the float32 operations
-    of the float32 build in the same order (so the same sums); the last m %
-    16 columns one at a time."""
-    qv_t, R_t, o_t = signature.args
-    qv, R, o = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args))
-    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+def _emit_half_rows_sum(builder, qp, q_stride, nt, rp, n, m, op, o_stride):
+    """IR of o_t[j] = sum_i q_t[i] R[i, j] for queries t < nt (row t of the
+    float32 queries at ``qp`` + t ``q_stride``, of the outputs at ``op`` + t
+    ``o_stride``; j < m) over a float16 matrix R (uint16 bits, n x m at
+    ``rp``): 16 columns per vector (``fpext`` of <16 x half>:
+    ``vcvtph2ps``), the float32 operations of ``weighted_row_sum``'s float32
+    build in the same order for every query (so the same sums), the last m
+    % 16 columns one at a time.  Each group of 8 rows is widened once for
+    all the queries: their centroid or rotation matrix is read once."""
+    i16, i64 = ir.IntType(16), ir.IntType(64)
     half, flt = ir.HalfType(), ir.FloatType()
     L = 16
     vi, vh, vf = ir.VectorType(i16, L), ir.VectorType(half, L), ir.VectorType(flt, L)
-    n = builder.extract_value(R.shape, 0)
-    m = builder.extract_value(R.shape, 1)
     c = lambda v: ir.Constant(i64, v)  # noqa: E731
-    qp, rp, op = qv.data, R.data, o.data
-    with cgutils.for_range(builder, m) as loop:
-        builder.store(ir.Constant(flt, 0.0), builder.gep(op, [loop.index]))
+    with cgutils.for_range(builder, nt) as qt:
+        orow = builder.gep(op, [builder.mul(qt.index, o_stride)])
+        with cgutils.for_range(builder, m) as loop:
+            builder.store(ir.Constant(flt, 0.0), builder.gep(orow, [loop.index]))
     nvec = builder.mul(builder.udiv(m, c(L)), c(L))
 
     def widen(ptr, lanes):
@@ -122,8 +123,8 @@ def _half_row_sum_codegen(context, builder, signature, args):
         h = builder.load(builder.bitcast(ptr, vi.as_pointer()), align=2)
         return builder.fpext(builder.bitcast(h, vh), vf)
 
-    def qsplat(t, lanes):
-        q = builder.load(builder.gep(qp, [t]))
+    def qsplat(t, i, lanes):
+        q = builder.load(builder.gep(qp, [builder.add(builder.mul(t, q_stride), i)]))
         return q if lanes == 1 else splat(builder, vf, q)
 
     def column_loops(body):
@@ -133,9 +134,11 @@ def _half_row_sum_codegen(context, builder, signature, args):
         with cgutils.for_range_slice(builder, nvec, m, c(1)) as (j, _):
             body(j, 1)
 
-    def oref(j, lanes):
-        ptr = builder.gep(op, [j])
-        return ptr if lanes == 1 else builder.bitcast(ptr, vf.as_pointer())
+    def accumulate(t, j, lanes, value):
+        ptr = builder.gep(op, [builder.add(builder.mul(t, o_stride), j)])
+        if lanes > 1:
+            ptr = builder.bitcast(ptr, vf.as_pointer())
+        builder.store(builder.fadd(builder.load(ptr, align=4), value), ptr, align=4)
 
     ngroups = builder.udiv(n, c(8))
     with cgutils.for_range(builder, ngroups) as g:
@@ -143,21 +146,29 @@ def _half_row_sum_codegen(context, builder, signature, args):
         rows = [builder.gep(rp, [builder.mul(builder.add(t0, c(i)), m)]) for i in range(8)]
 
         def group(j, lanes):
-            p = [builder.fmul(qsplat(builder.add(t0, c(i)), lanes), widen(builder.gep(rows[i], [j]), lanes))
-                 for i in range(8)]
-            s = builder.fadd(builder.fadd(builder.fadd(p[0], p[1]), builder.fadd(p[2], p[3])),
-                             builder.fadd(builder.fadd(p[4], p[5]), builder.fadd(p[6], p[7])))
-            ptr = oref(j, lanes)
-            builder.store(builder.fadd(builder.load(ptr, align=4), s), ptr, align=4)
+            w = [widen(builder.gep(rows[i], [j]), lanes) for i in range(8)]
+            with cgutils.for_range(builder, nt) as qt:
+                p = [builder.fmul(qsplat(qt.index, builder.add(t0, c(i)), lanes), w[i]) for i in range(8)]
+                s = builder.fadd(builder.fadd(builder.fadd(p[0], p[1]), builder.fadd(p[2], p[3])),
+                                 builder.fadd(builder.fadd(p[4], p[5]), builder.fadd(p[6], p[7])))
+                accumulate(qt.index, j, lanes, s)
         column_loops(group)
     with cgutils.for_range_slice(builder, builder.mul(ngroups, c(8)), n, c(1)) as (t, _):
         row = builder.gep(rp, [builder.mul(t, m)])
 
         def single(j, lanes):
-            x = builder.fmul(qsplat(t, lanes), widen(builder.gep(row, [j]), lanes))
-            ptr = oref(j, lanes)
-            builder.store(builder.fadd(builder.load(ptr, align=4), x), ptr, align=4)
+            w = widen(builder.gep(row, [j]), lanes)
+            with cgutils.for_range(builder, nt) as qt:
+                accumulate(qt.index, j, lanes, builder.fmul(qsplat(qt.index, t, lanes), w))
         column_loops(single)
+
+
+def _half_row_sum_codegen(context, builder, signature, args):
+    """``weighted_row_sum`` of a float16 matrix: ``_emit_half_rows_sum`` of one query."""
+    qv, R, o = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args))
+    zero, one = ir.Constant(ir.IntType(64), 0), ir.Constant(ir.IntType(64), 1)
+    _emit_half_rows_sum(builder, qv.data, zero, one, R.data, builder.extract_value(R.shape, 0),
+                        builder.extract_value(R.shape, 1), o.data, zero)
     return context.get_dummy_value()
 
 
@@ -169,6 +180,29 @@ def _half_row_sum(typingctx, qv, R, o):
     if not ok:
         return None
     return types.void(qv, R, o), _half_row_sum_codegen
+
+
+def _half_rows_sum_codegen(context, builder, signature, args):
+    Q_t, _, _, R_t, O_t = signature.args
+    Qa, Ra, Oa = (context.make_array(t)(context, builder, a) for t, a in ((Q_t, args[0]), (R_t, args[3]),
+                                                                        (O_t, args[4])))
+    q_stride = builder.extract_value(Qa.shape, 1)
+    qp = builder.gep(Qa.data, [builder.mul(args[1], q_stride)])
+    _emit_half_rows_sum(builder, qp, q_stride, args[2], Ra.data, builder.extract_value(Ra.shape, 0),
+                        builder.extract_value(Ra.shape, 1), Oa.data, builder.extract_value(Oa.shape, 1))
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _half_rows_sum(typingctx, Q, q0, nt, R, O):
+    """O[t, :m] = Q[q0 + t] @ R for t < nt (float16 R (n, m) as uint16 bits;
+    Q rows of at least n, O rows of at least m floats)."""
+    ok = (isinstance(R, types.Array) and R.ndim == 2 and R.dtype == types.uint16 and R.layout == "C"
+          and all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype == types.float32 and a.layout == "C"
+                  for a in (Q, O)))
+    if not ok:
+        return None
+    return types.void(Q, types.int64, types.int64, R, O), _half_rows_sum_codegen
 
 
 @kernel
@@ -197,3 +231,35 @@ def rotate_query(Q, qi, R, Y):
     else:
         for j in range(Q.shape[1]):  # a row copy without numba's slice assignment (string code)
             Y[0, j] = Q[qi, j]
+
+
+def weighted_rows_sum(Q, q0, nt, R, O):
+    """O[t, :m] = Q[q0 + t] @ R for t < nt (R (n, m) float32, or float16 bit
+    patterns as uint16): each row the sums of ``weighted_row_sum`` (bit for
+    bit), the float16 matrix read once for all the rows."""
+
+
+@overload(weighted_rows_sum)
+def _weighted_rows_sum_impl(Q, q0, nt, R, O):
+    if R.dtype == types.uint16 and HALF_SIMD and Q.layout == "C" and R.layout == "C" and O.layout == "C":
+        def half_simd(Q, q0, nt, R, O):
+            _half_rows_sum(Q, q0, nt, R, O)
+        return half_simd
+
+    def rows(Q, q0, nt, R, O):
+        for t in range(nt):
+            weighted_row_sum(Q[q0 + t], R, O[t])
+    return rows
+
+
+@kernel
+def rotate_tile(Q, q0, nt, R, Y):
+    """Y[t] = R^T Q[q0 + t] for t < nt (``rotate_query`` of each, the same
+    values; ``R`` (d, m): the first m columns, the rest of Y untouched; (0,
+    0): the rows themselves)."""
+    if R.shape[0] > 0:
+        weighted_rows_sum(Q, q0, nt, R, Y)
+    else:
+        for t in range(nt):
+            for j in range(Q.shape[1]):
+                Y[t, j] = Q[q0 + t, j]
