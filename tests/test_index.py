@@ -979,6 +979,12 @@ def test_rotation_kernels_match_float64(sample, built):
             Y = np.zeros((1, m + 9), np.float32)
             rotation.rotate_query(Qr, 0, Rk, Y)
             assert np.array_equal(Y[0, :m], rotation.rotate_rows(Qr[:1], Rk)[0]) and not Y[0, m:].any()
+            # a tile of rows at once (R read once for the tile): each row bit for bit, the rest untouched
+            if nq > 1:
+                Yt = np.full((nq + 2, m + 9), 7.0, np.float32)
+                rotation.rotate_tile(Qr, 1, nq - 1, Rk, Yt)
+                assert np.array_equal(Yt[:nq - 1, :m], rotation.rotate_rows(Qr[1:], Rk))
+                assert (Yt[:nq - 1, m:] == 7).all() and (Yt[nq - 1:] == 7).all()
     X, Q = sample
     enc = built["PCA,ASQ4n"].encoder
     # queries are rotated with the rotation rounded to float16: within float32
