@@ -487,6 +487,7 @@ class ShardedIndex:
         client = self.client
 
         queries = _worker.pack_arrays([Q])  # plain values (``ShardServer``) where Dask's messages allow
+        threads = int(threads) if isinstance(threads, np.integer) else threads  # e.g. np.int64: not a plain value
         if not all(v is None or type(v) in (bool, int, float, str) for v in params.values()):
             params = to_serialize(params)  # e.g. a filter object
 
