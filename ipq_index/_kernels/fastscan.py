@@ -203,10 +203,11 @@ def _append_passing(buf, mask, slot0, res_v, res_i, cnt, add):
     first slot is ``slot0``) to the collector: scores buf[v] + add (the
     list's bias, no overflow: see ``_list_bias``) to res_v and slots
     slot0 + v to res_i from position cnt, in row order (they need room for
-    the mask's rows); returns the new count.  One iteration per set bit (a block passes one or two rows
-    once the threshold has risen): 2-12 ns per block where LLVM's
-    ``masked.compressstore`` of the 32 lanes took 82-90 ns whatever the
-    mask (AMD EPYC, AVX-512; a loop over random masks)."""
+    the mask's rows); returns the new count.  One iteration per set bit (a
+    block passes one or two rows once the threshold has risen): 2-12 ns
+    per block where LLVM's ``masked.compressstore`` of the 32 lanes took
+    82-90 ns whatever the mask (AMD EPYC, AVX-512; a loop over random
+    masks)."""
     m = mask
     while m != 0:
         v = trailing_zeros(m)
@@ -614,9 +615,10 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     (d, m): the leading m transformed dimensions alone, enough when no ADC
     of the candidates follows and the coarse tables and probes read no
     others; the rest stay 0; a tile of queries at a time, ``rotate_tile``,
-    with their probes, ``PROBE_QUERIES``), then the candidates: the ``ncand`` best
-    coarse scores (uint8 tables, ``_scan_tile``: a tile of queries at a
-    time when every query scans every list, nprobe = 0, else one query), or
+    with their probes, ``PROBE_QUERIES``), then the candidates: the
+    ``ncand`` best coarse scores (uint8 tables, ``_scan_tile``: a tile of
+    queries at a time when every query scans every list, nprobe = 0, else
+    one query), or
     with ``ncand`` = 0 every row of the lists (``block_rows``; no coarse
     codes needed), then (a filter passes a layout of its allowed rows alone)
     (``plan``, ``rerank.PLAN_*``)
