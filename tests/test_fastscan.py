@@ -178,7 +178,7 @@ def test_an_ivf_batch_probes_and_finds_what_each_query_finds_alone(spec):
     assert idx.ntotal >= idx.settings.fastscan_min_rows
     assert idx._fast_scanner().residual == ("s" not in spec)
     np.testing.assert_array_equal(idx.ids, np.arange(idx.ntotal))  # ids are rows
-    qt = min(fk.PROBE_QUERIES, fk.PROBE_TILE_BYTES // (4 * idx.nlist))
+    qt = _probe.probe_tile_rows(len(Q), idx.nlist)
     assert 2 <= qt < len(Q) and len(Q) % qt
     dims, Ct = idx._probe_args()
     Y = np.ascontiguousarray(idx.encoder.rotate_queries(Q, num_threads=1), np.float32)

@@ -962,7 +962,7 @@ def test_rotation_kernels_match_float64(sample, built):
     are not multiples of eight, and the encoder's rotate_queries on real data."""
     from ipq_index._kernels import rotation
     rng = np.random.default_rng(8)
-    for n, m, nq in ((384, 384, 1), (50, 50, 3), (7, 5, 2), (13, 20, 9), (1, 4, 1)):
+    for n, m, nq in ((384, 384, 1), (50, 50, 3), (7, 5, 2), (13, 20, 9), (1, 4, 1), (24, 40, 37)):
         R = rng.standard_normal((n, m)).astype(np.float32)
         Qr = rng.standard_normal((nq, n)).astype(np.float32)
         ref = Qr.astype(np.float64) @ R.astype(np.float64)
@@ -979,11 +979,15 @@ def test_rotation_kernels_match_float64(sample, built):
             Y = np.zeros((1, m + 9), np.float32)
             rotation.rotate_query(Qr, 0, Rk, Y)
             assert np.array_equal(Y[0, :m], rotation.rotate_rows(Qr[:1], Rk)[0]) and not Y[0, m:].any()
-            # a tile of rows at once (R read once for the tile): each row bit for bit, the rest untouched
+            # a tile of rows at once (R read once for the tile): each row bit for bit that of
+            # the one-row kernel (rotate_query), the rest untouched
             if nq > 1:
                 Yt = np.full((nq + 2, m + 9), 7.0, np.float32)
                 rotation.rotate_tile(Qr, 1, nq - 1, Rk, Yt)
-                assert np.array_equal(Yt[:nq - 1, :m], rotation.rotate_rows(Qr[1:], Rk))
+                for i in range(1, nq):
+                    Y = np.zeros((1, m), np.float32)
+                    rotation.rotate_query(Qr, i, Rk, Y)
+                    assert np.array_equal(Yt[i - 1, :m], Y[0])
                 assert (Yt[:nq - 1, m:] == 7).all() and (Yt[nq - 1:] == 7).all()
     X, Q = sample
     enc = built["PCA,ASQ4n"].encoder

@@ -49,7 +49,7 @@ from numba.extending import intrinsic
 
 from .._numba import kernel, splat, target_has, trailing_zeros
 from .coarse_tables import _coarse_luts
-from .probe import _probe_tile
+from .probe import _probe_tile, probe_tile_rows
 from .rerank import PLAN_FIELDS, PLAN_TABLES, rescore_more, search_outputs
 from .rotation import rotate_tile
 from .topk import ids_of_rows_one
@@ -78,11 +78,6 @@ TILE_TABLE_BYTES = 24 * 1024
 #: of 8, 359 in tiles of 16, 523 alone; npm MiniLM, 104 sub-quantizers, the
 #: table bound of 7: 106-114 us for tiles of 6 to 16, 162 alone)
 TILE_QUERIES = 16
-#: IVF queries rotated and probed together (``probe._probe_tile``: the
-#: rotation and the centroids read once per tile), at most as many as keep
-#: their centroid scores within PROBE_TILE_BYTES (beside the L2-resident
-#: centroids)
-PROBE_QUERIES, PROBE_TILE_BYTES = 16, 64 * 1024
 
 
 #: byte width of the shuffles that score blocks: 64 (AVX-512BW), 32 (AVX2)
@@ -615,7 +610,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     (d, m): the leading m transformed dimensions alone, enough when no ADC
     of the candidates follows and the coarse tables and probes read no
     others; the rest stay 0; a tile of queries at a time, ``rotate_tile``,
-    with their probes, ``PROBE_QUERIES``), then the candidates: the
+    with their probes, ``probe.probe_tile_rows``), then the candidates: the
     ``ncand`` best coarse scores (uint8 tables, ``_scan_tile``: a tile of
     queries at a time when every query scans every list, nprobe = 0, else
     one query), or
@@ -670,7 +665,7 @@ def scan_query_serial(Q, R, mean, slot_dim, centT, blocks, block_rows, block_ptr
     if Ct is not None:  # a flat index passes None: its build compiles no probe
         probing = nprobe > 0
         if probing:
-            qt = max(1, min(nq, PROBE_QUERIES, PROBE_TILE_BYTES // max(4 * nacc, 1)))
+            qt = probe_tile_rows(nq, nacc)
     Yt = np.zeros((qt, d), np.float32)
     acc_t = np.empty((qt if probing else 0, nacc), np.float32)
     lists_t = np.empty((qt if probing else 0, nprobe), np.int64)

@@ -6,31 +6,32 @@ from __future__ import annotations
 import numpy as np
 
 from .._numba import kernel
-from .rotation import weighted_row_sum, weighted_rows_sum
+from .rotation import weighted_rows_sum
+
+
+#: queries probed together (``_probe_tile``: the centroids, and in a search
+#: the rotation, read once per tile), at most as many as keep their centroid
+#: scores within PROBE_TILE_BYTES (beside the L2-resident centroids)
+PROBE_QUERIES, PROBE_TILE_BYTES = 16, 64 * 1024
 
 
 @kernel
-def _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, hi, qv, raw):
-    """Lists of the ``nprobe`` largest <y_i[dims], Ct[:, l]> + |qv| spread[l],
-    best first (float32 accumulation, vectorised over the lists: the scores
-    only order the lists).  Only the ``dims`` entries of Y's row i are read;
-    ``qv`` is the query itself (|q| = |y|: the rotation is orthogonal).
-    ``raw`` (nprobe or 0 entries): the chosen lists' <y_i[dims], Ct[:, l]>
-    (without the spread term; residual coarse codes add it per list)."""
-    qd = np.empty(dims.shape[0], np.float32)
-    for t in range(dims.shape[0]):
-        qd[t] = Y[i, dims[t]]
-    weighted_row_sum(qd, Ct, acc)
-    _probe_select(acc, spread, qv, hv, hi, raw)
+def probe_tile_rows(nq, nlist):
+    """Queries per probe tile for nq queries over nlist lists (>= 1)."""
+    return max(1, min(nq, PROBE_QUERIES, PROBE_TILE_BYTES // max(4 * nlist, 1)))
 
 
 @kernel
 def _probe_tile(Y, nt, dims, Ct, spread, acc, hv, lists, Q, q0, raw):
-    """``_probe_one`` of the rotated queries Y[t] (queries Q[q0 + t]) for t <
-    nt at once: their lists into lists[t], the raw scores into raw[t] (rows
-    of 0 entries: none); ``acc`` (>= nt, nlist) scratch.  The same lists and
-    scores as one at a time (``weighted_rows_sum``: the same sums), the
-    centroids read once for the tile."""
+    """For the rotated queries Y[t] (queries Q[q0 + t]), t < nt: the lists
+    of the ``nprobe`` = lists.shape[1] largest <y_t[dims], Ct[:, l]> + |q_t|
+    spread[l], best first, into lists[t] (float32 accumulation, vectorised
+    over the lists: the scores only order the lists; only the ``dims``
+    entries of Y's rows are read; |q| = |y|: the rotation is orthogonal);
+    their <y_t[dims], Ct[:, l]> (without the spread term; residual coarse
+    codes add it per list) into raw[t] (rows of 0 entries: none).  ``acc``
+    (>= nt, nlist) scratch.  Each query's sums are those of one query alone
+    (``weighted_rows_sum``), the centroids read once for the tile."""
     qd = np.empty((nt, dims.shape[0]), np.float32)
     for t in range(nt):
         for s in range(dims.shape[0]):
@@ -42,8 +43,8 @@ def _probe_tile(Y, nt, dims, Ct, spread, acc, hv, lists, Q, q0, raw):
 
 @kernel
 def _probe_select(acc, spread, qv, hv, hi, raw):
-    """The probe's choice from the centroid scores ``acc`` (nlist,; its
-    entries get the spread term): ``_probe_one``."""
+    """One query's probe choice from its centroid scores ``acc`` (nlist,;
+    its entries get the spread term): ``_probe_tile``."""
     m = acc.shape[0]
     pre = acc.copy() if raw.shape[0] > 0 else acc[:0]
     if spread.shape[0] > 0:
@@ -129,10 +130,13 @@ def probe_lists(Y, dims, Ct, spread, nprobe, Q):
     transformed query row (centroids: columns of Ct, len(dims) x nlist) plus
     |q| spread[l], q the row of Q (the untransformed queries; ``spread``
     empty: no such term); and (nq, nprobe) float32 their <y[dims], c_l>."""
-    out = np.empty((Y.shape[0], nprobe), np.int64)
-    raw = np.empty((Y.shape[0], nprobe), np.float32)
-    acc = np.empty(Ct.shape[1], np.float32)
+    nq = Y.shape[0]
+    out = np.empty((nq, nprobe), np.int64)
+    raw = np.empty((nq, nprobe), np.float32)
+    qt = probe_tile_rows(nq, Ct.shape[1])
+    acc = np.empty((qt, Ct.shape[1]), np.float32)
     hv = np.empty(nprobe, np.float32)
-    for i in range(Y.shape[0]):
-        _probe_one(Y, dims, Ct, spread, i, nprobe, acc, hv, out[i], Q[i], raw[i])
+    for q0 in range(0, nq, qt):
+        q1 = min(nq, q0 + qt)
+        _probe_tile(Y[q0:q1], q1 - q0, dims, Ct, spread, acc, hv, out[q0:q1], Q, q0, raw[q0:q1])
     return out, raw
