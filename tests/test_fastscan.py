@@ -10,18 +10,39 @@ from ipq_index import fast_scanner
 from ipq_index._kernels import fastscan as fk
 
 
+def _table_offset(m):
+    """Offset of sub-quantizer m's table in a query's tables (module doc;
+    byte lanes: the first of its two copies)."""
+    g = m // 2
+    if fk.DWORDS:  # bytes g = 4j..4j+3: [lo(4j)..lo(4j+3) | hi(4j)..hi(4j+3)], one copy each
+        return (g // 4) * 128 + (g % 4) * 16 + (m % 2) * 64
+    # bytes g = 2h, 2h+1: [lo(2h) | lo(2h+1) | hi(2h) | hi(2h+1)], 32 bytes each (two copies)
+    return (g // 2) * 128 + (g % 2) * 32 + (m % 2) * 64
+
+
 def _place_tables(T):
-    """uint8 tables T (M, 16) in the documented order: for code bytes g = 2h,
-    2h + 1, 128 bytes [lo(2h) | lo(2h+1) | hi(2h) | hi(2h+1)], each 16-entry
-    table written twice (lo(g): sub-quantizer 2g, hi(g): 2g + 1)."""
+    """uint8 tables T (M, 16) in the documented order (lo(g): sub-quantizer
+    2g, hi(g): 2g + 1; byte lanes: each 16-entry table written twice)."""
     M = T.shape[0]
-    out = np.zeros(fk.padded_bytes(M) * 64, np.uint8)
+    out = np.zeros(fk.lut_width(M), np.uint8)
+    assert out.size == fk.padded_bytes(M) * (32 if fk.DWORDS else 64)
     for m in range(M):
-        g = m // 2
-        base = (g // 2) * 128 + (g % 2) * 32 + (m % 2) * 64
+        base = _table_offset(m)
         out[base:base + 16] = T[m]
-        out[base + 16:base + 32] = T[m]
+        if not fk.DWORDS:
+            out[base + 16:base + 32] = T[m]
     return out
+
+
+def _block_bytes(blocks, slots):
+    """(len(slots), Gp) code bytes of block slots (block * 32 + row) read
+    from the documented block layout."""
+    b, v = slots // 32, slots % 32
+    if fk.DWORDS:  # bytes 4j..4j+3 of row v at 128 j + 4 v in the block
+        flat = blocks.reshape(blocks.shape[0], -1)
+        g = np.arange(blocks.shape[1])
+        return flat[b[:, None], (g // 4) * 128 + v[:, None] * 4 + g % 4]
+    return blocks[b, :, v]  # byte g of row v at 32 g + v
 
 
 def _scores(packed, T):
@@ -38,7 +59,12 @@ def test_block_scores_simd_and_scalar_equal_the_reference(n, G):
     rng = np.random.default_rng(n + G)
     packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
     blocks, rows, bptr, fill = fk.layout_blocks(packed, np.array([0, n]), np.arange(n))
-    assert blocks.shape == (-(-n // 32), G + G % 2, 32) and bptr.tolist() == [0, blocks.shape[0]]
+    assert blocks.shape == (-(-n // 32), fk.padded_bytes(2 * G), 32) and bptr.tolist() == [0, blocks.shape[0]]
+    assert fk.padded_bytes(2 * G) % (4 if fk.DWORDS else 2) == 0 and G <= fk.padded_bytes(2 * G) < G + 4
+    slots = np.flatnonzero(rows >= 0)
+    np.testing.assert_array_equal(_block_bytes(blocks, slots)[:, :G], packed[rows[slots]])
+    np.testing.assert_array_equal(fk.block_codes(blocks, slots), _block_bytes(blocks, slots))
+    assert not _block_bytes(blocks, slots)[:, G:].any()
     assert (np.sort(rows[rows >= 0]) == np.arange(n)).all() and fill.tolist() == [n - 32 * (blocks.shape[0] - 1)]
     T = _byte_tables(rng, G)
     lut = _place_tables(T)[None, :]
@@ -49,6 +75,33 @@ def test_block_scores_simd_and_scalar_equal_the_reference(n, G):
     assert (simd[rows >= 0].astype(np.int64) == ref[rows[rows >= 0]]).all()
     # padding rows hold code 0 (the scan masks them out); the padding byte adds 0
     assert (simd[rows < 0].astype(np.int64) == T[:, 0].astype(np.int64).sum()).all()
+
+
+def test_a_group_of_queries_scores_as_each_query_alone():
+    """``block_scores_group`` (GROUP queries per call; the dword kernel
+    shares their nibble indices) gives each query's scores of the scalar
+    kernel and the mask of its own threshold, in every block, at any first
+    query of the tables."""
+    rng = np.random.default_rng(21)
+    n, G, nq = 300, 23, fk.GROUP + 2
+    packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
+    blocks, rows, bptr, fill = fk.layout_blocks(packed, np.array([0, n]), np.arange(n))
+    T = _byte_tables(rng, G, nq)
+    lut = np.stack([_place_tables(t) for t in T])
+    out = np.empty((fk.GROUP, 32), np.uint16)
+    masks = np.empty(fk.GROUP, np.int64)
+    for q0 in (0, nq - fk.GROUP):
+        ref = [_scores(packed, T[q0 + t])[rows] for t in range(fk.GROUP)]
+        thr = np.array([np.quantile(r, 0.7) for r in ref], np.int64)
+        for b in range(blocks.shape[0]):
+            fk.block_scores_group(blocks, b, lut, q0, out, thr, masks)
+            for t in range(fk.GROUP):
+                want = np.empty(32, np.uint16)
+                mask = fk.block_scores_scalar(blocks, b, lut, q0 + t, want, thr[t])
+                np.testing.assert_array_equal(out[t], want)
+                valid = rows[b * 32:(b + 1) * 32] >= 0
+                np.testing.assert_array_equal(want[valid], ref[t][b * 32:(b + 1) * 32][valid])
+                assert masks[t] == mask == sum(1 << v for v in range(32) if want[v] >= thr[t])
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -146,7 +199,8 @@ def test_a_batch_finds_what_each_query_finds_alone(spec, probe):
     idx = ipq_index.index_factory(X.shape[1], spec).train(X).add(X)
     assert idx.ntotal >= idx.settings.fastscan_min_rows
     sc = idx._fast_scanner()
-    tile = min(fk.TILE_QUERIES, fk.TILE_TABLE_BYTES // (fk.padded_bytes(sc.M) * fk.LUT_STRIDE))
+    tile = min(fk.TILE_QUERIES, fk.TILE_TABLE_BYTES // fk.lut_width(sc.M))
+    tile -= tile % fk.GROUP if tile > fk.GROUP else 0
     assert 2 <= tile < len(Q) and len(Q) % tile  # whole tiles and a partial one
     allowed = np.arange(0, X.shape[0], 3)
     if probe:  # every list scanned, no list terms: the kernel gets nprobe = 0 (the tile path)
@@ -217,7 +271,7 @@ def test_quantized_tables_round_the_float_tables():
             diff = np.abs(got[q].astype(np.int64) - want.astype(np.int64))
             # float32 arithmetic may round a value at .5 the other way
             assert diff.max() <= 1 and (diff > 0).mean() < 0.01
-            Tq = np.stack([got[q][(m // 4) * 128 + (m // 2 % 2) * 32 + (m % 2) * 64:][:16] for m in range(M)])
+            Tq = np.stack([got[q][_table_offset(m):][:16] for m in range(M)])
             assert int(Tq.max(axis=1).astype(np.int64).sum()) <= 65535
             top = Tq.max(axis=1).astype(np.int64)
             assert (top[0::2] + top[1::2]).max() <= 255
@@ -240,9 +294,17 @@ _OTHER_TARGET = """
 import sys, numpy as np
 from ipq_index._kernels import fastscan as fk
 assert fk.SIMD_WIDTH == int(sys.argv[1]), fk.SIMD_WIDTH
+assert not fk.DWORDS  # byte lanes: neither target has AVX-512 VBMI and VNNI
 d = np.load(sys.argv[2])
-print(fk.block_scores_all(d["blocks"], d["lut"], 0, True).tolist())
-print(fk.scan_tables_topk(d["blocks"], d["rows"], d["bptr"], d["fill"], d["lut"], np.zeros((1, 1), np.int64), 50,
+n = d["packed"].shape[0]
+blocks, rows, bptr, fill = fk.layout_blocks(d["packed"], np.array([0, n]), np.arange(n))  # this target's layout
+lut = np.zeros((1, fk.lut_width(d["T"].shape[0])), np.uint8)
+for m, t in enumerate(d["T"]):
+    o = fk._table_at(m)
+    lut[0, o:o + 16] = t
+    lut[0, o + 16:o + 32] = t  # byte lanes: a copy per 128-bit lane
+print(fk.block_scores_all(blocks, lut, 0, True).tolist())
+print(fk.scan_tables_topk(blocks, rows, bptr, fill, lut, np.zeros((1, 1), np.int64), 50,
                          np.zeros((0, 0), np.int64))[0].tolist())
 from ipq_index._kernels import rerank as rr
 assert rr.HALF_SIMD == (sys.argv[1] != "0"), rr.HALF_SIMD
@@ -265,9 +327,12 @@ _HASWELL = "+64bit,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+avx,+a
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="x86 targets (AVX2 and baseline x86-64) are compiled only on x86 hosts")
-@pytest.mark.parametrize("cpu,features,width", [("haswell", _HASWELL, 32), ("x86-64", "+64bit,+sse,+sse2", 0)])
+@pytest.mark.parametrize("cpu,features,width", [
+    ("skylake-avx512", _HASWELL + ",+avx512f,+avx512bw,+avx512dq,+avx512cd,+avx512vl", 64),
+    ("haswell", _HASWELL, 32), ("x86-64", "+64bit,+sse,+sse2", 0)])
 def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
-    """The AVX2 (32-byte) kernel and the scalar fallback (a CPU without AVX2),
+    """The byte-lane kernels (AVX-512BW without VBMI, AVX2) and the scalar
+    fallback (a CPU without AVX2), with their own block layout,
     the exact re-rank's float16 widening and the float16 query rotation
     without F16C, are what other
     machines run: compiled for those targets in a subprocess (NUMBA_CPU_NAME
@@ -280,7 +345,8 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     n, G = 999, 21
     packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
     blocks, rows, bptr, fill = fk.layout_blocks(packed, np.array([0, n]), np.arange(n))
-    lut = _place_tables(_byte_tables(rng, G))[None, :]
+    T = _byte_tables(rng, G)
+    lut = _place_tables(T)[None, :]
     V = rng.standard_normal((300, 37)).astype(np.float16).view(np.uint16)
     Q = rng.standard_normal((2, 37)).astype(np.float32)
     cand = rng.integers(-1, 300, (2, 40))
@@ -292,7 +358,7 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     codes = enc.encode(X)[0]
     layout = enc.field_layout()
     assert layout[1].shape[0] > 0
-    np.savez(tmp_path / "d.npz", blocks=blocks, rows=rows, bptr=bptr, fill=fill, lut=lut, V=V, Q=Q, cand=cand,
+    np.savez(tmp_path / "d.npz", packed=packed, T=T, V=V, Q=Q, cand=cand,
              ftable=layout[0], fstarts=layout[1], flanes=layout[2], fdims=layout[3], codes=codes,
              levels=enc.levels32(), Y=Q, R16=rng.standard_normal((37, 21)).astype(np.float16).view(np.uint16))
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
@@ -362,7 +428,7 @@ def _coarse_float_scores(sc, Y):
     n = sc.ntotal
     slots = np.nonzero(sc.block_rows >= 0)[0]
     packed = np.zeros((n, sc.blocks.shape[1]), np.uint8)
-    packed[sc.block_rows[slots]] = sc.blocks[slots // 32, :, slots % 32]
+    packed[sc.block_rows[slots]] = _block_bytes(sc.blocks, slots)
     out = np.zeros((Y.shape[0], n))
     for m in range(sc.M):
         sd = sc.slot_dim[m]

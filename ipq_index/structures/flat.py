@@ -169,7 +169,7 @@ class FlatIndex(IndexBase):
         lists = np.searchsorted(block_ptr, slots // _fs.BLOCK, side="right") - 1
         ptr = np.zeros(block_ptr.shape[0], np.int64)
         np.cumsum(np.bincount(lists, minlength=ptr.shape[0] - 1), out=ptr[1:])
-        packed = blocks[slots // _fs.BLOCK, :, slots % _fs.BLOCK]  # (rows, bytes): their coarse codes
+        packed = _fs.block_codes(blocks, slots)  # (rows, bytes): their coarse codes
         sub, local, sub_ptr, fill = _fs.layout_blocks(packed, ptr, np.arange(slots.size, dtype=np.int64))
         return sub, np.where(local >= 0, block_rows[slots][np.maximum(local, 0)], -1), sub_ptr, fill
 
