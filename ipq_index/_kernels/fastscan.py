@@ -585,8 +585,7 @@ def _compact(res_v, res_i, cnt, kk, hist):
 
 
 @kernel
-def _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, kk, thr, step, res_v, res_i, cnt, hist,
-               buf):
+def _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, kk, thr, step, res_v, res_i, cnt, hist):
     """For each query t < nt (tables lut[q0 + t]): collect the best kk rows
     scoring >= thr[t] over every ``step``-th block of ``lists`` (step 1:
     all) into res_v[t] / res_i[t] (slots, unordered; cnt[t] of them, <= kk
@@ -594,7 +593,7 @@ def _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, kk, thr,
     lists[li] scores its table sum + bias[li] (``bias`` empty: + 0).  The
     queries score each block in turn while it is in cache, ``GROUP`` at a
     time (``block_scores_group``) while that many are left."""
-    gbuf = np.empty((GROUP, BLOCK), np.uint16)  # ``block_scores_group``'s scores, thresholds, masks
+    gbuf = np.empty((GROUP, BLOCK), np.uint16)  # scores, thresholds and masks of a block's queries
     gthr = np.empty(GROUP, np.int64)
     gmask = np.empty(GROUP, np.int64)
     g = 0  # blocks seen, for the stride
@@ -629,32 +628,24 @@ def _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, kk, thr,
             keep = (np.int64(1) << fill) - 1
             t = 0
             while t < nt:
-                if GROUP > 1 and nt - t >= GROUP:
+                ng = GROUP if GROUP > 1 and nt - t >= GROUP else 1
+                if ng > 1:
                     for u in range(GROUP):
                         gthr[u] = max(thr[t + u] - add, 0)
                     block_scores_group(blocks, b, lut, q0 + t, gbuf, gthr, gmask)
-                    for u in range(GROUP):
-                        if gmask[u] & keep:
-                            _take(gbuf[u], gmask[u] & keep, b, add, kk, t + u, thr, res_v, res_i, cnt, hist)
-                    t += GROUP
                 else:
-                    mask = block_scores(blocks, b, lut, q0 + t, buf, max(thr[t] - add, 0)) & keep
-                    if mask:
-                        _take(buf, mask, b, add, kk, t, thr, res_v, res_i, cnt, hist)
-                    t += 1
-
-
-@kernel
-def _take(buf, mask, b, add, kk, t, thr, res_v, res_i, cnt, hist):
-    """Query t's collector (``_scan_pass``) takes the rows of bit mask
-    ``mask`` of block b (scores buf + add): appended as slots (block * 32 +
-    row in block; rows are looked up at the end), the buffer cut to the best
-    kk and the threshold raised when it fills."""
-    c = _append_passing(buf, mask, b * BLOCK, res_v[t], res_i[t], cnt[t], add)
-    if c > BUFFER * kk:
-        thr[t] = min(np.int64(_compact(res_v[t], res_i[t], c, kk, hist)) + 1, 65535)
-        c = kk
-    cnt[t] = c
+                    gmask[0] = block_scores(blocks, b, lut, q0 + t, gbuf[0], max(thr[t] - add, 0))
+                for u in range(ng):
+                    mask = gmask[u] & keep
+                    if mask == 0:
+                        continue
+                    # slots (block * 32 + row in block): rows are looked up at the end
+                    c = _append_passing(gbuf[u], mask, b * BLOCK, res_v[t + u], res_i[t + u], cnt[t + u], add)
+                    if c > BUFFER * kk:
+                        thr[t + u] = min(np.int64(_compact(res_v[t + u], res_i[t + u], c, kk, hist)) + 1, 65535)
+                        c = kk
+                    cnt[t + u] = c
+                t += ng
 
 
 @kernel
@@ -715,7 +706,6 @@ def _scan_tile(blocks, block_rows, block_ptr, block_fill, lut, q0, nt, lists, bi
     cnt = np.zeros(nt, np.int64)
     thr = np.zeros(nt, np.int64)
     start = np.zeros(nt, np.int64)
-    buf = np.empty(BLOCK, np.uint16)
     hist = np.empty((4, 256), np.int32)
     nblk = 0
     for li in range(lists.shape[0]):
@@ -724,12 +714,12 @@ def _scan_tile(blocks, block_rows, block_ptr, block_fill, lut, q0, nt, lists, bi
     if kk >= SAMPLE_KK and SAMPLE_MIN * kk <= nblk * BLOCK <= SAMPLE_MAX * kk:
         ks = (2 * kk) // SAMPLE_STEP
         _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, ks, thr, SAMPLE_STEP, res_v, res_i, cnt,
-                   hist, buf)
+                   hist)
         for t in range(nt):
             start[t] = max(_finish_pass(res_v[t], res_i[t], cnt[t], ks, hist)[1], 0)
             thr[t] = start[t]
             cnt[t] = 0
-    _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, kk, thr, 1, res_v, res_i, cnt, hist, buf)
+    _scan_pass(blocks, block_ptr, block_fill, lut, q0, nt, lists, bias, kk, thr, 1, res_v, res_i, cnt, hist)
     for t in range(nt):
         c, th = _finish_pass(res_v[t], res_i[t], cnt[t], kk, hist)
         if th < 0 and start[t] > 0:  # the sample aimed too high: scan again, keeping everything
@@ -737,7 +727,7 @@ def _scan_tile(blocks, block_rows, block_ptr, block_fill, lut, q0, nt, lists, bi
             ri = np.empty((1, cap), np.int64)
             c1 = np.zeros(1, np.int64)
             t1 = np.zeros(1, np.int64)
-            _scan_pass(blocks, block_ptr, block_fill, lut, q0 + t, 1, lists, bias, kk, t1, 1, rv, ri, c1, hist, buf)
+            _scan_pass(blocks, block_ptr, block_fill, lut, q0 + t, 1, lists, bias, kk, t1, 1, rv, ri, c1, hist)
             c = _finish_pass(rv[0], ri[0], c1[0], kk, hist)[0]
             _rows_of_slots(rv[0], ri[0], c, block_rows, out_i[t], out_v[t])
         else:
