@@ -84,12 +84,14 @@ SAMPLE_STEP, SAMPLE_MIN, SAMPLE_MAX, SAMPLE_KK = 16, 64, 4096, 32
 #: bytes from a code byte's low-nibble table to its high-nibble one
 LUT_STRIDE = 64
 #: a tile of queries (``_scan_tile``, module doc) holds at most this many
-#: bytes of tables: they stay in a 48 KiB L1 data cache beside the block
+#: bytes of tables: they stay in a 32-48 KiB L1 data cache beside the block
 TILE_TABLE_BYTES = 24 * 1024
-#: and at most this many queries (scan of a pool of 400 per query, one
+#: and at most this many queries (byte lanes, a pool of 400 per query, one
 #: thread: GloVe-50, 12,469 blocks of 22 bytes, 378 us per query in tiles
 #: of 8, 359 in tiles of 16, 523 alone; npm MiniLM, 104 sub-quantizers, the
-#: table bound of 7: 106-114 us for tiles of 6 to 16, 162 alone)
+#: table bound of 7: 106-114 us for tiles of 6 to 16, 162 alone.  Dwords,
+#: flat batch fs=4: npm 66-72 us per query and GloVe 156-166 for table
+#: bounds of 16 to 48 KiB and up to 32 queries: no size wins)
 TILE_QUERIES = 16
 
 
