@@ -1,5 +1,6 @@
 """4-bit fast-scan kernels: blocked coarse codes scored with in-register
-lookup tables (``pshufb``), candidates kept by a threshold collector.
+lookup tables (``vpermb`` or ``pshufb``), candidates kept by a threshold
+collector.
 
 Layout.  Coarse codes have M 4-bit sub-quantizers packed two per byte (byte g:
 low nibble sub-quantizer 2g, high nibble 2g + 1; G = M / 2 bytes per row).
