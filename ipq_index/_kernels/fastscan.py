@@ -384,16 +384,16 @@ if DWORDS:
         """``block_scores`` of queries q0 .. q0 + GROUP - 1: scores into
         out[t], thresholds thr[t], masks into masks[t]."""
         _dword_scores_group(blocks, b, lut, q0, out, thr, masks)
-elif SIMD:
-    @kernel
-    def block_scores(blocks, b, lut, q, out, thr):
-        """Scores (uint16) of block b's 32 rows for query q's tables into
-        ``out``; returns the mask of rows v (bit v) with score >= thr."""
-        return _block_scores_simd(blocks, b, lut, q, out, np.int64(thr))
 else:
-    block_scores = block_scores_scalar
+    if SIMD:
+        @kernel
+        def block_scores(blocks, b, lut, q, out, thr):
+            """Scores (uint16) of block b's 32 rows for query q's tables into
+            ``out``; returns the mask of rows v (bit v) with score >= thr."""
+            return _block_scores_simd(blocks, b, lut, q, out, np.int64(thr))
+    else:
+        block_scores = block_scores_scalar
 
-if not DWORDS:
     @kernel
     def block_scores_group(blocks, b, lut, q0, out, thr, masks):
         """``block_scores`` of queries q0 .. q0 + GROUP - 1 (one at a time)."""
