@@ -328,7 +328,9 @@ _HASWELL = "+64bit,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+avx,+a
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="x86 targets (AVX2 and baseline x86-64) are compiled only on x86 hosts")
 @pytest.mark.parametrize("cpu,features,width", [
-    ("skylake-avx512", _HASWELL + ",+avx512f,+avx512bw,+avx512dq,+avx512cd,+avx512vl", 64),
+    pytest.param("skylake-avx512", _HASWELL + ",+avx512f,+avx512bw,+avx512dq,+avx512cd,+avx512vl", 64,
+                 marks=pytest.mark.skipif(not fk.target_has("avx512bw"),
+                                          reason="AVX-512 code runs only on an AVX-512 host")),
     ("haswell", _HASWELL, 32), ("x86-64", "+64bit,+sse,+sse2", 0)])
 def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     """The byte-lane kernels (AVX-512BW without VBMI, AVX2) and the scalar
