@@ -385,6 +385,26 @@ def test_other_targets_give_the_same_integers(tmp_path, cpu, features, width):
     assert np.array_equal(np.array(rot, np.float32), rotation.rotate_rows(Q, R16.view(np.float16).astype(np.float32)))
 
 
+def test_the_sampled_threshold_rarely_needs_a_rescan():
+    """The first threshold is the ``_sample_rank(kk)``-th best sampled score;
+    fewer than kk rows reach it (and the scan is repeated) when the sample
+    holds at least that many of the kk - 1 best rows: a binomial count
+    (kk - 1 rows, each sampled with probability 1 / SAMPLE_STEP) whose tail
+    stays under 1% at every kk the sample is used for, while the rank stays
+    a small share of the sampled rows the collector keeps."""
+    import math
+
+    p = 1.0 / fk.SAMPLE_STEP
+    for kk in (fk.SAMPLE_KK, 40, 50, 64, 100, 200, 400, 1000, 4000):
+        ks = int(fk._sample_rank(kk))
+        n = kk - 1
+        log_pmf = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * math.log(p)
+                   + (n - j) * math.log1p(-p) for j in range(ks, n + 1)]
+        tail = sum(math.exp(v) for v in log_pmf)
+        assert tail < 0.01, (kk, ks, tail)
+        assert 1 <= ks < kk / 2
+
+
 def test_sampled_threshold_stays_exact():
     """Scans of many rows per candidate start from a threshold set on every
     SAMPLE_STEP-th block; the result is the exact top-kk both when the sample
@@ -399,7 +419,7 @@ def test_sampled_threshold_stays_exact():
     lut = _place_tables(T)[None, :]
     for adversarial in (False, True):
         packed = rng.integers(0, 256, (n, G), dtype=np.uint8)
-        ks = 2 * kk // step
+        ks = int(fk._sample_rank(kk))  # the sample rank of the first threshold
         if adversarial:  # ks + 1 top rows, all inside sampled blocks (block index % step == 0)
             # (entries of T are < 100; the top rows' entries are raised to 127 below)
             tops = (np.arange(ks + 1) * step) * 32 + 3
