@@ -79,8 +79,9 @@ BUFFER = 4
 #: SAMPLE_MIN * kk and SAMPLE_MAX * kk rows (fewer: the collector is cheap,
 #: the sample is not; more: the threshold rises early anyway, while the
 #: sample costs a strided pass and a rescan when it aims too high: GloVe
-#: 399k rows, 50 candidates (the sample too high for 5% of queries) 381 us
-#: unsampled vs 393 sampled, 100: 399 vs 384, 200: 432 vs 386)
+#: 399k rows, 50 candidates (a first threshold at sample rank 2 kk / 16, too
+#: high for 5% of queries) 381 us unsampled vs 393 sampled, 100: 399 vs 384,
+#: 200: 432 vs 386; ``_sample_rank`` now aims lower)
 SAMPLE_STEP, SAMPLE_MIN, SAMPLE_MAX, SAMPLE_KK = 16, 64, 4096, 32
 #: bytes from a code byte's low-nibble table to its high-nibble one
 LUT_STRIDE = 64
