@@ -418,7 +418,8 @@ def block_scores_all(blocks, lut, q, simd):
     return out
 
 
-def padded_bytes(M: int) -> int:
+@kernel
+def padded_bytes(M):
     """Code bytes per row in the blocked layout: M / 2 rounded up to a
     multiple of ``BYTE_STEP`` (a kernel step's bytes; the padding bytes are
     0 and their tables are 0)."""
@@ -428,7 +429,7 @@ def padded_bytes(M: int) -> int:
 @kernel
 def lut_width(M):
     """Bytes of one query's quantized tables of M sub-quantizers."""
-    return -(-(M // 2) // BYTE_STEP) * BYTE_STEP * LUT_BYTES
+    return padded_bytes(M) * LUT_BYTES
 
 
 def block_codes(blocks: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -1125,7 +1126,7 @@ def layout_blocks(packed: np.ndarray, ptr: np.ndarray, order: np.ndarray):
     rank = np.arange(order.size) - ptr[list_of]
     slot_rows[block_ptr[list_of] * BLOCK + rank] = order
     G = packed.shape[1]
-    Gp = -(-G // BYTE_STEP) * BYTE_STEP
+    Gp = int(padded_bytes(2 * G))
     blocks = np.zeros((nb * BLOCK, Gp), np.uint8)
     valid = slot_rows >= 0
     blocks[valid, :G] = packed[slot_rows[valid]]

@@ -43,10 +43,6 @@ def weighted_row_sum(qv, R, o):
 
 @overload(weighted_row_sum)
 def _weighted_row_sum_impl(qv, R, o):
-    if R.dtype == types.uint16 and HALF_SIMD and qv.layout == "C" and R.layout == "C" and o.layout == "C":
-        def half_simd(qv, R, o):
-            _half_row_sum(qv, R, o)
-        return half_simd
     if R.dtype == types.uint16:
         def half_rows(qv, R, o):  # widened row by row: the same float32 values
             n, m = R.shape
@@ -163,25 +159,6 @@ def _emit_half_rows_sum(builder, qp, q_stride, nt, rp, n, m, op, o_stride):
         column_loops(single)
 
 
-def _half_row_sum_codegen(context, builder, signature, args):
-    """``weighted_row_sum`` of a float16 matrix: ``_emit_half_rows_sum`` of one query."""
-    qv, R, o = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args))
-    zero, one = ir.Constant(ir.IntType(64), 0), ir.Constant(ir.IntType(64), 1)
-    _emit_half_rows_sum(builder, qv.data, zero, one, R.data, builder.extract_value(R.shape, 0),
-                        builder.extract_value(R.shape, 1), o.data, zero)
-    return context.get_dummy_value()
-
-
-@intrinsic
-def _half_row_sum(typingctx, qv, R, o):
-    ok = (isinstance(R, types.Array) and R.ndim == 2 and R.dtype == types.uint16 and R.layout == "C"
-          and all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.float32 and a.layout == "C"
-                  for a in (qv, o)))
-    if not ok:
-        return None
-    return types.void(qv, R, o), _half_row_sum_codegen
-
-
 def _half_rows_sum_codegen(context, builder, signature, args):
     Q_t, _, _, R_t, O_t = signature.args
     Qa, Ra, Oa = (context.make_array(t)(context, builder, a) for t, a in ((Q_t, args[0]), (R_t, args[3]),
@@ -224,14 +201,10 @@ def rotate_rows(Q, R):
 
 @kernel
 def rotate_query(Q, qi, R, Y):
-    """Y[0] = R^T Q[qi] (``weighted_row_sum``; ``R`` (d, m): the first m
-    transformed dimensions), or Q[qi] itself when ``R`` is (0, 0) (no
-    rotation): a search kernel's first step."""
-    if R.shape[0] > 0:
-        weighted_row_sum(Q[qi], R, Y[0])
-    else:
-        for j in range(Q.shape[1]):  # a row copy without numba's slice assignment (string code)
-            Y[0, j] = Q[qi, j]
+    """Y[0] = R^T Q[qi] (``R`` (d, m): the first m transformed dimensions),
+    or Q[qi] itself when ``R`` is (0, 0) (no rotation): a search kernel's
+    first step, ``rotate_tile`` of one row."""
+    rotate_tile(Q, qi, 1, R, Y)
 
 
 def weighted_rows_sum(Q, q0, nt, R, O):
